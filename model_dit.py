@@ -1,0 +1,369 @@
+"""
+DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023) in plain PyTorch.
+
+Same function and same parameter names as facebookresearch/DiT's models.py, so the official checkpoints load
+with strict=True; attention goes through F.scaled_dot_product_attention instead of timm. One addition for
+dmp.py: `DiT.block_input`, called before every block (the paper's Eq. 2-3 add their prompts there).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoints import CheckpointError, download, read_state_dict
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Embeds scalar timesteps into vectors: sinusoidal frequencies, then a two-layer MLP."""
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        # GLIDE's sinusoidal embedding: [cos(t * f_k), sin(t * f_k)], f_k = max_period^(-k / half).
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels; with dropout_prob > 0 an extra row is the "null" class used for classifier-free guidance."""
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None):
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels, train, force_drop_ids=None):
+        if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """Image (N, C, H, W) to tokens (N, T, D) with a stride-p convolution (timm's PatchEmbed, same keys)."""
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.num_patches = (input_size // patch_size) ** 2
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (timm's Attention, same keys)."""
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (timm's Mlp, same keys)."""
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN, then a linear map of each token to a p x p x out_channels patch."""
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """
+    Diffusion model with a Transformer backbone.
+
+    Unconditional models (FFHQ) use num_classes=1 with class_dropout_prob=0: a single learned "class" embedding
+    and no null row, as the authors' DMP code builds them; every label is then 0.
+    """
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+        super().__init__()
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed sin-cos embedding, stored in the state dict (as in the official checkpoints) but not trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # dmp.py installs a module here: block_input(x, i, t, y) returns the input of block i (Eqs. 2-3).
+        self.block_input = None
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        grid = int(self.x_embedder.num_patches ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)).float()[None])
+        # Patch embedding initialised like nn.Linear (not nn.Conv2d).
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output layer as zero.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) tokens to (N, C, H, W) images."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y):
+        """
+        x: (N, C, H, W) noisy latents, t: (N,) diffusion timesteps, y: (N,) class labels.
+        Returns (N, out_channels, H, W): the noise prediction, then (learn_sigma) the variance interpolation.
+        """
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p^2
+        t = self.t_embedder(t)                   # (N, D)
+        y = self.y_embedder(y, self.training)    # (N, D)
+        c = t + y
+        for i, block in enumerate(self.blocks):
+            if self.block_input is not None:
+                x = self.block_input(x, i, t, y)  # DMP, Eq. (3): x_i + softmax(G([t; i])) * p_i
+            x = block(x, c)
+        x = x[:, -self.x_embedder.num_patches:]  # drops prompts that were prepended (Table 4d); else a no-op
+        x = self.final_layer(x, c)               # (N, T, p*p*out_channels)
+        return self.unpatchify(x)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
+        """
+        Classifier-free guidance: the batch is [conditional half; unconditional half] with the same noise.
+        The official code guides only the first 3 channels (kept by default for exact reproducibility);
+        guide_channels=None guides all in_channels, as the official comment says is standard.
+        """
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y)
+        n = self.in_channels if guide_channels is None else guide_channels
+        eps, rest = model_out[:, :n], model_out[:, n:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+# https://github.com/facebookresearch/mae/blob/main/util/pos_embed.py
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, grid_scale=1.0):
+    """
+    (grid_size^2, embed_dim) table. grid_scale multiplies the grid coordinates: DiffFit's positional trick
+    (DiffFit Sec. 4.3) evaluates a 512x512 model's table at (i/2, j/2) with grid_scale=0.5.
+    """
+    grid_h = np.arange(grid_size, dtype=np.float32) * grid_scale
+    grid_w = np.arange(grid_size, dtype=np.float32) * grid_scale
+    grid = np.meshgrid(grid_w, grid_h)  # here w goes first
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # half of the dimensions encode h
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    """(M,) positions to (M, embed_dim): [sin(pos * w_k), cos(pos * w_k)], w_k = 10000^(-2k / embed_dim)."""
+    omega = np.arange(embed_dim // 2, dtype=np.float64)
+    omega /= embed_dim / 2.0
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+
+_SIZES = {"XL": dict(depth=28, hidden_size=1152, num_heads=16), "L": dict(depth=24, hidden_size=1024, num_heads=16),
+          "B": dict(depth=12, hidden_size=768, num_heads=12), "S": dict(depth=12, hidden_size=384, num_heads=6)}
+CONFIGS = {f"DiT-{s}/{p}": dict(patch_size=p, **arch) for s, arch in _SIZES.items() for p in (2, 4, 8)}
+
+
+def _constructor(name):
+    def build(**kwargs):
+        return DiT(**CONFIGS[name], **kwargs)
+    build.__name__ = name.replace("-", "_").replace("/", "_")
+    return build
+
+
+DiT_models = {name: _constructor(name) for name in CONFIGS}  # 'DiT-XL/2': DiT_XL_2, ... as the official dict
+
+
+#################################################################################
+#                               Checkpoint Loading                              #
+#################################################################################
+
+OFFICIAL = {name: f"https://dl.fbaipublicfiles.com/DiT/models/{name}"
+            for name in ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")}
+
+
+def infer_config(state_dict):
+    """The constructor arguments a DiT state dict's shapes imply (num_heads from the official config of that width)."""
+    try:
+        hidden, in_channels, p, _ = state_dict["x_embedder.proj.weight"].shape
+        depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        out = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
+        mlp = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+        tokens = state_dict["pos_embed"].shape[1]
+    except (KeyError, ValueError, TypeError):
+        return None
+    # 1001 rows: 1000 classes + the null class (label dropout); 1 row: the unconditional model.
+    num_classes = rows - 1 if rows > 1 else 1
+    heads = [a["num_heads"] for a in _SIZES.values() if a["hidden_size"] == hidden]
+    return dict(input_size=int(round(tokens ** 0.5)) * p, patch_size=p, in_channels=in_channels,
+                hidden_size=hidden, depth=depth, num_heads=heads[0] if heads else max(1, hidden // 64),
+                mlp_ratio=mlp / hidden, class_dropout_prob=0.1 if rows > 1 else 0.0, num_classes=num_classes,
+                learn_sigma=out == 2 * in_channels)
+
+
+def config_name(config):
+    """'DiT-L/2' if the config's depth, width and patch are an official one's, else a description."""
+    for name, arch in CONFIGS.items():
+        if all(config.get(k) == v for k, v in arch.items()):
+            return name
+    return f"a DiT with depth {config['depth']}, hidden size {config['hidden_size']}, patch {config['patch_size']}"
+
+
+def dit_state_dict(name_or_path):
+    """
+    The DiT weights and (if recorded) constructor arguments in an official name or a file: an official state
+    dict, or a checkpoint written by train.py ({'model', 'ema', 'config', ...}: the EMA weights are preferred).
+    """
+    path = download(OFFICIAL[name_or_path]) if name_or_path in OFFICIAL else name_or_path
+    sd = read_state_dict(path)
+    config = sd.get("config") if isinstance(sd.get("config"), dict) else None
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return sd, config
+
+
+def load_checkpoint(name_or_path, model=None, **overrides):
+    """
+    A DiT with the weights of `name_or_path`: 'DiT-XL-2-256x256.pt' or 'DiT-XL-2-512x512.pt' (downloaded once
+    into the cache), or a local file. `model` ('DiT-L/2', ...) fixes the architecture; otherwise it comes from the
+    config train.py recorded, or from the shapes. `overrides` are constructor arguments (num_classes=...).
+    A file that does not fit raises CheckpointError saying which keys are missing or unexpected and which
+    config its shapes fit.
+    """
+    sd, config = dit_state_dict(name_or_path)
+    sd = {k: v for k, v in sd.items() if not k.startswith("block_input.")}  # a patch is applied by dmp.py
+    found = infer_config(sd)
+    if not (config or found or model):
+        raise CheckpointError(f"{name_or_path}: not a DiT checkpoint (no x_embedder/pos_embed/blocks keys found; "
+                              f"its first keys are {', '.join(list(sd)[:4])})")
+    kwargs = {**(config or found or {}), **overrides}
+    with torch.device("meta"):  # shapes only: the weights come from the file, so nothing is initialised twice
+        net = DiT_models[model](**{k: v for k, v in kwargs.items() if k not in CONFIGS[model]}) if model else DiT(**kwargs)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        fits = f"its shapes fit {config_name(found)}" if found else "its shapes fit no DiT"
+        raise CheckpointError(f"{name_or_path} does not fit {config_name(net.config)}: {'; '.join(parts)}; {fits}")
+    net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    return net

@@ -1,0 +1,106 @@
+"""diffusion.py against DiT's create_diffusion on the tiny golden DiT, for both schedules."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from diffusion import create_diffusion, sample, space_timesteps
+from model_dit import DiT
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    f = safe_open(str(GOLDEN / "dit_tiny.safetensors"), "pt")
+    model = DiT(**json.loads(f.metadata()["config"])).eval()
+    model.load_state_dict({k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("state.")})
+    g = safe_open(str(GOLDEN / "diffusion_dit.safetensors"), "pt")
+    return model, {k: g.get_tensor(k) for k in g.keys()}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_betas_and_training_losses(setup, schedule):
+    model, G = setup
+    diffusion = create_diffusion("", schedule)
+    assert rel_err(torch.from_numpy(diffusion.betas), G[f"{schedule}.betas"]) <= 1e-12
+    with torch.no_grad():
+        terms = diffusion.training_losses(model, G["x0"], G["t"], dict(y=G["y"]), noise=G["noise"])
+    for k in ("loss", "mse", "vb"):  # t = 0 (decoder NLL), 400 and 999 (KL terms)
+        assert rel_err(terms[k], G[f"{schedule}.train.{k}"]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_respaced_p_mean_variance(setup, schedule):
+    model, G = setup
+    diffusion = create_diffusion("250", schedule)
+    assert diffusion.timestep_map == G[f"{schedule}.respaced250.timestep_map"].tolist()
+    x_t = create_diffusion("", schedule).q_sample(G["x0"], torch.full((3,), 999), G["noise"])
+    assert rel_err(x_t, G[f"{schedule}.respaced250.x_t"]) <= 1e-6
+    for step in (249, 120, 0):
+        with torch.no_grad():
+            out = diffusion.p_mean_variance(model, x_t, torch.full((3,), step), clip_denoised=False,
+                                            model_kwargs=dict(y=G["y"]))
+        for k in ("mean", "variance", "log_variance", "pred_xstart"):
+            assert rel_err(out[k], G[f"{schedule}.respaced250.step{step}.{k}"]) <= 1e-5, (step, k)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddim10_sample(setup, schedule):
+    model, G = setup
+    diffusion = create_diffusion("ddim10", schedule)
+    assert diffusion.timestep_map == G[f"{schedule}.ddim10.timestep_map"].tolist()
+    out = diffusion.ddim_sample_loop(model, G["noise"].shape, G["noise"], clip_denoised=False,
+                                     model_kwargs=dict(y=G["y"]), eta=0.0)
+    assert rel_err(out, G[f"{schedule}.ddim10.eta0.sample"]) <= 1e-5
+
+
+def test_space_timesteps_forms():
+    assert space_timesteps(1000, "ddim25") == set(range(0, 1000, 40))
+    assert sorted(space_timesteps(100, "10,5"))[:3] == [0, 5, 11] and len(space_timesteps(100, "10,5")) == 15
+    with pytest.raises(ValueError):
+        space_timesteps(1000, "ddim600")  # strides 1 and 2 give 1000 and 500 steps
+
+
+def test_guided_sampling_is_seeded_and_uses_the_null_class(setup):
+    model, G = setup
+    z, y = G["noise"][:2], torch.tensor([3, 7])
+    diffusion = create_diffusion("ddim10", "linear")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(sample(model, diffusion, z, y, cfg_scale=4.0))
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == z.shape
+    # With the null class as the label, guidance is the identity (cond == uncond): DDIM (eta 0) and DDPM with
+    # per-image noise give the unguided samples.
+    null = torch.full((2,), 10)
+    per_image = lambda x: torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(i))  # noqa
+                                       for i in range(len(x))])
+    for eta, noise_fn in ((0.0, None), (None, per_image)):
+        guided = sample(model, diffusion, z, null, cfg_scale=4.0, eta=eta, noise_fn=noise_fn)
+        plain = sample(model, diffusion, z, null, cfg_scale=1.0, eta=eta, noise_fn=noise_fn)
+        assert rel_err(guided, plain) <= 1e-5
+
+
+def test_bits_per_dim_equals_the_sum_of_its_terms(setup):
+    """calc_bpd_loop: total = prior + sum of the per-timestep terms, each term equal to training_losses' vb."""
+    model, G = setup
+    diffusion = create_diffusion("10", "cosine")  # 10 steps keeps the test fast; the bound is exact for them
+    x0 = G["x0"].clamp(-1, 1)
+    torch.manual_seed(0)
+    out = diffusion.calc_bpd_loop(model, x0, clip_denoised=False, model_kwargs=dict(y=G["y"]))
+    assert out["vb"].shape == (3, 10) and out["mse"].shape == (3, 10)
+    assert torch.allclose(out["total_bpd"], out["vb"].sum(1) + out["prior_bpd"])
+    # Re-draw the noise calc_bpd_loop used at t = 3 (timesteps run 9 .. 0) and recompute that term.
+    torch.manual_seed(0)
+    noises = [torch.randn_like(x0) for _ in range(10)][::-1]
+    terms = diffusion.training_losses(model, x0, torch.full((3,), 3), dict(y=G["y"]), noise=noises[3])
+    assert rel_err(out["vb"][:, 3], terms["vb"]) <= 1e-5
+    assert (out["prior_bpd"] >= 0).all() and np.isfinite(out["total_bpd"].numpy()).all()

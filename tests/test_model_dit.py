@@ -1,0 +1,128 @@
+"""model_dit.py against the official DiT: outputs, pos_embed, keys, parameter counts, checkpoint loading."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from checkpoints import CheckpointError
+from model_dit import DiT, DiT_models, load_checkpoint
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def golden():
+    f = safe_open(str(GOLDEN / "dit_tiny.safetensors"), "pt")
+    state = {k[len("state."):]: f.get_tensor(k) for k in f.keys() if k.startswith("state.")}
+    data = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("state.")}
+    return json.loads(f.metadata()["config"]), state, data, float(f.metadata()["cfg_scale"])
+
+
+def test_tiny_dit_equals_official(golden):
+    config, state, data, cfg_scale = golden
+    model = DiT(**config).eval()
+    assert torch.equal(model.pos_embed, state["pos_embed"])  # the sin-cos table is built identically
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        out = model(data["x"], data["t"], data["y"])
+        cfg_out = model.forward_with_cfg(data["cfg_x"], data["cfg_t"], data["cfg_y"], cfg_scale)
+    assert rel_err(out, data["out"]) <= 1e-5
+    assert rel_err(cfg_out, data["cfg_out"]) <= 1e-5
+    # Guidance touches the first 3 channels only by default; guide_channels=None guides all 4 eps channels.
+    with torch.no_grad():
+        all_out = model.forward_with_cfg(data["cfg_x"], data["cfg_t"], data["cfg_y"], cfg_scale, guide_channels=None)
+    assert torch.equal(all_out[:, :3], cfg_out[:, :3]) and not torch.allclose(all_out[:, 3], cfg_out[:, 3])
+    assert torch.equal(all_out[:, 4:], cfg_out[:, 4:])
+
+
+def test_parameter_counts_of_all_configs():
+    counts = json.loads((GOLDEN / "dit_param_counts.json").read_text())
+    assert len(counts) == 36 and len(DiT_models) == 12
+    for key, expected in counts.items():
+        name, res, kind = key.split(" ", 2)
+        kwargs = dict(input_size=int(res) // 8)
+        kwargs.update(num_classes=1000) if kind == "classes=1000" else kwargs.update(num_classes=1, class_dropout_prob=0.0)
+        with torch.device("meta"):
+            model = DiT_models[name](**kwargs)
+        assert sum(p.numel() for p in model.parameters()) == expected, key
+
+
+def test_xl2_keys_shapes_dtypes():
+    rows = [line.split("\t") for line in (GOLDEN / "dit_xl2_256.keys.tsv").read_text().splitlines()]
+    with torch.device("meta"):
+        sd = DiT_models["DiT-XL/2"]().state_dict()
+    assert list(sd) == [r[0] for r in rows]
+    for key, shape, dtype in rows:
+        assert str(tuple(sd[key].shape)) == shape and str(sd[key].dtype) == "torch." + dtype, key
+
+
+def test_checkpoint_round_trip_through_a_real_file(golden, tmp_path):
+    config, state, data, _ = golden
+    torch.save(state, tmp_path / "official.pt")  # an official-format file: a plain state dict
+    model = load_checkpoint(str(tmp_path / "official.pt"), num_heads=4).eval()
+    assert model.config == config
+    reference = DiT(**config).eval()
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(model(data["x"], data["t"], data["y"]), reference(data["x"], data["t"], data["y"]))
+    # A train.py checkpoint: {'model', 'ema', 'config'}; the EMA weights are the ones loaded.
+    ema = {k: v + 0.01 if v.is_floating_point() and k != "pos_embed" else v for k, v in state.items()}
+    torch.save(dict(model=state, ema=ema, config=config, step=3), tmp_path / "train.pt")
+    loaded = load_checkpoint(str(tmp_path / "train.pt"))
+    assert torch.equal(loaded.final_layer.linear.bias, ema["final_layer.linear.bias"])
+
+
+def test_bad_files_give_one_line_errors(golden, tmp_path):
+    config, state, _, _ = golden
+    torch.save(state, tmp_path / "good.pt")
+    raw = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    wrong = dict(state)
+    wrong["blocks.0.attn.qkv_renamed.weight"] = wrong.pop("blocks.0.attn.qkv.weight")
+    torch.save(wrong, tmp_path / "wrong.pt")
+
+    errors = {}
+    for name in ("truncated.pt", "wrong.pt"):
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(str(tmp_path / name))
+        errors[name] = str(e.value)
+    assert "truncated" in errors["truncated.pt"]
+    assert "missing blocks.0.attn.qkv.weight" in errors["wrong.pt"]
+    assert "unexpected blocks.0.attn.qkv_renamed.weight" in errors["wrong.pt"]
+    # Loading a DiT-B/2 file as DiT-L/2 names the config its shapes fit.
+    with torch.device("meta"):
+        b2 = DiT_models["DiT-B/2"](num_classes=1, class_dropout_prob=0.0).state_dict()
+    torch.save({k: torch.zeros(1).expand(v.shape) for k, v in b2.items()}, tmp_path / "b2.pt")  # 1 float on disk
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(str(tmp_path / "b2.pt"), model="DiT-L/2")
+    errors["b2.pt"] = str(e.value)
+    assert "does not fit DiT-L/2" in errors["b2.pt"] and "its shapes fit DiT-B/2" in errors["b2.pt"]
+    assert all("\n" not in msg for msg in errors.values())
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"pos_embed": _RunsCode()}, f)
+    # In a subprocess whose working directory would receive the file, so a run would leave evidence.
+    code = ("import sys; from model_dit import load_checkpoint\n"
+            "try:\n    load_checkpoint('evil.pt')\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.stdout.startswith("CheckpointError") and "could run code" in out.stdout
+    assert len(out.stdout.strip().splitlines()) == 1
+    assert not (tmp_path / "PWNED").exists()
