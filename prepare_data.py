@@ -1,0 +1,312 @@
+"""
+A folder or zip of images to training data: each image centre-cropped as ADM/DiT do, encoded once by the VAE,
+its posterior stored so train.py draws a fresh latent every step (as DiT's train.py does) without the VAE.
+
+    python prepare_data.py ~/data/ffhq/images1024x1024 data/ffhq256                      # FFHQ, unconditional
+    python prepare_data.py ~/data/imagenet/train data/imagenet256 --labels folders       # ImageNet, 1000 classes
+    python prepare_data.py digits.zip data/digits32 --resolution 32 --vae none           # pixel space
+
+The output folder OUT (built in OUT.partial/, renamed when complete; rerun the same command to resume):
+    latents.npy   float16 [rows, 2, 2, z, h, w]: axis 1 the image / its horizontal mirror, axis 2 mean / std
+                  of the VAE posterior, unscaled  (--vae none: images.npy uint8 [rows, 3, H, W] instead)
+    labels.npy    int64 [rows]: 0 for every image, or with --labels folders the index of its top folder among
+                  the sorted folder names (= torchvision ImageFolder, the order DiT's labels use)
+    files.txt     row i is this file (relative path)
+    manifest.json everything else: shapes, vae, scale factor, classes, skipped files and why, format version
+Rows of skipped files stay zero and PreparedData leaves them out. Captions (a later issue) will be one more
+row-aligned file named in the manifest's "captions", read by PreparedData next to the labels.
+"""
+import argparse
+import io
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from checkpoints import CheckpointError
+from model_vae import SCALE_FACTOR, load_vae
+
+FORMAT = "dmp-prepared-data"
+VERSION = 1
+
+
+class DataError(ValueError):
+    """Input or output that cannot be used; the message is one sentence naming the path and the problem."""
+
+
+#################################################################################
+#                   Images: RGB conversion and the ADM centre crop              #
+#################################################################################
+
+def to_rgb(img):
+    """
+    Any PIL image as 8-bit RGB. Differences from DiT's plain img.convert('RGB'), each for a reason:
+    16-bit grayscale (I;16*, I) is scaled to 8 bits (PIL's convert clips everything above 255 to white), and
+    transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited on white instead of dropped
+    (dropping it shows whatever colour the transparent pixels happen to hold). CMYK, L, P and the rest go
+    through PIL's convert, ICC profiles ignored as in DiT. EXIF orientation is not applied, as in DiT/ADM.
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit PNG/TIFF grayscale; "I" assumed 16-bit
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))  # round(v * 255 / 65535)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop, as in DiT's train.py: BOX-halve while large, BICUBIC to size, crop. Returns uint8 HWC."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def to_model_input(x):
+    """uint8 [B, 3, H, W] -> float32 in [-1, 1], exactly as DiT's ToTensor() then Normalize(0.5, 0.5)."""
+    return (x.float() / 255 - 0.5) / 0.5
+
+
+#################################################################################
+#                      Sources: a folder or a zip, and labels                   #
+#################################################################################
+
+def list_source(src, labels):
+    """Sorted relative paths of every file in `src` (hidden files and __MACOSX left out), their labels, class names."""
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
+            files = [n for n in z.namelist() if not n.endswith("/")]
+    elif src.is_dir():
+        files = [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
+                 for d, _, names in os.walk(src, followlinks=True) for f in names]
+    else:
+        raise DataError(f"{src}: not a folder or a zip file of images")
+    files = sorted(f for f in files if not any(p.startswith(".") or p == "__MACOSX" for p in f.split("/")))
+    if not files:
+        raise DataError(f"{src}: holds no files")
+    if labels == "none":
+        return files, np.zeros(len(files), dtype=np.int64), []
+    # A zip whose entries all lie in one top folder with subfolders (a zipped train/): classes are one level down.
+    depth = int(zipfile.is_zipfile(src) and len({f.split("/")[0] for f in files}) == 1
+                and any(f.count("/") >= 2 for f in files))
+    folder = [f.split("/")[depth] if f.count("/") > depth else None for f in files]
+    class_names = sorted({c for c in folder if c is not None})
+    if not class_names:
+        raise DataError(f"{src}: --labels folders needs one folder per class, and it has no folders")
+    index = {name: i for i, name in enumerate(class_names)}
+    y = [index[c] if c is not None else -1 for c in folder]  # -1: a file outside every class folder
+    return files, np.array(y, dtype=np.int64), class_names
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Files `start:` of the source, each as (row, centre-cropped uint8 HWC image or None, why not)."""
+    def __init__(self, src, files, labels, resolution, start):
+        self.src, self.files, self.labels, self.resolution, self.start = src, files, labels, resolution, start
+        self.zip = None  # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return len(self.files) - self.start
+
+    def read(self, name):
+        if self.src.is_dir():
+            return (self.src / name).read_bytes()
+        self.zip = self.zip or zipfile.ZipFile(self.src)
+        return self.zip.read(name)
+
+    def __getitem__(self, i):
+        row = self.start + i
+        if self.labels[row] < 0:
+            return row, None, "not inside a class folder"
+        try:
+            with Image.open(io.BytesIO(self.read(self.files[row]))) as img:
+                img.load()  # decodes the whole file: truncated data fails here
+                return row, center_crop_arr(to_rgb(img), self.resolution), ""
+        except UnidentifiedImageError:
+            return row, None, "not an image file PIL can read"
+        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
+            return row, None, (f"{type(e).__name__}: {str(e).strip()}".splitlines() or [""])[0][:200]
+
+
+#################################################################################
+#                   Preparing: batched, resumable, atomic at the end            #
+#################################################################################
+
+def _write_json(path, obj):
+    """Atomically: a reader (or a rerun after kill -9) sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0):
+    """Encode every image of `src` into the folder `out` (see the module docstring). Returns the manifest."""
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():
+        raise DataError(f"{out} already exists; delete it to prepare it again")
+    if labels not in ("none", "folders"):
+        raise DataError(f"--labels must be none or folders, not {labels}")
+    if not src.exists():
+        raise DataError(f"{src}: no such folder or zip file")
+    files, y, class_names = list_source(src, labels)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_vae(vae, device)
+    if model is None:
+        name, shape, stored = "images.npy", (3, resolution, resolution), (3, resolution, resolution)
+    else:
+        f = 2 ** (len(model.config["ch_mult"]) - 1)
+        if resolution % f:
+            raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
+        name, shape = "latents.npy", (model.config["z_channels"], resolution // f, resolution // f)
+        stored = (2, 2, *shape)
+    settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels, rows=len(files))
+    listing = "".join(f + "\n" for f in files)
+
+    progress_path = partial / "progress.json"
+    if progress_path.exists():  # resume: the arrays hold every row before progress["done"]
+        progress = json.loads(progress_path.read_text())
+        if progress["settings"] != settings or (partial / "files.txt").read_text() != listing:
+            raise DataError(f"{partial} was started by another command ({progress['settings']}); "
+                            f"rerun that command or delete {partial}")
+        data = np.load(partial / name, mmap_mode="r+")
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "files.txt").write_text(listing)
+        np.save(partial / "labels.npy", y)
+        data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
+                                         shape=(len(files), *stored))
+        progress = dict(settings=settings, done=0, skipped=[])
+        _write_json(progress_path, progress)  # written last: the commit point of the initialisation
+
+    dataset = ImageFiles(src, files, y, resolution, start=progress["done"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    with tqdm(total=len(files), initial=progress["done"], unit="img", desc=f"preparing {out.name}") as bar:
+        for batch in loader:
+            ok = [(row, img) for row, img, _ in batch if img is not None]
+            if ok:
+                rows, pixels = [r for r, _ in ok], torch.from_numpy(np.stack([img for _, img in ok]))
+                data[rows] = encode(model, pixels.permute(0, 3, 1, 2), device)
+                data.flush()
+            progress["skipped"] += [dict(row=r, file=files[r], reason=why) for r, img, why in batch if img is None]
+            progress["done"] = batch[-1][0] + 1
+            _write_json(progress_path, progress)  # after the flush: a kill never marks unwritten rows done
+            bar.update(len(batch))
+    del data
+
+    skipped = progress["skipped"]
+    manifest = dict(format=FORMAT, version=VERSION, kind="pixels" if model is None else "latents", **settings,
+                    scale_factor=1.0 if model is None else SCALE_FACTOR, count=len(files) - len(skipped),
+                    shape=list(shape), array=name, stored_shape=[len(files), *stored],
+                    dtype="uint8" if model is None else "float16",
+                    axes="row, channel, height, width" if model is None else
+                    "row, mirror (0 image, 1 horizontal flip), moment (0 mean, 1 std), channel, height, width",
+                    num_classes=max(1, len(class_names)), class_names=class_names, files="files.txt",
+                    skipped=skipped, captions=None)
+    _write_json(partial / "manifest.json", manifest)
+    os.replace(partial, out)  # the finished folder appears at once
+    (out / "progress.json").unlink()
+    print(f"{out}: {manifest['count']} of {len(files)} files prepared as {manifest['kind']} {list(shape)}"
+          + (f"; {len(skipped)} skipped (listed in manifest.json):" if skipped else ""))
+    for s in skipped[:20]:
+        print(f"  skipped {s['file']}: {s['reason']}")
+    if len(skipped) > 20:
+        print(f"  ... and {len(skipped) - 20} more")
+    return manifest
+
+
+@torch.no_grad()
+def encode(model, pixels, device):
+    """uint8 [B, 3, H, W] -> what is stored: the pixels themselves, or [B, 2, 2, z, h, w] float16 posteriors."""
+    if model is None:
+        return pixels.numpy()
+    x = to_model_input(pixels.to(device))
+    mean, std = model.encode(torch.cat([x, x.flip(3)]))  # image and mirror in one batch
+    moments = torch.stack([mean, std], dim=1)  # [2B, 2, z, h, w]
+    return torch.stack(moments.chunk(2), dim=1).half().cpu().numpy()  # [B, mirror, moment, z, h, w]
+
+
+#################################################################################
+#                        Reading: what train.py calls                           #
+#################################################################################
+
+class PreparedData:
+    """
+    A prepared folder, memory-mapped. batch(indices, flip, generator) -> (x, y): x float32 [B, *shape], for
+    latents a fresh sample (mean + std * randn) * scale_factor of the image or its mirror, for pixels the image
+    in [-1, 1]; y int64 [B]. Indices run over the usable images (skipped rows left out), 0 .. len - 1.
+    """
+    def __init__(self, path):
+        path = Path(path).expanduser()
+        try:
+            m = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise DataError(f"{path}: no readable manifest.json; run prepare_data.py first "
+                            f"(an unfinished run leaves {path.name}.partial, resumed by rerunning it)") from None
+        if m.get("format") != FORMAT or m.get("version", 0) > VERSION:
+            raise DataError(f"{path}: not prepared data this code reads (format {m.get('format')}, "
+                            f"version {m.get('version')})")
+        self.manifest, self.kind, self.vae, self.scale_factor = m, m["kind"], m["vae"], m["scale_factor"]
+        self.num_classes, self.class_names, self.shape = m["num_classes"], m["class_names"], tuple(m["shape"])
+        self.data = np.load(path / m["array"], mmap_mode="r")
+        self.rows = np.setdiff1d(np.arange(m["stored_shape"][0]), [s["row"] for s in m["skipped"]])
+        self.labels = np.load(path / "labels.npy")[self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, indices, flip, generator=None, device="cpu"):
+        """
+        `flip`: one bool per index (or one for all): take the mirror. The noise is drawn from `generator` on its
+        own device (a CUDA generator avoids the CPU work); float16 -> float32 and the sum happen on `device`.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        rows, y = self.rows[indices], torch.from_numpy(self.labels[indices]).to(device)
+        flip = np.broadcast_to(np.asarray(flip, dtype=bool), rows.shape)
+        if self.kind == "pixels":
+            x = torch.from_numpy(self.data[rows]).to(device)
+            x = torch.where(torch.from_numpy(flip.copy()).to(device)[:, None, None, None], x.flip(3), x)
+            return to_model_input(x), y
+        moments = torch.from_numpy(self.data[rows, flip.astype(np.int64)]).to(device).float()  # [B, 2, z, h, w]
+        mean, std = moments.unbind(1)
+        noise_device = generator.device if generator is not None else device
+        noise = torch.randn(mean.shape, generator=generator, device=noise_device)
+        return (mean + std * noise.to(device)) * self.scale_factor, y
+
+
+#################################################################################
+#                                     CLI                                       #
+#################################################################################
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Images (a folder or a zip) to VAE latents for train.py.")
+    p.add_argument("src", help="folder (nested subfolders are fine) or zip of images")
+    p.add_argument("out", help="output folder; built in OUT.partial and renamed when complete")
+    p.add_argument("--resolution", type=int, default=256, help="side of the ADM centre crop (DiT: 256 or 512)")
+    p.add_argument("--vae", default="ema", help="ema | mse (DiT's) | none (pixels) | a VAE or SD checkpoint file")
+    p.add_argument("--labels", default="none", choices=["none", "folders"],
+                   help="none: every image label 0 (FFHQ); folders: one class per top folder, sorted (ImageNet)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (each encoded with its mirror)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size, args.device, args.workers)
+    except (DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: rerun the same command to resume from {args.out}.partial")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""prepare_data.py: ADM centre crop, image modes, bad files, stored posteriors, resume after kill -9, labels, reader."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import prepare_data
+from model_vae import SCALE_FACTOR, load_vae
+from prepare_data import DataError, PreparedData, center_crop_arr, main, prepare, to_rgb
+
+GOLDEN = Path(__file__).parent / "golden"
+RES = 16
+RGB = (12, 200, 77)
+
+
+def test_center_crop_equals_adm_bit_exact():
+    with safe_open(str(GOLDEN / "center_crop.safetensors"), "np") as f:
+        for i in range(3):
+            for size in (256, 64):
+                ours = center_crop_arr(Image.fromarray(f.get_tensor(f"in{i}")), size)
+                assert ours.dtype == np.uint8 and np.array_equal(ours, f.get_tensor(f"out{i}_{size}"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Every kind of file prepare_data meets, and the RGB value each good uniform image must become."""
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(d / "a_noise.png")
+    Image.new("RGB", (40, 30), RGB).save(d / "b_rgb.png")
+    Image.new("L", (30, 30), 100).save(d / "c_gray.png")
+    Image.new("CMYK", (20, 18), (10, 50, 200, 30)).save(d / "d_cmyk.tif")
+    pal = Image.new("P", (20, 20), 1)
+    pal.putpalette([0, 0, 0, 40, 90, 160] + [0] * 762)
+    pal.save(d / "e_palette.png")
+    pal.save(d / "f_palette_transparent.png", transparency=1)
+    Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(d / "g_rgba_clear.png")
+    Image.new("RGBA", (20, 20), (0, 0, 255, 255)).save(d / "h_rgba_opaque.png")
+    Image.new("LA", (20, 20), (30, 0)).save(d / "i_la_clear.png")
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(d / "j_16bit_white.png")
+    Image.fromarray(np.full((20, 20), 257 * 100, np.uint16)).save(d / "k_16bit_100.png")
+    Image.frombytes("I;16B", (20, 20), np.full((20, 20), 257 * 7, ">u2").tobytes()).save(d / "l_16bit_big.tif")
+    Image.new("RGB", (5, 3), RGB).save(d / "m_tiny.png")
+    (d / "n" / "deep").mkdir(parents=True)
+    Image.fromarray(noise).save(d / "n" / "deep" / "o_nested.jpg", quality=90)
+    (d / "p_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rng.bytes(200))
+    jpg = (d / "n" / "deep" / "o_nested.jpg").read_bytes()
+    (d / "q_truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (d / "r_notes.txt").write_text("not an image")
+    (d / ".DS_Store").write_bytes(b"junk")  # hidden: ignored silently
+    cmyk = tuple(np.asarray(Image.new("CMYK", (1, 1), (10, 50, 200, 30)).convert("RGB"))[0, 0])
+    known = {"b_rgb.png": RGB, "c_gray.png": (100,) * 3, "d_cmyk.tif": cmyk, "e_palette.png": (40, 90, 160),
+             "f_palette_transparent.png": (255,) * 3, "g_rgba_clear.png": (255,) * 3, "h_rgba_opaque.png": (0, 0, 255),
+             "i_la_clear.png": (255,) * 3, "j_16bit_white.png": (255,) * 3, "k_16bit_100.png": (100,) * 3,
+             "l_16bit_big.tif": (7,) * 3, "m_tiny.png": RGB}
+    return d, known, center_crop_arr(Image.fromarray(noise), RES)
+
+
+BAD = {"p_corrupt.png", "q_truncated.jpg", "r_notes.txt"}
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """The golden tiny ldm VAE (downsampling 4) as a file in SD-checkpoint layout."""
+    f = safe_open(str(GOLDEN / "vae_tiny.safetensors"), "pt")
+    path = tmp_path_factory.mktemp("vae") / "tiny_vae.safetensors"
+    save_file({k[len("ldm."):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")}, str(path))
+    return path
+
+
+def test_pixels_every_image_mode_and_bad_files(folder, tmp_path, capsys):
+    d, known, noise = folder
+    m = prepare(d, tmp_path / "out", resolution=RES, vae="none", batch_size=4)
+    out = tmp_path / "out"
+    files = (out / "files.txt").read_text().splitlines()
+    assert files == sorted(files) and "n/deep/o_nested.jpg" in files and ".DS_Store" not in files
+    assert sorted(s["file"] for s in m["skipped"]) == sorted(BAD) and m["count"] == len(files) - 3
+    assert {"kind": "pixels", "scale_factor": 1.0, "num_classes": 1, "shape": [3, RES, RES], "vae": "none",
+            "version": 1}.items() <= m.items()
+    assert json.loads((out / "manifest.json").read_text()) == m
+    assert not (out / "progress.json").exists() and not (tmp_path / "out.partial").exists()
+    images = np.load(out / "images.npy")
+    assert images.shape == (len(files), 3, RES, RES) and images.dtype == np.uint8
+    for name, rgb in known.items():
+        assert (images[files.index(name)] == np.array(rgb, np.uint8)[:, None, None]).all(), name
+    assert np.array_equal(images[files.index("a_noise.png")], noise.transpose(2, 0, 1))
+    for name in BAD:
+        assert (images[files.index(name)] == 0).all()
+    report = capsys.readouterr().out
+    assert f"{len(files) - 3} of {len(files)} files" in report and "3 skipped" in report
+    for name in BAD:
+        assert f"skipped {name}: " in report
+    assert "truncated" in next(s["reason"].lower() for s in m["skipped"] if s["file"] == "q_truncated.jpg")
+    data = PreparedData(out)  # the reader: pixels in [-1, 1], the mirror taken on the fly, bad rows left out
+    assert len(data) == m["count"] and data.shape == (3, RES, RES)
+    x, y = data.batch([0, 0], [False, True])
+    expected = torch.from_numpy(noise).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.allclose(x[0], expected, atol=1e-6) and torch.equal(x[1], x[0].flip(2))
+    assert y.dtype == torch.int64 and y.tolist() == [0, 0]
+
+
+def test_16bit_scaled_not_clipped():
+    img = Image.fromarray(np.array([[0, 128, 257, 32768, 65535]], np.uint16))
+    assert np.asarray(to_rgb(img))[0, :, 0].tolist() == [0, 0, 1, 128, 255]  # PIL's convert gives 0 128 255 255 255
+
+
+def test_latents_tiny_vae_mean_std_and_mirror(folder, tiny_vae, tmp_path):
+    d, known, noise = folder
+    m = prepare(d, tmp_path / "out", resolution=RES, vae=str(tiny_vae), batch_size=5)
+    latents = np.load(tmp_path / "out" / "latents.npy", mmap_mode="r")
+    files = (tmp_path / "out" / "files.txt").read_text().splitlines()
+    assert latents.dtype == np.float16 and latents.shape == (len(files), 2, 2, 4, RES // 4, RES // 4)
+    assert m["scale_factor"] == SCALE_FACTOR and m["shape"] == [4, RES // 4, RES // 4] and m["kind"] == "latents"
+    vae = load_vae(tiny_vae)
+    x = torch.from_numpy(noise).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        mean, std = vae.encode(torch.cat([x, x.flip(3)]))
+    stored = torch.from_numpy(latents[files.index("a_noise.png")].astype(np.float32))
+    for mirror in (0, 1):
+        assert torch.allclose(stored[mirror, 0], mean[mirror], rtol=2e-3, atol=1e-4)
+        assert torch.allclose(stored[mirror, 1], std[mirror], rtol=2e-3, atol=1e-6)
+    assert not torch.allclose(stored[0, 0], stored[1, 0])  # the VAE is not flip-equivariant: the mirror is its own
+    data = PreparedData(tmp_path / "out")
+    rows = [files.index(f) for f in files if f not in BAD]
+    idx, flip = [1, 0, 3], [True, False, True]
+    x, y = data.batch(idx, flip, torch.Generator().manual_seed(7))
+    noise_ = torch.randn((3, 4, RES // 4, RES // 4), generator=torch.Generator().manual_seed(7))
+    ref = torch.stack([torch.from_numpy(latents[rows[i], int(f)].astype(np.float32)) for i, f in zip(idx, flip)])
+    assert x.shape == (3, 4, RES // 4, RES // 4) and x.dtype == torch.float32
+    assert torch.equal(x, (ref[:, 0] + ref[:, 1] * noise_) * SCALE_FACTOR)
+
+
+KILL_ON_THIRD_COMMIT = """
+import os, signal, sys, prepare_data
+calls = [0]
+def write_json(path, obj, _orig=prepare_data._write_json):
+    calls[0] += 1
+    if calls[0] == 3:  # batch 2 is written and flushed, not yet recorded: the worst moment to die
+        os.kill(os.getpid(), signal.SIGKILL)
+    _orig(path, obj)
+prepare_data._write_json = write_json
+prepare_data.main(sys.argv[1:])
+"""
+
+
+def test_resume_after_kill_equals_uninterrupted(folder, tiny_vae, tmp_path, monkeypatch):
+    d, _, _ = folder
+    args = [str(d), str(tmp_path / "resumed"), "--resolution", str(RES), "--vae", str(tiny_vae),
+            "--batch-size", "3", "--device", "cpu", "--workers", "0"]
+    repo = str(Path(__file__).parents[1])
+    run = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_COMMIT, *args], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": repo})
+    assert run.returncode == -9, run.stderr
+    partial = tmp_path / "resumed.partial"
+    assert not (tmp_path / "resumed").exists() and json.loads((partial / "progress.json").read_text())["done"] == 3
+    calls = []
+    def counting(model, pixels, device, _encode=prepare_data.encode):
+        calls.append(len(pixels))
+        return _encode(model, pixels, device)
+    monkeypatch.setattr(prepare_data, "encode", counting)
+    main(args)
+    resumed_calls = list(calls)
+    prepare(d, tmp_path / "straight", resolution=RES, vae=str(tiny_vae), batch_size=3, device="cpu")
+    assert sum(resumed_calls) == sum(calls[len(resumed_calls):]) - 3  # the first batch (3 good images) not re-encoded
+    names = sorted(os.listdir(tmp_path / "straight"))
+    assert names == sorted(os.listdir(tmp_path / "resumed"))
+    assert names == ["files.txt", "labels.npy", "latents.npy", "manifest.json"]
+    for name in names:
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+def test_imagenet_folders_sorted_synsets_and_zip(tmp_path):
+    src = tmp_path / "train"
+    for synset, value in (("n09999999", 30), ("n01440764", 10), ("n02102040", 20)):  # created unsorted
+        (src / synset).mkdir(parents=True)
+        for j in range(2):
+            Image.new("L", (12, 10), value + j).save(src / synset / f"{synset}_{j}.JPEG", quality=100)
+    Image.new("L", (12, 10), 0).save(src / "stray.png")
+    m = prepare(src, tmp_path / "folder", resolution=8, vae="none", labels="folders")
+    assert m["class_names"] == ["n01440764", "n02102040", "n09999999"] and m["num_classes"] == 3
+    assert m["skipped"] == [dict(row=6, file="stray.png", reason="not inside a class folder")]
+    data = PreparedData(tmp_path / "folder")
+    assert data.labels.tolist() == [0, 0, 1, 1, 2, 2] and data.num_classes == 3
+    x, y = data.batch([5, 0], False)
+    assert y.tolist() == [2, 0] and abs((x[0] + 1) * 127.5 - 31).max() <= 1 and abs((x[1] + 1) * 127.5 - 10).max() <= 1
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as z:  # the same images in a zip give the same data
+        for f in sorted(src.rglob("*")):
+            z.write(f, f.relative_to(tmp_path).as_posix())
+    mz = prepare(tmp_path / "train.zip", tmp_path / "zipped", resolution=8, vae="none", labels="folders")
+    assert mz["class_names"] == m["class_names"] and mz["skipped"][0]["file"] == "train/stray.png"
+    for name in ("images.npy", "labels.npy"):
+        assert (tmp_path / "zipped" / name).read_bytes() == (tmp_path / "folder" / name).read_bytes()
+    unlabelled = prepare(tmp_path / "train.zip", tmp_path / "unlabelled", resolution=8, vae="none")
+    assert unlabelled["count"] == 7 and unlabelled["num_classes"] == 1 and unlabelled["class_names"] == []
+
+
+def test_clear_errors(folder, tmp_path, capsys):
+    d, _, _ = folder
+    with pytest.raises(SystemExit, match=r"error: .*missing.*: no such folder or zip file"):
+        main([str(tmp_path / "missing"), str(tmp_path / "out"), "--vae", "none"])
+    (tmp_path / "done").mkdir()
+    with pytest.raises(SystemExit, match="done already exists"):
+        main([str(d), str(tmp_path / "done"), "--vae", "none"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: holds no files"):
+        prepare(tmp_path / "empty", tmp_path / "out", vae="none")
+    with pytest.raises(DataError, match="no readable manifest.json"):
+        PreparedData(tmp_path / "done")
