@@ -216,10 +216,11 @@ def diffusers_to_ldm(key, num_levels):
 
 def vae_state_dict(sd):
     """Any VAE layout (ldm, diffusers, an SD single-file checkpoint) as ldm keys without prefix, float32."""
-    sd = sd.get("state_dict", sd) if isinstance(sd.get("state_dict"), dict) else sd
+    if isinstance(sd.get("state_dict"), dict):  # ldm/Lightning .ckpt files
+        sd = sd["state_dict"]
     if any(k.startswith("first_stage_model.") for k in sd):  # an SD checkpoint: keep its VAE, drop UNet/CLIP
         sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}  # ldm VAE training files carry LPIPS/discriminator
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}  # ldm training leftovers
     if any(".mid_block." in k for k in sd):
         num_levels = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks.")), default=0)
         sd = {diffusers_to_ldm(k, num_levels): v for k, v in sd.items()}
@@ -248,8 +249,11 @@ def vae_path(name):
         return name
     try:
         return download(_HUB.format(name, "safetensors"), f"{OFFICIAL[name]}.safetensors")
-    except CheckpointError:
-        return download(_HUB.format(name, "bin"), f"{OFFICIAL[name]}.bin")
+    except CheckpointError as error:
+        try:
+            return download(_HUB.format(name, "bin"), f"{OFFICIAL[name]}.bin")
+        except CheckpointError:
+            raise error from None
 
 
 def load_vae(name, device="cpu", config=None):

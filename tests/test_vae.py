@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import model_vae
 from checkpoints import CheckpointError
 from model_vae import SCALE_FACTOR, SD_VAE_CONFIG, AutoencoderKL, diffusers_to_ldm, load_vae, vae_state_dict
 
@@ -83,6 +84,12 @@ def test_sd_checkpoint_with_unet_and_state_dict_key(golden, tmp_path):
                            "cond_stage_model.transformer.x": torch.zeros(2)}, "global_step": 470000}
     torch.save(ckpt, tmp_path / "sd-v1-4.ckpt")
     check_outputs(load_vae(tmp_path / "sd-v1-4.ckpt"), data)
+    bare = {k[len("first_stage_model."):]: v.half() for k, v in ldm.items()}  # as vae-ft-mse-840000-ema-pruned.ckpt
+    torch.save({"state_dict": {**bare, "loss.logvar": torch.zeros(())}}, tmp_path / "vae-ft-mse-original.ckpt")
+    vae = load_vae(tmp_path / "vae-ft-mse-original.ckpt")
+    assert vae.decoder.conv_in.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert rel_err(vae.decode(data["z"]), data["decoded"]) <= 1e-2  # float16 weights: only roughly equal
 
 
 def test_official_name_uses_cache(golden, tmp_path, monkeypatch):
@@ -91,6 +98,17 @@ def test_official_name_uses_cache(golden, tmp_path, monkeypatch):
     save_file(to_diffusers(ldm, "old"), str(tmp_path / "sd-vae-ft-ema.safetensors"))
     check_outputs(load_vae("ema"), data)
     assert load_vae("none") is None and load_vae(None) is None
+    urls = []
+    def offline_but_bin(url, filename):  # no .safetensors on the hub: the .bin is fetched instead
+        urls.append(url)
+        if url.endswith(".safetensors"):
+            raise CheckpointError(f"could not download {url}")
+        torch.save(to_diffusers(ldm), tmp_path / filename)
+        return tmp_path / filename
+    monkeypatch.setattr(model_vae, "download", offline_but_bin)
+    check_outputs(load_vae("mse"), data)
+    assert urls == [f"https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.{ext}"
+                    for ext in ("safetensors", "bin")]
 
 
 def test_full_size_keys_shapes_count():
