@@ -1,0 +1,93 @@
+"""model_clip.py against transformers' CLIPTextModel and SD 1.x's token ids (tests/golden/README.md)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from checkpoints import CheckpointError
+from model_clip import CLIP_VITL14, EOT, SOT, CLIPTextModel, CLIPTokenizer, load_clip_text, tokenize
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with safe_open(GOLDEN / "clip_text_tiny.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+    config = {k: v for k, v in json.loads(meta["config"]).items() if k in CLIP_VITL14}
+    return tensors, state, config, json.loads(meta["prompts"])
+
+
+def rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_token_ids_equal_the_golden_ones(golden):
+    g, _, _, prompts = golden
+    assert torch.equal(tokenize(prompts), g["input_ids"])  # incl. accents, CJK, an emoji, a truncated prompt
+    assert torch.equal(tokenize(prompts[3]), g["input_ids"][3:4])
+    long = tokenize(prompts[4])[0]
+    assert long[0] == SOT and long[76] == EOT and (long[1:76] != EOT).all()  # 75 tokens kept
+
+
+def test_tokenizer_vocabulary_and_decode():
+    tok = CLIPTokenizer()
+    assert len(tok.encoder) == 49408 and tok.encoder["<|startoftext|>"] == SOT and tok.encoder["<|endoftext|>"] == EOT
+    text = "a photograph of an astronaut riding a horse"
+    assert tok.decode(tok.encode(text)).strip() == text
+    assert tok.encode("  A &amp; B\n\tC ") == tok.encode("a & b c")  # html unescape, whitespace, lower case
+
+
+def test_hidden_states_match(golden):
+    g, state, config, _ = golden
+    model = CLIPTextModel(**config)
+    model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        hidden, pooled = model(g["input_ids"])
+    ref = g["last_hidden_state"]
+    assert rel_err(hidden, ref) < 1e-5  # measured 7.4e-8
+    first_eot = [row.tolist().index(EOT) for row in g["input_ids"]]
+    assert rel_err(pooled, ref[torch.arange(len(ref)), first_eot]) < 1e-5
+
+
+def test_vitl14_keys_shapes_and_count_on_meta():
+    with torch.device("meta"):
+        model = CLIPTextModel(**CLIP_VITL14)
+    rows = [line.split("\t") for line in (GOLDEN / "clip_vitl14_text_hf.keys.tsv").read_text().splitlines()]
+    assert [(k, str(tuple(v.shape))) for k, v in model.state_dict().items()] == [(k, s) for k, s, _ in rows]
+    counts = json.loads((GOLDEN / "param_counts_sd.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == counts["clip_text_vitl14"]
+
+
+def test_checkpoint_layouts_load(golden, tmp_path):
+    g, state, config, _ = golden
+    position_ids = torch.arange(77)[None]
+    sd_new = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in state.items()}
+    sd_new["cond_stage_model.transformer.text_model.embeddings.position_ids"] = position_ids
+    sd_new["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # the rest of an SD checkpoint is ignored
+    save_file(sd_new, tmp_path / "sd.safetensors")
+    sd_old = {f"cond_stage_model.transformer.{k}": v for k, v in state.items()}
+    torch.save({"state_dict": sd_old}, tmp_path / "sd_old.ckpt")
+    (tmp_path / "text_encoder").mkdir()
+    hf = {f"text_model.{k}": v for k, v in state.items()} | {"text_model.embeddings.position_ids": position_ids}
+    save_file(hf, tmp_path / "text_encoder" / "model.safetensors")
+    for path in (tmp_path / "sd.safetensors", tmp_path / "sd_old.ckpt", tmp_path, tmp_path / "text_encoder"):
+        model = load_clip_text(path, config)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), path
+    with torch.no_grad():
+        assert rel_err(model(g["input_ids"])[0], g["last_hidden_state"]) < 1e-5
+
+
+def test_wrong_file_is_one_clear_sentence(golden, tmp_path):
+    _, state, _, _ = golden
+    save_file(state, tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_clip_text(tmp_path / "tiny.safetensors")  # a tiny encoder is not ViT-L/14
+    assert "\n" not in str(e.value) and "tiny.safetensors" in str(e.value) and "wrong shape" in str(e.value)
+    with pytest.raises(CheckpointError, match="text_encoder/model.safetensors"):
+        load_clip_text(tmp_path)  # a folder without text_encoder/

@@ -1,0 +1,133 @@
+"""model_unet.py against CompVis ldm's UNetModel and diffusers' UNet2DConditionModel (tests/golden/README.md)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from checkpoints import CheckpointError
+from model_unet import SD15, SD_TINY, UNetModel, diffusers_to_ldm, load_unet
+
+GOLDEN = Path(__file__).parent / "golden"
+PREFIX = "model.diffusion_model."
+
+
+def read_tsv(name):
+    return [line.split("\t") for line in (GOLDEN / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with safe_open(GOLDEN / "unet_tiny.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    ldm = {k[len("ldm." + PREFIX):]: v for k, v in tensors.items() if k.startswith("ldm.")}
+    return tensors, ldm, json.loads(meta["ldm_params"])
+
+
+def rel_err(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def same_weights(model, ldm):
+    return all(torch.equal(v, ldm[k]) for k, v in model.state_dict().items())
+
+
+def run(model, g):
+    with torch.no_grad():
+        return model(g["x"], g["t"], g["context"])
+
+
+def test_tiny_config_is_the_golden_one(golden):
+    _, _, params = golden
+    assert SD_TINY == {k: params[k] for k in SD_TINY}
+
+
+def test_tiny_ldm_weights_load_strictly_and_match(golden):
+    g, ldm, _ = golden
+    model = UNetModel(**SD_TINY)
+    model.load_state_dict(ldm, strict=True)
+    assert rel_err(run(model, g), g["out"]) < 1e-5  # measured 6.1e-7
+
+
+def test_single_file_checkpoints_load(golden, tmp_path):
+    _, ldm, _ = golden
+    full = {PREFIX + k: v for k, v in ldm.items()}
+    full["first_stage_model.decoder.conv_in.weight"] = torch.zeros(1)  # the rest of an SD checkpoint is ignored
+    save_file(full, tmp_path / "sd.safetensors")
+    torch.save({"state_dict": full, "global_step": 1}, tmp_path / "sd.ckpt")
+    for path in (tmp_path / "sd.safetensors", tmp_path / "sd.ckpt"):
+        assert same_weights(load_unet(path, SD_TINY), ldm)  # the very tensors of the ldm golden, so its output
+
+
+def test_diffusers_folder_loads_and_matches(golden, tmp_path):
+    g, ldm, _ = golden
+    rows = read_tsv("unet_tiny.diffusers_to_ldm.tsv")[1:]
+    diffusers = {d: ldm[l[len(PREFIX):]].reshape(eval(ds)) for d, ds, l, _ in rows}
+    (tmp_path / "unet").mkdir()
+    save_file(diffusers, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    for path in (tmp_path / "unet", tmp_path / "unet" / "diffusion_pytorch_model.safetensors"):
+        assert same_weights(load_unet(path, SD_TINY), ldm)
+    assert rel_err(run(load_unet(tmp_path, SD_TINY), g), g["out"]) < 1e-5  # the model root, with unet/ in it
+
+
+def test_diffusers_renaming_rule_reproduces_the_tsv():
+    rows = read_tsv("unet_tiny.diffusers_to_ldm.tsv")[1:]
+    renamed = diffusers_to_ldm({d: d for d, _, _, _ in rows})
+    assert {PREFIX + k: d for k, d in renamed.items()} == {l: d for d, _, l, _ in rows}
+
+
+def test_sd15_keys_shapes_and_count_on_meta():
+    with torch.device("meta"):
+        model = UNetModel(**SD15)
+    mine = [(PREFIX + k, str(tuple(v.shape))) for k, v in model.state_dict().items()]
+    assert mine == [(k, s) for k, s, _ in read_tsv("sd15_unet_ldm.keys.tsv")]  # same keys, same order
+    diffusers = {k: s for k, s, _ in read_tsv("sd15_unet_diffusers.keys.tsv")}
+    assert diffusers_to_ldm(diffusers) == {k[len(PREFIX):]: s for k, s in mine}
+    counts = json.loads((GOLDEN / "param_counts_sd.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == counts["sd15_unet"]
+    assert len(model.block_shapes) == 25 and model.block_shapes[12] == (1280, 8)
+
+
+def test_wrong_file_is_one_clear_sentence(golden, tmp_path):
+    _, ldm, _ = golden
+    save_file({PREFIX + k: v for k, v in ldm.items()}, tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_unet(tmp_path / "tiny.safetensors", SD15)  # a tiny UNet is not SD 1.5
+    msg = str(e.value)
+    assert "\n" not in msg and "tiny.safetensors" in msg and "wrong shape" in msg
+    save_file({"encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing .*\(686\); unexpected encoder.conv_in.weight \(1\)"):
+        load_unet(tmp_path / "vae.safetensors", SD15)
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model"):
+        load_unet(tmp_path, SD15)  # a folder with no unet/
+
+
+def test_block_input_hook_sees_every_block_input(golden):
+    g, ldm, _ = golden
+    model = UNetModel(**SD_TINY)
+    model.load_state_dict(ldm)
+    seen = []
+
+    def identity(h, i, emb, context):
+        seen.append((i, h.shape[1], g["x"].shape[-1] // h.shape[-1]))
+        return h
+
+    model.block_input = identity
+    assert rel_err(run(model, g), g["out"]) < 1e-5
+    assert seen == [(i, c, ds) for i, (c, ds) in enumerate(model.block_shapes)]
+    noise = torch.randn(g["x"].shape[0], model.block_shapes[24][0], *g["x"].shape[2:],
+                        generator=torch.Generator().manual_seed(0))
+    model.block_input = lambda h, i, emb, context: h + noise if i == 24 else h  # the last decoder block
+    assert rel_err(run(model, g), g["out"]) > 0.1
+
+
+def test_bfloat16_weights_run_close_to_float32(golden):
+    g, ldm, _ = golden
+    model = UNetModel(**SD_TINY).to(torch.bfloat16)
+    model.load_state_dict(ldm)
+    with torch.no_grad():
+        out = model(g["x"].bfloat16(), g["t"], g["context"].bfloat16())
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), g["out"]) < 5e-2
