@@ -64,6 +64,8 @@ def read_state_dict(path):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)[:120]})") from None
         raise CheckpointError(f"{path}: refused to load, the file holds Python objects other than tensors "
                               f"and loading it could run code ({_first_line(e)[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:

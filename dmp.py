@@ -1,0 +1,388 @@
+"""
+Diffusion Model Patching via Mixture-of-Prompts (Ham, Woo et al., AAAI 2025): the paper in one file.
+
+A converged diffusion model is frozen. Every block i gets a pool of N learnable prompts p_i (N x D, one per
+token) that are added to its input; a one-layer gate G, fed the timestep embedding and the block index,
+weights them differently at every denoising step:
+
+    x_{i+1} = Block_i( softmax(G([t; i])) * p_i + x_i )                                        (Eq. 3)
+
+trained on the model's own pre-training data with two balancing losses (Eqs. 11-13). The same call,
+patch(model, method), also sets up every further-training baseline the paper compares with: full fine-tuning,
+naive prompt tuning (Eq. 2), LoRA (Table 7), DiffFit and BitFit.
+
+Where the paper is silent or the authors' code (github.com/sangminwoo/DMP) differs from it, the paper is the
+default and the authors' choice is an option; AUTHORS_CODE collects those options.
+"""
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoints import CheckpointError, atomic_save, read_state_dict
+
+# The authors' code differs from the paper in four ways the paper does not mention: the gate reads the timestep
+# plus class embedding, the block index enters as a raw scalar, the gate learns at 10x the prompts' rate, and
+# learned noise is added to the gate logits in training (the noisy gating of Shazeer et al. 2017).
+AUTHORS_CODE = dict(gate_cond="t+c", block_index="scalar", gate_lr_scale=10.0, noisy_gate=True)
+
+
+#################################################################################
+#                        Mixture of Prompts (Eqs. 1-3)                          #
+#################################################################################
+
+class MixtureOfPrompts(nn.Module):
+    """
+    Installed as model.block_input, called as block_input(x, i, t, y) before block i (model_dit.DiT.forward).
+
+    Options (each a row of the paper's ablations):
+      gate             'linear' (Eq. 3) | 'attention' (Table 4a) | None (naive prompt tuning, Eq. 2)
+      selection        'soft': softmax weights over all prompts | 'hard': the top_k fraction, weight 1 (Table 4b)
+      prompt_selection 'distinct': the gate sees the block index | 'uniform': one mixture for all blocks (4c)
+      position         'add' (Eq. 2) | 'prepend' num_prompts tokens, stripped before the final layer (4d)
+      depth            prompts in the first `depth` blocks only (Fig. 4); None = every block
+      init             'zero' (the paper's) | 'random'
+      gate_cond        't': timestep embedding | 't+c': plus the class/text embedding (Table 9)
+      block_index      'onehot': the paper's [t; i] read as a one-hot i | 'scalar': i as a number (authors)
+      noisy_gate       learned Gaussian noise on the gate logits in training (authors; always on for 'hard')
+    """
+    def __init__(self, num_blocks, num_tokens, dim, num_prompts=None, gate="linear", selection="soft", top_k=0.75,
+                 prompt_selection="distinct", position="add", depth=None, init="zero", gate_cond="t",
+                 block_index="onehot", noisy_gate=False):
+        super().__init__()
+        assert gate in ("linear", "attention", None) and selection in ("soft", "hard")
+        assert prompt_selection in ("distinct", "uniform") and position in ("add", "prepend")
+        assert init in ("zero", "random") and gate_cond in ("t", "t+c") and block_index in ("onehot", "scalar")
+        if position == "add" and num_prompts not in (None, num_tokens):
+            raise ValueError(f"added prompts need one per token: num_prompts must be {num_tokens}")
+        self.num_prompts = N = num_prompts or (num_tokens if position == "add" else 50)
+        self.depth = L = min(depth or num_blocks, num_blocks)
+        self.gate_type, self.selection, self.position, self.gate_cond = gate, selection, position, gate_cond
+        self.top_k = max(1, int(top_k * N))
+        self.distinct, self.block_index = prompt_selection == "distinct", block_index
+        self.noisy = noisy_gate or selection == "hard"  # the hard top-k load estimator needs the noise
+
+        # Eq. 1: P = {p_0, ..., p_{L-1}}, p_i in R^{N x D}. Zero-initialised prompts leave the frozen model's
+        # output unchanged at the start and let it take in the prompts' signal gradually; random ones disrupt
+        # early training until it diverges (paper, "Zero-initialization").
+        self.prompts = nn.Parameter(torch.zeros(L, N, dim))
+        if init == "random":
+            nn.init.xavier_uniform_(self.prompts)
+
+        if gate == "linear":
+            # Eq. 3: G is one linear layer over [c; i] giving N logits. The block-index columns are a separate
+            # parameter so the D-wide part is computed once for all blocks.
+            index_features = 0 if not self.distinct else (L if block_index == "onehot" else 1)
+            self.gate = nn.Linear(dim, N)
+            self.gate_index = nn.Parameter(torch.zeros(N, index_features)) if index_features else None
+            # Zero gate: every mixture starts uniform (1/N), as in the authors' zero-initialised setting.
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+            if init == "random":
+                nn.init.xavier_uniform_(self.gate.weight)
+        elif gate == "attention":
+            # Table 4a: the prompts are the queries, the timestep embedding the key and value, and the output is
+            # the weighted prompts directly: weights softmax_n(q_n . k / sqrt(D)) scale the value W_v c. W_v starts
+            # at zero so the patched model starts equal to the frozen one.
+            self.w_q, self.w_k = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+            self.w_v = nn.Linear(dim, dim, bias=False)
+            nn.init.zeros_(self.w_v.weight)
+        if gate is not None and self.noisy:
+            # Shazeer et al. (2017) Eq. 4: H(x) = x W_g + StandardNormal() * Softplus(x W_noise).
+            self.w_noise = nn.Parameter(torch.zeros(dim, N))
+        self.gates, self.load = None, None  # the last forward's gate weights [L, B, N] and load, for the losses
+
+    # ---- the gate ----------------------------------------------------------------------------------------------
+
+    def gate_logits(self, c):
+        """(B, L, N): the gate's logits for every prompted block, from the conditioning c (B, D)."""
+        logits = self.gate(c)[:, None, :].expand(-1, self.depth, -1)      # G's c columns, shared by every block
+        if self.gate_index is not None:                                   # ... plus its block-index columns
+            index = (torch.eye(self.depth, device=c.device) if self.block_index == "onehot"
+                     else torch.arange(self.depth, device=c.device, dtype=c.dtype)[:, None])
+            logits = logits + (index @ self.gate_index.T)[None]
+        return logits
+
+    def mixture_weights(self, c):
+        """The gate weights g (B, L, N) for Eq. 3, and (hard selection) Shazeer's smooth load per block."""
+        clean = self.gate_logits(c)
+        if not (self.noisy and self.training):
+            noisy, std = clean, None
+        else:
+            std = (F.softplus(c @ self.w_noise) + 1e-2)[:, None, :]      # Shazeer Eq. 4, epsilon as the authors
+            noisy = clean + torch.randn_like(clean) * std
+        if self.selection == "soft":
+            return F.softmax(noisy, dim=-1), None
+        # Table 4b: the top-k prompts (192 of 256 by default) are used with weight 1, the others not at all.
+        top = noisy.topk(min(self.top_k + 1, self.num_prompts), dim=-1).values
+        weights = (noisy >= top[..., self.top_k - 1: self.top_k]).to(c.dtype)
+        load = None
+        if std is not None and self.top_k < self.num_prompts:
+            # Shazeer et al. (2017) Eqs. 8-10: P(prompt n stays in the top k when only its own noise is redrawn),
+            # a smooth stand-in for "how often is n selected" that carries a gradient to the gate.
+            threshold_in, threshold_out = top[..., self.top_k: self.top_k + 1], top[..., self.top_k - 1: self.top_k]
+            threshold = torch.where(noisy > threshold_in, threshold_in, threshold_out)
+            load = torch.distributions.Normal(0.0, 1.0).cdf((clean - threshold) / std).sum(0)  # (L, N)
+        return weights, load
+
+    # ---- the hook called before every block -----------------------------------------------------------------
+
+    def forward(self, x, i, t, y):
+        """x: (B, T, D) input of block i; t, y: (B, D) timestep and class embeddings. Returns the new input."""
+        if i >= self.depth:                                                # Fig. 4: deeper blocks get no prompts
+            return x
+        c = t + y if self.gate_cond == "t+c" else t
+        if i == 0:                                                         # every block's weights at once
+            if self.gate_type == "linear":
+                self.gates, self.load = self.mixture_weights(c)           # (B, L, N)
+            elif self.gate_type == "attention":
+                q = self.w_q(self.prompts)                                 # (L, N, D)
+                scores = torch.einsum("lnd,bd->bln", q, self.w_k(c)) / math.sqrt(q.shape[-1])
+                self.gates, self.load = F.softmax(scores, dim=-1), None    # softmax over the prompts
+        if self.gate_type is None:
+            prompt = self.prompts[i][None]                                 # Eq. 2: naive prompt tuning
+        elif self.gate_type == "attention":
+            prompt = self.gates[:, i, :, None] * self.w_v(c)[:, None, :]   # Table 4a: weighted values
+        else:
+            prompt = self.gates[:, i, :, None] * self.prompts[i][None]     # Eq. 3: softmax(G([t; i])) * p_i
+        if self.position == "add":
+            return x + prompt                                              # Eq. 2-3: added to the tokens
+        prompt = prompt.expand(x.shape[0], -1, -1)                         # Table 4d: prepended, replacing
+        return torch.cat([prompt, x[:, self.num_prompts if i > 0 else 0:]], dim=1)  # the last block's prompts
+
+
+#################################################################################
+#                     Prompt Balancing Losses (Eqs. 11-13)                      #
+#################################################################################
+
+def cv_squared(x, eps=1e-5, dim=-1):
+    """Squared coefficient of variation sigma / (mu^2 + eps), sigma the (biased) variance: Eq. 13."""
+    return x.var(dim=dim, unbiased=False) / (x.mean(dim=dim) ** 2 + eps)
+
+
+def balancing_losses(model):
+    """
+    (importance, load) for the model's last forward; zeros for methods without a gate. train.py adds them to
+    the diffusion loss with their coefficients (Table 4e; both 1 by default).
+
+    Importance (Eqs. 12-13): g~_n = sum over blocks of g_n^i, per sample; its squared coefficient of variation
+    across the N prompts, averaged over the batch. With a softmax every sample's mean is L/N, so this equals the
+    authors' code, which takes the variance over all B x N entries (they use the unbiased variance, eps 1e-10).
+
+    Load (Eq. 11): (1/L) sum_i sum_n I(g_n^i < 0). A softmax is never negative, so this is identically zero and
+    carries no gradient (the authors' code has the same property); it is computed literally. For hard top-k
+    selection, where the count of selected prompts matters, the load is Shazeer et al.'s (2017) smooth
+    estimator instead: the CV^2 across prompts of the probability of being in the top k, averaged over blocks.
+    """
+    mop = model.block_input
+    if not isinstance(mop, MixtureOfPrompts) or mop.gates is None:
+        zero = next(model.parameters()).new_zeros(())
+        return zero, zero
+    gates = mop.gates                                                      # (B, L, N)
+    importance = cv_squared(gates.sum(dim=1)).mean()
+    if mop.load is not None:
+        load = cv_squared(mop.load).mean()
+    else:
+        load = (gates < 0).float().sum(dim=(1, 2)).mean() / gates.shape[1]  # Eq. 11, literally
+    return importance, load
+
+
+#################################################################################
+#                    LoRA, DiffFit and BitFit for the baselines                 #
+#################################################################################
+# These attach their parameters to the frozen layers through forward hooks, so the backbone keeps the official
+# key names and a patched model's state dict is the base one plus the new entries.
+
+def add_lora(linear, rank, alpha):
+    """LoRA (Hu et al. 2021): W x + (alpha / r) B A x, A ~ Kaiming-uniform, B = 0 so the layer starts unchanged."""
+    linear.lora_A = nn.Linear(linear.in_features, rank, bias=False)
+    linear.lora_B = nn.Linear(rank, linear.out_features, bias=False)
+    nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(linear.lora_B.weight)
+    linear.lora_scale = alpha / rank
+    linear.register_forward_hook(lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale)
+
+
+def add_scale(module, dim):
+    """DiffFit's scale factor gamma (DiffFit Alg. 1), initialised to 1, multiplying the branch's output."""
+    module.gamma = nn.Parameter(torch.ones(dim))
+    module.register_forward_hook(lambda m, args, out: out * m.gamma)
+
+
+#################################################################################
+#                   patch(): every further-training method                      #
+#################################################################################
+
+# Learning-rate multipliers of the base rate (1e-4 in the paper), explicit for every method.
+# DMP and prompt tuning: 1x (DMP appendix; the gate at 10x only with gate_lr_scale=10, as the authors' code).
+# full, LoRA: 1x, the DMP paper's one optimiser setting for all its comparisons (Tables 2, 7).
+# DiffFit, BitFit: 10x, DiffFit Sec. 4 ("we enlarge lr x10 for parameter-efficient fine-tuning settings").
+METHODS = ("full", "prompt", "dmp", "lora", "difffit", "bitfit")
+LR_SCALE = dict(full=1.0, prompt=1.0, dmp=1.0, lora=1.0, difffit=10.0, bitfit=10.0)
+
+
+def patch(model, method, **options):
+    """
+    Freeze the backbone, add what `method` trains, and return the parameter groups to optimise:
+    [{'params': [...], 'lr_scale': float, 'name': str}, ...]. Options per method:
+      dmp/prompt  MixtureOfPrompts options, plus gate_lr_scale (1.0)
+      lora        rank (16: 2.4M parameters on DiT-B/2, close to DMP's 2.6M), alpha (= rank)
+      difffit     gamma_blocks (14, DiffFit's first 14 blocks), pos_scale (1.0; 0.5 is DiffFit's positional
+                  trick for fine-tuning a 256x256 checkpoint at 512x512, Sec. 4.3)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.patch_method, model.patch_options = method, dict(options)
+    lr = LR_SCALE[method]
+
+    if method == "full":                     # fine-tuning: every weight (pos_embed stays a fixed table)
+        params = [p for n, p in model.named_parameters() if n != "pos_embed"]
+        groups = [dict(params=params, lr_scale=lr, name="all")]
+    elif method in ("prompt", "dmp"):
+        options = dict(options)
+        gate_lr_scale = options.pop("gate_lr_scale", 1.0)
+        if method == "prompt":
+            options["gate"] = None
+        dim = model.pos_embed.shape[-1]
+        model.block_input = MixtureOfPrompts(len(model.blocks), model.x_embedder.num_patches, dim, **options)
+        model.block_input.to(model.pos_embed.device)
+        gate = [p for n, p in model.block_input.named_parameters() if n != "prompts"]
+        groups = [dict(params=[model.block_input.prompts], lr_scale=lr, name="prompts")]
+        if gate:
+            groups.append(dict(params=gate, lr_scale=lr * gate_lr_scale, name="gate"))
+    elif method == "lora":
+        rank = options.get("rank", 16)
+        for block in model.blocks:
+            for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+                add_lora(linear, rank, options.get("alpha", rank))
+        params = [p for n, p in model.named_parameters() if ".lora_" in n]
+        groups = [dict(params=params, lr_scale=lr, name="lora")]
+    elif method == "difffit":
+        dim = model.pos_embed.shape[-1]
+        for block in list(model.blocks)[: options.get("gamma_blocks", 14)]:
+            add_scale(block.attn, dim)
+            add_scale(block.mlp, dim)
+        if options.get("pos_scale", 1.0) != 1.0:
+            from model_dit import get_2d_sincos_pos_embed
+            grid = int(model.x_embedder.num_patches ** 0.5)
+            table = get_2d_sincos_pos_embed(dim, grid, grid_scale=options["pos_scale"])
+            model.pos_embed.data.copy_(torch.from_numpy(table).float()[None])
+        # DiffFit Alg. 2: trainable_names = ["bias", "norm", "gamma", "y_embed"] (DiT's norms have no weights).
+        params = [p for n, p in model.named_parameters()
+                  if n.endswith(".bias") or ".norm" in n or n.endswith(".gamma") or n.startswith("y_embedder.")]
+        groups = [dict(params=params, lr_scale=lr, name="difffit")]
+    else:                                    # bitfit (Zaken et al. 2021): the bias terms only
+        params = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        groups = [dict(params=params, lr_scale=lr, name="bias")]
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def trainable_state_dict(model):
+    """The entries of the state dict that the method trains (what a patch file stores)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = model.state_dict()
+    if getattr(model, "patch_options", {}).get("pos_scale", 1.0) != 1.0:
+        names.add("pos_embed")  # DiffFit's rescaled positional table is part of the patch
+    return {k: v.detach().clone() for k, v in state.items() if k in names}
+
+
+#################################################################################
+#                                  Patch Files                                  #
+#################################################################################
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_patch(model, path, base=None):
+    """
+    Write only what the method trained, with the method, its options and the base checkpoint's name and
+    sha256, atomically. Returns (patch bytes, backbone bytes): a DMP patch of DiT-L/2 is ~26 MB, the backbone
+    it patches 1.8 GB, which is the paper's storage argument.
+    """
+    state = trainable_state_dict(model)
+    base_info = dict(name=str(base) if base else None,
+                     sha256=file_sha256(base) if base and Path(base).is_file() else None)
+    atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_info,
+                     config=getattr(model, "config", None), state=state), path)
+    backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in state)
+    return Path(path).stat().st_size, backbone
+
+
+def apply_patch(model, path, base=None):
+    """Patch a base model in place with a patch file: the method's modules are rebuilt, then its weights loaded."""
+    patch_file = read_state_dict(path)
+    if not {"method", "state"} <= set(patch_file):
+        raise CheckpointError(f"{path}: not a patch file (no 'method' and 'state' entries)")
+    recorded = (patch_file.get("base") or {}).get("sha256")
+    if base and recorded and Path(base).is_file() and file_sha256(base) != recorded:
+        print(f"warning: {path} was trained on a base checkpoint with sha256 {recorded[:12]}..., "
+              f"not {base}")
+    patch(model, patch_file["method"], **patch_file.get("options", {}))
+    expected = set(trainable_state_dict(model))
+    got = set(patch_file["state"])
+    if expected != got:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(patch_file["state"], strict=False)
+    return model
+
+
+#################################################################################
+#                       Fig. 5: which prompts each block uses                   #
+#################################################################################
+
+@torch.no_grad()
+def gate_weights(model, timesteps=None, y=None):
+    """The gate's weights as an array [blocks, timesteps, prompts] (eval mode: no gate noise)."""
+    mop = model.block_input
+    if not isinstance(mop, MixtureOfPrompts) or mop.gate_type is None:
+        raise ValueError("the model has no DMP gate (patch it with method='dmp')")
+    device = model.pos_embed.device
+    t = torch.arange(1000, device=device) if timesteps is None else torch.as_tensor(timesteps, device=device)
+    c = model.t_embedder(t)
+    if mop.gate_cond == "t+c":
+        c = c + model.y_embedder(torch.zeros_like(t) if y is None else torch.as_tensor(y, device=device).expand_as(t), False)
+    was_training = mop.training
+    mop.eval()
+    if mop.gate_type == "attention":
+        scores = torch.einsum("lnd,bd->bln", mop.w_q(mop.prompts), mop.w_k(c)) / math.sqrt(c.shape[-1])
+        weights = F.softmax(scores, dim=-1)
+    else:
+        weights, _ = mop.mixture_weights(c)
+    mop.train(was_training)
+    return weights.permute(1, 0, 2).float().cpu().numpy()
+
+
+def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
+    """
+    Fig. 5 as a PNG: one panel per block (rows: timesteps from T-1 at the top to 0, columns: prompts), brighter
+    where the weight is larger, each panel scaled to its own maximum. Size: columns*(N*cell)+(columns-1)*gap
+    wide, rows*(T*cell)+(rows-1)*gap high, with `columns` panels per row (default: all blocks in one row).
+    """
+    from PIL import Image
+    L, T, N = weights.shape
+    columns = columns or L
+    rows = -(-L // columns)
+    canvas = np.zeros((rows * T * cell + (rows - 1) * gap, columns * N * cell + (columns - 1) * gap), np.uint8)
+    for i, w in enumerate(weights):
+        w = w[::-1]  # t = T-1 at the top: generation runs downwards
+        w = (255 * w / max(w.max(), 1e-12)).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
+        r, col = divmod(i, columns)
+        canvas[r * (T * cell + gap): r * (T * cell + gap) + T * cell,
+               col * (N * cell + gap): col * (N * cell + gap) + N * cell] = w
+    Image.fromarray(canvas, mode="L").save(path)
+    return path

@@ -1,0 +1,226 @@
+"""dmp.py: Table 1's parameter counts, exact identity at initialisation, what each method trains, the balancing
+losses, every option, patch files and the Fig. 5 heatmap."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dmp
+from model_dit import DiT, DiT_models, get_2d_sincos_pos_embed
+
+
+def tiny_dit(seed=0, **kwargs):
+    """A small DiT with every weight random, so every block (and so every patch) changes the output."""
+    torch.manual_seed(seed)
+    config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+                  num_classes=10, class_dropout_prob=0.1)
+    model = DiT(**{**config, **kwargs})
+    for name, p in model.named_parameters():
+        if name != "pos_embed":
+            p.data.normal_(0, 0.3)
+    return model.eval()
+
+
+def batch(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+DMP_OPTIONS = [
+    {}, dict(gate="attention"), dict(selection="hard"), dict(selection="hard", top_k=0.5),
+    dict(prompt_selection="uniform"), dict(depth=1), dict(gate_cond="t+c"), dict(block_index="scalar"),
+    dict(noisy_gate=True), dict(gate_lr_scale=10.0), dmp.AUTHORS_CODE,
+]
+METHOD_CASES = [("full", {}), ("prompt", {}), ("lora", {}), ("lora", dict(rank=2, alpha=4)), ("difffit", {}),
+                ("difffit", dict(gamma_blocks=1)), ("bitfit", {})] + [("dmp", o) for o in DMP_OPTIONS]
+CASE_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in METHOD_CASES]
+
+
+@pytest.mark.parametrize("name, paper", [("DiT-B/2", 1.96), ("DiT-L/2", 1.43)])
+def test_table1_parameter_overhead(name, paper):
+    with torch.device("meta"):
+        model = DiT_models[name](input_size=32, num_classes=1, class_dropout_prob=0.0)
+    backbone = sum(p.numel() for p in model.parameters())
+    groups = dmp.patch(model, "dmp")
+    added = sum(p.numel() for g in groups for p in g["params"])
+    print(f"{name}: backbone {backbone:,}, DMP {added:,} = {100 * added / backbone:.3f}% (paper {paper}%)")
+    assert abs(100 * added / backbone - paper) <= 0.03
+
+
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=CASE_IDS)
+def test_patched_model_starts_equal_to_the_backbone(method, options):
+    model = tiny_dit()
+    x, t, y = batch()
+    with torch.no_grad():
+        before = model(x, t, y)
+        dmp.patch(model, method, **options)
+        after = model(x, t, y)
+        model.train()  # the noisy gate draws noise in training; zero prompts still add nothing
+        model.y_embedder.dropout_prob = 0.0
+        after_train = model(x, t, y)
+    assert torch.equal(before, after) and torch.equal(before, after_train)
+
+
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=CASE_IDS)
+def test_gradients_reach_exactly_the_trained_parameters_and_the_backbone_stays_frozen(method, options):
+    model = tiny_dit().train()
+    groups = dmp.patch(model, method, **options)
+    base = copy.deepcopy(model.state_dict())
+    trained = {id(p) for g in groups for p in g["params"]}
+    opt = torch.optim.AdamW([dict(params=g["params"], lr=1e-2 * g["lr_scale"]) for g in groups], weight_decay=0)
+    x, t, y = batch()
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, t, y).square().mean()
+        importance, load = dmp.balancing_losses(model)
+        (loss + importance + load).backward()
+        for name, p in model.named_parameters():
+            assert (p.grad is not None) == (id(p) in trained), name
+        opt.step()
+    state = model.state_dict()
+    changed = [k for k in base if not torch.equal(base[k], state[k])]
+    frozen_changed = [k for k in changed if k not in dmp.trainable_state_dict(model)]
+    assert not frozen_changed
+    # What the method trains moves (DMP's gate once its prompts are non-zero, after the first step).
+    assert changed and (method not in ("prompt", "dmp") or "block_input.prompts" in changed)
+
+
+def test_learning_rate_multipliers_are_explicit():
+    model = tiny_dit()
+    assert [g["lr_scale"] for g in dmp.patch(model, "dmp", gate_lr_scale=10.0)] == [1.0, 10.0]
+    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "difffit")] == [10.0]
+    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "bitfit")] == [10.0]
+    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "lora")] == [1.0]
+
+
+def test_balancing_losses_equal_hand_computed_values():
+    model = tiny_dit()
+    dmp.patch(model, "dmp")
+    g = np.array([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]],      # sample 0: block 0, block 1
+                  [[1 / 3, 1 / 3, 1 / 3], [0.2, 0.4, 0.4]]])  # sample 1
+    model.block_input.gates, model.block_input.load = torch.tensor(g), None
+    importance, load = dmp.balancing_losses(model)
+    expected = []
+    for sample in g:  # Eqs. 12-13 by hand
+        g_tilde = sample.sum(axis=0)
+        mu = g_tilde.mean()
+        sigma = ((g_tilde - mu) ** 2).mean()
+        expected.append(sigma / (mu ** 2 + 1e-5))
+    assert importance.item() == pytest.approx(np.mean(expected), rel=1e-12)
+    assert np.mean(expected) == pytest.approx(((0.6 - 2 / 3) ** 2 + (0.4 - 2 / 3) ** 2 + 1 / 3 ** 2) / 3
+                                              / ((2 / 3) ** 2 + 1e-5) / 2 + 0.0088888 / (4 / 9 + 1e-5) / 2, rel=1e-3)
+    assert load.item() == 0.0  # Eq. 11 counts negative softmax weights: there are none
+    model.block_input.gates = torch.tensor([[[-0.1, 0.6, 0.5], [0.2, 0.2, 0.6]]])
+    assert dmp.balancing_losses(model)[1].item() == pytest.approx(0.5)  # one negative weight in 2 blocks
+
+
+def test_hard_selection_uses_top_k_with_weight_one_and_a_smooth_load():
+    model = tiny_dit().train()
+    model.y_embedder.dropout_prob = 0.0
+    dmp.patch(model, "dmp", selection="hard", top_k=0.75)
+    x, t, y = batch()
+    model(x, t, y)
+    gates = model.block_input.gates
+    assert set(gates.unique().tolist()) == {0.0, 1.0} and (gates.sum(-1) == 12).all()  # 12 of 16 tokens
+    _, load = dmp.balancing_losses(model)
+    load.backward()
+    assert model.block_input.w_noise.grad.abs().sum() > 0 and model.block_input.gate.weight.grad.abs().sum() > 0
+
+
+def test_importance_loss_alone_makes_the_mixture_more_even():
+    model = tiny_dit()
+    dmp.patch(model, "dmp", init="random")
+    params = [p for n, p in model.block_input.named_parameters() if n != "prompts"]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    x, t, y = batch(16)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        model(x, t, y)
+        importance, _ = dmp.balancing_losses(model)
+        importance.backward()
+        opt.step()
+        losses.append(importance.item())
+    print(f"importance loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_prepend_adds_tokens_that_leave_before_the_final_layer():
+    model = tiny_dit()
+    dmp.patch(model, "dmp", position="prepend", num_prompts=5)
+    seen = []
+    model.blocks[1].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x, t, y = batch()
+    assert model(x, t, y).shape == (4, 8, 8, 8) and seen == [torch.Size([4, 16 + 5, 32])]
+    assert model.block_input.prompts.shape == (3, 5, 32)
+    with pytest.raises(ValueError):
+        dmp.patch(tiny_dit(), "dmp", num_prompts=5)  # added prompts need one per token
+
+
+def test_prompt_depth_touches_only_the_first_blocks():
+    model = tiny_dit()
+    dmp.patch(model, "dmp", depth=1)
+    assert model.block_input.prompts.shape[0] == 1
+    model.block_input.prompts.data.normal_()
+    inputs = []
+    model.blocks[1].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    x, t, y = batch()
+    model(x, t, y)
+    inputs_1 = inputs.pop()
+    model.block_input.prompts.data.zero_()
+    model(x, t, y)  # with block 0's prompt gone, block 1's input changes: it went through block 0 only
+    assert not torch.equal(inputs_1, inputs.pop())
+
+
+def test_difffit_positional_trick_halves_the_grid():
+    model = tiny_dit(input_size=16)  # an 8x8 token grid
+    dmp.patch(model, "difffit", pos_scale=0.5)
+    table = model.pos_embed[0].reshape(8, 8, 32)
+    small = torch.from_numpy(get_2d_sincos_pos_embed(32, 4)).float().reshape(4, 4, 32)
+    assert torch.allclose(table[::2, ::2], small, atol=1e-6)  # the 512 grid at (2i, 2j) is the 256 grid at (i, j)
+    assert "pos_embed" in dmp.trainable_state_dict(model)
+
+
+@pytest.mark.parametrize("method, options", [("dmp", {}), ("dmp", dict(gate="attention")), ("lora", {}),
+                                             ("difffit", dict(pos_scale=0.5)), ("prompt", {}), ("bitfit", {})])
+def test_patch_file_round_trip(tmp_path, method, options):
+    base = tiny_dit()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    model = copy.deepcopy(base)
+    groups = dmp.patch(model, method, **options)
+    for g in groups:
+        for p in g["params"]:
+            p.data.add_(torch.randn_like(p) * 0.1)  # as if trained
+    size, backbone = dmp.save_patch(model, tmp_path / "patch.pt", base=tmp_path / "base.pt")
+    assert 0 < size < backbone
+    x, t, y = batch()
+    restored = dmp.apply_patch(copy.deepcopy(base), tmp_path / "patch.pt", base=tmp_path / "base.pt")
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), restored(x, t, y))
+        assert not torch.equal(base(x, t, y), restored(x, t, y))
+    saved = torch.load(tmp_path / "patch.pt", weights_only=True)
+    assert saved["method"] == method and len(saved["base"]["sha256"]) == 64
+
+
+def test_dmp_patch_of_dit_l2_is_tens_of_megabytes():
+    with torch.device("meta"):
+        model = DiT_models["DiT-L/2"](num_classes=1, class_dropout_prob=0.0)
+    dmp.patch(model, "dmp")
+    patch_bytes = sum(v.numel() * 4 for v in dmp.trainable_state_dict(model).values())
+    backbone_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("block_input"))
+    print(f"DiT-L/2: DMP patch {patch_bytes / 2**20:.1f} MiB, backbone {backbone_bytes / 2**30:.2f} GiB")
+    assert 10 * 2**20 < patch_bytes < 50 * 2**20 and backbone_bytes > 1.6 * 2**30
+
+
+def test_fig5_gate_weights_and_heatmap(tmp_path):
+    model = tiny_dit()
+    dmp.patch(model, "dmp", init="random")
+    w = dmp.gate_weights(model, timesteps=range(0, 1000, 100))
+    assert w.shape == (3, 10, 16) and np.allclose(w.sum(-1), 1.0, atol=1e-6)
+    path = dmp.draw_gate_heatmap(w, tmp_path / "fig5.png", cell=2, gap=4)
+    image = Image.open(path)
+    assert image.size == (3 * 16 * 2 + 2 * 4, 10 * 2) and np.asarray(image).max() == 255
+    image = Image.open(dmp.draw_gate_heatmap(w, tmp_path / "fig5b.png", cell=1, gap=2, columns=2))
+    assert image.size == (2 * 16 + 2, 2 * 10 + 2)
