@@ -307,17 +307,17 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def save_patch(model, path, base=None):
+def save_patch(model, path, base=None, **extra):
     """
     Write only what the method trained, with the method, its options and the base checkpoint's name and
-    sha256, atomically. Returns (patch bytes, backbone bytes): a DMP patch of DiT-L/2 is ~26 MB, the backbone
+    sha256, atomically; `extra` entries (train.py records noise_schedule and vae) are stored alongside. Returns (patch bytes, backbone bytes): a DMP patch of DiT-L/2 is ~26 MB, the backbone
     it patches 1.8 GB, which is the paper's storage argument.
     """
     state = trainable_state_dict(model)
     base_info = dict(name=str(base) if base else None,
                      sha256=file_sha256(base) if base and Path(base).is_file() else None)
     atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_info,
-                     config=getattr(model, "config", None), state=state), path)
+                     config=getattr(model, "config", None), state=state, **extra), path)
     backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in state)
     return Path(path).stat().st_size, backbone
 
@@ -386,3 +386,22 @@ def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
                col * (N * cell + gap): col * (N * cell + gap) + N * cell] = w
     Image.fromarray(canvas, mode="L").save(path)
     return path
+
+
+def load_model(name_or_path, patch_path=None):
+    """
+    The model sample.py and train.py --init use: an official name or a DiT checkpoint (model_dit.load_checkpoint);
+    a patch file or a train.py checkpoint of a further-training run (it records its base and the trained
+    weights), applied to the base it names; or a base plus `patch_path`.
+    """
+    from model_dit import load_checkpoint
+    if Path(str(name_or_path)).is_file():
+        entries = read_state_dict(name_or_path)
+        if {"method", "state"} <= set(entries):
+            base = (entries.get("base") or {}).get("name")
+            if not base:
+                raise CheckpointError(f"{name_or_path} is a patch that does not name its base checkpoint: "
+                                      f"pass the base as the checkpoint and this file as the patch")
+            return apply_patch(load_model(base), name_or_path, base=base)
+    model = load_checkpoint(name_or_path)
+    return apply_patch(model, patch_path, base=name_or_path) if patch_path else model
