@@ -8,7 +8,8 @@ its posterior stored so train.py draws a fresh latent every step (as DiT's train
 
 The output folder OUT (built in OUT.partial/, renamed when complete; rerun the same command to resume):
     latents.npy   float16 [rows, 2, 2, z, h, w]: axis 1 the image / its horizontal mirror, axis 2 mean / std
-                  of the VAE posterior, unscaled  (--vae none: images.npy uint8 [rows, 3, H, W] instead)
+                  of the VAE posterior, unscaled  (--vae none: images.npy uint8 [rows, 3, H, W] instead,
+                  [rows, 1, H, W] with --grayscale)
     labels.npy    int64 [rows]: 0 for every image, or with --labels folders the index of its top folder among
                   the sorted folder names (= torchvision ImageFolder, the order DiT's labels use)
     files.txt     row i is this file (relative path)
@@ -74,7 +75,7 @@ def center_crop_arr(pil_image, image_size):
 
 
 def to_model_input(x):
-    """uint8 [B, 3, H, W] -> float32 in [-1, 1], exactly as DiT's ToTensor() then Normalize(0.5, 0.5)."""
+    """uint8 [B, C, H, W] -> float32 in [-1, 1], exactly as DiT's ToTensor() then Normalize(0.5, 0.5)."""
     return (x.float() / 255 - 0.5) / 0.5
 
 
@@ -111,8 +112,9 @@ def list_source(src, labels):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Files `start:` of the source, each as (row, centre-cropped uint8 HWC image or None, why not)."""
-    def __init__(self, src, files, labels, resolution, start):
+    def __init__(self, src, files, labels, resolution, start, grayscale=False):
         self.src, self.files, self.labels, self.resolution, self.start = src, files, labels, resolution, start
+        self.grayscale = grayscale
         self.zip = None  # opened lazily, once per DataLoader worker
 
     def __len__(self):
@@ -131,7 +133,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(io.BytesIO(self.read(self.files[row]))) as img:
                 img.load()  # decodes the whole file: truncated data fails here
-                return row, center_crop_arr(to_rgb(img), self.resolution), ""
+                img = to_rgb(img).convert("L") if self.grayscale else to_rgb(img)  # L: ITU-R 601 luma
+                return row, center_crop_arr(img, self.resolution).reshape(self.resolution, self.resolution, -1), ""
         except UnidentifiedImageError:
             return row, None, "not an image file PIL can read"
         except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
@@ -149,7 +152,8 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0):
+def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0,
+            grayscale=False):
     """Encode every image of `src` into the folder `out` (see the module docstring). Returns the manifest."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     partial = out.with_name(out.name + ".partial")
@@ -162,15 +166,19 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     files, y, class_names = list_source(src, labels)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_vae(vae, device)
+    if grayscale and model is not None:
+        raise DataError("--grayscale stores one-channel pixels: it needs --vae none")
     if model is None:
-        name, shape, stored = "images.npy", (3, resolution, resolution), (3, resolution, resolution)
+        channels = 1 if grayscale else 3
+        name, shape, stored = "images.npy", (channels, resolution, resolution), (channels, resolution, resolution)
     else:
         f = 2 ** (len(model.config["ch_mult"]) - 1)
         if resolution % f:
             raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
         name, shape = "latents.npy", (model.config["z_channels"], resolution // f, resolution // f)
         stored = (2, 2, *shape)
-    settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels, rows=len(files))
+    settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels, rows=len(files),
+                    grayscale=grayscale)
     listing = "".join(f + "\n" for f in files)
 
     progress_path = partial / "progress.json"
@@ -189,7 +197,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         progress = dict(settings=settings, done=0, skipped=[])
         _write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
-    dataset = ImageFiles(src, files, y, resolution, start=progress["done"])
+    dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     with tqdm(total=len(files), initial=progress["done"], unit="img", desc=f"preparing {out.name}") as bar:
         for batch in loader:
@@ -227,7 +235,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
 
 @torch.no_grad()
 def encode(model, pixels, device):
-    """uint8 [B, 3, H, W] -> what is stored: the pixels themselves, or [B, 2, 2, z, h, w] float16 posteriors."""
+    """uint8 [B, C, H, W] -> what is stored: the pixels themselves, or [B, 2, 2, z, h, w] float16 posteriors."""
     if model is None:
         return pixels.numpy()
     x = to_model_input(pixels.to(device))
@@ -265,10 +273,11 @@ class PreparedData:
     def __len__(self):
         return len(self.rows)
 
-    def batch(self, indices, flip, generator=None, device="cpu"):
+    def batch(self, indices, flip, generator=None, device="cpu", noise=None):
         """
-        `flip`: one bool per index (or one for all): take the mirror. The noise is drawn from `generator` on its
-        own device (a CUDA generator avoids the CPU work); float16 -> float32 and the sum happen on `device`.
+        `flip`: one bool per index (or one for all): take the mirror. The latents' noise is `noise` when given,
+        else drawn from `generator` on its own device (a CUDA generator avoids the CPU work); float16 -> float32
+        and the sum happen on `device`.
         """
         indices = np.asarray(indices, dtype=np.int64)
         rows, y = self.rows[indices], torch.from_numpy(self.labels[indices]).to(device)
@@ -279,8 +288,9 @@ class PreparedData:
             return to_model_input(x), y
         moments = torch.from_numpy(self.data[rows, flip.astype(np.int64)]).to(device).float()  # [B, 2, z, h, w]
         mean, std = moments.unbind(1)
-        noise_device = generator.device if generator is not None else device
-        noise = torch.randn(mean.shape, generator=generator, device=noise_device)
+        if noise is None:
+            noise_device = generator.device if generator is not None else device
+            noise = torch.randn(mean.shape, generator=generator, device=noise_device)
         return (mean + std * noise.to(device)) * self.scale_factor, y
 
 
@@ -297,11 +307,13 @@ def main(argv=None):
     p.add_argument("--labels", default="none", choices=["none", "folders"],
                    help="none: every image label 0 (FFHQ); folders: one class per top folder, sorted (ImageNet)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (each encoded with its mirror)")
+    p.add_argument("--grayscale", action="store_true", help="with --vae none: one-channel pixels (e.g. digits)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     args = p.parse_args(argv)
     try:
-        prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size, args.device, args.workers)
+        prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size, args.device, args.workers,
+                args.grayscale)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
