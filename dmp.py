@@ -403,5 +403,12 @@ def load_model(name_or_path, patch_path=None):
                 raise CheckpointError(f"{name_or_path} is a patch that does not name its base checkpoint: "
                                       f"pass the base as the checkpoint and this file as the patch")
             return apply_patch(load_model(base), name_or_path, base=base)
+        if entries.get("method") and isinstance(entries.get("model"), dict):
+            # DMP trained from scratch (Table 6): backbone and prompts in one state dict, EMA preferred
+            from model_dit import DiT
+            model = DiT(**entries["config"])
+            patch(model, entries["method"], **(entries.get("options") or {}))
+            model.load_state_dict(entries.get("ema") or entries["model"])
+            return model
     model = load_checkpoint(name_or_path)
     return apply_patch(model, patch_path, base=name_or_path) if patch_path else model
