@@ -1,0 +1,180 @@
+"""train.py on the bundled digits with the tiny DiT: resume, crash safety, NaN stop, every method, DDP."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dmp
+import train
+from checkpoints import read_state_dict
+
+ROOT = Path(__file__).parents[1]
+FAST = ["--dataset", "digits", "--batch-size", "16", "--sample-every", "0", "--eval-every", "0", "--device", "cpu",
+        "--log-every", "1"]
+
+
+def run(tmp_path, *extra, name="runs"):
+    train.main(FAST + ["--results-dir", str(tmp_path / name), *extra])
+    return sorted((tmp_path / name).iterdir())[-1]
+
+
+def log_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """A tiny pretrained DiT: four steps at a large rate, no EMA, give every weight (adaLN gates too) a value."""
+    tmp = tmp_path_factory.mktemp("base")
+    run_dir = run(tmp, "--iterations", "4", "--ckpt-every", "4", "--ema", "0", "--lr", "1e-2")
+    return train.checkpoints(run_dir)[-1]
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("extra", [[], ["--init", "BASE", "--method", "dmp", "--noisy-gate"]], ids=["pretrain", "dmp"])
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, base_checkpoint, extra):
+    extra = [str(base_checkpoint) if e == "BASE" else e for e in extra]
+    whole = run(tmp_path, "--iterations", "6", "--ckpt-every", "3", *extra, name="whole")
+    part = run(tmp_path, "--iterations", "3", "--ckpt-every", "3", *extra, name="part")
+    train.main(["--resume", str(part), "--iterations", "6"])
+    a, b = (read_state_dict(train.checkpoints(d)[-1]) for d in (whole, part))
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "state"):
+        if a.get(key) is not None:
+            assert same_state(a[key], b[key]), key
+    assert str(a["opt"]["state"]) == str(b["opt"]["state"])  # exact repr of every moment tensor
+    losses = [e["loss"] for e in log_of(whole) if "loss" in e]
+    assert losses[3:] == [e["loss"] for e in log_of(part) if "loss" in e][3:]
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
+    driver = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+real, calls = os.fsync, []
+def fsync(fd):  # the second checkpoint's bytes are written, not yet renamed into place: die here
+    calls.append(fd)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(fd)
+os.fsync = fsync
+train.main({FAST + ["--results-dir", str(tmp_path / "runs"), "--iterations", "6", "--ckpt-every", "2"]!r})
+"""
+    out = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == -9
+    run_dir = next((tmp_path / "runs").iterdir())
+    files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert train.checkpoints(run_dir)[-1].name == "0000002.pt" and any(f.endswith(".tmp") for f in files)
+    assert read_state_dict(train.checkpoints(run_dir)[-1])["step"] == 2
+    train.main(["--resume", str(run_dir)])  # and the run goes on from there
+    assert read_state_dict(train.checkpoints(run_dir)[-1])["step"] == 6
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    driver = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import train
+real, count = train.compute_loss, [0]
+def compute_loss(*args):
+    loss, terms = real(*args)
+    count[0] += 1
+    return (loss * float("nan"), terms * float("nan")) if count[0] > 2 else (loss, terms)
+train.compute_loss = compute_loss
+train.main({FAST + ["--results-dir", str(tmp_path / "runs"), "--iterations", "6", "--ckpt-every", "2"]!r})
+"""
+    out = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1
+    message = out.stderr.strip().splitlines()[-1]
+    assert "no longer finite at step 3" in message and "0000002.pt" in message
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
+    state = read_state_dict(train.checkpoints(run_dir)[-1])["model"]
+    assert all(v.isfinite().all() for v in state.values())
+
+
+def test_the_loss_falls_on_the_digits(tmp_path):
+    run_dir = run(tmp_path, "--iterations", "60", "--lr", "1e-3", "--batch-size", "64", "--log-every", "20",
+                  "--ckpt-every", "60")
+    losses = [e["loss"] for e in log_of(run_dir) if "loss" in e]
+    print("loss every 20 steps:", [round(v, 3) for v in losses])
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("method", dmp.METHODS)
+def test_every_method_further_trains_and_its_checkpoint_loads(tmp_path, base_checkpoint, method):
+    run_dir = run(tmp_path, "--init", str(base_checkpoint), "--method", method, "--iterations", "3",
+                  "--ckpt-every", "3", "--lr", "1e-2")
+    ckpt = train.checkpoints(run_dir)[-1]
+    entries = read_state_dict(ckpt)
+    assert entries["method"] == method and entries["base"]["name"] == str(base_checkpoint)
+    model = dmp.load_model(str(ckpt))  # base + what the method trained
+    base = dmp.load_model(str(base_checkpoint))
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(x, t, y), base.eval()(x, t, y))
+
+
+def test_dmp_from_scratch_trains_backbone_and_prompts(tmp_path):
+    run_dir = run(tmp_path, "--method", "dmp", "--iterations", "2", "--ckpt-every", "2")
+    model = dmp.load_model(str(train.checkpoints(run_dir)[-1]))
+    assert isinstance(model.block_input, dmp.MixtureOfPrompts) and model.block_input.prompts.abs().sum() > 0
+
+
+def _ddp_worker(rank, world, port, base, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    grads = _gradients(base, rank, world)
+    if rank == 0:
+        torch.save(grads, out)
+    dist.destroy_process_group()
+
+
+def _gradients(base, rank=0, world=1):
+    """The gradient of one DMP training step's loss, computed on this process's share of the batch."""
+    args = train.parse_args(FAST + ["--init", str(base), "--method", "dmp", "--batch-size", "8"])
+    data = train.PreparedData(args.data)
+    rows, _ = train.split(data, args.holdout)
+    model, groups = train.build_model(args, data)
+    with torch.no_grad():  # non-zero prompts (the same on every process): the gate gets a gradient too
+        model.block_input.prompts.copy_(torch.randn(model.block_input.prompts.shape, generator=torch.Generator().manual_seed(0)))
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    batch = train.get_batch(data, rows, 5, args, torch.device("cpu"), rank, world)
+    loss, _ = train.compute_loss(wrapped, model, train.create_diffusion("", args.noise_schedule), batch, args)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_ddp_with_two_cpu_processes_matches_the_single_process_gradient(tmp_path, base_checkpoint):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(0)
+    single = _gradients(base_checkpoint)
+    mp.spawn(_ddp_worker, args=(2, port, base_checkpoint, tmp_path / "g.pt"), nprocs=2)
+    ddp = torch.load(tmp_path / "g.pt")
+    assert single.keys() == ddp.keys()
+    for name in single:
+        assert torch.allclose(single[name], ddp[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_torchrun_runs_the_loop_with_two_processes(tmp_path, base_checkpoint):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train.py", *FAST, "--init", str(base_checkpoint), "--iterations", "2", "--ckpt-every", "2",
+           "--results-dir", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
+    assert next(e for e in log_of(run_dir) if e.get("event") == "start")["world"] == 2

@@ -1,0 +1,424 @@
+"""
+The one training loop: pretrain a DiT, or further-train a converged one with any method of dmp.py.
+
+    python train.py                                                    # the demo: DMP on bundled digits, CPU
+    python train.py --dataset ffhq --model DiT-L/2                     # pretrain DiT-L/2 on prepared FFHQ
+    python train.py --dataset ffhq --init runs/000-.../checkpoints/0250000.pt --method dmp   # the paper
+    torchrun --nproc_per_node 8 train.py --dataset imagenet --init DiT-XL-2-256x256.pt      # several GPUs
+
+Every run writes runs/NNN-<dataset>-<method>/: log.jsonl (one JSON object per line), checkpoints/ (the last
+--keep, written atomically), samples/ (a grid every --sample-every steps). --resume RUN_DIR continues a run
+exactly: data order and every random draw are functions of (seed, step), so an interrupted run ends
+bit-identical to an uninterrupted one (on CPU; GPU kernels are not all deterministic).
+"""
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import dmp
+from checkpoints import CheckpointError, atomic_save, read_state_dict
+from diffusion import create_diffusion
+from model_dit import CONFIGS, DiT
+from prepare_data import DataError, PreparedData
+
+# A DiT small enough to pretrain on the 8x8 digits on a CPU (16 tokens, 0.33M parameters).
+DIGITS_MODEL = dict(patch_size=2, hidden_size=64, depth=4, num_heads=4)
+
+# Dataset presets: the paper's settings (appendix) as defaults, each overridable by its flag.
+PRESETS = {
+    "ffhq": dict(data="data/ffhq256", noise_schedule="cosine", unconditional=True, model="DiT-L/2"),
+    "imagenet": dict(data="data/imagenet256", noise_schedule="linear", unconditional=False, model="DiT-XL/2"),
+    # The bundled digits (assets/README.md): pretraining the tiny DiT, and the demo that patches it. No flips:
+    # a mirrored digit is another shape.
+    "digits": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, model="digits", holdout=297, ema=0.999,
+                   no_flip=True, log_every=100, ckpt_every=2000, sample_every=2000, eval_every=1000, device="cpu"),
+    "demo": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, init="assets/dit_digits.pt",
+                 method="dmp", holdout=297, no_flip=True, iterations=1500, log_every=50, ckpt_every=500,
+                 sample_every=1500, device="cpu", eval_bpd=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="demo", choices=list(PRESETS), help="a preset of the settings below")
+    p.add_argument("--data", help="a folder written by prepare_data.py")
+    p.add_argument("--model", help="a DiT config (DiT-XL/2, ...; 'digits' for the tiny one) when pretraining")
+    p.add_argument("--init", help="none: pretrain from scratch; an official name or a checkpoint to further-train")
+    p.add_argument("--method", choices=dmp.METHODS, help="further-training method (default dmp with --init; "
+                   "with no --init, dmp trains backbone and prompts together: Table 6)")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help="ffhq, coco: cosine; imagenet: linear")
+    p.add_argument("--unconditional", action=argparse.BooleanOptionalAction, help="every label 0, num_classes 1")
+    p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (conditional)")
+    p.add_argument("--holdout", type=int, default=0, help="images kept out of training for the held-out metrics")
+    # optimisation (DMP appendix: AdamW, lr 1e-4 constant, no weight decay, batch 128, flips, no EMA)
+    p.add_argument("--iterations", type=int, help="default 50000 with --init (paper), 400000 from scratch")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over the processes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, help="EMA decay; default 0.9999 when pretraining, none when further-training")
+    p.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
+    p.add_argument("--importance-coef", type=float, default=1.0, help="Table 4e: importance balancing (Eqs. 12-13)")
+    p.add_argument("--load-coef", type=float, default=1.0, help="Table 4e: load balancing (Eq. 11)")
+    # method options (dmp.patch)
+    g = p.add_argument_group("DMP options (dmp.MixtureOfPrompts)")
+    g.add_argument("--gate", choices=["linear", "attention"], default="linear", help="Table 4a")
+    g.add_argument("--selection", choices=["soft", "hard"], default="soft", help="Table 4b")
+    g.add_argument("--top-k", type=float, default=0.75, help="fraction kept by hard selection (192 of 256)")
+    g.add_argument("--prompt-selection", choices=["distinct", "uniform"], default="distinct", help="Table 4c")
+    g.add_argument("--position", choices=["add", "prepend"], default="add", help="Table 4d")
+    g.add_argument("--num-prompts", type=int, help="prepend: how many (50); add: always one per token")
+    g.add_argument("--prompt-depth", type=int, help="prompts in the first k blocks only (Fig. 4)")
+    g.add_argument("--prompt-init", choices=["zero", "random"], default="zero")
+    g.add_argument("--gate-cond", choices=["t", "t+c"], default="t", help="Table 9")
+    g.add_argument("--block-index", choices=["onehot", "scalar"], default="onehot")
+    g.add_argument("--noisy-gate", action="store_true", help="learned gate noise (authors' code)")
+    g.add_argument("--gate-lr-scale", type=float, default=1.0, help="10 in the authors' code")
+    g.add_argument("--authors-code", action="store_true", help="all four of the authors' deviations (dmp.AUTHORS_CODE)")
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--gamma-blocks", type=int, default=14, help="DiffFit: blocks with scale factors")
+    g.add_argument("--pos-scale", type=float, default=1.0, help="DiffFit: 0.5 fine-tunes a 256 model at 512")
+    # machinery
+    p.add_argument("--results-dir", default="runs")
+    p.add_argument("--resume", help="a run folder (or one of its checkpoints) to continue")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (older ones are deleted)")
+    p.add_argument("--sample-every", type=int, default=10000, help="a sample grid every K steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every K steps (needs --holdout)")
+    p.add_argument("--eval-bpd", action="store_true", help="held-out bits/dim before and after training")
+    p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].dataset])  # the preset, then the command line
+    args = p.parse_args(argv)
+    args.init = None if args.init in (None, "none") else args.init
+    args.method = args.method or ("dmp" if args.init else None)
+    args.iterations = args.iterations or (50_000 if args.init else 400_000)
+    args.ema = args.ema if args.ema is not None else (0.0 if args.init else 0.9999)
+    return args
+
+
+def method_options(args):
+    """The command line's options for dmp.patch(model, args.method, **options)."""
+    if args.method in ("dmp", "prompt"):
+        options = dict(gate=args.gate, selection=args.selection, top_k=args.top_k,
+                       prompt_selection=args.prompt_selection, position=args.position, num_prompts=args.num_prompts,
+                       depth=args.prompt_depth, init=args.prompt_init, gate_cond=args.gate_cond,
+                       block_index=args.block_index, noisy_gate=args.noisy_gate, gate_lr_scale=args.gate_lr_scale)
+        options.update(dmp.AUTHORS_CODE if args.authors_code else {})
+        return {k: v for k, v in options.items() if v is not None}
+    return dict(lora=dict(rank=args.lora_rank), difffit=dict(gamma_blocks=args.gamma_blocks,
+                pos_scale=args.pos_scale)).get(args.method, {})
+
+
+#################################################################################
+#                     Data: every draw a function of (seed, step)               #
+#################################################################################
+
+def split(data, holdout):
+    """Training and held-out indices: a fixed random `holdout` images (seed 0, whatever the run's seed)."""
+    perm = np.random.default_rng(0).permutation(len(data))
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+def seed_of(*numbers):
+    """A well-mixed 63-bit seed from a tuple of integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def get_batch(data, train_rows, step, args, device, rank=0, world=1):
+    """
+    This process's share of step `step`'s global batch: images (epoch after epoch, each a fresh permutation),
+    flips, timesteps and noise. The global draws are the same on every process and each takes its slice, so
+    the data a step sees does not depend on the number of processes.
+    """
+    G, start = args.batch_size, step * args.batch_size
+    positions = np.arange(start, start + G)
+    idx = np.array([epoch_order(args.seed, e, len(train_rows))[i] for e, i in zip(*divmod(positions, len(train_rows)))])
+    rng = np.random.default_rng(seed_of(args.seed, step, 1))
+    flip = rng.random(G) < 0.5 if not args.no_flip else np.zeros(G, bool)
+    gen = torch.Generator(device).manual_seed(seed_of(args.seed, step))
+    t = torch.randint(0, 1000, (G,), generator=gen, device=device)
+    noise = torch.randn((G, *data.shape), generator=gen, device=device)
+    posterior_noise = torch.randn((G, *data.shape), generator=gen, device=device)  # latents: z = mean + std * this
+    local = slice(rank * G // world, (rank + 1) * G // world)
+    x, y = data.batch(train_rows[idx[local]], flip[local], device=device, noise=posterior_noise[local])
+    if args.unconditional:
+        y = torch.zeros_like(y)
+    return x, y, t[local], noise[local]
+
+
+def compute_loss(model, raw, diffusion, batch, args):
+    """The hybrid diffusion loss plus DMP's balancing losses (zero for other methods)."""
+    x, y, t, noise = batch
+    terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
+    importance, load = dmp.balancing_losses(raw)
+    loss = terms["loss"].mean() + args.importance_coef * importance + args.load_coef * load
+    return loss, torch.stack([loss, terms["mse"].mean(), terms.get("vb", terms["mse"] * 0).mean(), importance, load])
+
+
+LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
+
+
+@torch.no_grad()
+def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512):
+    """
+    Held-out metrics, with fixed noise: the training loss (4 draws of t and noise per image) and, with bpd,
+    the variational bound in bits/dim and the noise MSE per band of 100 timesteps (calc_bpd_loop).
+    """
+    was_training = model.training
+    model.eval()
+    out, mse_t, total = dict(heldout_loss=0.0), torch.zeros(1000), 0.0
+    for start in range(0, len(rows), batch_size):
+        x, y = data.batch(rows[start: start + batch_size], False, torch.Generator(device).manual_seed(start), device)
+        y = torch.zeros_like(y) if args.unconditional else y
+        for draw in range(4):
+            gen = torch.Generator(device).manual_seed(10_000 * draw + start)
+            t = torch.randint(0, 1000, (len(x),), generator=gen, device=device)
+            terms = diffusion.training_losses(model, x, t, dict(y=y), noise=torch.randn(x.shape, generator=gen, device=device))
+            out["heldout_loss"] += terms["loss"].sum().item() / (4 * len(rows))
+        if bpd:
+            torch.manual_seed(start)
+            r = diffusion.calc_bpd_loop(model, x, clip_denoised=False, model_kwargs=dict(y=y))
+            total += r["total_bpd"].sum().item()
+            mse_t += r["mse"].sum(0).cpu()
+    if bpd:
+        out["bpd"] = total / len(rows)
+        out["mse_bands"] = (mse_t / len(rows)).view(10, 100).mean(1).tolist()  # t in [0,100), [100,200), ...
+    model.train(was_training)
+    return out
+
+
+#################################################################################
+#                        Model, checkpoints and resuming                        #
+#################################################################################
+
+def build_model(args, data):
+    """A DiT from --init (official name or checkpoint) or a fresh one of --model, patched by --method."""
+    if args.init:
+        model = dmp.load_model(args.init)
+        if getattr(model, "patch_method", None):
+            raise CheckpointError(f"{args.init} is already patched ({model.patch_method}): further-train its base")
+    else:
+        arch = DIGITS_MODEL if args.model == "digits" else CONFIGS[args.model]
+        model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
+                    num_classes=1 if args.unconditional else data.num_classes,
+                    class_dropout_prob=0.0 if args.unconditional else args.class_dropout, **arch)
+    if model.config["in_channels"] != data.shape[0] or model.config["input_size"] != data.shape[-1]:
+        raise DataError(f"{args.data} holds {list(data.shape)} inputs; the model takes "
+                        f"{model.config['in_channels']} x {model.config['input_size']}^2")
+    if args.method:
+        groups = dmp.patch(model, args.method, **method_options(args))
+        if not args.init:  # DMP from scratch (Table 6): the backbone trains too
+            backbone = [p for n, p in model.named_parameters() if not n.startswith("block_input.") and n != "pos_embed"]
+            groups.append(dict(params=backbone, lr_scale=1.0, name="backbone"))
+            for p in backbone:
+                p.requires_grad_(True)
+    else:
+        groups = [dict(params=[p for n, p in model.named_parameters() if n != "pos_embed"], lr_scale=1.0, name="all")]
+    return model, groups
+
+
+def checkpoint_entries(raw, ema, opt, step, args, data, base_sha):
+    """A further-training run stores a patch (dmp.save_patch's entries) plus the optimizer; pretraining the model."""
+    entries = dict(step=step, args=vars(args), opt=opt.state_dict(), config=raw.config,
+                   noise_schedule=args.noise_schedule, vae=data.vae)
+    if args.init:
+        entries.update(method=raw.patch_method, options=raw.patch_options, state=dmp.trainable_state_dict(raw),
+                       base=dict(name=args.init, sha256=base_sha))
+    else:
+        entries.update(model=raw.state_dict(), ema=ema.state_dict() if ema is not None else None,
+                       method=args.method, options=getattr(raw, "patch_options", None))
+    return entries
+
+
+def checkpoints(run_dir):
+    return sorted((Path(run_dir) / "checkpoints").glob("[0-9]" * 7 + ".pt"))
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world, backend
+
+
+#################################################################################
+#                                 Training Loop                                 #
+#################################################################################
+
+def main(argv=None):
+    args = parse_args(argv)
+    resume = None
+    if args.resume:
+        path = Path(args.resume)
+        found = checkpoints(path) if path.is_dir() else [path]
+        if not found:
+            sys.exit(f"error: {path} holds no checkpoints to resume from")
+        resume = read_state_dict(found[-1])
+        given = {k: getattr(args, k) for k in ("iterations", "device") if f"--{k}" in (argv or sys.argv[1:])}
+        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, **given})  # the run's own settings
+        run_dir = found[-1].parents[1]
+    rank, world, backend = setup_distributed()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.batch_size % world:
+        sys.exit(f"error: --batch-size {args.batch_size} does not split over {world} processes")
+
+    data = PreparedData(args.data)
+    train_rows, heldout_rows = split(data, args.holdout)
+    torch.manual_seed(args.seed)  # the initial weights (new models, DiffFit/LoRA factors, random prompts)
+    model, groups = build_model(args, data)
+    model.to(device).train()
+    base_sha = dmp.file_sha256(args.init) if args.init and Path(args.init).is_file() and rank == 0 else None
+    opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
+                            lr=args.lr, weight_decay=args.weight_decay)
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    step = 0
+    if resume:
+        if args.init:
+            model.load_state_dict(resume["state"], strict=False)
+        else:
+            model.load_state_dict(resume["model"])
+            ema.load_state_dict(resume["ema"]) if ema is not None else None
+        opt.load_state_dict(resume["opt"])
+        step = resume["step"]
+    elif rank == 0:
+        results = Path(args.results_dir)
+        index = len(list(results.iterdir())) if results.exists() else 0
+        run_dir = results / f"{index:03d}-{args.dataset}-{args.method or 'pretrain'}"
+    if world > 1:  # every process writes into rank 0's folder
+        box = [str(run_dir) if rank == 0 else None]
+        dist.broadcast_object_list(box)
+        run_dir = Path(box[0])
+    if rank == 0:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+
+    diffusion = create_diffusion("", args.noise_schedule)
+    raw = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    trained = [p for g in groups for p in g["params"]]
+    if ema is not None:  # EMA of the trained weights (the official DiT's update_ema)
+        ema_params, live_params = zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters()) if p.requires_grad])
+
+    def log(entry):
+        if rank == 0:
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    n_trained = sum(p.numel() for p in trained)
+    if rank == 0 and step == 0:
+        n_total = sum(p.numel() for p in raw.parameters())
+        print(f"{args.dataset}: {len(train_rows)} training images {list(data.shape)}, {len(heldout_rows)} held out; "
+              f"{'further-training ' + args.init + ' with ' + args.method if args.init else 'pretraining'}: "
+              f"{n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.2f}%); run folder {run_dir}")
+        log(dict(event="start", args=vars(args), trained_parameters=n_trained, total_parameters=n_total, world=world))
+    before = None
+    if args.eval_bpd and len(heldout_rows) and rank == 0 and step == 0:
+        before = evaluate(raw, diffusion, data, heldout_rows, args, device, bpd=True)
+        log(dict(event="eval", step=0, **before))
+        print(f"held-out bits/dim before: {before['bpd']:.4f}")
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    running, t_log, last_ckpt = torch.zeros(len(LOG_TERMS), device=device), time.time(), None
+    bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name, dynamic_ncols=True)
+    while step < args.iterations:
+        # Everything random in this step (label dropout, gate noise) is drawn after seeding with (seed, step,
+        # rank): a resumed run redraws exactly what the uninterrupted one drew.
+        torch.manual_seed(seed_of(args.seed, step, rank))
+        batch = get_batch(data, train_rows, step, args, device, rank, world)
+        with autocast:
+            loss, terms = compute_loss(model, raw, diffusion, batch, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            torch._foreach_lerp_(ema_params, live_params, 1 - args.ema)  # ema += (1 - decay) (param - ema)
+        running += terms.detach().float()  # stays on the device: no host sync between log steps
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or step == args.iterations:
+            # A NaN or inf stops the run here, before any checkpoint could store it: the last one stays good.
+            if world > 1:
+                dist.all_reduce(running)
+            n = (step - 1) % args.log_every + 1
+            avg = dict(zip(LOG_TERMS, (running / (n * world)).tolist()))
+            if not (math.isfinite(avg["loss"]) and all(bool(p.isfinite().all()) for p in trained)):
+                bar.close()
+                sys.exit(f"error: the loss (mean {avg['loss']:.4g}) or the weights are no longer finite at step {step}; "
+                         f"stopped without saving. The last good checkpoint: {last_ckpt or 'none written yet'}")
+            speed = n / (time.time() - t_log)
+            log(dict(step=step, **avg, steps_per_sec=speed, images_per_sec=speed * args.batch_size))
+            bar.set_postfix(loss=f"{avg['loss']:.4f}", imp=f"{avg['importance']:.3g}", load=f"{avg['load']:.3g}",
+                            it_s=f"{speed:.2f}")
+            running.zero_()
+            t_log = time.time()
+        if args.eval_every and len(heldout_rows) and step % args.eval_every == 0 and rank == 0:
+            log(dict(event="eval", step=step, **evaluate(ema or raw, diffusion, data, heldout_rows, args, device)))
+        if step % args.ckpt_every == 0 or step == args.iterations:
+            if rank == 0:
+                last_ckpt = run_dir / "checkpoints" / f"{step:07d}.pt"
+                atomic_save(checkpoint_entries(raw, ema, opt, step, args, data, base_sha), last_ckpt)
+                for old in checkpoints(run_dir)[:-args.keep]:
+                    old.unlink()
+            if world > 1:
+                dist.barrier()
+        if args.sample_every and (step % args.sample_every == 0 or step == args.iterations) and rank == 0:
+            grid = write_grid(ema or raw, args, data, run_dir / "samples" / f"{step:07d}.png", device)
+            log(dict(event="samples", step=step, path=str(grid)))
+    bar.close()
+
+    if rank == 0:
+        if args.eval_bpd and len(heldout_rows):
+            after = evaluate(ema or raw, diffusion, data, heldout_rows, args, device, bpd=True)
+            log(dict(event="eval", step=step, **after))
+            if before is not None:
+                print(f"held-out bits/dim: {before['bpd']:.4f} before, {after['bpd']:.4f} after {args.method or 'training'}")
+        if args.sample_every:
+            print(f"sample grid: {run_dir / 'samples' / f'{step:07d}.png'}")
+        print(f"checkpoint: {checkpoints(run_dir)[-1]}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def write_grid(model, args, data, path, device):
+    """A grid of samples with fixed seeds (sample.py's grid code), so successive grids are comparable."""
+    import sample
+    return sample.write_grid(model, path, noise_schedule=args.noise_schedule, vae=data.vae, num=16, seed=0,
+                             steps=50, sampler="ddim", device=device)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
