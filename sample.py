@@ -1,0 +1,354 @@
+"""
+Sample a DiT, patched or not: a grid PNG to look at, or an FID set (a PNG folder plus one .npz).
+
+    python sample.py --ckpt DiT-XL-2-256x256.pt --class-labels 207 360 387 974 88 979 417 279
+    python sample.py --ckpt runs/ffhq-dmp/patch.pt --grid 16                  # a patch names its base
+    torchrun --nproc_per_node 8 sample.py --ckpt base.pt --patch patch.pt --num-samples 50000 --out samples/x
+    python fid.py ref.npz samples/x.npz
+
+Image k draws everything random (its label when none is given, its initial noise, every step's noise) from one
+generator seeded by (seed, k), so a seed gives the same images whatever the batch size and the number of
+processes, and the first N images of an FID set are the grid of N with the same seed. (Exact on CPU; on a GPU
+the kernels a batch size selects can change the last float bits, rarely one pixel level.)
+An FID set is resumable: images already in the folder are kept, each PNG is written under a temporary name and
+renamed, and the .npz is assembled by rank 0 once every image is there.
+"""
+import argparse
+import json
+import math
+import os
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import dmp
+from checkpoints import CheckpointError, read_state_dict
+from diffusion import create_diffusion, sample
+from model_vae import SCALE_FACTOR, load_vae
+
+
+class SampleError(ValueError):
+    """Bad input: the message is one sentence, printed as `sample.py: error: ...`."""
+
+
+#################################################################################
+#                     Per-image randomness and image output                     #
+#################################################################################
+
+def image_generator(seed, k):
+    """The one CPU generator image k draws from: seeded by (seed, k) only, never by its batch or process."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0]))
+
+
+def to_uint8(x):
+    """
+    Images in [-1, 1] (N, C, H, W) to uint8 (N, H, W, 3), exactly as the official DiT sample_ddp.py; one-channel
+    (grayscale pixel-space) images are repeated to RGB, the layout FID tools read.
+    """
+    x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def save_png(image, path):
+    """Write under a temporary name, then rename: a killed run never leaves a half PNG under the final name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def is_done(path):
+    """A readable PNG is a finished image; anything else (missing, truncated) is sampled again."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # PIL raises OSError, SyntaxError or struct.error on a damaged file: all mean "not done"
+        return False
+
+
+def read_rgb(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def save_grid(images, path, padding=2):
+    """torchvision's make_grid layout: ceil(sqrt(n)) columns, `padding` black pixels around every image."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + q * (w + padding)
+        grid[top:top + h, left:left + w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid, path)
+
+
+def write_npz(out_dir, n, npz_path):
+    """
+    Images 0..n-1 of out_dir as one .npz (arr_0: uint8 N x H x W x 3, what np.savez writes and ADM's evaluator and
+    fid.py read), streamed into the zip one image at a time so 50K images need not fit in memory, then renamed.
+    """
+    paths = [out_dir / f"{k:06d}.png" for k in range(n)]
+    shape = read_rgb(paths[0]).shape
+    tmp = npz_path.with_name(f".{npz_path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf, zf.open("arr_0.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, dict(descr="|u1", fortran_order=False, shape=(n, *shape)))
+        for path in tqdm(paths, desc=f"writing {npz_path.name}", unit="img"):
+            image = read_rgb(path)
+            if image.shape != shape:
+                tmp.unlink()
+                raise SampleError(f"{path} is {image.shape[1]}x{image.shape[0]}, not {shape[1]}x{shape[0]} as "
+                                  f"{paths[0].name}: the folder mixes two sample sets")
+            f.write(image.tobytes())
+    os.replace(tmp, npz_path)
+
+
+#################################################################################
+#            The generic loop: shares, resuming, PNGs (any model)               #
+#################################################################################
+
+def write_samples(n, make_batch, out_dir, batch_size, settings):
+    """
+    Images 0..n-1 as out_dir/000000.png ...: make_batch(ks) returns uint8 (len(ks), H, W, 3) for image indices
+    ks. Images already written are skipped; the rest are split evenly over the processes. `settings` (what
+    determines the images) is recorded in out_dir/settings.json, and a folder of other settings is refused.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recorded = out_dir / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise SampleError(f"{out_dir} holds samples of other settings ({recorded}): use another --out or delete it")
+    if rank == 0 and not recorded.is_file():
+        recorded.with_name(".settings.json.tmp").write_text(json.dumps(settings, indent=1))
+        os.replace(recorded.with_name(".settings.json.tmp"), recorded)
+    # Each process checks its residue class, then all agree on the list of missing images and split it.
+    todo = [k for k in range(rank, n, world) if not is_done(out_dir / f"{k:06d}.png")]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, todo)
+        todo = sorted(k for part in gathered for k in part)
+    if rank == 0:
+        print(f"{n - len(todo)} of {n} images already in {out_dir}, sampling {len(todo)} on {world} process(es)")
+    mine = todo[rank::world]
+    with tqdm(total=len(todo), desc="sampling", unit="img", disable=rank != 0) as bar:
+        for i in range(0, len(mine), batch_size):
+            ks = mine[i:i + batch_size]
+            for k, image in zip(ks, make_batch(ks)):
+                save_png(image, out_dir / f"{k:06d}.png")
+            bar.update(min(len(ks) * world, bar.total - bar.n))  # the other processes keep the same pace
+    if world > 1:
+        dist.barrier()
+
+
+#################################################################################
+#                        DiT: model, settings, one batch                        #
+#################################################################################
+
+def recorded_settings(ckpt, patch):
+    """noise_schedule / vae that train.py recorded in the base, the checkpoint and the patch (later ones win)."""
+    paths, found = [], {}
+    if Path(str(ckpt)).is_file():
+        entries = read_state_dict(ckpt)
+        if {"method", "state"} <= set(entries) and (entries.get("base") or {}).get("name"):
+            paths.append(entries["base"]["name"])  # a patch or train.py run of a further-training method
+        paths.append(ckpt)
+    paths += [patch] if patch else []
+    for path in paths:
+        if Path(str(path)).is_file():
+            entries = read_state_dict(path)
+            found.update({k: entries[k] for k in ("noise_schedule", "vae") if isinstance(entries.get(k), str)})
+    return found
+
+
+def default_cfg_scale(model):
+    """The paper's 1.5 (Sec. 4.1, Figs. 8-11) for a class-conditional model with a null class, else 1 (none)."""
+    labels = model.y_embedder
+    return 1.5 if labels.dropout_prob > 0 and labels.num_classes > 1 else 1.0
+
+
+def check_dit(model, vae, cfg_scale, class_labels, name):
+    """Raise SampleError if the VAE, the guidance scale or the labels do not fit the model."""
+    labels = model.y_embedder
+    if vae is None and model.in_channels not in (1, 3):
+        raise SampleError(f"{name} has {model.in_channels} input channels, so it is not a grayscale or RGB "
+                          f"pixel-space model: name its VAE with --vae")
+    if vae is not None and vae.config["z_channels"] != model.in_channels:
+        raise SampleError(f"the VAE has {vae.config['z_channels']} latent channels but {name} has {model.in_channels}")
+    if cfg_scale < 1.0:
+        raise SampleError(f"--cfg-scale must be at least 1 (1 = no guidance), not {cfg_scale:g}")
+    if cfg_scale > 1.0 and labels.embedding_table.num_embeddings == labels.num_classes:
+        raise SampleError(f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (a null class); "
+                          f"{name} has none: use --cfg-scale 1")
+    bad = [y for y in class_labels or [] if not 0 <= y < labels.num_classes]
+    if bad:
+        raise SampleError(f"--class-labels {bad[0]} is out of range: {name} has classes 0..{labels.num_classes - 1}")
+
+
+def make_diffusion(sampler, steps, noise_schedule, learn_sigma=True):
+    """DDPM on `steps` evenly spaced steps ("250", the paper's) or DDIM on exactly `steps` ("ddim50")."""
+    try:
+        return create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), noise_schedule, learn_sigma)
+    except ValueError as e:
+        raise SampleError(f"--steps {steps}: {e}") from None
+
+
+@torch.no_grad()
+def dit_batch(ks, model, diffusion, vae=None, seed=0, class_labels=None, cfg_scale=1.0, eta=None,
+              guide_channels=3, decode_batch_size=32, bf16=False):
+    """
+    Images ks as uint8 (len(ks), H, W, 3): each from its own generator, sampled together, decoded in batches.
+    eta=None: DDPM; a float: DDIM (with a "ddimN" diffusion). class_labels are used in turn, image k taking
+    class_labels[k % len]; without them each image draws its label.
+    """
+    device = model.pos_embed.device
+    gens = [image_generator(seed, k) for k in ks]
+    size, channels = model.config["input_size"], model.in_channels
+    # The label is drawn even when given, so an image's noise does not depend on --class-labels.
+    y = [int(torch.randint(model.y_embedder.num_classes, (), generator=g)) for g in gens]
+    if class_labels:
+        y = [class_labels[k % len(class_labels)] for k in ks]
+    z = torch.stack([torch.randn(channels, size, size, generator=g) for g in gens]).to(device)
+    noise_fn = lambda x: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)  # noqa: E731
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = sample(model, diffusion, z, torch.tensor(y, device=device), cfg_scale, eta=eta, noise_fn=noise_fn,
+                   guide_channels=guide_channels)
+        if vae is not None:  # the model's latents are scaled; the VAE decodes unscaled ones
+            x = torch.cat([vae.decode(c / SCALE_FACTOR).float() for c in x.split(decode_batch_size)])
+    return to_uint8(x)
+
+
+def write_grid(model, path, noise_schedule="linear", vae="none", num=16, seed=0, steps=250, sampler="ddpm",
+               eta=0.0, cfg_scale=None, class_labels=None, batch_size=32, device=None, **options):
+    """
+    A grid PNG of images 0..num-1 (the first images of the FID set of the same seed); what train.py draws
+    every --sample-every steps. vae: a name for load_vae or a loaded AutoencoderKL; cfg_scale None: the default
+    rule; options: dit_batch's guide_channels, decode_batch_size, bf16. Returns the path.
+    """
+    vae = load_vae(vae, device or model.pos_embed.device) if isinstance(vae, (str, Path)) else vae
+    cfg_scale = default_cfg_scale(model) if cfg_scale is None else cfg_scale
+    check_dit(model, vae, cfg_scale, class_labels, "the model")
+    diffusion = make_diffusion(sampler, steps, noise_schedule, model.learn_sigma)
+    was_training = model.training
+    model.eval()
+    batches = [list(range(i, min(i + batch_size, num))) for i in range(0, num, batch_size)]
+    images = np.concatenate([dit_batch(ks, model, diffusion, vae, seed, class_labels, cfg_scale,
+                                       eta if sampler == "ddim" else None, **options)
+                             for ks in tqdm(batches, desc="sampling", unit="batch", leave=False)])
+    model.train(was_training)
+    save_grid(images, Path(path))
+    return Path(path)
+
+
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def init_distributed(use):
+    """(rank, world, device): torchrun's environment (nccl on CUDA, gloo on CPU) if `use`, else one process."""
+    cuda = torch.cuda.is_available()
+    if not use or "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", **(dict(device_id=device) if cuda else {}))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--ckpt", required=True, help="official name (DiT-XL-2-256x256.pt), checkpoint or patch file")
+    p.add_argument("--patch", help="a patch file to apply to --ckpt")
+    p.add_argument("--grid", type=positive, help="images in the grid PNG (default: one per --class-labels, else 16)")
+    p.add_argument("--num-samples", type=positive, help="write an FID set of this many images instead of a grid")
+    p.add_argument("--out", help="grid PNG path, or FID set folder (its .npz goes next to it: DIR.npz)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-labels", type=int, nargs="+", help="labels, repeated in turn (default: random)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default 1.5 with a null class, else 1)")
+    p.add_argument("--guide-all-channels", action="store_true", help="guide every channel, not the official 3")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=positive, help="sampling steps (default 250 for DDPM, the paper's; 50 for DDIM)")
+    p.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help="default: recorded, else linear")
+    p.add_argument("--vae", help="ema, mse, none or a path (default: recorded, else mse for 4-channel models)")
+    p.add_argument("--batch-size", type=positive, default=32, help="images per forward pass, per process")
+    p.add_argument("--decode-batch-size", type=positive, default=32)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (faster)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (250 if args.sampler == "ddpm" else 50)
+    if args.sampler == "ddpm" and args.eta is not None:
+        p.error("--eta is DDIM's: add --sampler ddim")
+    args.eta = (args.eta or 0.0) if args.sampler == "ddim" else None  # None: DDPM, for dit_batch
+    if args.grid and args.num_samples:
+        p.error("give --grid or --num-samples, not both")
+    if args.seed < 0:
+        p.error("--seed must be non-negative")
+    return p, args
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.num_samples is None and int(os.environ.get("RANK", 0)) > 0:
+        return  # a grid is one process's work
+    rank, world, device = init_distributed(use=args.num_samples is not None)
+    try:
+        try:
+            model = dmp.load_model(args.ckpt, args.patch).to(device).eval()
+        except RuntimeError as e:  # load_state_dict's size mismatch: a patch made for another model
+            raise SampleError(f"{args.patch or args.ckpt} does not fit its base: {str(e).splitlines()[-1].strip()}")
+        # What train.py recorded, else the official DiT's defaults (linear betas, sd-vae-ft-mse for 4 channels).
+        found = recorded_settings(args.ckpt, args.patch)
+        args.noise_schedule = args.noise_schedule or found.get("noise_schedule", "linear")
+        args.vae = args.vae or found.get("vae") or ("mse" if model.in_channels == 4 else "none")
+        args.cfg_scale = default_cfg_scale(model) if args.cfg_scale is None else args.cfg_scale
+        name = "-".join([Path(args.ckpt).stem] + ([Path(args.patch).stem] if args.patch else [])
+                        + [f"{args.sampler}{args.steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"])
+        options = dict(class_labels=args.class_labels, cfg_scale=args.cfg_scale, decode_batch_size=args.decode_batch_size,
+                       guide_channels=None if args.guide_all_channels else 3, bf16=args.precision == "bf16")
+        vae = load_vae(args.vae, device)
+        check_dit(model, vae, args.cfg_scale, args.class_labels, args.ckpt)
+        if args.num_samples is None:
+            path = write_grid(model, args.out or f"samples/{name}.png", args.noise_schedule, vae,
+                              args.grid or len(args.class_labels or []) or 16, args.seed, args.steps, args.sampler,
+                              args.eta, batch_size=args.batch_size, **options)
+            print(f"wrote {path}")
+            return
+        diffusion = make_diffusion(args.sampler, args.steps, args.noise_schedule, model.learn_sigma)
+        make_batch = partial(dit_batch, model=model, diffusion=diffusion, vae=vae, seed=args.seed, eta=args.eta,
+                             **options)
+        out_dir = Path(args.out or f"samples/{name}")
+        # What decides the images (not batch sizes, precision or TF32), files by their full path.
+        settings = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).is_file() else v
+                    for k, v in vars(args).items() if k in ("ckpt", "patch", "seed", "class_labels", "cfg_scale",
+                    "guide_all_channels", "sampler", "steps", "eta", "noise_schedule", "vae")}
+        write_samples(args.num_samples, make_batch, out_dir, args.batch_size, settings)
+        if rank == 0:
+            npz_path = out_dir.with_name(out_dir.name + ".npz")
+            write_npz(out_dir, args.num_samples, npz_path)
+            print(f"wrote {npz_path} ({args.num_samples} images)")
+    except (CheckpointError, SampleError) as e:  # CheckpointError: dmp / model_dit / model_vae's one sentence
+        parser.error(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

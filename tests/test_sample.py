@@ -1,0 +1,239 @@
+"""sample.py: the same images whatever the processes and batch size, resuming, patches, the VAE path, the grid,
+bf16 on CPU, and one-sentence errors. Tiny random models, DDIM with eta = 1 (every step draws noise, as DDPM does;
+an untrained pixel-space model under DDPM without x0 clipping saturates every pixel, which would hide a mismatch)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dmp
+import sample
+from diffusion import create_diffusion
+from diffusion import sample as diffusion_sample
+from model_dit import DiT
+from model_vae import SCALE_FACTOR, AutoencoderKL, load_vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--sampler", "ddim", "--steps", "5", "--eta", "1"]
+N = 7  # odd, so two processes get unequal shares
+
+
+def tiny_dit(seed=0, in_channels=3, input_size=8, std=0.05, **kwargs):
+    """
+    A tiny DiT with every weight random, plus an identity path from each pixel's token to its noise prediction,
+    so the samples use the whole uint8 range instead of saturating.
+    """
+    torch.manual_seed(seed)
+    config = dict(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=2,
+                  num_heads=2, num_classes=10, class_dropout_prob=0.1)
+    model = DiT(**{**config, **kwargs})
+    p, c = 2, in_channels
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "pos_embed":
+                param.normal_(0, std)
+        model.pos_embed.zero_()
+        for ch in range(c):
+            for a in range(p):
+                for b in range(p):
+                    j = (a * p + b) * c + ch
+                    model.x_embedder.proj.weight[j, ch, a, b] += 1.0
+                    model.final_layer.linear.weight[(a * p + b) * model.out_channels + ch, j] += 1.0
+    return model.eval()
+
+
+def save_run(model, path, **extra):
+    """A checkpoint as train.py writes it."""
+    sd = model.state_dict()
+    torch.save(dict(model=sd, ema=sd, config=model.config, **{"noise_schedule": "cosine", "vae": "none", **extra}),
+               path)
+    return str(path)
+
+
+def run(*argv):
+    sample.main([str(a) for a in argv])
+
+
+def pngs(folder, n):
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{k:06d}.png"))) for k in range(n)])
+
+
+def npz(path):
+    with np.load(path) as f:
+        return f["arr_0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose much when the cores are busy; the torchrun run uses one too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_run(tiny_dit(), tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, tmp_path_factory):
+    """N images from one process with batches of 3: (folder, arr_0)."""
+    out = tmp_path_factory.mktemp("ref") / "set"
+    run("--ckpt", ckpt, "--num-samples", N, "--out", out, "--batch-size", 3, *FAST)
+    return out, npz(f"{out}.npz")
+
+
+def test_same_images_whatever_processes_and_batch_size(ckpt, reference, tmp_path):
+    ref_dir, ref = reference
+    assert ref.shape == (N, 8, 8, 3) and ref.dtype == np.uint8
+    assert len(np.unique(ref)) > 100 and (ref == 0).mean() < 0.05 and (ref == 255).mean() < 0.05  # not saturated
+    assert all(np.abs(ref[i].astype(int) - ref[0]).mean() > 10 for i in range(1, N))  # N different images
+    assert np.array_equal(pngs(ref_dir, N), ref)
+
+    run("--ckpt", ckpt, "--num-samples", N, "--out", tmp_path / "one-batch", "--batch-size", N, *FAST)
+    assert np.array_equal(npz(tmp_path / "one-batch.npz"), ref)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sample.py",
+           "--ckpt", ckpt, "--num-samples", str(N), "--out", str(tmp_path / "two"), "--batch-size", "2", *FAST]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0 of 7 images already" in result.stdout and "2 process(es)" in result.stdout
+    assert np.array_equal(npz(tmp_path / "two.npz"), ref)
+    assert np.array_equal(pngs(tmp_path / "two", N), ref)
+    assert not [f for f in os.listdir(tmp_path / "two") if f.endswith(".tmp")]
+
+
+def test_resume_computes_only_the_missing_images(ckpt, reference, tmp_path, monkeypatch, capsys):
+    ref_dir, ref = reference
+    out = tmp_path / "set"
+    shutil.copytree(ref_dir, out)
+    os.remove(out / "000001.png")
+    data = (out / "000004.png").read_bytes()
+    (out / "000004.png").write_bytes(data[: len(data) // 2])  # a half-written file (e.g. copied by hand)
+    (out / ".000002.png.tmp").write_bytes(b"garbage")         # a kill's leftover never counts as done
+    kept = {k: os.stat(out / f"{k:06d}.png").st_mtime_ns for k in (0, 2, 3, 5, 6)}
+
+    rows = []
+    forward = DiT.forward
+    monkeypatch.setattr(DiT, "forward", lambda self, x, t, y: rows.append(len(x)) or forward(self, x, t, y))
+    run("--ckpt", ckpt, "--num-samples", N, "--out", out, "--batch-size", 4, *FAST)
+    assert "5 of 7 images already" in capsys.readouterr().out
+    assert rows == [2 * 2] * 5  # 2 images, doubled for guidance, at each of the 5 steps: nothing else computed
+    assert {k: os.stat(out / f"{k:06d}.png").st_mtime_ns for k in kept} == kept
+    assert np.array_equal(npz(f"{out}.npz"), ref)
+
+    rows.clear()
+    run("--ckpt", ckpt, "--num-samples", N, "--out", out, "--batch-size", 2, *FAST)  # complete: only the .npz
+    assert rows == [] and "7 of 7 images already" in capsys.readouterr().out
+    assert np.array_equal(npz(f"{out}.npz"), ref)
+
+    with pytest.raises(SystemExit):  # another seed into the same folder would mix two sample sets
+        run("--ckpt", ckpt, "--num-samples", N, "--out", out, "--seed", 1, *FAST)
+    assert "holds samples of other settings" in capsys.readouterr().err
+
+
+def test_patches(ckpt, reference, tmp_path):
+    _, ref = reference
+    model = dmp.load_model(ckpt)
+    dmp.patch(model, "dmp")
+    zero = tmp_path / "zero.pt"
+    dmp.save_patch(model, zero, base=ckpt, noise_schedule="cosine", vae="none")
+    run("--ckpt", ckpt, "--patch", zero, "--num-samples", 3, "--out", tmp_path / "zero", *FAST)
+    assert np.array_equal(npz(tmp_path / "zero.npz"), ref[:3])  # zero prompts change nothing; 3 = first 3 of N
+
+    with torch.no_grad():
+        model.block_input.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    trained = tmp_path / "trained.pt"
+    dmp.save_patch(model, trained, base=ckpt, noise_schedule="cosine", vae="none")
+    run("--ckpt", trained, "--num-samples", 3, "--out", tmp_path / "alone", *FAST)  # the patch names its base
+    run("--ckpt", ckpt, "--patch", trained, "--num-samples", 3, "--out", tmp_path / "both", *FAST)
+    patched = npz(tmp_path / "alone.npz")
+    assert np.array_equal(patched, npz(tmp_path / "both.npz"))
+    assert np.abs(patched.astype(int) - ref[:3]).mean() > 5
+
+
+def test_grid_is_the_first_images_of_the_set(ckpt, reference, tmp_path):
+    _, ref = reference
+    run("--ckpt", ckpt, "--grid", 5, "--out", tmp_path / "grid.png", "--batch-size", 2, *FAST)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3)  # 3 columns, 2 rows, 2-pixel borders
+    for i in range(5):
+        r, c = divmod(i, 3)
+        assert np.array_equal(grid[2 + 10 * r:10 + 10 * r, 2 + 10 * c:10 + 10 * c], ref[i])
+    assert grid[:2].max() == 0 and grid[-12:, -10:].max() == 0  # the border and the empty sixth cell
+
+
+def test_latent_model_decodes_with_the_vae(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(dict(double_z=True, z_channels=4, resolution=8, in_channels=3, out_ch=3, ch=32,
+                             ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[])).eval()
+    torch.save(vae.state_dict(), tmp_path / "vae.pt")
+    model = tiny_dit(in_channels=4, input_size=4, std=0.02)
+    ckpt = save_run(model, tmp_path / "latent.pt", vae=str(tmp_path / "vae.pt"))
+    run("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "set", "--decode-batch-size", 2, *FAST)
+    images = npz(tmp_path / "set.npz")
+    assert images.shape == (3, 8, 8, 3)
+
+    # Image k by hand: its generator draws the label, the latent noise, then each step's noise.
+    vae, diffusion = load_vae(str(tmp_path / "vae.pt")), create_diffusion("ddim5", "cosine")
+    for k in range(3):
+        g = sample.image_generator(0, k)
+        y = torch.randint(10, (1,), generator=g)
+        z = torch.randn(1, 4, 4, 4, generator=g)
+        with torch.no_grad():
+            latent = diffusion_sample(model, diffusion, z, y, 1.5, eta=1.0,
+                                      noise_fn=lambda x: torch.randn(x.shape, generator=g))
+            x = vae.decode(latent / SCALE_FACTOR)
+        expected = torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()[0]
+        assert np.array_equal(images[k], expected)
+    assert len(np.unique(images)) > 50
+
+
+def test_write_grid_as_train_py_calls_it_grayscale_to_rgb(tmp_path):
+    model = tiny_dit(in_channels=1).train()  # a one-channel pixel-space model (the digits), mid-training
+    path = sample.write_grid(model, tmp_path / "g.png", noise_schedule="cosine", vae="none", num=4, seed=0,
+                             steps=5, sampler="ddim", device="cpu")
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (22, 22, 3) and model.training
+    assert np.array_equal(grid[..., 0], grid[..., 1]) and np.array_equal(grid[..., 0], grid[..., 2])
+    assert len(np.unique(grid[2:10, 2:10, 0])) > 20
+
+
+def test_bf16_autocast_on_cpu(ckpt, reference, tmp_path):
+    _, ref = reference
+    run("--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "bf16", "--precision", "bf16", *FAST)
+    diff = np.abs(npz(tmp_path / "bf16.npz").astype(int) - ref[:3])
+    print(f"bf16 vs fp32: mean |diff| {diff.mean():.2f} levels, {100 * (diff <= 8).mean():.1f}% within 8")
+    assert 0 < diff.mean() < 8 and (diff <= 8).mean() > 0.8
+
+
+def test_bad_input_is_one_sentence(ckpt, tmp_path, capsys):
+    uncond = save_run(tiny_dit(num_classes=1, class_dropout_prob=0.0), tmp_path / "uncond.pt")
+    latent = save_run(tiny_dit(in_channels=4, input_size=4), tmp_path / "latent.pt", vae="none")
+    other = tiny_dit(hidden_size=64)
+    dmp.patch(other, "dmp")
+    dmp.save_patch(other, tmp_path / "other.pt", base=ckpt)
+    cases = [
+        (["--ckpt", tmp_path / "missing.pt"], "missing.pt: no such file"),
+        (["--ckpt", ckpt, "--class-labels", 3, 10], "--class-labels 10 is out of range"),
+        (["--ckpt", uncond, "--cfg-scale", 4], "needs a model trained with label dropout"),
+        (["--ckpt", ckpt, "--patch", tmp_path / "other.pt"], "other.pt does not fit"),
+        (["--ckpt", latent], "is not a grayscale or RGB pixel-space model"),
+        (["--ckpt", ckpt, "--sampler", "ddim", "--steps", 600], "cannot create exactly 600 steps"),
+        (["--ckpt", ckpt, "--grid", 4, "--num-samples", 4], "not both"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run("--out", tmp_path / "never", "--steps", 5, *argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1].startswith("sample.py: error: ") and message in err[-1], err
+        assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "never").exists()
