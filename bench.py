@@ -1,0 +1,514 @@
+"""
+Speed and memory of the real code paths, on whatever device this runs on.
+
+    python bench.py                       # CUDA: DiT-B/2, L/2, XL/2 at batch 128, bf16; CPU: the small preset
+    python bench.py --compile --json bench.json
+    python bench.py --preset cpu --rows train sample
+
+Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pretraining, full fine-tuning and
+DMP further-training (train.py's build_model, get_batch, compute_loss and optimizer; dmp.patch); sampling with
+and without a DMP patch (sample.dit_batch); VAE encode/decode (prepare_data.encode, AutoencoderKL.decode);
+FID features (fid.compute_features); reading stored latents (train.get_batch alone). Weights are random: speed
+does not depend on their values. Each row runs in a process of its own, so its peak memory is its own:
+torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the process's peak resident set
+(getrusage ru_maxrss) from just before the row's models and data are built, which includes the allocator's
+slack and the pages of the memory-mapped data read. The two ratios the targets are about (DMP vs full
+fine-tuning, patched vs unpatched sampling) are also timed interleaved within one process, round by round, so
+that other load on the machine falls on both alike.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Dense bf16 tensor-core peak (TFLOP/s) from the datasheets; MFU is reported against these.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+PRESETS = {
+    # The targets' setting: 256x256 images as 32x32x4 latents, batch 128, the three DiT sizes the paper uses.
+    "gpu": dict(models=["DiT-B/2", "DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=5, rounds=5, steps=4,
+                sample_models=["DiT-L/2", "DiT-XL/2"], sample_batch=64, sample_steps=50, vae_size=256, vae_batch=16,
+                fid_batch=100, fid_images=500, data_rows=4096),
+    # Small enough for 2 CPU cores in well under 3 minutes: DiT-S/2 on 16x16 latents (64 tokens).
+    "cpu": dict(models=["DiT-S/2"], input_size=16, batch=4, warmup=1, rounds=3, steps=1,
+                sample_models=["DiT-S/2"], sample_batch=4, sample_steps=3, vae_size=64, vae_batch=1,
+                fid_batch=4, fid_images=4, data_rows=256),
+    # For the tests: train.py's digits DiT (4 blocks, 64 wide) on 8x8 latents.
+    "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1, sample_models=["tiny"],
+                 sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1, fid_batch=1, fid_images=1, data_rows=16),
+}
+MODES = ("pretrain", "full", "dmp")
+ROWS = ("train", "sample", "vae", "fid", "data")
+
+
+#################################################################################
+#                         Model FLOPs of a DiT step                             #
+#################################################################################
+# Counted: matmuls and convolutions, a multiply-add as 2 FLOPs (what MFU counts; norms, activations, softmax and
+# the optimizer are left out). B images, N = (input_size / p)^2 tokens, width D, depth L, MLP width H = 4D,
+# C input channels, O = p^2 * out_channels outputs per token. Forward:
+#   patch embedding  2 B N (C p^2) D         timestep MLP   2 B (256 D + D^2)
+#   per block        adaLN 2 B D 6D  +  qkv 2 B N D 3D  +  scores Q K^T 2 B N^2 D  +  values P V 2 B N^2 D
+#                    +  proj 2 B N D^2  +  MLP 2 B N D H + 2 B N H D          (= 24 B N D^2 + 4 B N^2 D + 12 B D^2)
+#   final layer      adaLN 2 B D 2D  +  linear 2 B N D O
+#   DMP gate         2 B D N (its linear layer on c)  +  2 L L N (the one-hot block index @ its columns)
+# Backward, per matmul y = x W: the input gradient dx = dy W^T costs its forward again when x needs a gradient,
+# the weight gradient dW = x^T dy its forward again when W trains. Attention's two matmuls have no weights, and
+# both their operands need gradients: 2x forward. What needs which:
+#   pretraining / full fine-tuning: every weight trains; the tokens (from the patch embedding on) and c (from
+#     the timestep MLP's first layer on) carry gradients; the patch embedding and the timestep MLP's first
+#     layer read inputs that do not, so they have no input gradient.
+#   DMP: only the prompts and the gate train, but the prompts are added before block 0, so every block's token
+#     matmuls (qkv, attention, proj, MLP, final linear) still need input gradients, and none needs a weight
+#     gradient; c comes from frozen layers, so the adaLN layers and the timestep MLP have no backward at all.
+# So full fine-tuning costs 3x the forward (less the patch embedding's input gradient), DMP 2x plus attention's
+# share once more: 0.68x of full fine-tuning for DiT-L/2 at 256x256 (tests/test_bench.py).
+
+def dit_flops(config, batch, mode="full"):
+    """Model FLOPs of one training step of a DiT `config` (model_dit.DiT kwargs): forward, input and weight grads."""
+    B, D, L, p = batch, config["hidden_size"], config["depth"], config["patch_size"]
+    N = (config["input_size"] // p) ** 2
+    C = config["in_channels"]
+    H = int(D * config.get("mlp_ratio", 4.0))
+    O = p * p * (2 * C if config.get("learn_sigma", True) else C)
+    trains = mode != "dmp"
+    # (forward FLOPs, input needs a gradient, weight trains, operands that are both activations)
+    matmuls = [(2 * B * N * C * p * p * D, False, trains, False),           # patch embedding (a convolution)
+               (2 * B * 256 * D, False, trains, False),                     # timestep MLP, layer 1
+               (2 * B * D * D, trains, trains, False)]                      # timestep MLP, layer 2
+    for _ in range(L):
+        matmuls += [(2 * B * D * 6 * D, trains, trains, False),             # adaLN modulation
+                    (2 * B * N * D * 3 * D, True, trains, False),           # qkv
+                    (2 * B * N * N * D, True, False, True),                 # scores
+                    (2 * B * N * N * D, True, False, True),                 # values
+                    (2 * B * N * D * D, True, trains, False),               # proj
+                    (2 * B * N * D * H, True, trains, False),               # MLP fc1
+                    (2 * B * N * H * D, True, trains, False)]               # MLP fc2
+    matmuls += [(2 * B * D * 2 * D, trains, trains, False),                 # final adaLN
+                (2 * B * N * D * O, True, trains, False)]                   # final linear
+    if mode == "dmp":
+        matmuls += [(2 * B * D * N, False, True, False), (2 * L * L * N, False, True, False)]  # the gate
+    forward = sum(f for f, *_ in matmuls)
+    input_grad = sum(f * (2 if both else 1) for f, needs, _, both in matmuls if needs)
+    weight_grad = sum(f for f, _, trained, _ in matmuls if trained)
+    return dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad, step=forward + input_grad + weight_grad)
+
+
+def peak_tflops(device, override=None):
+    """The device's dense bf16 peak in TFLOP/s (None for a CPU or an unknown GPU, unless given)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+#################################################################################
+#                            Timing and memory                                  #
+#################################################################################
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_rounds(fns, preset, device):
+    """
+    Seconds per call of each fn: `warmup` calls each, then `rounds` rounds in which every fn runs `steps` calls
+    in turn (interleaved); the median over rounds, and the per-round times. The device is synchronised only
+    around a fn's calls in a round, never between its calls.
+    """
+    for fn in fns:
+        for _ in range(preset["warmup"]):
+            fn()
+    sync(device)
+    times = [[] for _ in fns]
+    for _ in range(preset["rounds"]):
+        for fn, t in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(preset["steps"]):
+                fn()
+            sync(device)
+            t.append((time.perf_counter() - start) / preset["steps"])
+    return [statistics.median(t) for t in times], times
+
+
+def memory_baseline(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_mb(device, baseline):
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2 ** 20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2 ** 20
+
+
+#################################################################################
+#                    Training: the loop body of train.main                       #
+#################################################################################
+
+def synthetic_latents(folder, rows, shape, num_classes):
+    """A prepare_data.py folder of random float16 posteriors, read by PreparedData exactly as real ones."""
+    from prepare_data import FORMAT, VERSION
+    from model_vae import SCALE_FACTOR
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = (rows, 2, 2, *shape)
+    array = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=np.float16, shape=stored)
+    rng = np.random.default_rng(0)
+    for i in range(0, rows, 256):
+        block = rng.standard_normal((min(256, rows - i), 2, 2, *shape), dtype=np.float32)
+        block[:, :, 1] = np.abs(block[:, :, 1]) * 0.1  # a positive std
+        array[i: i + len(block)] = block
+    array.flush()
+    del array
+    np.save(folder / "labels.npy", rng.integers(0, num_classes, rows))
+    manifest = dict(format=FORMAT, version=VERSION, kind="latents", vae="ema", scale_factor=SCALE_FACTOR, count=rows,
+                    shape=list(shape), array="latents.npy", stored_shape=list(stored), dtype="float16",
+                    num_classes=num_classes, class_names=[], skipped=[], captions=None)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def train_args(name, preset, data_dir, precision):
+    import train
+    model = "digits" if name == "tiny" else name
+    args = train.parse_args(["--dataset", "imagenet", "--data", str(data_dir), "--model", model,
+                             "--batch-size", str(preset["batch"]), "--precision", precision])
+    return args
+
+
+def train_setup(name, mode, args, data, device, precision, compile=False):
+    """
+    A step function doing exactly what one iteration of train.main does, for pretraining (fresh model, EMA),
+    full fine-tuning or DMP further-training (dmp.patch of the model, no EMA, as with --init).
+    Returns (step, model config).
+    """
+    import dmp
+    import train
+    from diffusion import create_diffusion
+    args = copy.copy(args)
+    rows = np.arange(len(data))
+    torch.manual_seed(0)
+    args.method, args.init = None, None
+    model, groups = train.build_model(args, data)  # pretraining: every weight trains
+    if mode != "pretrain":
+        args.method, args.ema = mode, 0.0
+        groups = dmp.patch(model, mode, **train.method_options(args))  # what build_model does after --init
+    model.to(device).train()
+    opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
+                            lr=args.lr, weight_decay=args.weight_decay)  # as train.main
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    raw, diffusion = model, create_diffusion("", args.noise_schedule)
+    if compile:
+        model = torch.compile(model)
+    if ema is not None:
+        ema_params, live_params = zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters()) if p.requires_grad])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    running = torch.zeros(len(train.LOG_TERMS), device=device)
+    state = dict(step=0)
+
+    def step():
+        s = state["step"]
+        torch.manual_seed(train.seed_of(args.seed, s, 0))
+        batch = train.get_batch(data, rows, s, args, device)
+        with autocast:
+            loss, terms = train.compute_loss(model, raw, diffusion, batch, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            torch._foreach_lerp_(ema_params, live_params, 1 - args.ema)
+        running.add_(terms.detach().float())
+        state["step"] = s + 1
+    return step, raw.config
+
+
+#################################################################################
+#                                    Rows                                       #
+#################################################################################
+
+def row_train(name, mode, preset, device, precision, compile, peak):
+    """One training configuration: steps/s, images/s, model FLOPs utilisation, peak memory."""
+    from prepare_data import PreparedData
+    import train
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = (4, preset["input_size"], preset["input_size"])
+        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
+        args = train_args(name, preset, tmp, precision)
+        base = memory_baseline(device)
+        step, config = train_setup(name, mode, args, data, device, precision, compile)
+        (seconds,), _ = timed_rounds([step], preset, device)
+        memory = peak_memory_mb(device, base)
+    flops = dit_flops(config, preset["batch"], mode)
+    return train_row(name, mode, preset["batch"], seconds, flops, peak, memory)
+
+
+def train_row(name, mode, batch, seconds, flops, peak, memory=None):
+    achieved = flops["step"] / seconds / 1e12
+    return dict(row="train", model=name, mode=mode, batch=batch, ms_per_step=1e3 * seconds, steps_per_s=1 / seconds,
+                images_per_s=batch / seconds, tflop_per_step=flops["step"] / 1e12, achieved_tflops=achieved,
+                mfu=achieved / peak if peak else None, peak_mem_mb=memory)
+
+
+def row_train_pair(name, preset, device, precision, compile, peak):
+    """Full fine-tuning and DMP of the same model at the same batch, timed interleaved: the time ratio."""
+    from prepare_data import PreparedData
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = (4, preset["input_size"], preset["input_size"])
+        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
+        args = train_args(name, preset, tmp, precision)
+        (full, config), (dmp_step, _) = (train_setup(name, m, args, data, device, precision, compile) for m in ("full", "dmp"))
+        (t_full, t_dmp), rounds = timed_rounds([full, dmp_step], preset, device)
+    ratio = statistics.median(b / a for a, b in zip(*rounds))  # each round's pair ran under the same load
+    return dict(row="ratio", model=name, mode="dmp/full time", batch=preset["batch"], value=ratio,
+                ms_full=1e3 * t_full, ms_dmp=1e3 * t_dmp)
+
+
+def row_sample(name, preset, device, precision, compile, peak):
+    """sample.dit_batch (DDIM) with the unpatched model and with a DMP patch, interleaved; time per sampling step."""
+    import dmp
+    import sample
+    import train
+    from model_dit import CONFIGS, DiT
+    arch = train.DIGITS_MODEL if name == "tiny" else CONFIGS[name]
+    base = memory_baseline(device)
+    torch.manual_seed(0)
+    model = DiT(input_size=preset["input_size"], num_classes=1000, **arch).to(device).eval()
+    dmp.patch(model, "dmp")
+    mop = model.block_input
+    with torch.no_grad():
+        mop.prompts.normal_(0, 0.1)  # a trained patch is not zero (the speed is the same either way)
+    diffusion = sample.make_diffusion("ddim", preset["sample_steps"], "linear")
+    ks = list(range(preset["sample_batch"]))
+
+    def run(patched):
+        def go():
+            model.block_input = mop if patched else None
+            sample.dit_batch(ks, model, diffusion, cfg_scale=1.0, eta=0.0, bf16=precision == "bf16")
+        return go
+    (t_plain, t_dmp), rounds = timed_rounds([run(False), run(True)], dict(preset, steps=1), device)
+    memory = peak_memory_mb(device, base)
+    steps, B = preset["sample_steps"], preset["sample_batch"]
+    rows = [dict(row="sample", model=name, mode=mode, batch=B, ms_per_step=1e3 * t / steps, steps_per_s=steps / t,
+                 images_per_s=B / t, peak_mem_mb=memory) for mode, t in (("unpatched", t_plain), ("dmp", t_dmp))]
+    ratio = statistics.median(b / a for a, b in zip(*rounds))
+    rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B, value=ratio))
+    return rows
+
+
+def row_vae(preset, device, precision, peak):
+    """The KL-f8 VAE: prepare_data.encode (image and mirror, fp32 as prepare_data.py) and decode (as sample.py)."""
+    from model_vae import AutoencoderKL, SCALE_FACTOR
+    import prepare_data
+    base = memory_baseline(device)
+    vae = AutoencoderKL().to(device).eval().requires_grad_(False)
+    B, S = preset["vae_batch"], preset["vae_size"]
+    pixels = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)
+    z = torch.randn(B, 4, S // 8, S // 8, device=device)
+
+    def decode():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            vae.decode(z / SCALE_FACTOR).float()
+    (t_enc, t_dec), _ = timed_rounds([lambda: prepare_data.encode(vae, pixels, device), decode], dict(preset, steps=1), device)
+    memory = peak_memory_mb(device, base)
+    return [dict(row="vae", model=f"KL-f8 {S}px", mode=mode, batch=B, ms_per_step=1e3 * t, steps_per_s=1 / t,
+                 images_per_s=B / t, peak_mem_mb=memory) for mode, t in (("encode+mirror", t_enc), ("decode", t_dec))]
+
+
+def row_fid(preset, device, precision, peak):
+    """fid.compute_features on 256x256 uint8 images (resized to 299 inside, as pytorch-fid)."""
+    import fid
+    base = memory_baseline(device)
+    model = fid.FIDInceptionV3().eval().requires_grad_(False).to(device)
+    n, B = preset["fid_images"], preset["fid_batch"]
+    images = np.random.default_rng(0).integers(0, 256, (B, 256, 256, 3), dtype=np.uint8)
+
+    def features():
+        fid.compute_features(model, (n, (images[: min(B, n - i)] for i in range(0, n, B))), device, desc="bench")
+    (t,), _ = timed_rounds([features], dict(preset, steps=1), device)
+    return [dict(row="fid", model="Inception pool3", mode="features", batch=B, ms_per_step=1e3 * t * B / n,
+                 steps_per_s=n / B / t, images_per_s=n / t, peak_mem_mb=peak_memory_mb(device, base))]
+
+
+def row_data(preset, device, precision, peak):
+    """train.get_batch alone: stored latents read, flipped, sampled and put on the device."""
+    from prepare_data import PreparedData
+    import train
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = (4, preset["input_size"], preset["input_size"])
+        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
+        args = train_args(preset["models"][0], preset, tmp, precision)
+        rows, state = np.arange(len(data)), dict(step=0)
+        base = memory_baseline(device)
+
+        def load():
+            train.get_batch(data, rows, state["step"], args, device)
+            state["step"] += 1
+        (t,), _ = timed_rounds([load], dict(preset, steps=10 * preset["steps"]), device)
+        memory = peak_memory_mb(device, base)
+    B = preset["batch"]
+    return [dict(row="data", model="stored latents", mode="get_batch", batch=B, ms_per_step=1e3 * t, steps_per_s=1 / t,
+                 images_per_s=B / t, peak_mem_mb=memory)]
+
+
+def run_row(spec, preset_name, device, precision, compile=False, peak=None):
+    """One row (a list of result dicts) in this process; spec: ['train', model, mode] | ['pair', model] | ..."""
+    preset = PRESETS[preset_name]
+    kind, rest = spec[0], spec[1:]
+    if kind == "train":
+        return [row_train(*rest, preset, device, precision, compile, peak)]
+    if kind == "pair":
+        return [row_train_pair(*rest, preset, device, precision, compile, peak)]
+    if kind == "sample":
+        return row_sample(*rest, preset, device, precision, compile, peak)
+    return dict(vae=row_vae, fid=row_fid, data=row_data)[kind](preset, device, precision, peak)
+
+
+def specs(preset, rows):
+    out = []
+    if "train" in rows:
+        for name in preset["models"]:
+            out += [["train", name, mode] for mode in MODES] + [["pair", name]]
+    if "sample" in rows:
+        out += [["sample", name] for name in preset["sample_models"]]
+    out += [[kind] for kind in ("vae", "fid", "data") if kind in rows]
+    return out
+
+
+#################################################################################
+#                        The table and the targets                              #
+#################################################################################
+
+COLUMNS = [("row", "{}"), ("model", "{}"), ("mode", "{}"), ("batch", "{}"), ("ms_per_step", "{:.1f}"),
+           ("steps_per_s", "{:.3g}"), ("images_per_s", "{:.4g}"), ("tflop_per_step", "{:.3g}"),
+           ("achieved_tflops", "{:.3g}"), ("mfu", "{:.1%}"), ("peak_mem_mb", "{:.0f}")]
+
+
+def format_table(results):
+    table = [[c for c, _ in COLUMNS]]
+    for r in results:
+        if r["row"] == "ratio":
+            continue
+        table.append([("-" if r.get(c) is None else f.format(r[c])) if "error" not in r or c in ("row", "model", "mode")
+                      else "-" for c, f in COLUMNS])
+        if "error" in r:
+            table[-1][4] = r["error"]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+
+
+def targets(results):
+    """Each target with its measured figure: (description, value text, met or None when not measured)."""
+    def find(row, model, mode):
+        return next((r for r in results if r["row"] == row and r["model"] == model and r["mode"] == mode
+                     and "error" not in r), None)
+    out = []
+    for r in results:
+        if r["row"] == "ratio" and r["mode"] == "dmp/unpatched sampling step":
+            out.append((f"{r['model']}: DMP sampling step <= 1.02x unpatched", f"{r['value']:.3f}x", r["value"] <= 1.02))
+        if r["row"] == "ratio" and r["mode"] == "dmp/full time":
+            out.append((f"{r['model']}: DMP step time <= 0.75x full fine-tuning (interleaved)", f"{r['value']:.3f}x",
+                        r["value"] <= 0.75))
+    for name in dict.fromkeys(r["model"] for r in results if r["row"] == "train"):
+        full, dmp_row = find("train", name, "full"), find("train", name, "dmp")
+        if full and dmp_row and full["peak_mem_mb"] and dmp_row["peak_mem_mb"] is not None:
+            ratio = dmp_row["peak_mem_mb"] / full["peak_mem_mb"]
+            out.append((f"{name}: DMP peak memory <= 0.6x full fine-tuning", f"{ratio:.3f}x", ratio <= 0.6))
+    for name, mode, goal in (("DiT-L/2", "dmp", 0.5), ("DiT-XL/2", "pretrain", 0.4)):
+        r = find("train", name, mode)
+        if r is not None:
+            out.append((f"{name} {mode} MFU >= {goal:.0%}", "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                        None if r["mfu"] is None else r["mfu"] >= goal))
+    data = next((r for r in results if r["row"] == "data"), None)
+    trains = [r for r in results if r["row"] == "train" and "error" not in r]
+    if data and trains:
+        fastest = max(r["images_per_s"] for r in trains)
+        out.append(("stored latents read >= 10x faster than training consumes them (fastest row)",
+                    f"{data['images_per_s'] / fastest:.1f}x", data["images_per_s"] / fastest >= 10))
+    return out
+
+
+def describe(device, precision, compile):
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                     "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
+        what = f"{model}, {torch.get_num_threads()} threads"
+    return f"{what}; torch {torch.__version__}; {precision}{', compiled' if compile else ''}; {time.strftime('%Y-%m-%d')}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--preset", choices=list(PRESETS), help="default: gpu on CUDA, cpu otherwise")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA (train.py's), fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in the training rows")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: A100/H100 bf16 dense)")
+    p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a machine shared with other jobs, "
+                   "two threads that wait for each other were 5-10x slower than one; torch's default on CUDA)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row (JSON spec) and print its result
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    peak = peak_tflops(device, args.peak_tflops)
+    threads = args.threads or (1 if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.one:
+        try:
+            results = run_row(json.loads(args.one), preset, device, precision, args.compile, peak)
+        except torch.cuda.OutOfMemoryError:
+            spec = json.loads(args.one)
+            results = [dict(row=spec[0], model=spec[1] if len(spec) > 1 else "", mode=spec[2] if len(spec) > 2 else "",
+                            error="out of memory")]
+        print(json.dumps(results))
+        return
+    header = describe(device, precision, args.compile)
+    print(f"bench.py --preset {preset}: {header}")
+    results = []
+    for spec in specs(PRESETS[preset], args.rows):
+        cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--preset", preset, "--device", str(device),
+               "--precision", precision, "--threads", str(torch.get_num_threads())] + \
+              (["--compile"] if args.compile else []) + \
+              (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"error: {' '.join(spec)} failed:\n{done.stderr[-3000:]}")
+        results += json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {' '.join(spec)}: done", file=sys.stderr)
+    print(format_table(results))
+    print("\ntargets")
+    for what, value, met in targets(results):
+        print(f"  {what}: {value} {'(met)' if met else '(missed)' if met is False else '(not measured)'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(setup=header, preset=preset, results=results,
+                                                   targets=[dict(target=w, value=v, met=m) for w, v, m in targets(results)]),
+                                              indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
