@@ -121,8 +121,11 @@ def test_sd_schedulers_equal_diffusers_pndm_and_ddim():
         unet.load_state_dict({k[len("ldm.model.diffusion_model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")})
         context = f.get_tensor("context")
     eps_fn = lambda x, t: unet(x, torch.full((len(x),), t, dtype=torch.long), context)  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny UNet runs several times faster on one thread than on two contended ones
     for sampler in ("pndm", "ddim"):
         assert sd_timesteps(10, sampler) == g[f"{sampler}.timesteps"].tolist()
         out = sd_sample(eps_fn, g["init"], 10, sampler)
         ref = g[f"{sampler}.final"]
-        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5, sampler
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5, sampler  # measured 5.3e-7 for both
+    torch.set_num_threads(threads)

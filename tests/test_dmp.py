@@ -238,6 +238,15 @@ UNET_CASES = [("full", {}), ("prompt", {}), ("lora", dict(rank=2)), ("difffit", 
 UNET_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in UNET_CASES]
 
 
+@pytest.fixture
+def one_thread():
+    """The small UNet runs several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
     model = UNetModel(**UNET_SMALL)
@@ -265,7 +274,7 @@ def test_unet_dmp_parameter_overhead_on_sd15():
 
 
 @pytest.mark.parametrize("method,options", UNET_CASES, ids=UNET_IDS)
-def test_unet_methods_start_equal_train_only_their_parameters(method, options):
+def test_unet_methods_start_equal_train_only_their_parameters(method, options, one_thread):
     model = tiny_unet()
     x, t, context = unet_batch()
     with torch.no_grad():
@@ -291,7 +300,7 @@ def test_unet_methods_start_equal_train_only_their_parameters(method, options):
         id(p) in trained for n, p in model.named_parameters() if n == k))
 
 
-def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path):
+def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path, one_thread):
     model = tiny_unet()
     dmp.patch(model, "dmp", grid=4, gate_cond="t+c")
     mop = model.block_input
