@@ -7,6 +7,7 @@ References cited at the functions that implement them:
   IDDPM  Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"
   DDIM   Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"
   CFG    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"
+  PNDM   Liu, Ren, Lin & Zhao 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"
 
 The model predicts the noise eps and, with learn_sigma, a value v in [-1, 1] per pixel that interpolates the
 log-variance between the posterior variance and beta_t (IDDPM Eq. 15). Schedule arrays are float64 numpy, as
@@ -32,7 +33,9 @@ def get_named_beta_schedule(name, num_diffusion_timesteps=1000):
         alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         n = num_diffusion_timesteps  # IDDPM Eq. 17, betas clipped at 0.999 to avoid the singularity at t = T
         return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=np.float64)
-    raise ValueError(f"unknown beta schedule {name!r}: use 'linear' or 'cosine'")
+    if name == "scaled_linear":  # Stable Diffusion's (ldm's "linear"): linear in sqrt(beta), 0.00085 -> 0.012
+        return np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_diffusion_timesteps, dtype=np.float64) ** 2
+    raise ValueError(f"unknown beta schedule {name!r}: use 'linear', 'cosine' or 'scaled_linear'")
 
 
 def space_timesteps(num_timesteps, section_counts):
@@ -312,6 +315,80 @@ def sample(model, diffusion, z, y, cfg_scale=1.0, null_class=None, eta=None, pro
     out = diffusion.p_sample_loop(fn, z.shape, z, clip_denoised=False, model_kwargs=dict(y=y), progress=progress,
                                   eta=eta, noise_fn=noise_fn)
     return out.chunk(2, dim=0)[0] if cfg_scale > 1.0 else out
+
+
+#################################################################################
+#            Stable Diffusion's samplers: PNDM (PLMS) and DDIM, as diffusers    #
+#################################################################################
+# SD 1.x samples with diffusers' PNDMScheduler (skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+# and DDIMScheduler (eta 0, clip_sample=False) on the scaled_linear schedule. Both walk the "leading" grid
+# t = k * (1000 // steps) + 1, and the step after t = 1 lands on alpha_bar_0 (set_alpha_to_one=False).
+# eps_fn(x, t) is the (guided) noise prediction at integer timestep t; latents start at unit-variance noise.
+
+def sd_timesteps(steps, sampler="pndm", num_train_timesteps=1000, steps_offset=1):
+    """The timesteps the model is called at, in order. PNDM repeats the second one (its first step is a Heun step)."""
+    grid = [k * (num_train_timesteps // steps) + steps_offset for k in range(steps)]
+    if sampler == "pndm":  # diffusers: concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1]
+        grid = grid[:-1] + grid[-2:-1] + grid[-1:]
+    return grid[::-1]
+
+
+def _ddim_step(x, eps, alpha_bar, alpha_bar_prev):
+    """x_t -> x_prev with eps (DDIM Eq. 12, eta = 0); equal to PNDM Eq. 11's transfer phi written as in diffusers."""
+    pred_x0 = (x - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+    return alpha_bar_prev ** 0.5 * pred_x0 + (1 - alpha_bar_prev) ** 0.5 * eps
+
+
+def _pndm_step(x, eps, alpha_bar, alpha_bar_prev):
+    """PNDM Eq. 11, the transfer part phi(x_t, eps, t, t - delta), in diffusers' algebraic form."""
+    denom = alpha_bar * (1 - alpha_bar_prev) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_prev) ** 0.5
+    return (alpha_bar_prev / alpha_bar) ** 0.5 * x - (alpha_bar_prev - alpha_bar) * eps / denom
+
+
+@torch.no_grad()
+def sd_sample(eps_fn, z, steps=50, sampler="pndm", alphas_cumprod=None, progress=False):
+    """
+    Latents from noise z in `steps` steps. PNDM without its Runge-Kutta warm-up (skip_prk_steps): the first step
+    is Heun's (evaluate at t, step, evaluate at t - delta, step again from t with the mean), then linear multistep
+    (PLMS, PNDM Eq. 12) with 2, 3 and from then on 4 previous eps. DDIM: one eps per step.
+    """
+    if alphas_cumprod is None:
+        alphas_cumprod = np.cumprod(1.0 - get_named_beta_schedule("scaled_linear"))
+    ac = torch.as_tensor(np.asarray(alphas_cumprod), dtype=torch.float32)  # diffusers' float32 arithmetic
+    stride = len(ac) // steps
+    alpha = lambda t: ac[t] if t >= 0 else ac[0]  # noqa: E731  (set_alpha_to_one=False)
+    x, ets, x_heun = z, [], None
+    for k, t in enumerate(tqdm(sd_timesteps(steps, sampler, len(ac)), desc="sampling", leave=False, disable=not progress)):
+        eps = eps_fn(x, t)
+        if sampler == "ddim":
+            x = _ddim_step(x, eps, alpha(t), alpha(t - stride))
+            continue
+        if k == 1:  # Heun: back to x at t + stride with the mean of both slopes
+            x, x_heun = x_heun, None
+            x = _pndm_step(x, (eps + ets[-1]) / 2, alpha(t + stride), alpha(t))
+            continue
+        ets = ets[-3:] + [eps]
+        if len(ets) == 1:
+            x_heun, e = x, eps
+        elif len(ets) == 2:
+            e = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            e = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            e = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        x = _pndm_step(x, e, alpha(t), alpha(t - stride))
+    return x
+
+
+def sd_guided_eps(unet, context, uncond_context, cfg_scale=7.5):
+    """eps_fn for sd_sample: the UNet with classifier-free guidance (CFG Eq. 6) against the empty prompt's context."""
+    def eps_fn(x, t):
+        t = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        if cfg_scale == 1.0:
+            return unet(x, t, context)
+        cond, uncond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond_context])).chunk(2)
+        return uncond + cfg_scale * (cond - uncond)
+    return eps_fn
 
 
 #################################################################################

@@ -49,10 +49,11 @@ class MixtureOfPrompts(nn.Module):
       gate_cond        't': timestep embedding | 't+c': plus the class/text embedding (Table 9)
       block_index      'onehot': the paper's [t; i] read as a one-hot i | 'scalar': i as a number (authors)
       noisy_gate       learned Gaussian noise on the gate logits in training (authors; always on for 'hard')
+      prompt_widths    one prompt width per block instead of `dim` for all (UNetMixtureOfPrompts)
     """
     def __init__(self, num_blocks, num_tokens, dim, num_prompts=None, gate="linear", selection="soft", top_k=0.75,
                  prompt_selection="distinct", position="add", depth=None, init="zero", gate_cond="t",
-                 block_index="onehot", noisy_gate=False):
+                 block_index="onehot", noisy_gate=False, prompt_widths=None):
         super().__init__()
         assert gate in ("linear", "attention", None) and selection in ("soft", "hard")
         assert prompt_selection in ("distinct", "uniform") and position in ("add", "prepend")
@@ -69,9 +70,13 @@ class MixtureOfPrompts(nn.Module):
         # Eq. 1: P = {p_0, ..., p_{L-1}}, p_i in R^{N x D}. Zero-initialised prompts leave the frozen model's
         # output unchanged at the start and let it take in the prompts' signal gradually; random ones disrupt
         # early training until it diverges (paper, "Zero-initialization").
-        self.prompts = nn.Parameter(torch.zeros(L, N, dim))
-        if init == "random":
-            nn.init.xavier_uniform_(self.prompts)
+        if prompt_widths is None:
+            self.prompts = nn.Parameter(torch.zeros(L, N, dim))
+        else:  # blocks of different widths (the UNet): one (N, width_i) tensor per block
+            self.prompts = nn.ParameterList([nn.Parameter(torch.zeros(N, w)) for w in prompt_widths[:L]])
+        for prompts in ([self.prompts] if prompt_widths is None else self.prompts):
+            if init == "random":
+                nn.init.xavier_uniform_(prompts)
 
         if gate == "linear":
             # Eq. 3: G is one linear layer over [c; i] giving N logits. The block-index columns are a separate
@@ -155,6 +160,52 @@ class MixtureOfPrompts(nn.Module):
         return torch.cat([prompt, x[:, self.num_prompts if i > 0 else 0:]], dim=1)  # the last block's prompts
 
 
+class UNetMixtureOfPrompts(MixtureOfPrompts):
+    """
+    DMP on the Stable Diffusion UNet, installed as model_unet.UNetModel.block_input(h, i, emb, context) before
+    each of its 25 blocks (12 encoder, middle, 12 decoder; a decoder block's input includes its skip).
+
+    The paper gives SD prompts "of size H x W x D" and +0.32% parameters (Table 1), but not where they go. This
+    follows the DiT version, where the N prompts of a block are its N token positions (16 x 16 for DiT-B/2 at
+    256): the N = grid x grid prompts of block i are C_i-vectors on a grid x grid map, p_i in R^{N x C_i} with C_i
+    the block's input channels. The gate is one linear layer on [t; i] (t: the UNet's timestep embedding; with
+    gate_cond 't+c' also the text, as [t; c; i], since t (1280) and the CLIP states (768) differ in width,
+    and W [t; c] = W_t t + W_c c is the sum of Table 9), softmax over the N prompts:
+
+        h_i <- h_i + resize(softmax(G([t; i])) * p_i)                                          (Eq. 3)
+
+    where resize brings the weighted grid x grid x C_i map to the block's H_i x W_i by area interpolation
+    (replicated over 4 x 4 latent pixels at 512 x 512, averaged at the 8 x 8 deepest blocks), so the same patch
+    works at any resolution. The text c is the mean of the context tokens: the UNet sees CLIP's token states, not
+    its pooled output. Zero-initialised prompts leave the frozen UNet unchanged.
+
+    Parameters on SD 1.5 (tests/test_dmp.py counts them on the meta device), grid 16 and gate_cond 't+c':
+    prompts 256 x 30,724 channels summed over the 25 blocks = 7,865,344, gate (1280 + 768 + 25) x 256 + 256 =
+    530,944: 8,396,288 in all, +0.98% of the 859,520,964 UNet parameters, against the paper's +0.32% (2.8M, which
+    per-pixel prompts at 256 x 256 would exceed: 5.6M; grid 8 gives +0.24%). The linear gate and added prompts
+    only: the attention gate and prepended prompts are DiT ablations (Table 4a, 4d).
+    """
+    def __init__(self, block_shapes, cond_dim, grid=16, **options):
+        if options.get("gate", "linear") == "attention" or options.get("position", "add") != "add":
+            raise ValueError("DMP on the UNet has the linear gate (or none) and added prompts only")
+        super().__init__(len(block_shapes), grid * grid, cond_dim, prompt_widths=[c for c, _ in block_shapes],
+                         **options)
+        self.grid = grid
+
+    def forward(self, x, i, emb, context):
+        """x: (B, C_i, H_i, W_i) input of block i; emb: (B, 1280) timestep embedding; context: (B, 77, 768) text."""
+        if i >= self.depth:
+            return x
+        c = emb if self.gate_cond == "t" else torch.cat([emb, context.mean(dim=1).to(emb.dtype)], dim=-1)
+        if i == 0 and self.gate_type == "linear":
+            self.gates, self.load = self.mixture_weights(c)                # (B, L, N) for every block at once
+        g = self.grid
+        prompt = self.prompts[i].T.reshape(1, -1, g, g)                    # (1, C_i, grid, grid)
+        if self.gate_type is not None:
+            prompt = self.gates[:, i].reshape(-1, 1, g, g) * prompt        # Eq. 3: softmax(G([t; i])) * p_i
+        return x + F.interpolate(prompt, size=x.shape[-2:], mode="area").to(x.dtype)
+
+
 #################################################################################
 #                     Prompt Balancing Losses (Eqs. 11-13)                      #
 #################################################################################
@@ -233,6 +284,7 @@ def patch(model, method, **options):
       lora        rank (16: 2.4M parameters on DiT-B/2, close to DMP's 2.6M), alpha (= rank)
       difffit     gamma_blocks (14, DiffFit's first 14 blocks), pos_scale (1.0; 0.5 is DiffFit's positional
                   trick for fine-tuning a 256x256 checkpoint at 512x512, Sec. 4.3)
+    On the SD UNet (model_unet.UNetModel) see _patch_unet.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -240,6 +292,12 @@ def patch(model, method, **options):
         p.requires_grad_(False)
     model.patch_method, model.patch_options = method, dict(options)
     lr = LR_SCALE[method]
+    if hasattr(model, "input_blocks"):
+        groups = _patch_unet(model, method, lr, dict(options))
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        return groups
 
     if method == "full":                     # fine-tuning: every weight (pos_embed stays a fixed table)
         params = [p for n, p in model.named_parameters() if n != "pos_embed"]
@@ -284,6 +342,49 @@ def patch(model, method, **options):
         for p in group["params"]:
             p.requires_grad_(True)
     return groups
+
+
+def _patch_unet(model, method, lr, options):
+    """
+    patch() on the SD UNet: DMP and prompt tuning through UNetMixtureOfPrompts (option grid, 16); LoRA on the
+    q/k/v/out projections of both attentions and the two feed-forward linears of every transformer block;
+    DiffFit's gamma on the self-attention, cross-attention and feed-forward branches of every transformer block
+    (DiffFit defines its first-14-blocks rule for DiT only; gamma_blocks and pos_scale are DiT's) and trains the
+    biases and the GroupNorm/LayerNorm affine weights with them (the UNet has no label embedding).
+    """
+    from model_unet import BasicTransformerBlock
+    transformer_blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
+    if method == "full":
+        return [dict(params=list(model.parameters()), lr_scale=lr, name="all")]
+    if method in ("prompt", "dmp"):
+        gate_lr_scale = options.pop("gate_lr_scale", 1.0)
+        if method == "prompt":
+            options["gate"] = None
+        cond_dim = model.time_embed[-1].out_features + (model.config["context_dim"]
+                                                        if options.get("gate_cond") == "t+c" else 0)
+        mop = UNetMixtureOfPrompts(model.block_shapes, cond_dim, **options)
+        model.block_input = mop.to(next(model.parameters()).device)
+        gate = [p for n, p in mop.named_parameters() if not n.startswith("prompts.")]
+        groups = [dict(params=list(mop.prompts), lr_scale=lr, name="prompts")]
+        return groups + ([dict(params=gate, lr_scale=lr * gate_lr_scale, name="gate")] if gate else [])
+    if method == "lora":
+        rank = options.get("rank", 16)
+        for block in transformer_blocks:
+            for attn in (block.attn1, block.attn2):
+                for linear in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+                    add_lora(linear, rank, options.get("alpha", rank))
+            for linear in (block.ff.net[0].proj, block.ff.net[2]):
+                add_lora(linear, rank, options.get("alpha", rank))
+        return [dict(params=[p for n, p in model.named_parameters() if ".lora_" in n], lr_scale=lr, name="lora")]
+    if method == "difffit":
+        for block in transformer_blocks:
+            for branch in (block.attn1, block.attn2, block.ff):
+                add_scale(branch, block.norm1.normalized_shape[0])
+        norms = {id(p) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters()}
+        params = [p for n, p in model.named_parameters()
+                  if n.endswith(".bias") or n.endswith(".gamma") or id(p) in norms]
+        return [dict(params=params, lr_scale=lr, name="difffit")]
+    return [dict(params=[p for n, p in model.named_parameters() if n.endswith(".bias")], lr_scale=lr, name="bias")]
 
 
 def trainable_state_dict(model):
@@ -388,21 +489,26 @@ def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
     return path
 
 
-def load_model(name_or_path, patch_path=None):
+def load_model(name_or_path, patch_path=None, unet_config=None):
     """
     The model sample.py and train.py --init use: an official name or a DiT checkpoint (model_dit.load_checkpoint);
     a patch file or a train.py checkpoint of a further-training run (it records its base and the trained
-    weights), applied to the base it names; or a base plus `patch_path`.
+    weights), applied to the base it names; or a base plus `patch_path`. With unet_config (model_unet's
+    UNet_configs), the base is an SD UNet in any layout model_unet.load_unet reads; a patch of a UNet records
+    its config, so it needs none.
     """
     from model_dit import load_checkpoint
-    if Path(str(name_or_path)).is_file():
+    path = Path(str(name_or_path))
+    if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # an SD file is not read twice
         entries = read_state_dict(name_or_path)
         if {"method", "state"} <= set(entries):
             base = (entries.get("base") or {}).get("name")
             if not base:
                 raise CheckpointError(f"{name_or_path} is a patch that does not name its base checkpoint: "
                                       f"pass the base as the checkpoint and this file as the patch")
-            return apply_patch(load_model(base), name_or_path, base=base)
+            config = entries.get("config") or {}
+            unet_config = config if "context_dim" in config else unet_config
+            return apply_patch(load_model(base, unet_config=unet_config), name_or_path, base=base)
         if entries.get("method") and isinstance(entries.get("model"), dict):
             # DMP trained from scratch (Table 6): backbone and prompts in one state dict, EMA preferred
             from model_dit import DiT
@@ -410,5 +516,9 @@ def load_model(name_or_path, patch_path=None):
             patch(model, entries["method"], **(entries.get("options") or {}))
             model.load_state_dict(entries.get("ema") or entries["model"])
             return model
-    model = load_checkpoint(name_or_path)
+    if unet_config is not None:
+        from model_unet import load_unet
+        model = load_unet(name_or_path, unet_config)
+    else:
+        model = load_checkpoint(name_or_path)
     return apply_patch(model, patch_path, base=name_or_path) if patch_path else model

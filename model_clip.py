@@ -226,6 +226,13 @@ class CLIPTextModel(nn.Module):
 
 CLIP_VITL14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                    num_attention_heads=12, max_position_embeddings=77)  # openai/clip-vit-large-patch14, text half
+CLIP_TINY = dict(CLIP_VITL14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+@torch.no_grad()
+def encode_text(model, prompts):
+    """(context (B, 77, D), pooled (B, D)) of a list of prompts: what SD's UNet and a text-conditioned DiT read."""
+    return model(tokenize(list(prompts)).to(model.final_layer_norm.weight.device))
 
 
 #################################################################################

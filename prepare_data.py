@@ -5,6 +5,9 @@ its posterior stored so train.py draws a fresh latent every step (as DiT's train
     python prepare_data.py ~/data/ffhq/images1024x1024 data/ffhq256                      # FFHQ, unconditional
     python prepare_data.py ~/data/imagenet/train data/imagenet256 --labels folders       # ImageNet, 1000 classes
     python prepare_data.py digits.zip data/digits32 --resolution 32 --vae none           # pixel space
+    python prepare_data.py ~/laion/shards data/laion512 --resolution 512 --vae v1-5-pruned-emaonly.safetensors \
+        --captions txt                          # img2dataset .tar shards (or a folder of image + .txt pairs)
+    python prepare_data.py ~/coco/train2014 data/coco256 --captions ~/coco/annotations/captions_train2014.json
 
 The output folder OUT (built in OUT.partial/, renamed when complete; rerun the same command to resume):
     latents.npy   float16 [rows, 2, 2, z, h, w]: axis 1 the image / its horizontal mirror, axis 2 mean / std
@@ -14,14 +17,18 @@ The output folder OUT (built in OUT.partial/, renamed when complete; rerun the s
                   the sorted folder names (= torchvision ImageFolder, the order DiT's labels use)
     files.txt     row i is this file (relative path)
     manifest.json everything else: shapes, vae, scale factor, classes, skipped files and why, format version
-Rows of skipped files stay zero and PreparedData leaves them out. Captions (a later issue) will be one more
-row-aligned file named in the manifest's "captions", read by PreparedData next to the labels.
+    captions.json with --captions: row i's captions, a JSON list of strings (COCO has five; train.py draws one
+                  per step). Only image files are rows then; an image without a caption is skipped.
+Rows of skipped files stay zero and PreparedData leaves them out. A source is a folder, a zip, a .tar, or a
+folder of .tar shards (webdataset, as img2dataset writes them: 000000001.jpg beside 000000001.txt); a file
+inside shard 00000.tar is listed as 00000.tar/000000001.jpg.
 """
 import argparse
 import io
 import json
 import os
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -83,16 +90,27 @@ def to_model_input(x):
 #                      Sources: a folder or a zip, and labels                   #
 #################################################################################
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def tar_names(path):
+    with tarfile.open(path) as t:
+        return [m.name for m in t.getmembers() if m.isfile()]
+
+
 def list_source(src, labels):
     """Sorted relative paths of every file in `src` (hidden files and __MACOSX left out), their labels, class names."""
     if zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as z:
             files = [n for n in z.namelist() if not n.endswith("/")]
+    elif src.is_file() and tarfile.is_tarfile(src):
+        files = tar_names(src)
     elif src.is_dir():
         files = [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
                  for d, _, names in os.walk(src, followlinks=True) for f in names]
+        files = [m for f in files for m in ([f"{f}/{n}" for n in tar_names(src / f)] if f.endswith(".tar") else [f])]
     else:
-        raise DataError(f"{src}: not a folder or a zip file of images")
+        raise DataError(f"{src}: not a folder, a zip or a tar file of images")
     files = sorted(f for f in files if not any(p.startswith(".") or p == "__MACOSX" for p in f.split("/")))
     if not files:
         raise DataError(f"{src}: holds no files")
@@ -112,17 +130,25 @@ def list_source(src, labels):
 
 class ImageFiles(torch.utils.data.Dataset):
     """Files `start:` of the source, each as (row, centre-cropped uint8 HWC image or None, why not)."""
-    def __init__(self, src, files, labels, resolution, start, grayscale=False):
+    def __init__(self, src, files, labels, resolution, start, grayscale=False, captions=None):
         self.src, self.files, self.labels, self.resolution, self.start = src, files, labels, resolution, start
-        self.grayscale = grayscale
-        self.zip = None  # opened lazily, once per DataLoader worker
+        self.grayscale, self.captions = grayscale, captions
+        self.zip, self.tars = None, {}  # opened lazily, once per DataLoader worker
 
     def __len__(self):
         return len(self.files) - self.start
 
+    def tar(self, path):
+        if path not in self.tars:
+            self.tars[path] = tarfile.open(path)
+        return self.tars[path]
+
     def read(self, name):
         if self.src.is_dir():
-            return (self.src / name).read_bytes()
+            shard, tar, member = name.partition(".tar/")
+            return self.tar(self.src / (shard + ".tar")).extractfile(member).read() if tar else (self.src / name).read_bytes()
+        if tarfile.is_tarfile(self.src) and not zipfile.is_zipfile(self.src):
+            return self.tar(self.src).extractfile(name).read()
         self.zip = self.zip or zipfile.ZipFile(self.src)
         return self.zip.read(name)
 
@@ -130,6 +156,8 @@ class ImageFiles(torch.utils.data.Dataset):
         row = self.start + i
         if self.labels[row] < 0:
             return row, None, "not inside a class folder"
+        if self.captions is not None and not self.captions[row]:
+            return row, None, "no caption"
         try:
             with Image.open(io.BytesIO(self.read(self.files[row]))) as img:
                 img.load()  # decodes the whole file: truncated data fails here
@@ -139,6 +167,33 @@ class ImageFiles(torch.utils.data.Dataset):
             return row, None, "not an image file PIL can read"
         except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
             return row, None, (f"{type(e).__name__}: {str(e).strip()}".splitlines() or [""])[0][:200]
+
+
+def read_captions(src, files, captions):
+    """
+    The images among `files` and each one's list of captions: 'txt', the text file of the same name beside it
+    (a folder, zip or webdataset shard); or a COCO captions JSON (captions_train2014.json), matched by file name.
+    """
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if captions == "txt":
+        texts = {f for f in files if f.endswith(".txt")}
+        reader = ImageFiles(src, files, None, 0, 0)
+        found = []
+        for f in tqdm(images, desc="reading captions", unit="img", leave=False):
+            name = os.path.splitext(f)[0] + ".txt"
+            text = reader.read(name).decode("utf-8", errors="replace").strip() if name in texts else ""
+            found.append([text] if text else [])
+        return images, found
+    try:
+        coco = json.loads(Path(captions).expanduser().read_text())
+        names = {im["id"]: im["file_name"] for im in coco["images"]}
+        by_name = {}
+        for a in coco["annotations"]:
+            by_name.setdefault(names[a["image_id"]], []).append(a["caption"].strip())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{captions}: not a COCO captions file (a JSON with images and annotations; "
+                        f"{type(e).__name__}), nor 'txt'") from None
+    return images, [by_name.get(f.rsplit("/", 1)[-1], []) for f in images]
 
 
 #################################################################################
@@ -153,7 +208,7 @@ def _write_json(path, obj):
 
 
 def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0,
-            grayscale=False):
+            grayscale=False, captions=None):
     """Encode every image of `src` into the folder `out` (see the module docstring). Returns the manifest."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     partial = out.with_name(out.name + ".partial")
@@ -164,6 +219,14 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     if not src.exists():
         raise DataError(f"{src}: no such folder or zip file")
     files, y, class_names = list_source(src, labels)
+    texts = None
+    if captions:
+        if labels != "none":
+            raise DataError("--captions and --labels folders do not go together: a caption is the condition")
+        files, texts = read_captions(src, files, captions)
+        y = np.zeros(len(files), dtype=np.int64)
+        if not files:
+            raise DataError(f"{src}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_vae(vae, device)
     if grayscale and model is not None:
@@ -178,7 +241,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         name, shape = "latents.npy", (model.config["z_channels"], resolution // f, resolution // f)
         stored = (2, 2, *shape)
     settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels, rows=len(files),
-                    grayscale=grayscale)
+                    grayscale=grayscale, caption_source=str(captions) if captions else None)
     listing = "".join(f + "\n" for f in files)
 
     progress_path = partial / "progress.json"
@@ -192,12 +255,14 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "files.txt").write_text(listing)
         np.save(partial / "labels.npy", y)
+        if texts is not None:
+            _write_json(partial / "captions.json", texts)
         data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
                                          shape=(len(files), *stored))
         progress = dict(settings=settings, done=0, skipped=[])
         _write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
-    dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale)
+    dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale, captions=texts)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     with tqdm(total=len(files), initial=progress["done"], unit="img", desc=f"preparing {out.name}") as bar:
         for batch in loader:
@@ -220,7 +285,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
                     axes="row, channel, height, width" if model is None else
                     "row, mirror (0 image, 1 horizontal flip), moment (0 mean, 1 std), channel, height, width",
                     num_classes=max(1, len(class_names)), class_names=class_names, files="files.txt",
-                    skipped=skipped, captions=None)
+                    skipped=skipped, captions="captions.json" if texts is not None else None)
     _write_json(partial / "manifest.json", manifest)
     os.replace(partial, out)  # the finished folder appears at once
     (out / "progress.json").unlink()
@@ -269,6 +334,11 @@ class PreparedData:
         self.data = np.load(path / m["array"], mmap_mode="r")
         self.rows = np.setdiff1d(np.arange(m["stored_shape"][0]), [s["row"] for s in m["skipped"]])
         self.labels = np.load(path / "labels.npy")[self.rows]
+        # Text-to-image data: each usable image's list of captions (train.py draws one per step).
+        self.captions = None
+        if m.get("captions"):
+            every = json.loads((path / m["captions"]).read_text())
+            self.captions = [every[r] for r in self.rows]
 
     def __len__(self):
         return len(self.rows)
@@ -308,12 +378,14 @@ def main(argv=None):
                    help="none: every image label 0 (FFHQ); folders: one class per top folder, sorted (ImageNet)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (each encoded with its mirror)")
     p.add_argument("--grayscale", action="store_true", help="with --vae none: one-channel pixels (e.g. digits)")
+    p.add_argument("--captions", help="txt: the .txt beside each image (folders, zips, .tar shards); "
+                   "or a COCO captions JSON (captions_train2014.json)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     args = p.parse_args(argv)
     try:
         prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size, args.device, args.workers,
-                args.grayscale)
+                args.grayscale, args.captions)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

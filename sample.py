@@ -1,10 +1,13 @@
 """
-Sample a DiT, patched or not: a grid PNG to look at, or an FID set (a PNG folder plus one .npz).
+Sample a DiT or Stable Diffusion, patched or not: a grid PNG to look at, or an FID set (a PNG folder plus one .npz).
 
     python sample.py --ckpt DiT-XL-2-256x256.pt --class-labels 207 360 387 974 88 979 417 279
     python sample.py --ckpt runs/ffhq-dmp/patch.pt --grid 16                  # a patch names its base
     torchrun --nproc_per_node 8 sample.py --ckpt base.pt --patch patch.pt --num-samples 50000 --out samples/x
     python fid.py ref.npz samples/x.npz
+    python sample.py --model sd15 --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red bicycle"   # Stable Diffusion
+    python sample.py --model sd15 --ckpt stable-diffusion-v1-5/ --patch patch.pt --prompt-file coco30k.txt \
+        --num-samples 30000 --out samples/sd-dmp                                   # an FID set, prompt k for image k
 
 Image k draws everything random (its label when none is given, its initial noise, every step's noise) from one
 generator seeded by (seed, k), so a seed gives the same images whatever the batch size and the number of
@@ -30,6 +33,9 @@ from tqdm import tqdm
 import dmp
 from checkpoints import CheckpointError, read_state_dict
 from diffusion import create_diffusion, sample
+from diffusion import sd_guided_eps, sd_sample
+from model_clip import CLIP_TINY, CLIP_VITL14, encode_text, load_clip_text
+from model_unet import UNet_configs
 from model_vae import SCALE_FACTOR, load_vae
 
 
@@ -248,6 +254,119 @@ def write_grid(model, path, noise_schedule="linear", vae="none", num=16, seed=0,
 
 
 #################################################################################
+#               Stable Diffusion: model, prompts, one batch, a grid             #
+#################################################################################
+
+# --model: the UNet (model_unet.UNet_configs), its text encoder and the default resolution. sd-tiny is the
+# golden tiny UNet with a CLIP of the same width, for tests and CPU demos.
+SD_MODELS = {"sd15": dict(unet=UNet_configs["sd15"], clip=CLIP_VITL14, resolution=512),
+             "sd-tiny": dict(unet=UNet_configs["sd-tiny"], clip=CLIP_TINY, resolution=64)}
+
+
+def sd_base(ckpt):
+    """The SD checkpoint (file or diffusers folder) behind `ckpt`: itself, or the base a patch file names."""
+    path = Path(str(ckpt))
+    if path.is_file() and path.suffix != ".safetensors":
+        entries = read_state_dict(path)
+        if {"method", "state"} <= set(entries) and (entries.get("base") or {}).get("name"):
+            return entries["base"]["name"]
+    return ckpt
+
+
+def load_sd(ckpt, model="sd15", patch=None, device="cpu"):
+    """
+    (unet, text_encoder, vae) of an SD 1.x single file (.safetensors/.ckpt) or diffusers folder; the UNet patched
+    by `patch` (or `ckpt` is itself a patch or train.py checkpoint naming its base). Text encoder and VAE frozen.
+    """
+    spec, base = SD_MODELS[model], sd_base(ckpt)
+    unet = dmp.load_model(ckpt, patch, unet_config=spec["unet"]).to(device)
+    text_encoder = load_clip_text(base, spec["clip"]).to(device).eval().requires_grad_(False)
+    folder = Path(str(base))
+    vae_file = next((f for f in sorted((folder / "vae").glob("diffusion_pytorch_model*")) if f.is_file()), None) \
+        if folder.is_dir() else folder
+    if vae_file is None:
+        raise CheckpointError(f"{base}: a folder without vae/diffusion_pytorch_model.safetensors")
+    return unet, text_encoder, load_vae(vae_file, device)
+
+
+def read_prompts(path):
+    """A prompt file: one prompt per line (blank lines skipped); image k of a sample set takes line k mod n."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"{path}: not a readable UTF-8 text file of prompts ({type(e).__name__})") from None
+    if not prompts:
+        raise SampleError(f"{path}: holds no prompts (one per line)")
+    return prompts
+
+
+@torch.no_grad()
+def sd_batch(ks, unet, text_encoder, vae, prompts, seed=0, cfg_scale=7.5, sampler="pndm", steps=50, resolution=512,
+             decode_batch_size=8, bf16=False):
+    """
+    Images ks as uint8 (len(ks), H, W, 3): image k has prompt k mod len(prompts) and its initial noise from
+    image_generator(seed, k) (PNDM and DDIM draw nothing after it), guided against the empty prompt.
+    """
+    device = next(unet.parameters()).device
+    f = 2 ** (len(vae.config["ch_mult"]) - 1)
+    gens = [image_generator(seed, k) for k in ks]
+    z = torch.stack([torch.randn(unet.config["in_channels"], resolution // f, resolution // f, generator=g)
+                     for g in gens]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        context = encode_text(text_encoder, [prompts[k % len(prompts)] for k in ks])[0]
+        uncond = encode_text(text_encoder, [""] * len(ks))[0]
+        x = sd_sample(sd_guided_eps(unet, context, uncond, cfg_scale), z, steps, sampler)
+        x = torch.cat([vae.decode(c / SCALE_FACTOR).float() for c in x.split(decode_batch_size)])
+    return to_uint8(x)
+
+
+def write_sd_grid(unet, text_encoder, vae, path, prompts, num=16, seed=0, batch_size=8, **options):
+    """A grid PNG of images 0..num-1 (sd_batch's options); what train.py draws every --sample-every steps."""
+    was_training = unet.training
+    unet.eval()
+    batches = [list(range(i, min(i + batch_size, num))) for i in range(0, num, batch_size)]
+    images = np.concatenate([sd_batch(ks, unet, text_encoder, vae, prompts, seed, **options) for ks in batches])
+    unet.train(was_training)
+    save_grid(images, Path(path))
+    return Path(path)
+
+
+def sd_main(args):
+    """sample.py --model: a grid of the prompts, or an FID set over the prompt file."""
+    rank, world, device = init_distributed(use=args.num_samples is not None)
+    if args.sampler not in ("pndm", "ddim"):
+        raise SampleError(f"--sampler {args.sampler} is DiT's: Stable Diffusion samples with pndm or ddim")
+    if args.cfg_scale < 1.0:
+        raise SampleError(f"--cfg-scale must be at least 1 (1 = no guidance), not {args.cfg_scale:g}")
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+    if not prompts:
+        raise SampleError("Stable Diffusion needs --prompt or --prompt-file")
+    unet, text_encoder, vae = load_sd(args.ckpt, args.model, args.patch, device)
+    unet.eval()
+    options = dict(cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, resolution=args.resolution,
+                   decode_batch_size=args.decode_batch_size, bf16=args.precision == "bf16")
+    name = "-".join([Path(args.ckpt).stem] + ([Path(args.patch).stem] if args.patch else [])
+                    + [f"{args.sampler}{args.steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"])
+    if args.num_samples is None:
+        path = write_sd_grid(unet, text_encoder, vae, args.out or f"samples/{name}.png", prompts,
+                             args.grid or len(prompts), args.seed, args.batch_size, **options)
+        print(f"wrote {path}")
+        return
+    out_dir = Path(args.out or f"samples/{name}")
+    settings = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v
+                for k, v in vars(args).items() if k in ("ckpt", "patch", "model", "seed", "cfg_scale", "sampler",
+                                                        "steps", "resolution")}
+    settings["prompts"] = prompts
+    make_batch = partial(sd_batch, unet=unet, text_encoder=text_encoder, vae=vae, prompts=prompts, seed=args.seed,
+                         **options)
+    write_samples(args.num_samples, make_batch, out_dir, args.batch_size, settings)
+    if rank == 0:
+        npz_path = out_dir.with_name(out_dir.name + ".npz")
+        write_npz(out_dir, args.num_samples, npz_path)
+        print(f"wrote {npz_path} ({args.num_samples} images)")
+
+
+#################################################################################
 #                                     Main                                      #
 #################################################################################
 
@@ -272,17 +391,22 @@ def positive(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--ckpt", required=True, help="official name (DiT-XL-2-256x256.pt), checkpoint or patch file")
+    p.add_argument("--ckpt", required=True, help="official name (DiT-XL-2-256x256.pt), checkpoint or patch file; "
+                   "with --model an SD 1.x file or diffusers folder")
+    p.add_argument("--model", choices=list(SD_MODELS), help="Stable Diffusion (default: a DiT)")
+    p.add_argument("--prompt", nargs="+", help="SD: prompts, one image each (repeated to --grid)")
+    p.add_argument("--prompt-file", help="SD: one prompt per line; image k takes line k mod n (FID sets)")
+    p.add_argument("--resolution", type=positive, help="SD: image side (default 512)")
     p.add_argument("--patch", help="a patch file to apply to --ckpt")
     p.add_argument("--grid", type=positive, help="images in the grid PNG (default: one per --class-labels, else 16)")
     p.add_argument("--num-samples", type=positive, help="write an FID set of this many images instead of a grid")
     p.add_argument("--out", help="grid PNG path, or FID set folder (its .npz goes next to it: DIR.npz)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", type=int, nargs="+", help="labels, repeated in turn (default: random)")
-    p.add_argument("--cfg-scale", type=float, help="guidance scale (default 1.5 with a null class, else 1)")
+    p.add_argument("--cfg-scale", type=float, help="guidance scale (default 1.5 with a null class, else 1; SD 7.5)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide every channel, not the official 3")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=positive, help="sampling steps (default 250 for DDPM, the paper's; 50 for DDIM)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "pndm"], help="default ddpm (DiT), pndm (SD, the paper's)")
+    p.add_argument("--steps", type=positive, help="sampling steps (default 250 for DDPM, the paper's; 50 otherwise)")
     p.add_argument("--eta", type=float, help="DDIM's eta (default 0: deterministic)")
     p.add_argument("--noise-schedule", choices=["linear", "cosine"], help="default: recorded, else linear")
     p.add_argument("--vae", help="ema, mse, none or a path (default: recorded, else mse for 4-channel models)")
@@ -291,7 +415,14 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (faster)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     args = p.parse_args(argv)
+    args.sampler = args.sampler or ("pndm" if args.model else "ddpm")
     args.steps = args.steps or (250 if args.sampler == "ddpm" else 50)
+    if args.model:  # Stable Diffusion: the paper's guidance 7.5, SD's resolution
+        args.cfg_scale = 7.5 if args.cfg_scale is None else args.cfg_scale
+        args.resolution = args.resolution or SD_MODELS[args.model]["resolution"]
+        return p, args
+    if args.sampler == "pndm":
+        p.error("--sampler pndm is Stable Diffusion's: add --model")
     if args.sampler == "ddpm" and args.eta is not None:
         p.error("--eta is DDIM's: add --sampler ddim")
     args.eta = (args.eta or 0.0) if args.sampler == "ddim" else None  # None: DDPM, for dit_batch
@@ -307,6 +438,14 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.num_samples is None and int(os.environ.get("RANK", 0)) > 0:
         return  # a grid is one process's work
+    if args.model:
+        try:
+            return sd_main(args)
+        except (CheckpointError, SampleError) as e:
+            parser.error(str(e))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     rank, world, device = init_distributed(use=args.num_samples is not None)
     try:
         try:

@@ -5,6 +5,7 @@ The one training loop: pretrain a DiT, or further-train a converged one with any
     python train.py --dataset ffhq --model DiT-L/2                     # pretrain DiT-L/2 on prepared FFHQ
     python train.py --dataset ffhq --init runs/000-.../checkpoints/0250000.pt --method dmp   # the paper
     torchrun --nproc_per_node 8 train.py --dataset imagenet --init DiT-XL-2-256x256.pt      # several GPUs
+    python train.py --dataset laion --model sd15 --init v1-5-pruned-emaonly.safetensors --method dmp  # SD 1.5
 
 Every run writes runs/NNN-<dataset>-<method>/: log.jsonl (one JSON object per line), checkpoints/ (the last
 --keep, written atomically), samples/ (a grid every --sample-every steps). --resume RUN_DIR continues a run
@@ -29,7 +30,9 @@ from tqdm import tqdm
 import dmp
 from checkpoints import CheckpointError, atomic_save, read_state_dict
 from diffusion import create_diffusion
+from model_clip import encode_text
 from model_dit import CONFIGS, DiT
+from model_unet import UNet_configs
 from prepare_data import DataError, PreparedData
 
 # A DiT small enough to pretrain on the 8x8 digits on a CPU (16 tokens, 0.33M parameters).
@@ -43,6 +46,10 @@ PRESETS = {
     # a mirrored digit is another shape.
     "digits": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, model="digits", holdout=297, ema=0.999,
                    no_flip=True, log_every=100, ckpt_every=2000, sample_every=2000, eval_every=1000, device="cpu"),
+    # Text-to-image on captioned data (prepare_data.py --captions): SD 1.5 further-trained on its own data with
+    # its own schedule (ldm's "linear" is the scaled_linear of diffusers); the gate reads t + text (Table 9).
+    "laion": dict(data="data/laion512", noise_schedule="scaled_linear", unconditional=False, model="sd15",
+                  text=True, sample_every=0),
     "demo": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, init="assets/dit_digits.pt",
                  method="dmp", holdout=297, no_flip=True, iterations=1500, log_every=50, ckpt_every=500,
                  sample_every=1500, device="cpu", eval_bpd=True, bpd_images=100),
@@ -53,13 +60,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="demo", choices=list(PRESETS), help="a preset of the settings below")
     p.add_argument("--data", help="a folder written by prepare_data.py")
-    p.add_argument("--model", help="a DiT config (DiT-XL/2, ...; 'digits' for the tiny one) when pretraining")
+    p.add_argument("--model", help="a DiT config (DiT-XL/2, ...; 'digits' for the tiny one) when pretraining; "
+                   "sd15 (or sd-tiny) for Stable Diffusion with --init")
     p.add_argument("--init", help="none: pretrain from scratch; an official name or a checkpoint to further-train")
     p.add_argument("--method", choices=dmp.METHODS, help="further-training method (default dmp with --init; "
                    "with no --init, dmp trains backbone and prompts together: Table 6)")
-    p.add_argument("--noise-schedule", choices=["linear", "cosine"], help="ffhq, coco: cosine; imagenet: linear")
+    p.add_argument("--noise-schedule", choices=["linear", "cosine", "scaled_linear"],
+                   help="ffhq, coco: cosine; imagenet: linear; laion (SD): scaled_linear")
     p.add_argument("--unconditional", action=argparse.BooleanOptionalAction, help="every label 0, num_classes 1")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (conditional)")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="text data: empty caption, for guidance")
     p.add_argument("--holdout", type=int, default=0, help="images kept out of training for the held-out metrics")
     # optimisation (DMP appendix: AdamW, lr 1e-4 constant, no weight decay, batch 128, flips, no EMA)
     p.add_argument("--iterations", type=int, help="default 50000 with --init (paper), 400000 from scratch")
@@ -80,7 +90,8 @@ def parse_args(argv=None):
     g.add_argument("--num-prompts", type=int, help="prepend: how many (50); add: always one per token")
     g.add_argument("--prompt-depth", type=int, help="prompts in the first k blocks only (Fig. 4)")
     g.add_argument("--prompt-init", choices=["zero", "random"], default="zero")
-    g.add_argument("--gate-cond", choices=["t", "t+c"], default="t", help="Table 9")
+    g.add_argument("--gate-cond", choices=["t", "t+c"], help="Table 9: t+c for text data, else t")
+    g.add_argument("--prompt-grid", type=int, default=16, help="SD UNet: prompts per block, grid x grid")
     g.add_argument("--block-index", choices=["onehot", "scalar"], default="onehot")
     g.add_argument("--noisy-gate", action="store_true", help="learned gate noise (authors' code)")
     g.add_argument("--gate-lr-scale", type=float, default=1.0, help="10 in the authors' code")
@@ -103,6 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-bpd", action="store_true", help="held-out bits/dim before and after training")
     p.add_argument("--bpd-images", type=int, help="bits/dim on this many held-out images (default all; the bound "
                    "costs 1000 forward passes of them)")
+    p.set_defaults(text=False)
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].dataset])  # the preset, then the command line
     args = p.parse_args(argv)
     args.init = None if args.init in (None, "none") else args.init
@@ -117,9 +129,11 @@ def method_options(args):
     if args.method in ("dmp", "prompt"):
         options = dict(gate=args.gate, selection=args.selection, top_k=args.top_k,
                        prompt_selection=args.prompt_selection, position=args.position, num_prompts=args.num_prompts,
-                       depth=args.prompt_depth, init=args.prompt_init, gate_cond=args.gate_cond,
+                       depth=args.prompt_depth, init=args.prompt_init,
+                       gate_cond=args.gate_cond or ("t+c" if args.text else "t"),
                        block_index=args.block_index, noisy_gate=args.noisy_gate, gate_lr_scale=args.gate_lr_scale)
         options.update(dmp.AUTHORS_CODE if args.authors_code else {})
+        options.update(dict(grid=args.prompt_grid) if args.model in UNet_configs else {})
         return {k: v for k, v in options.items() if v is not None}
     return dict(lora=dict(rank=args.lora_rank), difffit=dict(gamma_blocks=args.gamma_blocks,
                 pos_scale=args.pos_scale)).get(args.method, {})
@@ -164,13 +178,18 @@ def get_batch(data, train_rows, step, args, device, rank=0, world=1):
     x, y = data.batch(train_rows[idx[local]], flip[local], device=device, noise=posterior_noise[local])
     if args.unconditional:
         y = torch.zeros_like(y)
+    if args.text:  # one of the image's captions (COCO has five), or "" for guidance (caption dropout)
+        captions = [data.captions[train_rows[i]] for i in idx]
+        pick = [int(rng.integers(len(c))) for c in captions]
+        drop = rng.random(G) < args.caption_dropout
+        y = ["" if d else c[j] for c, j, d in zip(captions, pick, drop)][local]
     return x, y, t[local], noise[local]
 
 
 def compute_loss(model, raw, diffusion, batch, args):
     """The hybrid diffusion loss plus DMP's balancing losses (zero for other methods)."""
     x, y, t, noise = batch
-    terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
+    terms = diffusion.training_losses(model, x, t, y if isinstance(y, dict) else dict(y=y), noise=noise)
     importance, load = dmp.balancing_losses(raw)
     loss = terms["loss"].mean() + args.importance_coef * importance + args.load_coef * load
     return loss, torch.stack([loss, terms["mse"].mean(), terms.get("vb", terms["mse"] * 0).mean(), importance, load])
@@ -218,7 +237,14 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
 #################################################################################
 
 def build_model(args, data):
-    """A DiT from --init (official name or checkpoint) or a fresh one of --model, patched by --method."""
+    """A DiT from --init (official name or checkpoint) or a fresh one of --model, patched by --method; or SD's UNet."""
+    if args.model in UNet_configs:
+        if not args.init:
+            raise CheckpointError(f"--model {args.model} further-trains Stable Diffusion: name its checkpoint with --init")
+        model = dmp.load_model(args.init, unet_config=UNet_configs[args.model])
+        if model.config["in_channels"] != data.shape[0]:
+            raise DataError(f"{args.data} holds {list(data.shape)} latents; the UNet takes {model.config['in_channels']} channels")
+        return model, dmp.patch(model, args.method, **method_options(args))
     if args.init:
         model = dmp.load_model(args.init)
         if getattr(model, "patch_method", None):
@@ -327,7 +353,17 @@ def main(argv=None):
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
 
-    diffusion = create_diffusion("", args.noise_schedule)
+    text_encoder = None
+    if args.text:
+        if data.captions is None:
+            raise DataError(f"{args.data} has no captions: prepare it with prepare_data.py --captions")
+        if args.model not in UNet_configs:
+            raise DataError("text-to-image training is for Stable Diffusion (--model sd15) here")
+        if args.eval_every or args.eval_bpd:
+            raise DataError("held-out evaluation (--eval-every, --eval-bpd) is DiT's; sample an FID set instead")
+        text_encoder = load_text_encoder(args, device)
+    # SD predicts the noise only (fixed variance); DiT also learns the variance (the hybrid loss).
+    diffusion = create_diffusion("", args.noise_schedule, learn_sigma=args.model not in UNet_configs)
     raw = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -363,6 +399,9 @@ def main(argv=None):
         # rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
         batch = get_batch(data, train_rows, step, args, device, rank, world)
+        if text_encoder is not None:  # the frozen text encoder runs on the fly: captions -> the UNet's context
+            x, captions, t, noise = batch
+            batch = (x, dict(context=encode_text(text_encoder, captions)[0]), t, noise)
         with autocast:
             loss, terms = compute_loss(model, raw, diffusion, batch, args)
         opt.zero_grad(set_to_none=True)
@@ -401,7 +440,9 @@ def main(argv=None):
             if world > 1:
                 dist.barrier()
         if args.sample_every and (step % args.sample_every == 0 or step == args.iterations) and rank == 0:
-            grid = write_grid(ema or raw, args, data, run_dir / "samples" / f"{step:07d}.png", device)
+            path = run_dir / "samples" / f"{step:07d}.png"
+            grid = (write_sd_grid(ema or raw, text_encoder, args, data, path, device) if text_encoder is not None
+                    else write_grid(ema or raw, args, data, path, device))
             log(dict(event="samples", step=step, path=str(grid)))
     bar.close()
 
@@ -423,6 +464,23 @@ def write_grid(model, args, data, path, device):
     import sample
     return sample.write_grid(model, path, noise_schedule=args.noise_schedule, vae=data.vae, num=16, seed=0,
                              steps=50, sampler="ddim", device=device)
+
+
+def load_text_encoder(args, device):
+    """SD's frozen CLIP text encoder, from the checkpoint the UNet came from (sample.py's loader)."""
+    import sample
+    from model_clip import load_clip_text
+    return load_clip_text(sample.sd_base(args.init), sample.SD_MODELS[args.model]["clip"]).to(device).eval().requires_grad_(False)
+
+
+def write_sd_grid(unet, text_encoder, args, data, path, device, num=4):
+    """SD samples of the first captions with fixed seeds (sample.py's grid code: PNDM, 50 steps, guidance 7.5)."""
+    import sample
+    from model_vae import load_vae
+    vae = load_vae(data.vae, device)
+    f = 2 ** (len(vae.config["ch_mult"]) - 1)
+    prompts = [c[0] for c in data.captions[:num]]
+    return sample.write_sd_grid(unet, text_encoder, vae, path, prompts, num=num, resolution=data.shape[-1] * f)
 
 
 if __name__ == "__main__":

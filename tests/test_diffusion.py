@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffusion import create_diffusion, sample, space_timesteps
+from diffusion import create_diffusion, get_named_beta_schedule, sample, space_timesteps
 from model_dit import DiT
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -104,3 +104,28 @@ def test_bits_per_dim_equals_the_sum_of_its_terms(setup):
     terms = diffusion.training_losses(model, x0, torch.full((3,), 3), dict(y=G["y"]), noise=noises[3])
     assert rel_err(out["vb"][:, 3], terms["vb"]) <= 1e-5
     assert (out["prior_bpd"] >= 0).all() and np.isfinite(out["total_bpd"].numpy()).all()
+
+
+def test_sd_schedulers_equal_diffusers_pndm_and_ddim():
+    """diffusers' PNDMScheduler (skip_prk_steps) and DDIMScheduler, 10 steps, eps from the tiny golden UNet."""
+    from diffusion import sd_sample, sd_timesteps
+    from model_unet import SD_TINY, UNetModel
+    with safe_open(GOLDEN / "sd_schedulers.safetensors", "pt") as f:
+        g = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(f.metadata()["scheduler_config"])
+    assert config["beta_schedule"] == "scaled_linear" and config["skip_prk_steps"] and not config["set_alpha_to_one"]
+    alphas_cumprod = np.cumprod(1 - get_named_beta_schedule("scaled_linear"))
+    assert np.abs(alphas_cumprod / g["alphas_cumprod"].double().numpy() - 1).max() < 1e-5  # measured 1.5e-7
+    with safe_open(GOLDEN / "unet_tiny.safetensors", "pt") as f:
+        unet = UNetModel(**SD_TINY).eval()
+        unet.load_state_dict({k[len("ldm.model.diffusion_model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")})
+        context = f.get_tensor("context")
+    eps_fn = lambda x, t: unet(x, torch.full((len(x),), t, dtype=torch.long), context)  # noqa: E731
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny UNet runs several times faster on one thread than on two contended ones
+    for sampler in ("pndm", "ddim"):
+        assert sd_timesteps(10, sampler) == g[f"{sampler}.timesteps"].tolist()
+        out = sd_sample(eps_fn, g["init"], 10, sampler)
+        ref = g[f"{sampler}.final"]
+        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5, sampler  # measured 5.3e-7 for both
+    torch.set_num_threads(threads)

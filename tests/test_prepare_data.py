@@ -216,3 +216,45 @@ def test_clear_errors(folder, tmp_path, capsys):
         prepare(tmp_path / "empty", tmp_path / "out", vae="none")
     with pytest.raises(DataError, match="no readable manifest.json"):
         PreparedData(tmp_path / "done")
+
+
+def test_captions_from_webdataset_shards_and_coco(tmp_path):
+    """img2dataset shards (image + .txt per key) and COCO's captions JSON become captions.json, row-aligned."""
+    import io
+    import tarfile
+    rng = np.random.default_rng(0)
+
+    def jpeg():
+        b = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(b, "JPEG")
+        return b.getvalue()
+
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(tmp_path / "shards" / f"{shard:05d}.tar", "w") as t:
+            for i in range(3):
+                members = {f"{shard}{i:08d}.jpg": jpeg(), f"{shard}{i:08d}.json": b"{}"}
+                if (shard, i) != (1, 2):  # one image without its caption
+                    members[f"{shard}{i:08d}.txt"] = f"  photo {shard} {i}\n".encode()
+                for name, data in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+    prepare(tmp_path / "shards", tmp_path / "laion", resolution=16, vae="none", captions="txt")
+    data = PreparedData(tmp_path / "laion")
+    assert len(data) == 5 and data.captions == [[f"photo {s} {i}"] for s in range(2) for i in range(3)][:5]
+    assert data.manifest["skipped"] == [dict(row=5, file="00001.tar/100000002.jpg", reason="no caption")]
+
+    (tmp_path / "train2014").mkdir()
+    for i in (1, 2):
+        (tmp_path / "train2014" / f"COCO_train2014_{i:012d}.jpg").write_bytes(jpeg())
+    coco = dict(images=[dict(id=7, file_name="COCO_train2014_000000000001.jpg"),
+                        dict(id=9, file_name="COCO_train2014_000000000002.jpg")],
+                annotations=[dict(image_id=9, caption="a dog. "), dict(image_id=7, caption="a cat"),
+                             dict(image_id=9, caption="a brown dog")])
+    (tmp_path / "captions_train2014.json").write_text(json.dumps(coco))
+    prepare(tmp_path / "train2014", tmp_path / "coco", resolution=16, vae="none",
+            captions=tmp_path / "captions_train2014.json")
+    assert PreparedData(tmp_path / "coco").captions == [["a cat"], ["a dog.", "a brown dog"]]
+    with pytest.raises(DataError, match="not a COCO captions file"):
+        prepare(tmp_path / "train2014", tmp_path / "bad", resolution=16, vae="none", captions=tmp_path / "shards" / "00000.tar")

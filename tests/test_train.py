@@ -1,5 +1,6 @@
 """train.py on the bundled digits with the tiny DiT: resume, crash safety, NaN stop, every method, DDP."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -178,3 +179,74 @@ def test_torchrun_runs_the_loop_with_two_processes(tmp_path, base_checkpoint):
     run_dir = next((tmp_path / "runs").iterdir())
     assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
     assert next(e for e in log_of(run_dir) if e.get("event") == "start")["world"] == 2
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny UNet runs several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(tmp_path, one_thread):
+    """
+    End to end: an SD-layout single file (the golden tiny UNet and VAE, a tiny CLIP), 8 captioned images in an
+    img2dataset shard, 20 DMP steps, PNDM with guidance. A zero patch gives the base's samples bit for bit.
+    """
+    import io
+    import tarfile
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import prepare_data
+    import sample
+    from model_clip import CLIP_TINY, CLIPTextModel
+    from model_unet import UNetModel
+    golden = ROOT / "tests" / "golden"
+    torch.manual_seed(0)
+    sd = {f"cond_stage_model.transformer.text_model.{k}": v for k, v in CLIPTextModel(**CLIP_TINY).state_dict().items()}
+    for name in ("unet_tiny", "vae_tiny"):
+        with safe_open(golden / f"{name}.safetensors", "pt") as f:
+            sd.update({k[len("ldm."):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")})
+    save_file(sd, tmp_path / "sd-tiny.safetensors")
+    rng = np.random.default_rng(0)
+    with tarfile.open(tmp_path / "00000.tar", "w") as t:
+        for i in range(8):
+            png = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(png, "PNG")
+            for name, data in ((f"{i:09d}.png", png.getvalue()), (f"{i:09d}.txt", f"a photo of thing {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    prepare_data.prepare(tmp_path / "00000.tar", tmp_path / "data", resolution=32, vae=tmp_path / "sd-tiny.safetensors",
+                         captions="txt")
+    train.main(["--dataset", "laion", "--model", "sd-tiny", "--data", str(tmp_path / "data"), "--init",
+                str(tmp_path / "sd-tiny.safetensors"), "--iterations", "20", "--batch-size", "4", "--lr", "1e-1",
+                "--device", "cpu", "--log-every", "10", "--ckpt-every", "20", "--results-dir", str(tmp_path / "runs")])
+    run_dir = next((tmp_path / "runs").iterdir())
+    log = log_of(run_dir)
+    with torch.device("meta"):
+        channels = sum(c for c, _ in UNetModel(**sample.SD_MODELS["sd-tiny"]["unet"]).block_shapes)
+    assert log[0]["trained_parameters"] == 256 * channels + (128 + 32 + 25) * 256 + 256 == 482_816  # prompts, gate
+    assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
+    ckpt = train.checkpoints(run_dir)[-1]
+    entries = read_state_dict(ckpt)
+    assert entries["method"] == "dmp" and entries["options"]["gate_cond"] == "t+c" and entries["step"] == 20
+    assert max(v.abs().max() for k, v in entries["state"].items() if "prompts" in k) > 1e-3  # the prompts learned
+
+    unet, _, _ = sample.load_sd(tmp_path / "sd-tiny.safetensors", "sd-tiny")
+    dmp.patch(unet, "dmp", gate_cond="t+c")
+    dmp.save_patch(unet, tmp_path / "zero.pt", base=tmp_path / "sd-tiny.safetensors")
+    common = ["--model", "sd-tiny", "--prompt", "a photo of thing 1", "a red square", "--resolution", "32",
+              "--steps", "5", "--seed", "3"]
+    images = {}
+    for name, extra in (("base", []), ("zero", ["--patch", str(tmp_path / "zero.pt")]), ("dmp", [])):
+        ckpt_arg = str(ckpt) if name == "dmp" else str(tmp_path / "sd-tiny.safetensors")
+        sample.main(common + ["--ckpt", ckpt_arg, "--out", str(tmp_path / f"{name}.png"), *extra])
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert images["base"].shape == (2 + 34, 2 * 34 + 2, 3) and images["base"].std() > 5
+    assert np.array_equal(images["zero"], images["base"])  # a zero-initialised patch changes nothing
+    assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does (weights 1/256: a little)
