@@ -296,17 +296,20 @@ class GaussianDiffusion:
 def sample(model, diffusion, z, y, cfg_scale=1.0, null_class=None, eta=None, progress=False, guide_channels=3,
            noise_fn=None):
     """
-    Latents from noise z with labels y, as the official sample.py does it: with cfg_scale > 1 the batch is
-    doubled with the null class and guided through model.forward_with_cfg (CFG Eq. 6); DDPM ancestral
-    sampling, or DDIM with eta (on a "ddimN" respacing); clip_denoised=False since latents are unbounded.
+    Latents from noise z with labels y (or a text DiT's (N, text_dim) embeddings), as the official sample.py
+    does it: with cfg_scale > 1 the batch is doubled with the null class (text: zero rows, the null embedding)
+    and guided through model.forward_with_cfg (CFG Eq. 6); DDPM ancestral sampling, or DDIM with eta (on a
+    "ddimN" respacing); clip_denoised=False since latents are unbounded.
     noise_fn(x) gives each step's noise for the first len(z) rows; the guided half's copy never matters, since
     forward_with_cfg reads only the first half.
     """
     if cfg_scale > 1.0:
-        if null_class is None:
-            null_class = model.y_embedder.num_classes
+        if y.is_floating_point():  # text embeddings (model_dit.TextEmbedder): a zero row is the null embedding
+            null = torch.zeros_like(y)
+        else:
+            null = torch.full_like(y, model.y_embedder.num_classes if null_class is None else null_class)
         z = torch.cat([z, z], 0)
-        y = torch.cat([y, torch.full_like(y, null_class)], 0)
+        y = torch.cat([y, null], 0)
         fn = lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guide_channels)  # noqa: E731
         if noise_fn is not None:
             noise_fn = (lambda f: lambda x: f(x[: len(x) // 2]).repeat(2, *([1] * (x.ndim - 1))))(noise_fn)

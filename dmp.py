@@ -448,14 +448,20 @@ def apply_patch(model, path, base=None):
 
 @torch.no_grad()
 def gate_weights(model, timesteps=None, y=None):
-    """The gate's weights as an array [blocks, timesteps, prompts] (eval mode: no gate noise)."""
+    """
+    The gate's weights as an array [blocks, timesteps, prompts] (eval mode: no gate noise). y: the class (default
+    0), or for a text DiT a pooled text embedding (text_dim,) (default: the null embedding).
+    """
     mop = model.block_input
     if not isinstance(mop, MixtureOfPrompts) or mop.gate_type is None:
         raise ValueError("the model has no DMP gate (patch it with method='dmp')")
     device = model.pos_embed.device
     t = torch.arange(1000, device=device) if timesteps is None else torch.as_tensor(timesteps, device=device)
     c = model.t_embedder(t)
-    if mop.gate_cond == "t+c":
+    if mop.gate_cond == "t+c" and model.text_dim:
+        y = torch.zeros(model.text_dim) if y is None else torch.as_tensor(y, dtype=torch.float32)
+        c = c + model.y_embedder(y.to(device).expand(len(t), -1), False)
+    elif mop.gate_cond == "t+c":
         c = c + model.y_embedder(torch.zeros_like(t) if y is None else torch.as_tensor(y, device=device).expand_as(t), False)
     was_training = mop.training
     mop.eval()

@@ -266,12 +266,29 @@ def clip_text_state_dict(path):
     return {k: v for k, v in sd.items() if not k.endswith("position_ids")}
 
 
+def infer_clip_config(sd):
+    """
+    The config a text encoder state dict's shapes imply, or None if it is not one. The head count is not in the
+    shapes: CLIP's heads are 64 wide (ViT-L/14: 12 of 768, ViT-H: 16 of 1024); tiny test encoders (under 64) have 4.
+    """
+    try:
+        vocab, width = sd["embeddings.token_embedding.weight"].shape
+        return dict(vocab_size=vocab, hidden_size=width, intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                    num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")),
+                    num_attention_heads=width // 64 if width >= 64 else 4,
+                    max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def load_clip_text(path, config=CLIP_VITL14, dtype=torch.float32):
     """
     CLIPTextModel(**config) with the weights in `path` (see clip_text_state_dict), in `dtype`, built on the meta
-    device. A file that does not fit raises CheckpointError naming the missing, unexpected and mis-shaped keys.
+    device; config=None takes it from the shapes (infer_clip_config). A file that does not fit raises
+    CheckpointError naming the missing, unexpected and mis-shaped keys.
     """
     sd = clip_text_state_dict(path)
+    config = config or infer_clip_config(sd) or CLIP_VITL14
     with torch.device("meta"):
         model = CLIPTextModel(**config)
     expected = model.state_dict()

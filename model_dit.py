@@ -3,7 +3,9 @@ DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023) in plai
 
 Same function and same parameter names as facebookresearch/DiT's models.py, so the official checkpoints load
 with strict=True; attention goes through F.scaled_dot_product_attention instead of timm. One addition for
-dmp.py: `DiT.block_input`, called before every block (the paper's Eq. 2-3 add their prompts there).
+dmp.py: `DiT.block_input`, called before every block (the paper's Eq. 2-3 add their prompts there). One
+addition for text-to-image (MS-COCO, Table 2): DiT(text_dim=768) reads the pooled CLIP text embedding through
+the class-label path (TextEmbedder in place of LabelEmbedder); class-conditional models are unchanged.
 """
 import math
 
@@ -70,6 +72,36 @@ class LabelEmbedder(nn.Module):
         if (train and self.dropout_prob > 0) or (force_drop_ids is not None):
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
+
+
+class TextEmbedder(nn.Module):
+    """
+    Embeds pooled CLIP text embeddings (N, text_dim) with a linear map, in place of the class labels. A row of
+    zeros is "no caption" (dropped for guidance) and takes a learned null embedding instead: CLIP's pooled output
+    comes out of a layer norm with a bias, so no real caption is all zeros. Caption dropout happens in the data
+    (train.py's --caption-dropout, an empty caption; see caption_embeddings), so there is none here.
+    """
+    def __init__(self, text_dim, hidden_size):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, hidden_size, bias=True)
+        self.null_embedding = nn.Parameter(torch.zeros(hidden_size))
+        self.text_dim = text_dim
+
+    def forward(self, text, train=False):
+        null = (text == 0).all(dim=-1, keepdim=True)
+        y = self.proj(text)
+        return torch.where(null, self.null_embedding.to(y.dtype), y)
+
+
+def caption_embeddings(text_encoder, captions):
+    """
+    What a text DiT reads as y: the pooled CLIP embeddings (N, text_dim) of the captions (model_clip.encode_text),
+    with an empty caption as the all-zero row, i.e. the null embedding. train.py and sample.py both call this.
+    """
+    from model_clip import encode_text
+    pooled = encode_text(text_encoder, captions)[1].float()
+    empty = torch.tensor([not c.strip() for c in captions], device=pooled.device)
+    return torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
 
 
 class PatchEmbed(nn.Module):
@@ -149,14 +181,19 @@ class DiT(nn.Module):
     Diffusion model with a Transformer backbone.
 
     Unconditional models (FFHQ) use num_classes=1 with class_dropout_prob=0: a single learned "class" embedding
-    and no null row, as the authors' DMP code builds them; every label is then 0.
+    and no null row, as the authors' DMP code builds them; every label is then 0. Text-to-image models (COCO)
+    take text_dim (768 for CLIP ViT-L/14): y is then the (N, text_dim) pooled text embedding, zero rows for none,
+    and num_classes / class_dropout_prob are not used.
     """
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, text_dim=None):
         super().__init__()
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+        if text_dim:
+            self.config["text_dim"] = text_dim
+        self.text_dim = text_dim
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -165,7 +202,8 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = (TextEmbedder(text_dim, hidden_size) if text_dim
+                           else LabelEmbedder(num_classes, hidden_size, class_dropout_prob))
         # Fixed sin-cos embedding, stored in the state dict (as in the official checkpoints) but not trained.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
@@ -187,7 +225,7 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
         nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.null_embedding if self.text_dim else self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output layer as zero.
@@ -209,7 +247,7 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """
-        x: (N, C, H, W) noisy latents, t: (N,) diffusion timesteps, y: (N,) class labels.
+        x: (N, C, H, W) noisy latents, t: (N,) diffusion timesteps, y: (N,) class labels (text: (N, text_dim)).
         Returns (N, out_channels, H, W): the noise prediction, then (learn_sigma) the variance interpolation.
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p^2
@@ -226,7 +264,8 @@ class DiT(nn.Module):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
         """
-        Classifier-free guidance: the batch is [conditional half; unconditional half] with the same noise.
+        Classifier-free guidance: the batch is [conditional half; unconditional half] with the same noise (the
+        unconditional half's y: the null class, or for text zero rows, the null embedding).
         The official code guides only the first 3 channels (kept by default for exact reproducibility);
         guide_channels=None guides all in_channels, as the official comment says is standard.
         """
@@ -299,7 +338,8 @@ def infer_config(state_dict):
     try:
         hidden, in_channels, p, _ = state_dict["x_embedder.proj.weight"].shape
         depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
-        rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        text = state_dict.get("y_embedder.proj.weight")
+        rows = 1 if text is not None else state_dict["y_embedder.embedding_table.weight"].shape[0]
         out = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
         mlp = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
         tokens = state_dict["pos_embed"].shape[1]
@@ -308,10 +348,11 @@ def infer_config(state_dict):
     # 1001 rows: 1000 classes + the null class (label dropout); 1 row: the unconditional model.
     num_classes = rows - 1 if rows > 1 else 1
     heads = [a["num_heads"] for a in _SIZES.values() if a["hidden_size"] == hidden]
+    text_dim = dict(text_dim=text.shape[1]) if text is not None else {}  # a text-to-image model (TextEmbedder)
     return dict(input_size=int(round(tokens ** 0.5)) * p, patch_size=p, in_channels=in_channels,
                 hidden_size=hidden, depth=depth, num_heads=heads[0] if heads else max(1, hidden // 64),
                 mlp_ratio=mlp / hidden, class_dropout_prob=0.1 if rows > 1 else 0.0, num_classes=num_classes,
-                learn_sigma=out == 2 * in_channels)
+                learn_sigma=out == 2 * in_channels, **text_dim)
 
 
 def config_name(config):

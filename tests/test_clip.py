@@ -91,3 +91,20 @@ def test_wrong_file_is_one_clear_sentence(golden, tmp_path):
     assert "\n" not in str(e.value) and "tiny.safetensors" in str(e.value) and "wrong shape" in str(e.value)
     with pytest.raises(CheckpointError, match="text_encoder/model.safetensors"):
         load_clip_text(tmp_path)  # a folder without text_encoder/
+
+
+def test_caption_embeddings_are_the_pooled_output_and_zero_for_no_caption(golden, tmp_path):
+    """A text DiT's y (model_dit.caption_embeddings): the pooled output (EOS state), all zeros for an empty caption."""
+    from model_dit import caption_embeddings
+    from model_clip import encode_text, infer_clip_config
+    g, state, config, prompts = golden
+    assert infer_clip_config(state) == config and infer_clip_config({}) is None
+    save_file({f"text_model.{k}": v for k, v in state.items()}, tmp_path / "model.safetensors")
+    model = load_clip_text(tmp_path, config=None)  # a text_encoder folder, config from the shapes
+    captions = [prompts[0], "", prompts[1], "   "]
+    y = caption_embeddings(model, captions)
+    context, pooled = encode_text(model, captions)
+    eos = [row.tolist().index(EOT) for row in tokenize(captions)]
+    assert torch.equal(pooled, context[torch.arange(4), eos])  # pooled: the first end-of-text token's state
+    assert torch.equal(y[[0, 2]], pooled[[0, 2]]) and not y[[1, 3]].any()
+    assert rel_err(y[0], g["last_hidden_state"][0, eos[0]]) < 1e-5  # against transformers' hidden states

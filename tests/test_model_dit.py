@@ -126,3 +126,27 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     assert out.stdout.startswith("CheckpointError") and "could run code" in out.stdout
     assert len(out.stdout.strip().splitlines()) == 1
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_text_dit_reads_pooled_embeddings_and_guides_against_the_null_embedding(tmp_path):
+    """DiT(text_dim=...): a linear map of the pooled text embedding; a zero row is the learned null embedding."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16,
+                num_classes=1, class_dropout_prob=0.0).eval()  # (labels unused: as train.py builds one)
+    for p in model.parameters():  # adaLN-Zero starts at the identity: give every weight a value
+        p.data.normal_(0, 0.3) if p.requires_grad else None
+    assert "y_embedder.proj.weight" in model.state_dict() and "y_embedder.null_embedding" in model.state_dict()
+    x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999]), torch.randn(3, 16)
+    null = torch.zeros_like(text)
+    with torch.no_grad():
+        assert torch.equal(model.y_embedder(null), model.y_embedder.null_embedding.expand(3, -1))
+        cond, uncond = model(x, t, text), model(x, t, null)
+        guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null]), 1.5)
+        model.y_embedder.proj.weight.add_(1.0)  # the null rows never read the projection
+        assert torch.equal(model(x, t, null), uncond) and not torch.allclose(model(x, t, text), cond)
+    assert rel_err(guided[:3, :3], uncond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3])) < 1e-6
+    assert (cond - uncond).abs().max() > 1e-2  # the text matters
+    # A plain state dict (no recorded config) is recognised as a text DiT by its shapes.
+    torch.save(model.state_dict(), tmp_path / "text.pt")
+    loaded = load_checkpoint(str(tmp_path / "text.pt"), num_heads=2)
+    assert loaded.config == model.config and loaded.config["text_dim"] == 16
