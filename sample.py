@@ -3,6 +3,7 @@ Sample a DiT or Stable Diffusion, patched or not: a grid PNG to look at, or an F
 
     python sample.py --ckpt DiT-XL-2-256x256.pt --class-labels 207 360 387 974 88 979 417 279
     python sample.py --ckpt runs/ffhq-dmp/patch.pt --grid 16                  # a patch names its base
+    python sample.py --ckpt runs/coco-dmp/patch.pt --prompt "a cat on a sofa" "a red bus"   # a text DiT (COCO)
     torchrun --nproc_per_node 8 sample.py --ckpt base.pt --patch patch.pt --num-samples 50000 --out samples/x
     python fid.py ref.npz samples/x.npz
     python sample.py --model sd15 --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red bicycle"   # Stable Diffusion
@@ -35,6 +36,7 @@ from checkpoints import CheckpointError, read_state_dict
 from diffusion import create_diffusion, sample
 from diffusion import sd_guided_eps, sd_sample
 from model_clip import CLIP_TINY, CLIP_VITL14, encode_text, load_clip_text
+from model_dit import caption_embeddings
 from model_unet import UNet_configs
 from model_vae import SCALE_FACTOR, load_vae
 
@@ -159,7 +161,7 @@ def write_samples(n, make_batch, out_dir, batch_size, settings):
 #################################################################################
 
 def recorded_settings(ckpt, patch):
-    """noise_schedule / vae that train.py recorded in the base, the checkpoint and the patch (later ones win)."""
+    """noise_schedule / vae / text_encoder that train.py recorded in the base, checkpoint and patch (later ones win)."""
     paths, found = [], {}
     if Path(str(ckpt)).is_file():
         entries = read_state_dict(ckpt)
@@ -170,18 +172,22 @@ def recorded_settings(ckpt, patch):
     for path in paths:
         if Path(str(path)).is_file():
             entries = read_state_dict(path)
-            found.update({k: entries[k] for k in ("noise_schedule", "vae") if isinstance(entries.get(k), str)})
+            found.update({k: entries[k] for k in ("noise_schedule", "vae", "text_encoder")
+                          if isinstance(entries.get(k), str)})
     return found
 
 
 def default_cfg_scale(model):
-    """The paper's 1.5 (Sec. 4.1, Figs. 8-11) for a class-conditional model with a null class, else 1 (none)."""
+    """
+    The paper's 1.5 (Sec. 4.1 and appendix, ImageNet and COCO) for a class-conditional model with a null class or
+    a text-to-image one (its null embedding), else 1 (none).
+    """
     labels = model.y_embedder
-    return 1.5 if labels.dropout_prob > 0 and labels.num_classes > 1 else 1.0
+    return 1.5 if model.text_dim or (labels.dropout_prob > 0 and labels.num_classes > 1) else 1.0
 
 
-def check_dit(model, vae, cfg_scale, class_labels, name):
-    """Raise SampleError if the VAE, the guidance scale or the labels do not fit the model."""
+def check_dit(model, vae, cfg_scale, class_labels, name, prompts=None):
+    """Raise SampleError if the VAE, the guidance scale, the labels or the prompts do not fit the model."""
     labels = model.y_embedder
     if vae is None and model.in_channels not in (1, 3):
         raise SampleError(f"{name} has {model.in_channels} input channels, so it is not a grayscale or RGB "
@@ -190,6 +196,12 @@ def check_dit(model, vae, cfg_scale, class_labels, name):
         raise SampleError(f"the VAE has {vae.config['z_channels']} latent channels but {name} has {model.in_channels}")
     if cfg_scale < 1.0:
         raise SampleError(f"--cfg-scale must be at least 1 (1 = no guidance), not {cfg_scale:g}")
+    if model.text_dim:
+        if class_labels or not prompts:
+            raise SampleError(f"{name} is a text-to-image DiT: give --prompt or --prompt-file (not --class-labels)")
+        return
+    if prompts:
+        raise SampleError(f"{name} takes class labels, not prompts: --prompt and --prompt-file are for text-to-image models")
     if cfg_scale > 1.0 and labels.embedding_table.num_embeddings == labels.num_classes:
         raise SampleError(f"--cfg-scale {cfg_scale:g} needs a model trained with label dropout (a null class); "
                           f"{name} has none: use --cfg-scale 1")
@@ -208,23 +220,28 @@ def make_diffusion(sampler, steps, noise_schedule, learn_sigma=True):
 
 @torch.no_grad()
 def dit_batch(ks, model, diffusion, vae=None, seed=0, class_labels=None, cfg_scale=1.0, eta=None,
-              guide_channels=3, decode_batch_size=32, bf16=False):
+              guide_channels=3, decode_batch_size=32, bf16=False, prompts=None, text_encoder=None):
     """
     Images ks as uint8 (len(ks), H, W, 3): each from its own generator, sampled together, decoded in batches.
     eta=None: DDPM; a float: DDIM (with a "ddimN" diffusion). class_labels are used in turn, image k taking
-    class_labels[k % len]; without them each image draws its label.
+    class_labels[k % len]; without them each image draws its label. A text-to-image DiT takes prompts instead,
+    image k prompt k mod len(prompts), embedded by text_encoder and guided against the null embedding.
     """
     device = model.pos_embed.device
     gens = [image_generator(seed, k) for k in ks]
     size, channels = model.config["input_size"], model.in_channels
-    # The label is drawn even when given, so an image's noise does not depend on --class-labels.
-    y = [int(torch.randint(model.y_embedder.num_classes, (), generator=g)) for g in gens]
-    if class_labels:
-        y = [class_labels[k % len(class_labels)] for k in ks]
+    if model.text_dim:
+        y = caption_embeddings(text_encoder, [prompts[k % len(prompts)] for k in ks]).to(device)
+    else:
+        # The label is drawn even when given, so an image's noise does not depend on --class-labels.
+        y = [int(torch.randint(model.y_embedder.num_classes, (), generator=g)) for g in gens]
+        if class_labels:
+            y = [class_labels[k % len(class_labels)] for k in ks]
+        y = torch.tensor(y, device=device)
     z = torch.stack([torch.randn(channels, size, size, generator=g) for g in gens]).to(device)
     noise_fn = lambda x: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)  # noqa: E731
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = sample(model, diffusion, z, torch.tensor(y, device=device), cfg_scale, eta=eta, noise_fn=noise_fn,
+        x = sample(model, diffusion, z, y, cfg_scale, eta=eta, noise_fn=noise_fn,
                    guide_channels=guide_channels)
         if vae is not None:  # the model's latents are scaled; the VAE decodes unscaled ones
             x = torch.cat([vae.decode(c / SCALE_FACTOR).float() for c in x.split(decode_batch_size)])
@@ -236,11 +253,12 @@ def write_grid(model, path, noise_schedule="linear", vae="none", num=16, seed=0,
     """
     A grid PNG of images 0..num-1 (the first images of the FID set of the same seed); what train.py draws
     every --sample-every steps. vae: a name for load_vae or a loaded AutoencoderKL; cfg_scale None: the default
-    rule; options: dit_batch's guide_channels, decode_batch_size, bf16. Returns the path.
+    rule; options: dit_batch's guide_channels, decode_batch_size, bf16, and prompts, text_encoder for text.
+    Returns the path.
     """
     vae = load_vae(vae, device or model.pos_embed.device) if isinstance(vae, (str, Path)) else vae
     cfg_scale = default_cfg_scale(model) if cfg_scale is None else cfg_scale
-    check_dit(model, vae, cfg_scale, class_labels, "the model")
+    check_dit(model, vae, cfg_scale, class_labels, "the model", options.get("prompts"))
     diffusion = make_diffusion(sampler, steps, noise_schedule, model.learn_sigma)
     was_training = model.training
     model.eval()
@@ -280,13 +298,31 @@ def load_sd(ckpt, model="sd15", patch=None, device="cpu"):
     """
     spec, base = SD_MODELS[model], sd_base(ckpt)
     unet = dmp.load_model(ckpt, patch, unet_config=spec["unet"]).to(device)
-    text_encoder = load_clip_text(base, spec["clip"]).to(device).eval().requires_grad_(False)
+    text_encoder = load_text_encoder(base, device, spec["clip"])
     folder = Path(str(base))
     vae_file = next((f for f in sorted((folder / "vae").glob("diffusion_pytorch_model*")) if f.is_file()), None) \
         if folder.is_dir() else folder
     if vae_file is None:
         raise CheckpointError(f"{base}: a folder without vae/diffusion_pytorch_model.safetensors")
     return unet, text_encoder, load_vae(vae_file, device)
+
+
+def load_text_encoder(path, device="cpu", config=None):
+    """
+    A frozen CLIP text encoder (model_clip.load_clip_text's layouts): SD's own, with its config, or a text-to-image
+    DiT's --text-encoder (a diffusers folder or its text_encoder/, an SD 1.x or transformers file), config None:
+    from its shapes, CLIP ViT-L/14 for the paper's COCO model.
+    """
+    if not path or not Path(str(path)).exists():
+        raise CheckpointError(f"{path or 'no --text-encoder given'}: a text-to-image DiT needs the CLIP ViT-L/14 text "
+                              "encoder, which is not downloaded here; pass --text-encoder with a diffusers text_encoder "
+                              "folder or file, or an SD 1.x checkpoint")
+    return load_clip_text(path, config).to(device).eval().requires_grad_(False)
+
+
+def prompts_of(args):
+    """The prompts of --prompt-file (one a line) or --prompt, None if neither (SD and text DiT alike)."""
+    return read_prompts(args.prompt_file) if args.prompt_file else args.prompt
 
 
 def read_prompts(path):
@@ -338,7 +374,7 @@ def sd_main(args):
         raise SampleError(f"--sampler {args.sampler} is DiT's: Stable Diffusion samples with pndm or ddim")
     if args.cfg_scale < 1.0:
         raise SampleError(f"--cfg-scale must be at least 1 (1 = no guidance), not {args.cfg_scale:g}")
-    prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+    prompts = prompts_of(args)
     if not prompts:
         raise SampleError("Stable Diffusion needs --prompt or --prompt-file")
     unet, text_encoder, vae = load_sd(args.ckpt, args.model, args.patch, device)
@@ -394,8 +430,9 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="official name (DiT-XL-2-256x256.pt), checkpoint or patch file; "
                    "with --model an SD 1.x file or diffusers folder")
     p.add_argument("--model", choices=list(SD_MODELS), help="Stable Diffusion (default: a DiT)")
-    p.add_argument("--prompt", nargs="+", help="SD: prompts, one image each (repeated to --grid)")
-    p.add_argument("--prompt-file", help="SD: one prompt per line; image k takes line k mod n (FID sets)")
+    p.add_argument("--prompt", nargs="+", help="SD or a text DiT: prompts, one image each (repeated to --grid)")
+    p.add_argument("--prompt-file", help="SD or a text DiT: one prompt per line; image k takes line k mod n (FID sets)")
+    p.add_argument("--text-encoder", help="a text DiT's CLIP text encoder (default: the one train.py recorded)")
     p.add_argument("--resolution", type=positive, help="SD: image side (default 512)")
     p.add_argument("--patch", help="a patch file to apply to --ckpt")
     p.add_argument("--grid", type=positive, help="images in the grid PNG (default: one per --class-labels, else 16)")
@@ -457,15 +494,19 @@ def main(argv=None):
         args.noise_schedule = args.noise_schedule or found.get("noise_schedule", "linear")
         args.vae = args.vae or found.get("vae") or ("mse" if model.in_channels == 4 else "none")
         args.cfg_scale = default_cfg_scale(model) if args.cfg_scale is None else args.cfg_scale
+        prompts = prompts_of(args)
+        args.text_encoder = (args.text_encoder or found.get("text_encoder")) if model.text_dim else None
+        text_encoder = load_text_encoder(args.text_encoder, device) if model.text_dim else None
         name = "-".join([Path(args.ckpt).stem] + ([Path(args.patch).stem] if args.patch else [])
                         + [f"{args.sampler}{args.steps}", f"cfg{args.cfg_scale:g}", f"seed{args.seed}"])
         options = dict(class_labels=args.class_labels, cfg_scale=args.cfg_scale, decode_batch_size=args.decode_batch_size,
-                       guide_channels=None if args.guide_all_channels else 3, bf16=args.precision == "bf16")
+                       guide_channels=None if args.guide_all_channels else 3, bf16=args.precision == "bf16",
+                       prompts=prompts, text_encoder=text_encoder)
         vae = load_vae(args.vae, device)
-        check_dit(model, vae, args.cfg_scale, args.class_labels, args.ckpt)
+        check_dit(model, vae, args.cfg_scale, args.class_labels, args.ckpt, prompts)
         if args.num_samples is None:
             path = write_grid(model, args.out or f"samples/{name}.png", args.noise_schedule, vae,
-                              args.grid or len(args.class_labels or []) or 16, args.seed, args.steps, args.sampler,
+                              args.grid or len(args.class_labels or args.prompt or []) or 16, args.seed, args.steps, args.sampler,
                               args.eta, batch_size=args.batch_size, **options)
             print(f"wrote {path}")
             return
@@ -476,7 +517,8 @@ def main(argv=None):
         # What decides the images (not batch sizes, precision or TF32), files by their full path.
         settings = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).is_file() else v
                     for k, v in vars(args).items() if k in ("ckpt", "patch", "seed", "class_labels", "cfg_scale",
-                    "guide_all_channels", "sampler", "steps", "eta", "noise_schedule", "vae")}
+                    "guide_all_channels", "sampler", "steps", "eta", "noise_schedule", "vae", "text_encoder")}
+        settings.update(dict(prompts=prompts) if prompts else {})
         write_samples(args.num_samples, make_batch, out_dir, args.batch_size, settings)
         if rank == 0:
             npz_path = out_dir.with_name(out_dir.name + ".npz")

@@ -6,6 +6,7 @@ The one training loop: pretrain a DiT, or further-train a converged one with any
     python train.py --dataset ffhq --init runs/000-.../checkpoints/0250000.pt --method dmp   # the paper
     torchrun --nproc_per_node 8 train.py --dataset imagenet --init DiT-XL-2-256x256.pt      # several GPUs
     python train.py --dataset laion --model sd15 --init v1-5-pruned-emaonly.safetensors --method dmp  # SD 1.5
+    python train.py --dataset coco --model DiT-B/2 --text-encoder stable-diffusion-v1-5/  # text-to-image DiT
 
 Every run writes runs/NNN-<dataset>-<method>/: log.jsonl (one JSON object per line), checkpoints/ (the last
 --keep, written atomically), samples/ (a grid every --sample-every steps). --resume RUN_DIR continues a run
@@ -31,7 +32,7 @@ import dmp
 from checkpoints import CheckpointError, atomic_save, read_state_dict
 from diffusion import create_diffusion
 from model_clip import encode_text
-from model_dit import CONFIGS, DiT
+from model_dit import CONFIGS, DiT, caption_embeddings
 from model_unet import UNet_configs
 from prepare_data import DataError, PreparedData
 
@@ -48,6 +49,9 @@ PRESETS = {
                    no_flip=True, log_every=100, ckpt_every=2000, sample_every=2000, eval_every=1000, device="cpu"),
     # Text-to-image on captioned data (prepare_data.py --captions): SD 1.5 further-trained on its own data with
     # its own schedule (ldm's "linear" is the scaled_linear of diffusers); the gate reads t + text (Table 9).
+    # Text-to-image DiT on MS-COCO (Table 2): cosine schedule (appendix), the pooled CLIP ViT-L/14 caption through
+    # the class-label path (model_dit.TextEmbedder), the gate on t + text (Table 9).
+    "coco": dict(data="data/coco256", noise_schedule="cosine", unconditional=False, model="DiT-B/2", text=True),
     "laion": dict(data="data/laion512", noise_schedule="scaled_linear", unconditional=False, model="sd15",
                   text=True, sample_every=0),
     "demo": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, init="assets/dit_digits.pt",
@@ -70,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--unconditional", action=argparse.BooleanOptionalAction, help="every label 0, num_classes 1")
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (conditional)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="text data: empty caption, for guidance")
+    p.add_argument("--text-encoder", help="a DiT on text data: the CLIP ViT-L/14 text encoder (a diffusers folder, "
+                   "its text_encoder/ or an SD 1.x checkpoint); SD uses its own")
     p.add_argument("--holdout", type=int, default=0, help="images kept out of training for the held-out metrics")
     # optimisation (DMP appendix: AdamW, lr 1e-4 constant, no weight decay, batch 128, flips, no EMA)
     p.add_argument("--iterations", type=int, help="default 50000 with --init (paper), 400000 from scratch")
@@ -236,8 +242,11 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
 #                        Model, checkpoints and resuming                        #
 #################################################################################
 
-def build_model(args, data):
-    """A DiT from --init (official name or checkpoint) or a fresh one of --model, patched by --method; or SD's UNet."""
+def build_model(args, data, text_dim=None):
+    """
+    A DiT from --init (official name or checkpoint) or a fresh one of --model (text_dim: a text-to-image one),
+    patched by --method; or SD's UNet.
+    """
     if args.model in UNet_configs:
         if not args.init:
             raise CheckpointError(f"--model {args.model} further-trains Stable Diffusion: name its checkpoint with --init")
@@ -249,11 +258,15 @@ def build_model(args, data):
         model = dmp.load_model(args.init)
         if getattr(model, "patch_method", None):
             raise CheckpointError(f"{args.init} is already patched ({model.patch_method}): further-train its base")
+        if model.text_dim != text_dim:
+            takes = lambda d: f"text embeddings of width {d}" if d else "class labels"  # noqa: E731
+            raise CheckpointError(f"{args.init} takes {takes(model.text_dim)} but this run gives {takes(text_dim)}")
     else:
         arch = DIGITS_MODEL if args.model == "digits" else CONFIGS[args.model]
         model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
-                    num_classes=1 if args.unconditional else data.num_classes,
-                    class_dropout_prob=0.0 if args.unconditional else args.class_dropout, **arch)
+                    num_classes=1 if args.unconditional or text_dim else data.num_classes,
+                    class_dropout_prob=0.0 if args.unconditional or text_dim else args.class_dropout,
+                    text_dim=text_dim, **arch)
     if model.config["in_channels"] != data.shape[0] or model.config["input_size"] != data.shape[-1]:
         raise DataError(f"{args.data} holds {list(data.shape)} inputs; the model takes "
                         f"{model.config['in_channels']} x {model.config['input_size']}^2")
@@ -273,6 +286,8 @@ def checkpoint_entries(raw, ema, opt, step, args, data, base_sha):
     """A further-training run stores a patch (dmp.save_patch's entries) plus the optimizer; pretraining the model."""
     entries = dict(step=step, args=vars(args), opt=opt.state_dict(), config=raw.config,
                    noise_schedule=args.noise_schedule, vae=data.vae)
+    if args.text_encoder:  # sample.py reads a text DiT's encoder from here
+        entries["text_encoder"] = str(Path(args.text_encoder).resolve())
     if args.init:
         entries.update(method=raw.patch_method, options=raw.patch_options, state=dmp.trainable_state_dict(raw),
                        base=dict(name=args.init, sha256=base_sha))
@@ -325,8 +340,17 @@ def main(argv=None):
 
     data = PreparedData(args.data)
     train_rows, heldout_rows = split(data, args.holdout)
+    text_encoder = None
+    if args.text:
+        if data.captions is None:
+            raise DataError(f"{args.data} has no captions: prepare it with prepare_data.py --captions")
+        if args.eval_every or args.eval_bpd:
+            raise DataError("held-out evaluation (--eval-every, --eval-bpd) reads labels, not captions; "
+                            "sample an FID set instead")
+        text_encoder = load_text_encoder(args, device)
     torch.manual_seed(args.seed)  # the initial weights (new models, DiffFit/LoRA factors, random prompts)
-    model, groups = build_model(args, data)
+    text_dim = text_encoder.config["hidden_size"] if text_encoder is not None and args.model not in UNet_configs else None
+    model, groups = build_model(args, data, text_dim)
     model.to(device).train()
     base_sha = dmp.file_sha256(args.init) if args.init and Path(args.init).is_file() and rank == 0 else None
     opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
@@ -353,15 +377,6 @@ def main(argv=None):
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
 
-    text_encoder = None
-    if args.text:
-        if data.captions is None:
-            raise DataError(f"{args.data} has no captions: prepare it with prepare_data.py --captions")
-        if args.model not in UNet_configs:
-            raise DataError("text-to-image training is for Stable Diffusion (--model sd15) here")
-        if args.eval_every or args.eval_bpd:
-            raise DataError("held-out evaluation (--eval-every, --eval-bpd) is DiT's; sample an FID set instead")
-        text_encoder = load_text_encoder(args, device)
     # SD predicts the noise only (fixed variance); DiT also learns the variance (the hybrid loss).
     diffusion = create_diffusion("", args.noise_schedule, learn_sigma=args.model not in UNet_configs)
     raw = model
@@ -399,9 +414,11 @@ def main(argv=None):
         # rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
         batch = get_batch(data, train_rows, step, args, device, rank, world)
-        if text_encoder is not None:  # the frozen text encoder runs on the fly: captions -> the UNet's context
-            x, captions, t, noise = batch
-            batch = (x, dict(context=encode_text(text_encoder, captions)[0]), t, noise)
+        if text_encoder is not None:  # the frozen text encoder runs on the fly: captions -> the UNet's context,
+            x, captions, t, noise = batch  # or a DiT's pooled embedding (dropped captions: the null embedding)
+            y = (dict(context=encode_text(text_encoder, captions)[0]) if args.model in UNet_configs
+                 else caption_embeddings(text_encoder, captions))
+            batch = (x, y, t, noise)
         with autocast:
             loss, terms = compute_loss(model, raw, diffusion, batch, args)
         opt.zero_grad(set_to_none=True)
@@ -441,8 +458,8 @@ def main(argv=None):
                 dist.barrier()
         if args.sample_every and (step % args.sample_every == 0 or step == args.iterations) and rank == 0:
             path = run_dir / "samples" / f"{step:07d}.png"
-            grid = (write_sd_grid(ema or raw, text_encoder, args, data, path, device) if text_encoder is not None
-                    else write_grid(ema or raw, args, data, path, device))
+            grid = (write_sd_grid(ema or raw, text_encoder, args, data, path, device) if args.model in UNet_configs
+                    else write_grid(ema or raw, args, data, path, device, text_encoder))
             log(dict(event="samples", step=step, path=str(grid)))
     bar.close()
 
@@ -459,18 +476,28 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def write_grid(model, args, data, path, device):
-    """A grid of samples with fixed seeds (sample.py's grid code), so successive grids are comparable."""
+def write_grid(model, args, data, path, device, text_encoder=None):
+    """
+    A grid of samples with fixed seeds (sample.py's grid code), so successive grids are comparable; a text DiT
+    draws image k from the first caption of image k.
+    """
     import sample
+    text = dict(prompts=[c[0] for c in data.captions[:16]], text_encoder=text_encoder) if text_encoder else {}
     return sample.write_grid(model, path, noise_schedule=args.noise_schedule, vae=data.vae, num=16, seed=0,
-                             steps=50, sampler="ddim", device=device)
+                             steps=50, sampler="ddim", device=device, **text)
 
 
 def load_text_encoder(args, device):
-    """SD's frozen CLIP text encoder, from the checkpoint the UNet came from (sample.py's loader)."""
+    """
+    The frozen CLIP text encoder (sample.py's loader): SD's own, from the checkpoint the UNet came from; a DiT's
+    from --text-encoder, by default the one the --init checkpoint recorded (it is recorded again in this run's).
+    """
     import sample
-    from model_clip import load_clip_text
-    return load_clip_text(sample.sd_base(args.init), sample.SD_MODELS[args.model]["clip"]).to(device).eval().requires_grad_(False)
+    if args.model in UNet_configs:
+        return sample.load_text_encoder(sample.sd_base(args.init), device, sample.SD_MODELS[args.model]["clip"])
+    if not args.text_encoder and args.init:
+        args.text_encoder = sample.recorded_settings(args.init, None).get("text_encoder")
+    return sample.load_text_encoder(args.text_encoder, device)
 
 
 def write_sd_grid(unet, text_encoder, args, data, path, device, num=4):

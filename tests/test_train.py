@@ -250,3 +250,65 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
     assert images["base"].shape == (2 + 34, 2 * 34 + 2, 3) and images["base"].std() > 5
     assert np.array_equal(images["zero"], images["base"])  # a zero-initialised patch changes nothing
     assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does (weights 1/256: a little)
+
+
+def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_prompts(tmp_path, one_thread):
+    """
+    --dataset coco with a tiny DiT and the golden tiny CLIP (a text_encoder/ folder): pretraining, DMP on t + text,
+    then sample.py from prompts with guidance against the null embedding. A zero patch gives the base's samples.
+    """
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    import prepare_data
+    import sample
+    with safe_open(ROOT / "tests" / "golden" / "clip_text_tiny.safetensors", "pt") as f:
+        clip = {f"text_model.{k[len('state.'):]}": f.get_tensor(k) for k in f.keys() if k.startswith("state.")}
+    (tmp_path / "clip" / "text_encoder").mkdir(parents=True)
+    save_file(clip, tmp_path / "clip" / "text_encoder" / "model.safetensors")
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+        (tmp_path / "images" / f"{i}.txt").write_text(f"a photo of thing {i}")
+    prepare_data.prepare(tmp_path / "images", tmp_path / "data", resolution=8, vae="none", captions="txt")
+    common = ["--dataset", "coco", "--model", "digits", "--data", str(tmp_path / "data"), "--batch-size", "8",
+              "--device", "cpu", "--log-every", "1", "--sample-every", "0", "--text-encoder", str(tmp_path / "clip")]
+    from checkpoints import CheckpointError
+    with pytest.raises(CheckpointError, match="needs the CLIP ViT-L/14 text encoder"):
+        train.main(common[:-2] + ["--results-dir", str(tmp_path / "none")])  # no --text-encoder: one sentence
+    train.main(common + ["--iterations", "4", "--ckpt-every", "4", "--lr", "1e-2", "--ema", "0",
+                         "--results-dir", str(tmp_path / "base")])
+    base = train.checkpoints(next((tmp_path / "base").iterdir()))[-1]
+    entries = read_state_dict(base)
+    assert entries["config"]["text_dim"] == 16 and entries["noise_schedule"] == "cosine"
+    assert entries["text_encoder"] == str((tmp_path / "clip").resolve())
+    train.main(common[:-2] + ["--init", str(base), "--iterations", "10", "--ckpt-every", "10", "--lr", "1e-1",
+                              "--sample-every", "10", "--results-dir", str(tmp_path / "runs")])  # encoder: the base's
+    run_dir = next((tmp_path / "runs").iterdir())
+    log = log_of(run_dir)
+    hidden, blocks, prompts = 64, 4, 16  # the digits DiT, one prompt per token (16)
+    assert log[0]["trained_parameters"] == blocks * prompts * hidden + (hidden + blocks) * prompts + prompts
+    assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
+    assert (run_dir / "samples" / "0000010.png").is_file()  # train.py's grid of the first captions
+    ckpt = train.checkpoints(run_dir)[-1]
+    entries = read_state_dict(ckpt)
+    assert entries["method"] == "dmp" and entries["options"]["gate_cond"] == "t+c"  # Table 9: t + text
+    assert entries["text_encoder"] == str((tmp_path / "clip").resolve())
+    assert max(v.abs().max() for k, v in entries["state"].items() if "prompts" in k) > 1e-3
+
+    model = dmp.load_model(str(base))
+    dmp.patch(model, "dmp", gate_cond="t+c")
+    dmp.save_patch(model, tmp_path / "zero.pt", base=str(base))
+    args = ["--prompt", "a photo of thing 1", "a red square", "--steps", "5", "--seed", "3"]
+    images = {}
+    zero = ["--ckpt", str(base), "--patch", str(tmp_path / "zero.pt")]
+    for name, extra in (("base", ["--ckpt", str(base)]), ("zero", zero), ("dmp", ["--ckpt", str(ckpt)]),
+                        ("cfg1", ["--ckpt", str(base), "--cfg-scale", "1"])):
+        sample.main(args + extra + ["--out", str(tmp_path / f"{name}.png")])
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
+    assert images["base"].shape == (2 + 10, 2 * 10 + 2, 3) and images["base"].std() > 5
+    assert np.array_equal(images["zero"], images["base"])  # a zero-initialised patch changes nothing
+    assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does
+    assert np.abs(images["cfg1"] - images["base"]).max() >= 1  # the default 1.5 guides against the null embedding
