@@ -46,7 +46,8 @@ PRESETS = {
     # The bundled digits (assets/README.md): pretraining the tiny DiT, and the demo that patches it. No flips:
     # a mirrored digit is another shape.
     "digits": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, model="digits", holdout=297, ema=0.999,
-                   no_flip=True, log_every=100, ckpt_every=2000, sample_every=2000, eval_every=1000, device="cpu"),
+                   no_flip=True, log_every=100, ckpt_every=2000, sample_every=2000, eval_every=1000, device="cpu",
+                   threads=1),
     # Text-to-image on captioned data (prepare_data.py --captions): SD 1.5 further-trained on its own data with
     # its own schedule (ldm's "linear" is the scaled_linear of diffusers); the gate reads t + text (Table 9).
     # Text-to-image DiT on MS-COCO (Table 2): cosine schedule (appendix), the pooled CLIP ViT-L/14 caption through
@@ -56,7 +57,7 @@ PRESETS = {
                   text=True, sample_every=0),
     "demo": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, init="assets/dit_digits.pt",
                  method="dmp", holdout=297, no_flip=True, iterations=1500, log_every=50, ckpt_every=500,
-                 sample_every=1500, device="cpu", eval_bpd=True, bpd_images=100),
+                 sample_every=1500, device="cpu", eval_bpd=True, bpd_images=100, threads=1),
 }
 
 
@@ -112,6 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, help="torch's CPU threads (default torch's choice; the digits presets use "
+                   "1: their matrices are too small to share, and idle threads spin while other jobs hold the cores)")
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=5000)
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (older ones are deleted)")
@@ -329,6 +332,8 @@ def main(argv=None):
         # The run's own settings (flags added since it started take their defaults)
         args = argparse.Namespace(**{**vars(args), **resume["args"], "resume": args.resume, **given})
         run_dir = found[-1].parents[1]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world, backend = setup_distributed()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
