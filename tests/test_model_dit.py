@@ -144,7 +144,8 @@ def test_text_dit_reads_pooled_embeddings_and_guides_against_the_null_embedding(
         guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null]), 1.5)
         model.y_embedder.proj.weight.add_(1.0)  # the null rows never read the projection
         assert torch.equal(model(x, t, null), uncond) and not torch.allclose(model(x, t, text), cond)
-    assert rel_err(guided[:3, :3], uncond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3])) < 1e-6
+    # (a batch of 6 against two of 3: float32 matmuls may sum in another order, ~1e-6 relative)
+    assert rel_err(guided[:3, :3], uncond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3])) < 1e-5
     assert (cond - uncond).abs().max() > 1e-2  # the text matters
     # A plain state dict (no recorded config) is recognised as a text DiT by its shapes.
     torch.save(model.state_dict(), tmp_path / "text.pt")
