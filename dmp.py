@@ -476,23 +476,36 @@ def gate_weights(model, timesteps=None, y=None):
 
 def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
     """
-    Fig. 5 as a PNG: one panel per block (rows: timesteps from T-1 at the top to 0, columns: prompts), brighter
-    where the weight is larger, each panel scaled to its own maximum. Size: columns*(N*cell)+(columns-1)*gap
-    wide, rows*(T*cell)+(rows-1)*gap high, with `columns` panels per row (default: all blocks in one row).
+    Fig. 5 as a PNG: one panel per block (rows: timesteps from T-1 at the top to 0, columns: prompts), coloured
+    from dark blue at the panel's smallest weight to yellow at its largest (each panel scaled to its own range,
+    so a nearly uniform gate still shows its pattern; a constant panel is the middle colour), white gaps. Size:
+    columns*(N*cell)+(columns-1)*gap wide, rows*(T*cell)+(rows-1)*gap high, `columns` panels per row (default:
+    all blocks in one row).
     """
     from PIL import Image
+    weights = np.asarray(weights, np.float64)
     L, T, N = weights.shape
     columns = columns or L
     rows = -(-L // columns)
-    canvas = np.zeros((rows * T * cell + (rows - 1) * gap, columns * N * cell + (columns - 1) * gap), np.uint8)
+    canvas = np.full((rows * T * cell + (rows - 1) * gap, columns * N * cell + (columns - 1) * gap, 3), 255, np.uint8)
     for i, w in enumerate(weights):
         w = w[::-1]  # t = T-1 at the top: generation runs downwards
-        w = (255 * w / max(w.max(), 1e-12)).astype(np.uint8).repeat(cell, 0).repeat(cell, 1)
+        span = w.max() - w.min()
+        v = (w - w.min()) / span if span > 0 else np.full_like(w, 0.5)
         r, col = divmod(i, columns)
         canvas[r * (T * cell + gap): r * (T * cell + gap) + T * cell,
-               col * (N * cell + gap): col * (N * cell + gap) + N * cell] = w
-    Image.fromarray(canvas, mode="L").save(path)
+               col * (N * cell + gap): col * (N * cell + gap) + N * cell] = colour(v).repeat(cell, 0).repeat(cell, 1)
+    Image.fromarray(canvas, mode="RGB").save(path)
     return path
+
+
+def colour(v):
+    """Values in [0, 1] to RGB uint8 along viridis' dark blue, teal and yellow, linearly between them."""
+    anchors = np.array([[68, 1, 84], [33, 145, 140], [253, 231, 37]], np.float64)
+    x = np.clip(v, 0, 1)[..., None] * 2
+    low = np.where(x < 1, anchors[0], anchors[1])
+    high = np.where(x < 1, anchors[1], anchors[2])
+    return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)
 
 
 def load_model(name_or_path, patch_path=None, unet_config=None):

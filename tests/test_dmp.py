@@ -220,8 +220,13 @@ def test_fig5_gate_weights_and_heatmap(tmp_path):
     w = dmp.gate_weights(model, timesteps=range(0, 1000, 100))
     assert w.shape == (3, 10, 16) and np.allclose(w.sum(-1), 1.0, atol=1e-6)
     path = dmp.draw_gate_heatmap(w, tmp_path / "fig5.png", cell=2, gap=4)
-    image = Image.open(path)
-    assert image.size == (3 * 16 * 2 + 2 * 4, 10 * 2) and np.asarray(image).max() == 255
+    image = np.asarray(Image.open(path))
+    assert image.shape == (10 * 2, 3 * 16 * 2 + 2 * 4, 3)
+    assert (image[:, 32:36] == 255).all()  # the gap between panels 1 and 2
+    panel = image[:, :32].reshape(-1, 3)  # each panel spans the colour map: its smallest and largest weight
+    assert {(68, 1, 84), (253, 231, 37)} <= set(map(tuple, panel.tolist()))
+    flat = np.asarray(Image.open(dmp.draw_gate_heatmap(np.full((1, 2, 3), 1 / 3), tmp_path / "c.png", cell=1)))
+    assert (flat == (33, 145, 140)).all()  # a uniform gate: the middle colour
     image = Image.open(dmp.draw_gate_heatmap(w, tmp_path / "fig5b.png", cell=1, gap=2, columns=2))
     assert image.size == (2 * 16 + 2, 2 * 10 + 2)
 
