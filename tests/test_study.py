@@ -94,7 +94,8 @@ def test_structural_bias_and_gate_statistics_on_known_inputs():
     x = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.5], [3.0, 1.0, 0.0]])
     stats = study.structural_bias(x)
     corr = np.corrcoef(x)[~np.eye(3, dtype=bool)]
-    assert stats["correlation"]["max"] == pytest.approx(corr.max()) and stats["correlation"]["min"] == pytest.approx(corr.min())
+    assert stats["correlation"]["max"] == pytest.approx(corr.max())
+    assert stats["correlation"]["min"] == pytest.approx(corr.min())
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     assert stats["similarity"]["mean"] == pytest.approx((unit @ unit.T)[~np.eye(3, dtype=bool)].mean())
     uniform = np.full((2, 10, 4), 0.25)
@@ -111,7 +112,8 @@ def test_the_readme_section_is_the_committed_json_rendered(tmp_path):
     data = json.loads((ROOT / "assets" / "study" / "study.json").read_text())
     study.draw_figures(data, tmp_path)
     for name in ("pretraining_curve.png", "fig5_gate.png"):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(ROOT / "assets/study" / name)))
+        drawn, committed = (np.asarray(Image.open(d / name)) for d in (tmp_path, ROOT / "assets" / "study"))
+        assert np.array_equal(drawn, committed)
     assert study.readme_section(ROOT / "README.md") == study.render(data)
     assert (ROOT / "assets" / "study" / "study.md").read_text() == study.render(data)
     assert data["command"] == "python study.py" and data["settings"]["seeds"] == [0, 1, 2]
