@@ -2,9 +2,10 @@
 Weight files on disk: read them without running code, write them so a crash never leaves half a file,
 and download the official ones once into a cache folder.
 
-Every loader in the project (DiT, VAE, UNet, CLIP, Inception aside: fid.py is self-contained) reads through
+Every loader in the project (DiT, VAE, UNet, CLIP; fid.py reads its Inception itself) reads through
 read_state_dict(), and everything that matters is written through atomic_save().
 """
+import hashlib
 import os
 import pickle
 import tempfile
@@ -24,11 +25,18 @@ def cache_dir():
     return Path(os.environ.get("DMP_CACHE", "~/.cache/dmp")).expanduser()
 
 
-def download(url, filename=None):
-    """Download `url` into the cache once (progress bar, atomic rename) and return the local path."""
+def download(url, filename=None, sha256=None):
+    """
+    Download `url` into the cache once (progress bar, atomic rename) and return the local path.
+    `sha256`: the expected start of the file's SHA-256 hex digest (torch.hub's convention puts one
+    in official file names): a download that does not match never enters the cache, and a cached
+    file is checked before it is returned.
+    """
     from tqdm import tqdm
     path = cache_dir() / (filename or url.rsplit("/", 1)[-1].split("?")[0])
     if path.exists():
+        if sha256:
+            check_sha256(path, sha256, f"{path} (delete it to download it again)")
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".part{os.getpid()}")
@@ -39,12 +47,28 @@ def download(url, filename=None):
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+        if sha256:
+            check_sha256(tmp, sha256, f"the file downloaded from {url} (not kept)")
         os.replace(tmp, path)
     except OSError as e:
         raise CheckpointError(f"could not download {url} to {path} ({e}); download it by hand and pass the local path") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_sha256(path, prefix, name=None):
+    """Refuse, in one sentence naming the file (or `name`), a file whose SHA-256 does not begin
+    with `prefix`."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    digest = digest.hexdigest()
+    if not digest.startswith(prefix.lower()):
+        raise CheckpointError(f"{name or path}: its SHA-256 begins {digest[:len(prefix)]}, not "
+                              f"{prefix} as the official file's name says, so it is damaged or "
+                              f"not the official file")
 
 
 def read_state_dict(path):
