@@ -1,22 +1,30 @@
 """
-Inception FID, Inception Score and improved precision/recall, self-contained (plain PyTorch + scipy).
+Inception FID, sFID, Inception Score and improved precision/recall (plain PyTorch + scipy), and the
+reference sets they are measured against.
 
 The network is the FID variant of Inception-v3 that pytorch-fid ports from the TensorFlow graph of
-2015-12-05 (mseitzer/pytorch-fid, src/pytorch_fid/inception.py, `use_fid_inception=True`), with the same
-preprocessing and the same weights file, so the numbers equal pytorch-fid's and, up to the port, those of
-the TensorFlow tools (TTUR, ADM's evaluator) that the paper's tables come from.
+2015-12-05 (mseitzer/pytorch-fid, src/pytorch_fid/inception.py, `use_fid_inception=True`), with the
+same preprocessing and the same weights file, so the FID equals pytorch-fid's. The paper's FFHQ and
+ImageNet tables come from ADM's TensorFlow evaluator (guided-diffusion evaluations/evaluator.py),
+which runs that graph itself; "Where this port differs from ADM's evaluator" below lists every
+difference.
 
-    python fid.py REF SAMPLES                       # FID; each a folder, a .zip, an .npz of images or of stats
-    python fid.py REF SAMPLES --is --pr             # + Inception Score and precision/recall (Table 8)
-    python fid.py samples/ --save-stats samples.npz # statistics once, for later comparisons
+    python fid.py REF SAMPLES                 # FID, sFID; folders, zips, .npz of images or stats
+    python fid.py REF SAMPLES --is --pr       # + Inception Score and precision/recall (Table 8)
+    python fid.py samples/ --save-stats s.npz # statistics once, for later comparisons
+    python fid.py ~/data/ffhq/images1024x1024 --resolution 256 --save-stats ffhq256.npz
+        # a reference set: every image of a dataset (nested folders, a zip, a tar), centre-cropped
+        # as the training images were
 """
 import argparse
 import io
+import json
 import os
+import shutil
 import sys
-import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +35,14 @@ from scipy import linalg
 from scipy.special import log_softmax, logsumexp
 from tqdm import tqdm
 
+from checkpoints import CheckpointError, check_sha256, download
+from prepare_data import IMAGE_EXTENSIONS as DATASET_EXTENSIONS
+from prepare_data import DataError, ImageFiles, list_source, read_captions
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_SHA256 = "6726825d"  # torch.hub's convention: the name ends in the start of its SHA-256
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -42,6 +56,29 @@ class FIDError(Exception):
 # Module and parameter names are torchvision's Inception3, the keys of pt_inception-2015-12-05-6726825d.pth.
 # The FID blocks differ from torchvision's where the TensorFlow graph does: their average pools leave the
 # zero padding out of the mean (count_include_pad=False), and the last block (Mixed_7c) max-pools instead.
+#
+# Where this port differs from ADM's evaluator (guided-diffusion evaluations/evaluator.py, which
+# runs the TensorFlow graph classify_image_graph_def.pb itself; the paper's FFHQ and ImageNet
+# numbers come from it):
+# - Resize: the graph's own ResizeBilinear (a 2015 graph: align_corners and half_pixel_centers both
+#   False) samples output pixel i at input position i * in / out; pytorch-fid's
+#   F.interpolate(align_corners=False) samples at (i + 0.5) * in / out - 0.5. For 256 -> 299 the two
+#   grids are 0.07 input pixels apart.
+# - Scaling: the graph's Sub and Mul nodes map [0, 255] to (x - 128) / 128, [-1, 0.992]; pytorch-fid
+#   maps it to x / 127.5 - 1, [-1, 1] (NVIDIA's TorchScript export of the same graph, used by
+#   StyleGAN2-ADA's metrics, does the graph's resize and (x - 128) / 128).
+# - Arithmetic: TensorFlow's kernels (TF32 by default on Ampere GPUs from TF 2.4) against full
+#   float32 here (fid.py turns TF32 off); ADM takes mu of float32 features in float32, here in
+#   float64.
+# - Precision/recall: ADM computes the pairwise distances in float16 and falls back to float32 only
+#   for a 10,000 x 10,000 block where one overflows; here they are float32 throughout (see
+#   precision_recall).
+# - Inception Score: ADM splits into consecutive 5,000-image parts (10 parts for 50K images, 6 for
+#   30K); here 10 equal parts, the improved-GAN reference code's (the same split for 50K only).
+# The weights are the graph's (pytorch-fid converted them), so only these differences remain. Their
+# effect on an FID cannot be measured without the graph, which this project does not ship; for
+# numbers comparable with the paper's FFHQ and ImageNet tables, run ADM's evaluator on the .npz
+# batches that sample.py and `fid.py --save-batch` write.
 
 class BasicConv2d(nn.Module):
     """Convolution without bias, batch norm (eps 1e-3, as TensorFlow's), ReLU."""
@@ -179,6 +216,15 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # the TensorFlow graph's 1008 outputs (ImageNet classes and unused ones)
 
     def forward(self, x):
+        return self.features(x)[0]
+
+    def features(self, x):
+        """
+        (pool3 N x 2048, spatial N x 2023) of images in [0, 1]: the two feature sets of ADM's
+        evaluator, its "pool_3:0" (FID, IS, precision/recall) and the first 7 channels of
+        "mixed_6/conv:0" (sFID), flattened in TensorFlow's NHWC order as the evaluator's reshape
+        does.
+        """
         # pytorch-fid's preprocessing: bilinear resize to 299 (align_corners=False), [0, 1] -> [-1, 1].
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
@@ -188,7 +234,13 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
             x = getattr(self, "Mixed_" + name)(x)
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # pool3
+            if name == "6d":
+                # The graph's blocks are mixed, mixed_1, ..., mixed_10 = Mixed_5b ... Mixed_7c,
+                # so mixed_6 is Mixed_6d, and its "conv" is branch1x1 after its ReLU (the op
+                # named like the layer is the ReLU, which mixed_6/join concatenates first):
+                # channels 0-191 of Mixed_6d's output. 17 x 17 x 7 = 2023.
+                spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1), spatial  # pool3: the 8 x 8 average pool
 
     def logits(self, pool3):
         # Without the bias, as the Inception Score's reference code takes them (improved-GAN's
@@ -201,31 +253,20 @@ class FIDInceptionV3(nn.Module):
 #                                   Weights                                     #
 #################################################################################
 
-def download(url, path):
-    """Fetch url into path with a progress bar; written to a temp file and renamed, so never half there."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with urllib.request.urlopen(url) as r, open(tmp, "wb") as f, \
-                tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     desc=f"downloading {os.path.basename(path)}") as bar:
-            while chunk := r.read(1 << 20):
-                bar.update(f.write(chunk))
-        os.replace(tmp, path)
-    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
-        raise FIDError(f"could not download {url} ({e}); fetch it yourself and pass --inception PATH.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_inception(path=None, device="cpu"):
-    """The FID Inception with pytorch-fid's weights: from path, else from the cache (downloaded once)."""
-    if path is None:
-        path = os.path.join(os.environ.get("DMP_CACHE") or os.path.expanduser("~/.cache/dmp"),
-                            os.path.basename(FID_WEIGHTS_URL))
-        if not os.path.exists(path):
-            download(FID_WEIGHTS_URL, path)
+    """
+    The FID Inception with pytorch-fid's weights: from path, else from the cache (downloaded once).
+    A file under the official name has its SHA-256 checked against the prefix in that name; one
+    under another name is taken as given (the keys and shapes are checked either way).
+    """
+    try:
+        if path is None:
+            official = os.path.basename(FID_WEIGHTS_URL) == FID_WEIGHTS_NAME
+            path = str(download(FID_WEIGHTS_URL, sha256=FID_WEIGHTS_SHA256 if official else None))
+        elif os.path.basename(path) == FID_WEIGHTS_NAME and os.path.isfile(path):
+            check_sha256(path, FID_WEIGHTS_SHA256)
+    except CheckpointError as e:
+        raise FIDError(f"{e}.") from None
     if not os.path.isfile(path):
         raise FIDError(f"{path} does not exist (expected pt_inception-2015-12-05-6726825d.pth).")
     try:
@@ -259,7 +300,10 @@ def _file_batches(path, batch_size, workers):
     names = sorted(n for n in (zf.namelist() if zf else os.listdir(path))
                    if n.lower().endswith(IMAGE_EXTENSIONS) and (zf or os.path.isfile(os.path.join(path, n))))
     if not names:
-        raise FIDError(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        nested = not zf and any(e.is_dir() for e in os.scandir(path))
+        raise FIDError(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})" + (
+            " at its top level: a dataset in subfolders (FFHQ's images1024x1024, ImageNet's "
+            "train) is a reference set, read with --resolution N" if nested else "") + ".")
 
     def load(name):
         where = f"{path}:{name}" if zf else os.path.join(path, name)
@@ -316,13 +360,28 @@ def _npz_batches(path, batch_size):
     return shape[0], batches()
 
 
+def _spatial_statistics(path, f):
+    """(mu_s, sigma_s), the sFID statistics of ADM's reference batches and fid.py's, or None."""
+    if not {"mu_s", "sigma_s"} <= set(f.files):
+        return None
+    mu, sigma = f["mu_s"], f["sigma_s"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise FIDError(f"{path}: 'mu_s' {mu.shape} and 'sigma_s' {sigma.shape} are not a d vector "
+                       f"and a d x d matrix.")
+    return mu, sigma
+
+
 def open_set(path, batch_size=50, workers=8):
-    """An input: {'stats': (mu, sigma) or None, 'images': (count, uint8 NHWC batch iterator) or None}."""
+    """
+    An input: {'stats': (mu, sigma) or None, 'spatial': (mu_s, sigma_s) or None,
+    'images': (count, uint8 NHWC batch iterator) or None}.
+    """
     if not os.path.exists(path):
         raise FIDError(f"{path} does not exist.")
     if os.path.isdir(path) or path.lower().endswith(".zip"):
         try:
-            return {"stats": None, "images": _file_batches(path, batch_size, workers)}
+            images = _file_batches(path, batch_size, workers)
+            return {"stats": None, "spatial": None, "images": images}
         except zipfile.BadZipFile as e:
             raise FIDError(f"{path} is not a readable zip file ({e}).") from None
     if not path.lower().endswith(".npz"):
@@ -333,9 +392,11 @@ def open_set(path, batch_size=50, workers=8):
         with np.load(path) as f:
             files = set(f.files)
             stats = load_statistics(path, f) if files & {"mu", "sigma"} else None
+            spatial = _spatial_statistics(path, f) if stats is not None else None
         if stats is None and "arr_0" not in files:
             raise FIDError(f"{path} has neither statistics ('mu', 'sigma') nor images ('arr_0').")
-        return {"stats": stats, "images": _npz_batches(path, batch_size) if "arr_0" in files else None}
+        return {"stats": stats, "spatial": spatial,
+                "images": _npz_batches(path, batch_size) if "arr_0" in files else None}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise FIDError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}).") from None
 
@@ -345,17 +406,30 @@ def open_set(path, batch_size=50, workers=8):
 #################################################################################
 
 @torch.inference_mode()
-def compute_features(model, images, device="cpu", desc="inception"):
-    """pool3 features (N x 2048, float32) of (count, uint8 NHWC batches), as pytorch-fid's get_activations."""
+def inception_features(model, batch, device="cpu"):
+    """(pool3, spatial) float32 features of a uint8 N x H x W x 3 batch, in [0, 1] as ToTensor()."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float() / 255
+    pool, spatial = model.features(x)
+    return pool.cpu().numpy(), spatial.cpu().numpy()
+
+
+def compute_features(model, images, device="cpu", desc="inception", spatial=False):
+    """
+    pool3 features (N x 2048, float32) of (count, uint8 NHWC batches), as pytorch-fid's
+    get_activations; with `spatial`, (pool3, spatial N x 2023) as ADM's compute_activations.
+    """
     count, batches = images
-    feats, i = np.empty((count, 2048), np.float32), 0
+    feats, i = None, 0
     with tqdm(total=count, unit="img", desc=desc) as bar:
         for batch in batches:
-            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255  # as ToTensor()
-            feats[i:i + len(batch)] = model(x).cpu().numpy()
+            got = inception_features(model, batch, device)
+            if feats is None:
+                feats = [np.empty((count, f.shape[1]), np.float32) for f in got]
+            for f, g in zip(feats, got):
+                f[i:i + len(batch)] = g
             i += len(batch)
             bar.update(len(batch))
-    return feats
+    return tuple(feats) if spatial else feats[0]
 
 
 def statistics(feats, name="the set"):
@@ -378,12 +452,223 @@ def load_statistics(path, f=None):
     return mu, sigma
 
 
-def save_statistics(path, mu, sigma):
-    """Write mu and sigma as pytorch-fid does (np.savez), to a temp file renamed into place."""
+def save_statistics(path, mu, sigma, spatial=None):
+    """
+    Write mu and sigma as pytorch-fid does (np.savez; pytorch-fid reads only these two), and with
+    `spatial` the sFID statistics as ADM's reference batches name them (mu_s, sigma_s), to a temp
+    file renamed into place.
+    """
+    extra = {} if spatial is None else {"mu_s": spatial[0], "sigma_s": spatial[1]}
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, mu=mu, sigma=sigma, **extra)
     os.replace(tmp, path)
+
+
+class Moments:
+    """
+    Mean and covariance of features that arrive in batches, for sets too large to hold (ImageNet's
+    1.28M x 2048 float64 is 21 GB): float64 sums of x - shift and of its outer products, the shift
+    being the first batch's mean so the sums do not cancel. Gives np.mean and np.cov(rowvar=False)
+    up to rounding.
+    """
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, None, None
+
+    def update(self, feats):
+        x = np.asarray(feats, np.float64)
+        if self.shift is None:
+            dim = x.shape[1]
+            self.shift, self.s1, self.s2 = x.mean(0), np.zeros(dim), np.zeros((dim, dim))
+        x = x - self.shift
+        self.n += len(x)
+        self.s1 += x.sum(0)
+        self.s2 += x.T @ x
+
+    def result(self):
+        """(mu, sigma) of everything seen."""
+        mean = self.s1 / self.n
+        return self.shift + mean, (self.s2 - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+    def state(self, prefix):
+        """The sums as arrays for np.savez (resuming)."""
+        if self.n == 0:
+            return {prefix + "n": np.int64(0)}
+        return {prefix + "n": np.int64(self.n), prefix + "shift": self.shift,
+                prefix + "s1": self.s1, prefix + "s2": self.s2}
+
+    def load(self, f, prefix):
+        """Continue from state(prefix) read back from an .npz."""
+        self.n = int(f[prefix + "n"])
+        if self.n:
+            self.shift, self.s1, self.s2 = f[prefix + "shift"], f[prefix + "s1"], f[prefix + "s2"]
+        return self
+
+
+#################################################################################
+#                Reference sets: the dataset as the models saw it               #
+#################################################################################
+# A reference set is read from the dataset itself with prepare_data.py's own code: its listing (a
+# folder read recursively, as FFHQ's images1024x1024/00000/... and ImageNet's class folders; a zip;
+# a tar; a folder of img2dataset .tar shards), its decoding and RGB conversion, and ADM's centre
+# crop (center_crop_arr: halve with BOX while the short side is >= 2x the target, BICUBIC to the
+# target, crop the centre), so the reference images are the images the models were trained on.
+# The DMP authors' FFHQ reference batch is made the same way (sangminwoo/DMP,
+# evaluation/generate_reference_batch.py, which converts with plain convert("RGB"): the two differ
+# only for transparent or 16-bit images). Files are taken in sorted order, so a set is reproducible;
+# the work is resumable from OUT.partial/ (rerun the same command), which holds the running sums
+# and the images so far.
+
+def partial_folder(stats_path=None, batch_path=None):
+    """Where an unfinished reference set keeps its state: next to its first output."""
+    return Path(str(stats_path or batch_path) + ".partial")
+
+
+def _write_atomic(path, write):
+    """Call write(file) on a temp file in path's folder, then rename it to path."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_batch(path, images, count):
+    """images[:count] as an ADM batch (an .npz of arr_0, uint8 N x H x W x 3), streamed, atomic."""
+    header = dict(descr="|u1", fortran_order=False, shape=(count, *images.shape[1:]))
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", allowZip64=True) as zf, \
+                zf.open("arr_0.npy", "w", force_zip64=True) as a:
+            np.lib.format.write_array_header_1_0(a, header)
+            for i in range(0, count, 256):
+                a.write(np.ascontiguousarray(images[i:min(i + 256, count)]).tobytes())
+    _write_atomic(path, write)
+
+
+def build_reference(src, resolution, stats_path=None, batch_path=None, prompts_path=None,
+                    captions=None, max_images=None, inception=None, device="cpu", batch_size=50,
+                    workers=0, checkpoint_every=10000):
+    """
+    Every usable image of the dataset `src` (the first max_images in sorted order), centre-cropped
+    to `resolution`, written as statistics (stats_path: mu, sigma as pytorch-fid's; mu_s, sigma_s
+    for the sFID), as an ADM batch (batch_path) and/or, with `captions`, as the prompt file of the
+    same images (prompts_path). Resumable: the state is committed every `checkpoint_every` files
+    read. Returns the number of images in the set.
+    """
+    outputs = [x for x in (stats_path, batch_path, prompts_path) if x]
+    for out in outputs:
+        if os.path.exists(out):
+            raise FIDError(f"{out} already exists; delete it to build it again.")
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise FIDError(f"{src} does not exist.")
+    try:
+        files, texts = list_source(src, "none")[0], None
+        if captions:  # images only; prompts are lines: whitespace collapsed, blank captions dropped
+            files, texts = read_captions(src, files, captions)
+            texts = [[" ".join(c.split()) for c in t if c.split()] for t in texts]
+        else:
+            files = [f for f in files if f.lower().endswith(DATASET_EXTENSIONS)]
+    except DataError as e:
+        raise FIDError(f"{e}.") from None
+    if not files:
+        raise FIDError(f"{src} holds no image files ({', '.join(DATASET_EXTENSIONS)}).")
+    capacity = min(len(files), max_images or len(files))
+    weights = os.path.abspath(inception) if inception else FID_WEIGHTS_NAME
+    settings = dict(source=str(src.resolve()), resolution=resolution, max_images=max_images,
+                    captions=str(captions) if captions else None, stats=bool(stats_path),
+                    batch=bool(batch_path), prompts=bool(prompts_path),
+                    inception=weights if stats_path else None)
+    listing = "".join(f + "\n" for f in files)
+
+    model = load_inception(inception, device) if stats_path else None  # fails before any write
+    partial = partial_folder(stats_path, batch_path)
+    pool, spatial, done, count, skipped = Moments(), Moments(), 0, 0, []
+    if (partial / "settings.json").exists():  # resume: the sums and the batch hold rows < done
+        if json.loads((partial / "settings.json").read_text()) != settings or \
+                (partial / "files.txt").read_text() != listing:
+            raise FIDError(f"{partial} was started by another command or on other files; rerun "
+                           f"that command or delete {partial}.")
+        if (partial / "state.npz").exists():
+            with np.load(partial / "state.npz") as f:
+                done, count = int(f["done"]), int(f["count"])
+                skipped = json.loads(str(f["skipped"]))
+                pool.load(f, "pool_"), spatial.load(f, "spatial_")
+        print(f"resuming {partial}: {done} of {len(files)} files read, {count} images kept")
+        images = np.load(partial / "batch.npy", mmap_mode="r+") if batch_path else None
+    else:
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "files.txt").write_text(listing)
+        shape = (capacity, resolution, resolution, 3)
+        images = np.lib.format.open_memmap(partial / "batch.npy", mode="w+", dtype=np.uint8,
+                                           shape=shape) if batch_path else None
+        # Written last: the commit point of the initialisation.
+        (partial / "settings.json").write_text(json.dumps(settings))
+
+    def commit():
+        if images is not None:
+            images.flush()  # before the state that counts these rows as done
+        state = dict(done=np.int64(done), count=np.int64(count),
+                     skipped=np.array(json.dumps(skipped)), **pool.state("pool_"),
+                     **spatial.state("spatial_"))
+        _write_atomic(partial / "state.npz", lambda f: np.savez(f, **state))
+
+    labels = np.zeros(len(files), np.int64)
+    dataset = ImageFiles(src, files, labels, resolution, start=done, captions=texts)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    last_commit = done
+    desc = f"reference {src.name} at {resolution}"
+    with tqdm(total=capacity, initial=count, unit="img", desc=desc) as bar:
+        for batch in loader if count < capacity else []:
+            kept = [(row, img) for row, img, _ in batch if img is not None][:capacity - count]
+            end = kept[-1][0] + 1 if count + len(kept) == capacity else batch[-1][0] + 1
+            skipped += [dict(row=r, file=files[r], reason=why)
+                        for r, img, why in batch if img is None and r < end]
+            if kept:
+                pixels = np.stack([img for _, img in kept])
+                if model is not None:
+                    feats = inception_features(model, pixels, device)
+                    pool.update(feats[0])
+                    spatial.update(feats[1])
+                if images is not None:
+                    images[count:count + len(kept)] = pixels
+            count, done = count + len(kept), end
+            bar.update(len(kept))
+            if count == capacity:
+                break
+            if done - last_commit >= checkpoint_every:
+                commit()
+                last_commit = done
+    commit()
+
+    if count < (2 if stats_path else 1):
+        why = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        raise FIDError(f"{src}: only {count} of its {len(files)} image files could be used"
+                       + (f" ({why})" if why else "")
+                       + (", and statistics need at least 2" if stats_path else "") + ".")
+    for out in outputs:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if stats_path:
+        save_statistics(stats_path, *pool.result(), spatial=spatial.result())
+    if batch_path:
+        write_batch(batch_path, images, count)
+    if prompts_path:
+        gone = {s["row"] for s in skipped}
+        rows = [r for r in range(done) if r not in gone][:count]
+        # One line per image, its first caption: sample.py's image k takes line k.
+        lines = "".join(texts[r][0] + "\n" for r in rows)
+        _write_atomic(prompts_path, lambda f: f.write(lines.encode()))
+    del images
+    shutil.rmtree(partial)
+    reasons = "".join(f"; {s['file']}: {s['reason']}" for s in skipped[:5])
+    print(f"{src}: {count} images at {resolution}x{resolution} ({len(skipped)} files skipped"
+          f"{reasons}) -> {', '.join(outputs)}")
+    return count
 
 
 #################################################################################
@@ -433,7 +718,13 @@ def _sq_dists(a, b):
 def precision_recall(real, fake, k=3, batch_size=1000, device="cpu"):
     """Improved precision and recall (Kynkäänniemi et al. 2019, k=3, as ADM's evaluator): the fraction of fake
     features inside some real feature's k-NN ball, and vice versa. Distances are computed batch_size rows
-    at a time, so 50K x 50K never sits in memory."""
+    at a time, so 50K x 50K never sits in memory.
+    As ADM's ManifoldEstimator (nhood_sizes=(3,), clamp_to_percentile=None): squared Euclidean
+    distances, the radius of a point the distance to its 3rd neighbour other than itself, a point
+    covered if within or on some ball. It differs in the arithmetic only: ADM computes the distances
+    in float16 (falling back to float32 for a 10,000 x 10,000 block where one is not finite), so its
+    decisions for points near a ball's edge can differ; its batch sizes (10,000 rows and columns)
+    decide nothing else, nor does batch_size here."""
     real, fake = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (real, fake))
 
     def radii(x):  # squared distance to the k-th nearest neighbour, the point itself being the 0-th
@@ -456,51 +747,141 @@ def precision_recall(real, fake, k=3, batch_size=1000, device="cpu"):
 #################################################################################
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID (pytorch-fid's Inception), Inception Score, precision/recall.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="REF [SAMPLES]: folder, .zip, .npz of images "
-                   "(arr_0, uint8 NHWC) or .npz of statistics (mu, sigma)")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the one input")
+    p = argparse.ArgumentParser(description="FID and sFID (pytorch-fid's Inception), Inception "
+                                "Score, precision/recall; reference sets from a dataset.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="REF [SAMPLES]: folder, .zip, .npz "
+                   "of images (arr_0, uint8 NHWC) or .npz of statistics (mu, sigma); with "
+                   "--resolution, one dataset: a folder (read recursively), a zip, a tar, or a "
+                   "folder of .tar shards")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the one input "
+                   "(mu, sigma, and mu_s, sigma_s for the sFID)")
     p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score of SAMPLES (10 splits)")
     p.add_argument("--pr", action="store_true", help="precision and recall of SAMPLES against REF (k=3)")
+    p.add_argument("--npz-stats", choices=["images", "file"], default="images",
+                   help="for an .npz holding images and statistics (ADM's reference batches): "
+                   "recompute the statistics from its images with this network (default), or use "
+                   "the file's (ADM made its with its TensorFlow Inception)")
+    g = p.add_argument_group("reference sets (one dataset in; statistics, images, prompts out)")
+    g.add_argument("--resolution", type=int, help="centre-crop each image to this side as ADM, "
+                   "DiT and prepare_data.py do (center_crop_arr), and write the outputs below")
+    g.add_argument("--save-batch", metavar="OUT.npz", help="the images as an ADM batch (arr_0, "
+                   "uint8 N x H x W x 3), what ADM's evaluator and fid.py read")
+    g.add_argument("--max-images", type=int,
+                   help="the first N usable images in sorted path order (default: all)")
+    g.add_argument("--captions", help="'txt' (the .txt beside each image, as in img2dataset "
+                   "shards) or a COCO captions JSON: images without one are left out")
+    g.add_argument("--save-prompts", metavar="OUT.txt", help="with --captions: each image's first "
+                   "caption, one a line in the set's order (sample.py's --prompt-file)")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding threads (with --resolution: processes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: download)")
     args = p.parse_args(argv)
+    for flag in ("save_stats", "save_batch"):
+        out = getattr(args, flag)
+        if out is not None and not out.endswith(".npz"):
+            p.error(f"--{flag.replace('_', '-')} {out}: the file must end in .npz")
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions (Ampere's default is TF32)
+    if args.resolution is not None:
+        return build_main(p, args)
+    if any(x is not None for x in (args.save_batch, args.max_images, args.captions,
+                                   args.save_prompts)):
+        p.error("--save-batch, --max-images, --captions and --save-prompts build a reference set: "
+                "add --resolution N")
     if len(args.paths) > 2 or (len(args.paths) == 2 and args.save_stats is not None) or \
             (len(args.paths) == 1 and args.save_stats is None and not args.inception_score):
         p.error("give REF SAMPLES for the FID, or one input with --save-stats OUT.npz and/or --is")
-    if args.save_stats is not None and not args.save_stats.endswith(".npz"):
-        p.error(f"--save-stats {args.save_stats}: the statistics file must end in .npz")
     if args.pr and len(args.paths) != 2:
         p.error("--pr needs two inputs, REF and SAMPLES")
-    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions (torch's default on Ampere+ is TF32)
     try:
-        sets = [open_set(path, args.batch_size, args.num_workers) for path in args.paths]
-        # Images are needed for --pr (both inputs), --is (SAMPLES, the last input) and for missing statistics.
-        wanted = [args.pr or (args.inception_score and i == len(sets) - 1) for i in range(len(sets))]
-        for path, s, w in zip(args.paths, sets, wanted):
-            if w and s["images"] is None:
-                raise FIDError(f"{path} holds statistics only; --is and --pr need images.")
-        need = [s["images"] is not None and (s["stats"] is None or w) for s, w in zip(sets, wanted)]
-        model = load_inception(args.inception, args.device) if any(need) else None
-        feats = [compute_features(model, s["images"], args.device, os.path.basename(os.path.normpath(path)))
-                 if n else None for path, s, n in zip(args.paths, sets, need)]
-        stats = [s["stats"] or statistics(f, path) for path, s, f in zip(args.paths, sets, feats)
-                 if args.save_stats is not None or len(sets) == 2]  # given statistics come first, as in ADM's
-        if args.save_stats is not None:
-            save_statistics(args.save_stats, *stats[0])
-            print(f"saved mu and sigma of {args.paths[0]} to {args.save_stats}")
-        if len(stats) == 2:
-            print(f"FID: {frechet_distance(*stats[0], *stats[1])}")
-        if args.inception_score:
-            mean, std = inception_score(model.logits(torch.from_numpy(feats[-1]).to(args.device)).cpu().numpy())
-            print(f"IS: {mean} +- {std}")
-        if args.pr:
-            precision, recall = precision_recall(feats[0], feats[1], device=args.device)
-            print(f"precision: {precision}\nrecall: {recall}")
+        compare(args)
     except FIDError as e:
         sys.exit(f"fid.py: error: {e}")
+
+
+def compare(args):
+    """fid.py REF SAMPLES (or one set with --save-stats / --is): print the statistics' sources and
+    the metrics."""
+    sets = [open_set(path, args.batch_size, args.num_workers) for path in args.paths]
+    # Images are needed for --pr (both inputs), --is (SAMPLES, the last input) and for statistics
+    # not taken from the file: an .npz with images and statistics (an ADM reference batch) is
+    # measured again with this network unless --npz-stats file.
+    last = len(sets) - 1
+    wanted = [args.pr or (args.inception_score and i == last) for i in range(len(sets))]
+    for path, s, w in zip(args.paths, sets, wanted):
+        if w and s["images"] is None:
+            raise FIDError(f"{path} holds statistics only; --is and --pr need images.")
+    given = [s["stats"] is not None and (s["images"] is None or args.npz_stats == "file")
+             for s in sets]
+    need = [s["images"] is not None and (not g or w) for s, g, w in zip(sets, given, wanted)]
+    model = load_inception(args.inception, args.device) if any(need) else None
+    names = [os.path.basename(os.path.normpath(path)) for path in args.paths]
+    feats = [compute_features(model, s["images"], args.device, name, spatial=True) if n else None
+             for name, s, n in zip(names, sets, need)]
+    stats, spatial = [], []
+    if args.save_stats is not None or len(sets) == 2:
+        for path, s, g, f in zip(args.paths, sets, given, feats):
+            stats.append(s["stats"] if g else statistics(f[0], path))
+            spatial.append(s["spatial"] if g else statistics(f[1], path))
+            print(describe_statistics(path, s, g))
+        if len(sets) == 2 and given[0] != given[1]:
+            print("note: one set's statistics come from its file, the other's from this network: "
+                  "if the file was made by another network (ADM's TensorFlow Inception), the FID "
+                  "mixes the two")
+    if args.save_stats is not None:
+        save_statistics(args.save_stats, *stats[0], spatial=spatial[0])
+        print(f"saved the statistics of {args.paths[0]} to {args.save_stats}")
+    if len(stats) == 2:
+        print(f"FID: {frechet_distance(*stats[0], *stats[1])}")
+        if None in spatial:
+            print(f"sFID: not computed ({args.paths[spatial.index(None)]} has no mu_s, sigma_s)")
+        else:  # ADM's sFID: the same distance on the mixed_6/conv features
+            print(f"sFID: {frechet_distance(*spatial[0], *spatial[1])}")
+    if args.inception_score:
+        logits = model.logits(torch.from_numpy(feats[-1][0]).to(args.device)).cpu().numpy()
+        mean, std = inception_score(logits)
+        print(f"IS: {mean} +- {std}")
+    if args.pr:
+        precision, recall = precision_recall(feats[0][0], feats[1][0], device=args.device)
+        print(f"precision: {precision}\nrecall: {recall}")
+
+
+def describe_statistics(path, s, given):
+    """One line saying where a set's statistics came from, so a table says which FID it holds."""
+    if given:
+        return f"{path}: statistics from the file" + (
+            " (its images not used for them: --npz-stats file)" if s["images"] is not None else "")
+    return f"{path}: statistics of its {s['images'][0]} images with this network" + (
+        "; the file's own statistics are not used, as they may come from another network (ADM's "
+        "reference batches: its TensorFlow Inception, over the whole dataset); --npz-stats file "
+        "uses them" if s["stats"] is not None else "")
+
+
+def build_main(p, args):
+    """fid.py DATASET --resolution N ...: check the flags, build the set; one sentence on error."""
+    if len(args.paths) != 1:
+        p.error("--resolution builds a reference set from one dataset: give one PATH")
+    if args.save_stats is None and args.save_batch is None:
+        p.error("--resolution needs --save-stats OUT.npz and/or --save-batch OUT.npz")
+    if args.inception_score or args.pr:
+        p.error("--is and --pr compare two sets: build the reference set first, then compare")
+    if args.resolution < 1 or (args.max_images is not None and args.max_images < 1):
+        p.error("--resolution and --max-images must be positive")
+    if (args.captions is None) != (args.save_prompts is None):
+        p.error("--captions and --save-prompts go together")
+    outputs = [x for x in (args.save_stats, args.save_batch, args.save_prompts) if x]
+    if len({os.path.abspath(x) for x in outputs}) != len(outputs):
+        p.error("--save-stats, --save-batch and --save-prompts must be different files")
+    try:
+        build_reference(args.paths[0], args.resolution, args.save_stats, args.save_batch,
+                        args.save_prompts, args.captions, args.max_images, args.inception,
+                        args.device, args.batch_size, args.num_workers)
+    except FIDError as e:
+        sys.exit(f"fid.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"fid.py: interrupted; rerun the same command to resume from "
+                 f"{partial_folder(args.save_stats, args.save_batch)}")
 
 
 if __name__ == "__main__":

@@ -251,8 +251,8 @@ FULL_SCALE = """### At full scale: every row of the paper
 Each block below is the complete path from images to the paper's number, with the project's commands (the paper's
 settings are the presets' defaults: batch 128, AdamW lr 1e-4, no EMA when further-training, DDPM 250 steps,
 guidance 1.5 where the model is conditional). A run folder is `runs/NNN-<dataset>-<method>`; substitute the
-numbers your runs get. FID reference statistics: the paper does not say which set it used; these take the
-training images (FFHQ, ImageNet's ADM reference batch) or the validation images (COCO) as fid.py reads them.
+numbers your runs get. The reference sets, how they are built and what each FID command prints
+are in "Evaluation" below.
 
 **FFHQ 256, DiT-B/2** (Tables 2, 4, 7, Fig. 4; pretrained 600K, further-trained 30K): base 6.27; fine-tuning
 6.57, prompt tuning 6.81, LoRA 7.11, DMP 5.87. Table 4's rows add `--gate attention` (6.41), `--selection hard`
@@ -261,12 +261,13 @@ training images (FFHQ, ImageNet's ADM reference batch) or the validation images 
 
 ```bash
 python prepare_data.py ~/data/ffhq/images1024x1024 data/ffhq256
-python fid.py ~/data/ffhq/images1024x1024 --save-stats data/ffhq-fid-stats.npz
+python fid.py ~/data/ffhq/images1024x1024 --resolution 256 \\
+    --save-stats data/ffhq256-ref.npz --save-batch data/ffhq256-ref-batch.npz
 python train.py --dataset ffhq --model DiT-B/2 --iterations 600000                    # runs/000-ffhq-pretrain
 python train.py --dataset ffhq --init runs/000-ffhq-pretrain/checkpoints/0600000.pt --method dmp --iterations 30000
 #                                    (--method full | prompt | lora for the other rows)
 python sample.py --ckpt runs/001-ffhq-dmp/checkpoints/0030000.pt --num-samples 50000 --out samples/ffhq-b2-dmp
-python fid.py data/ffhq-fid-stats.npz samples/ffhq-b2-dmp.npz
+python fid.py data/ffhq256-ref.npz samples/ffhq-b2-dmp.npz
 ```
 
 **FFHQ 256, DiT-L/2** (Table 3; pretrained 250K, then +10K ... +50K): base 6.26; at +50K fine-tuning 6.80,
@@ -277,7 +278,7 @@ python train.py --dataset ffhq --model DiT-L/2 --iterations 250000              
 python train.py --dataset ffhq --init runs/002-ffhq-pretrain/checkpoints/0250000.pt --method dmp \\
     --iterations 50000 --ckpt-every 10000 --keep 5
 python sample.py --ckpt runs/003-ffhq-dmp/checkpoints/0050000.pt --num-samples 50000 --out samples/ffhq-l2-dmp
-python fid.py data/ffhq-fid-stats.npz samples/ffhq-l2-dmp.npz
+python fid.py data/ffhq256-ref.npz samples/ffhq-l2-dmp.npz
 ```
 
 **FFHQ 256, DMP from scratch, DiT-B/2** (Table 6): at 80K / 90K / 100K, 19.18 / 18.80 / 16.55 without and
@@ -295,9 +296,11 @@ fine-tuning 7.51, prompt tuning 7.37, DMP 7.12 (gate on t + text; `--gate-cond t
 python prepare_data.py ~/coco/train2014 data/coco256 --captions ~/coco/annotations/captions_train2014.json
 python train.py --dataset coco --model DiT-B/2 --text-encoder stable-diffusion-v1-5/ --iterations 450000
 python train.py --dataset coco --init runs/000-coco-pretrain/checkpoints/0450000.pt --method dmp --iterations 40000
-python sample.py --ckpt runs/001-coco-dmp/checkpoints/0040000.pt --prompt-file coco_val2014_captions.txt \\
-    --num-samples 30000 --out samples/coco-dmp
-python fid.py coco_val2014_256.npz samples/coco-dmp.npz       # val2014 images centre-cropped to 256, as arr_0
+python fid.py ~/coco/val2014 --resolution 256 --captions ~/coco/annotations/captions_val2014.json \\
+    --save-stats data/coco256-val-ref.npz --save-prompts data/coco-val2014-prompts.txt
+python sample.py --ckpt runs/001-coco-dmp/checkpoints/0040000.pt \\
+    --prompt-file data/coco-val2014-prompts.txt --num-samples 30000 --out samples/coco-dmp
+python fid.py data/coco256-val-ref.npz samples/coco-dmp.npz
 ```
 
 **ImageNet 256, DiT-XL/2** (Tables 8, 9; the official 7M-step model, further-trained 20K): base 2.29 (precision
@@ -307,7 +310,7 @@ python fid.py coco_val2014_256.npz samples/coco-dmp.npz       # val2014 images c
 python prepare_data.py ~/data/imagenet/train data/imagenet256 --labels folders
 python train.py --dataset imagenet --init DiT-XL-2-256x256.pt --method dmp --iterations 20000
 python sample.py --ckpt runs/000-imagenet-dmp/checkpoints/0020000.pt --num-samples 50000 --out samples/in-dmp
-python fid.py VIRTUAL_imagenet256_labeled.npz samples/in-dmp.npz --pr     # ADM's reference batch
+python fid.py VIRTUAL_imagenet256_labeled.npz samples/in-dmp.npz --pr
 ```
 
 **Stable Diffusion 1.5 on LAION 512** (Table 2; further-trained 50K): base 47.18; fine-tuning 52.99, prompt
@@ -316,9 +319,11 @@ tuning 35.93, DMP 35.44 (PNDM 50 steps, guidance 7.5).
 ```bash
 python prepare_data.py ~/laion/shards data/laion512 --resolution 512 --captions txt
 python train.py --dataset laion --model sd15 --init v1-5-pruned-emaonly.safetensors --method dmp --iterations 50000
-python sample.py --model sd15 --ckpt runs/000-laion-dmp/checkpoints/0050000.pt --prompt-file laion_captions.txt \\
-    --num-samples 30000 --out samples/laion-dmp
-python fid.py laion_ref_512.npz samples/laion-dmp.npz
+python fid.py ~/laion/shards --resolution 512 --captions txt --max-images 30000 \\
+    --save-stats data/laion512-ref.npz --save-prompts data/laion512-prompts.txt
+python sample.py --model sd15 --ckpt runs/000-laion-dmp/checkpoints/0050000.pt \\
+    --prompt-file data/laion512-prompts.txt --num-samples 30000 --out samples/laion-dmp
+python fid.py data/laion512-ref.npz samples/laion-dmp.npz
 ```"""
 
 

@@ -1,22 +1,40 @@
-"""fid.py against pytorch-fid's reference figures (tests/golden/inception_fid.safetensors) and on tiny image sets."""
+"""
+fid.py against pytorch-fid's reference figures (tests/golden/inception_fid.safetensors), on tiny
+image sets, and the README's evaluation commands on tiny stand-ins of the real dataset layouts.
+
+Two networks: the FID Inception itself with the seeded weights of tests/golden/README.md (`model`,
+`weights`), where a test checks what the network computes; and PixelNet, a deterministic stand-in
+of a few pixel averages, where a test checks plumbing (files, layouts, statistics, which statistics
+are used). A Fréchet distance on the real 2048-d features takes 25-35 s of scipy's sqrtm on 2 CPU
+cores, and the golden file pins the real features already.
+"""
+import hashlib
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy.spatial.distance import cdist
 
 import fid
+import sample
+from prepare_data import center_crop_arr
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rule_weights(keys_tsv):
@@ -86,14 +104,22 @@ def test_keys_in_file_order():
     assert list(fid.FIDInceptionV3().state_dict().keys()) == keys
 
 
-def test_pool3_matches_pytorch_fid(golden, model):
+def test_pool3_matches_pytorch_fid_and_spatial_is_mixed_6d_conv(golden, model):
     tensors, _ = golden
+    branch = []
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: branch.append(output))
     with torch.inference_mode():
-        pool3 = model(tensors["images"])
+        pool3, spatial = model.features(tensors["images"])
+    hook.remove()
     ref = tensors["pool3"]
     assert pool3.shape == (4, 2048)
     assert (pool3 - ref).abs().max() / ref.abs().max() < 1e-5  # measured 4.4e-7
     torch.testing.assert_close(pool3, ref, rtol=1e-4, atol=1e-5)
+    # ADM's sFID features: mixed_6/conv (Mixed_6d's 1x1 branch after its ReLU), channels 0-6, NHWC.
+    assert spatial.shape == (4, 17 * 17 * 7) == (4, 2023)
+    assert branch[0].shape == (4, 192, 17, 17) and (branch[0] >= 0).all()
+    assert torch.equal(spatial, branch[0][:, :7].permute(0, 2, 3, 1).reshape(4, 2023))
 
 
 def test_frechet_distance_matches_pytorch_fid(golden):
@@ -214,19 +240,24 @@ def test_cli_adm_reference_batches_with_is_and_pr(tmp_path, golden, weights, mon
     feats, compute_features = [], fid.compute_features
     monkeypatch.setattr(fid, "compute_features", lambda *a, **k: feats.append(compute_features(*a, **k)) or feats[-1])
     fid.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"), "--is", "--pr", "--inception", weights,
-              "--device", "cpu"])
+              "--device", "cpu", "--npz-stats", "file"])
     out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
     assert float(out["FID"]) == pytest.approx(meta["fd_AB"], rel=1e-6)
-    assert [len(f) for f in feats] == [4, 10]
+    assert out[str(tmp_path / "ref.npz")].startswith("statistics from the file")
+    assert out["sFID"].startswith("not computed")  # the golden statistics have no mu_s, sigma_s
+    assert [len(f[0]) for f in feats] == [4, 10]
+    assert [f[1].shape for f in feats] == [(4, 2023), (10, 2023)]
     fc = rule_weights(os.path.join(GOLDEN, "pt_inception.keys.tsv"))["fc.weight"].double().numpy()
-    is_mean, is_std = fid.inception_score(feats[1].astype(np.float64) @ fc.T)  # unbiased logits, float64
+    logits = feats[1][0].astype(np.float64) @ fc.T  # unbiased logits, float64
+    is_mean, is_std = fid.inception_score(logits)
     assert [float(x) for x in out["IS"].split(" +- ")] == pytest.approx([is_mean, is_std], rel=1e-6)
     assert 1 <= is_mean < 10
-    assert (float(out["precision"]), float(out["recall"])) == fid.precision_recall(*feats)
+    pr = fid.precision_recall(feats[0][0], feats[1][0])
+    assert (float(out["precision"]), float(out["recall"])) == pr
 
 
 def test_download_to_cache_then_skip(tmp_path, weights, monkeypatch):
-    real_download = fid.download
+    import checkpoints
     monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fid, "FID_WEIGHTS_URL", "file://" + os.path.abspath(weights).replace(os.sep, "/"))
     fid.load_inception()
@@ -234,13 +265,47 @@ def test_download_to_cache_then_skip(tmp_path, weights, monkeypatch):
     assert cached.read_bytes() == open(weights, "rb").read()
     assert os.listdir(tmp_path / "cache") == [cached.name]  # no temp file left
 
-    def no_download(*args):
+    def no_download(*args, **kwargs):
         raise AssertionError("downloaded although the file is in the cache")
-    monkeypatch.setattr(fid, "download", no_download)
+    monkeypatch.setattr(checkpoints.urllib.request, "urlopen", no_download)
     fid.load_inception()
-    with pytest.raises(fid.FIDError, match="could not download"):
-        real_download("file:///nonexistent/pt_inception.pth", str(tmp_path / "x.pth"))
-    assert not os.path.exists(tmp_path / "x.pth")
+    monkeypatch.undo()
+    monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", "file:///nonexistent/pt_inception.pth")
+    with pytest.raises(fid.FIDError, match="could not download file:///nonexistent"):
+        fid.load_inception()
+    assert os.listdir(tmp_path / "cache") == [cached.name]
+
+
+def test_inception_sha256_under_the_official_name(tmp_path, weights, monkeypatch):
+    """The official name promises a SHA-256 prefix: a cached, downloaded or given file under that
+    name that breaks it is refused in one sentence; a file under another name is taken as given."""
+    official = tmp_path / "given" / fid.FID_WEIGHTS_NAME
+    official.parent.mkdir()
+    shutil.copy(weights, official)
+    digest = hashlib.sha256(official.read_bytes()).hexdigest()
+    assert not digest.startswith(fid.FID_WEIGHTS_SHA256)
+    with pytest.raises(fid.FIDError) as e:
+        fid.load_inception(str(official))
+    assert str(e.value) == (f"{official}: its SHA-256 begins {digest[:8]}, not 6726825d as the "
+                            f"official file's name says, so it is damaged or not the official "
+                            f"file.")
+    folder = write_folder(tmp_path / "imgs", uint8_images(2, 8, 0))
+    one_sentence_error([folder, folder, "--inception", str(official)], "SHA-256 begins",
+                       "not 6726825d")
+    assert fid.load_inception(weights) is not None  # pt_inception-rule.pth: taken as given
+    # Downloaded under the official name: refused before it enters the cache.
+    monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", official.as_uri())
+    with pytest.raises(fid.FIDError, match=r"from file://.* \(not kept\): its SHA-256 begins"):
+        fid.load_inception()
+    assert os.listdir(tmp_path / "cache") == []
+    # In the cache under the official name: checked before it is used.
+    shutil.copy(official, tmp_path / "cache" / fid.FID_WEIGHTS_NAME)
+    with pytest.raises(fid.FIDError, match=r"\(delete it to download it again\): its SHA-256"):
+        fid.load_inception()
+    monkeypatch.setattr(fid, "FID_WEIGHTS_SHA256", digest[:8])  # a file that keeps the promise
+    assert fid.load_inception() is not None
 
 
 def test_bad_input_is_one_clear_sentence(tmp_path):
@@ -266,3 +331,322 @@ def test_bad_input_is_one_clear_sentence(tmp_path):
     with pytest.raises(fid.FIDError, match="is not pytorch-fid's Inception weights"):
         torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "w.pth")
         fid.load_inception(str(tmp_path / "w.pth"))
+
+
+# ----------------------------------------------------------------------------- reference sets
+
+class PixelNet(torch.nn.Module):
+    """The plumbing stand-in for the Inception: 'pool3' = each channel's mean and standard
+    deviation (6-d), 'spatial' = the 2 x 2 block means (12-d, NHWC), logits a fixed projection of
+    pool3. It sees exactly the tensor the Inception would (uint8 / 255, NCHW)."""
+    def features(self, x):
+        pool = torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+        return pool, F.adaptive_avg_pool2d(x, 2).permute(0, 2, 3, 1).flatten(1)
+
+    def forward(self, x):
+        return self.features(x)[0]
+
+    def logits(self, pool):
+        return pool @ torch.linspace(-3, 3, 6 * 1008, dtype=pool.dtype).reshape(1008, 6).T
+
+
+@pytest.fixture
+def pixelnet(monkeypatch):
+    net = PixelNet()
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: net)
+    return net
+
+
+def save_image(path, size, seed, mode="RGB", fmt=None):
+    """A smooth random image (so JPEG and resizing keep it recognisable) of size (w, h)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, len(mode)), dtype=np.uint8)
+    small = small[..., 0] if mode == "L" else small
+    im = Image.fromarray(small, mode).resize(size, Image.BILINEAR)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    im.save(path, fmt)
+    return path
+
+
+def ffhq_like(root):
+    """FFHQ's images1024x1024 layout: numbered subfolders of numbered PNGs, a stray text file."""
+    for i, sub in enumerate(["00000", "00000", "01000", "01000"]):
+        save_image(os.path.join(root, sub, f"{i * 500:05d}.png"), (72, 72), seed=i)
+    Path(root, "LICENSE.txt").write_text("not an image\n")
+    return root
+
+
+def imagenet_like(root):
+    """ImageNet's train layout: one folder per synset, JPEGs of any shape, a grayscale one."""
+    files = [("n01440764", (50, 40), "RGB"), ("n01440764", (40, 60), "L"),
+             ("n01443537", (64, 48), "RGB"), ("n01484850", (45, 45), "RGB")]
+    for i, (syn, size, mode) in enumerate(files):
+        save_image(os.path.join(root, syn, f"{syn}_{i}.JPEG"), size, 10 + i, mode=mode, fmt="JPEG")
+    return root
+
+
+def coco_like(images, annotations):
+    """val2014 and its captions JSON: two captions for some images, none for one, a blank one."""
+    names = [f"COCO_val2014_{i:012d}.jpg" for i in (42, 73, 74, 133)]
+    for i, name in enumerate(names):
+        save_image(os.path.join(images, name), (64 - 4 * i, 48), seed=20 + i, fmt="JPEG")
+    anns = [dict(image_id=i, caption=f"  photo {i}\n  number {k} ")
+            for i in (42, 73, 133) for k in range(2)]
+    anns.insert(0, dict(image_id=133, caption="   "))  # a blank caption is no prompt
+    coco = dict(images=[dict(id=int(n[13:25]), file_name=n) for n in names], annotations=anns)
+    os.makedirs(os.path.dirname(annotations), exist_ok=True)
+    Path(annotations).write_text(json.dumps(coco))
+    return images
+
+
+def laion_like(root):
+    """img2dataset shards: 00000.tar and 00001.tar of 000000001.jpg beside 000000001.txt."""
+    os.makedirs(root, exist_ok=True)
+    for shard in range(2):
+        with tarfile.open(os.path.join(root, f"{shard:05d}.tar"), "w") as t:
+            for k in range(2):
+                stem = f"{shard:04d}{k:05d}"
+                jpg = save_image(str(Path(root).parent / "tmp" / f"{stem}.jpg"), (80, 60), 30 + k,
+                                 fmt="JPEG")
+                t.add(jpg, f"{stem}.jpg")
+                txt = Path(jpg).with_suffix(".txt")
+                txt.write_text(f"a caption\nof {stem}")
+                t.add(str(txt), f"{stem}.txt")
+    return root
+
+
+def crops_by_hand(paths, size):
+    """What ADM/DiT feed the model: center_crop_arr of the RGB image (prepare_data.py's crop)."""
+    out = []
+    for path in paths:
+        with Image.open(path) as im:
+            out.append(center_crop_arr(im.convert("RGB"), size))
+    return np.stack(out)
+
+
+def read_batch(path):
+    with np.load(path) as f:
+        assert f.files == ["arr_0"]
+        return f["arr_0"]
+
+
+def test_reference_images_are_center_crop_arr_for_folders_zips_and_tars(tmp_path):
+    """The builder's images equal center_crop_arr applied by hand, pixel for pixel, in sorted path
+    order, whatever holds the files; unreadable files are skipped, --max-images keeps the first."""
+    root = ffhq_like(str(tmp_path / "ffhq"))
+    Path(root, "00000", "00999.png").write_bytes(b"not a png")
+    fid.main([root, "--resolution", "16", "--save-batch", str(tmp_path / "folder.npz"),
+              "--num-workers", "0"])
+    order = ["00000/00000.png", "00000/00500.png", "01000/01000.png", "01000/01500.png"]  # sorted
+    want = crops_by_hand([os.path.join(root, f) for f in order], 16)  # the broken PNG skipped
+    assert want.shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(read_batch(tmp_path / "folder.npz"), want)
+    with zipfile.ZipFile(tmp_path / "ffhq.zip", "w") as z:
+        for f in order[::-1]:
+            z.write(os.path.join(root, f), "images1024x1024/" + f)
+    with tarfile.open(tmp_path / "ffhq.tar", "w") as t:
+        for f in order[::-1]:
+            t.add(os.path.join(root, f), f)
+    for archive in ("ffhq.zip", "ffhq.tar"):
+        out = tmp_path / (archive + ".npz")
+        fid.main([str(tmp_path / archive), "--resolution", "16", "--save-batch", str(out),
+                  "--num-workers", "0"])
+        np.testing.assert_array_equal(read_batch(out), want)
+    fid.main([root, "--resolution", "16", "--save-batch", str(tmp_path / "two.npz"),
+              "--max-images", "2", "--num-workers", "0"])
+    np.testing.assert_array_equal(read_batch(tmp_path / "two.npz"), want[:2])
+    imagenet = imagenet_like(str(tmp_path / "train"))  # class folders, grayscale and odd shapes
+    fid.main([imagenet, "--resolution", "24", "--save-batch", str(tmp_path / "in.npz"),
+              "--num-workers", "0"])
+    files = sorted(str(p) for p in Path(imagenet).rglob("*.JPEG"))
+    np.testing.assert_array_equal(read_batch(tmp_path / "in.npz"), crops_by_hand(files, 24))
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_reference_statistics_equal_the_batch_files_and_fid_with_itself_is_zero(tmp_path, pixelnet,
+                                                                                   capsys):
+    root = ffhq_like(str(tmp_path / "ffhq"))
+    ref, batch = tmp_path / "ref.npz", tmp_path / "batch.npz"
+    fid.main([root, "--resolution", "16", "--save-stats", str(ref), "--save-batch", str(batch),
+              "--num-workers", "0", "--batch-size", "2"])
+    fid.main([str(batch), "--save-stats", str(tmp_path / "again.npz")])
+    with np.load(ref) as a, np.load(tmp_path / "again.npz") as b:
+        assert sorted(a.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+        assert a["mu"].shape == (6,) and a["sigma_s"].shape == (12, 12)
+        for key in a.files:  # streamed float64 sums (Moments) against np.cov of all features
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-10, atol=1e-15)
+    capsys.readouterr()
+    fid.main([str(ref), str(batch)])
+    out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    # Zero up to sqrtm's error on a singular covariance (4 images in 12 dims): measured 4e-9.
+    assert abs(float(out["FID"])) < 1e-7 and abs(float(out["sFID"])) < 1e-7
+    assert out[str(ref)] == "statistics from the file"
+    assert out[str(batch)] == "statistics of its 4 images with this network"
+    one_sentence_error([root, "--resolution", "16", "--save-stats", str(ref)], str(ref),
+                       "already exists")
+
+
+def test_reference_resumes_after_an_interruption(tmp_path, pixelnet, monkeypatch):
+    root = imagenet_like(str(tmp_path / "train"))
+    whole = dict(stats_path=str(tmp_path / "whole.npz"), batch_path=str(tmp_path / "w-batch.npz"))
+    fid.build_reference(root, 12, batch_size=1, **whole)
+    calls, update = [], fid.Moments.update
+
+    def interrupted(self, feats):
+        calls.append(1)
+        if len(calls) == 5:  # the third image: two committed (checkpoint_every=2), then killed
+            raise KeyboardInterrupt
+        update(self, feats)
+    monkeypatch.setattr(fid.Moments, "update", interrupted)
+    parts = dict(stats_path=str(tmp_path / "ref.npz"), batch_path=str(tmp_path / "batch.npz"))
+    with pytest.raises(KeyboardInterrupt):
+        fid.build_reference(root, 12, batch_size=1, checkpoint_every=2, **parts)
+    monkeypatch.undo()
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: pixelnet)
+    assert (tmp_path / "ref.npz.partial" / "state.npz").exists()
+    assert not (tmp_path / "ref.npz").exists()
+    with pytest.raises(fid.FIDError, match="was started by another command"):
+        fid.build_reference(root, 16, batch_size=1, **parts)
+    assert fid.build_reference(root, 12, batch_size=1, checkpoint_every=2, **parts) == 4
+    assert not (tmp_path / "ref.npz.partial").exists()
+    np.testing.assert_array_equal(read_batch(parts["batch_path"]), read_batch(whole["batch_path"]))
+    with np.load(parts["stats_path"]) as a, np.load(whole["stats_path"]) as b:
+        for key in b.files:
+            np.testing.assert_array_equal(a[key], b[key])  # bit for bit
+
+
+def test_captions_to_prompt_files_coco_and_laion(tmp_path, pixelnet):
+    images = coco_like(str(tmp_path / "val2014"), str(tmp_path / "captions_val2014.json"))
+    fid.main([images, "--resolution", "16", "--captions", str(tmp_path / "captions_val2014.json"),
+              "--save-stats", str(tmp_path / "coco.npz"), "--save-batch",
+              str(tmp_path / "coco-b.npz"), "--save-prompts", str(tmp_path / "coco.txt"),
+              "--num-workers", "0"])
+    # COCO_val2014_000000000074.jpg has no caption: it is in neither the set nor the prompts.
+    assert Path(tmp_path / "coco.txt").read_text() == \
+        "photo 42 number 0\nphoto 73 number 0\nphoto 133 number 0\n"
+    kept = [os.path.join(images, f"COCO_val2014_{i:012d}.jpg") for i in (42, 73, 133)]
+    np.testing.assert_array_equal(read_batch(tmp_path / "coco-b.npz"), crops_by_hand(kept, 16))
+    assert sample.read_prompts(tmp_path / "coco.txt") == ["photo 42 number 0", "photo 73 number 0",
+                                                          "photo 133 number 0"]
+    shards = laion_like(str(tmp_path / "laion" / "shards"))
+    fid.main([shards, "--resolution", "32", "--captions", "txt", "--max-images", "3",
+              "--save-batch", str(tmp_path / "laion.npz"), "--save-prompts",
+              str(tmp_path / "laion.txt"), "--num-workers", "0"])
+    assert Path(tmp_path / "laion.txt").read_text().splitlines() == [
+        "a caption of 000000000", "a caption of 000000001", "a caption of 000100000"]
+    assert read_batch(tmp_path / "laion.npz").shape == (3, 32, 32, 3)
+
+
+def test_adm_reference_batch_statistics_are_recomputed_by_default(tmp_path, pixelnet, capsys):
+    """ADM's reference batches hold images and statistics of another network (its TensorFlow
+    Inception): by default both sets are measured with one network, and the output says so."""
+    images = uint8_images(6, 16, seed=5)
+    other = fid.statistics(np.random.default_rng(0).normal(size=(20, 6)))
+    other_s = fid.statistics(np.random.default_rng(1).normal(size=(20, 12)))
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(ref, arr_0=images, mu=other[0], sigma=other[1], mu_s=other_s[0], sigma_s=other_s[1])
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    fid.main([str(ref), str(tmp_path / "samples.npz"), "--pr"])
+    out = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert out[str(ref)].startswith("statistics of its 6 images with this network; the file's own "
+                                    "statistics are not used")
+    assert abs(float(out["FID"])) < 1e-7 and abs(float(out["sFID"])) < 1e-7
+    assert (float(out["precision"]), float(out["recall"])) == (1.0, 1.0)
+    fid.main([str(ref), str(tmp_path / "samples.npz"), "--npz-stats", "file"])
+    out = capsys.readouterr().out
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mine = fid.statistics(PixelNet().features(x)[0].numpy())
+    assert f"{ref}: statistics from the file (its images not used for them: --npz-stats" in out
+    assert "the FID mixes the two" in out
+    assert f"FID: {fid.frechet_distance(*other, *mine)}" in out
+
+
+# ---------------------------------------------------------------------------- the README's commands
+
+EVALUATION = "Evaluation: the FID of each table"
+
+
+def readme_commands():
+    """(section, command) for every line of the README's bash blocks, continuation lines joined."""
+    section, in_bash, command, out = None, False, "", []
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_bash = not in_bash and line.strip() == "```bash"
+        elif not in_bash:
+            section = line[3:] if line.startswith("## ") else section
+        elif line.endswith("\\"):
+            command += line[:-1]
+        else:
+            out.append((section, command + line))
+            command = ""
+    return out
+
+
+def normalized(command):
+    """A fid.py command with its comment dropped and any sample set called samples/X.npz."""
+    argv = shlex.split(command, comments=True)
+    return " ".join("samples/X.npz" if a.startswith("samples/") else a for a in argv)
+
+
+def test_readme_evaluation_commands_run_as_written(tmp_path, pixelnet, monkeypatch, capsys):
+    """Every command of the README's evaluation section, run on tiny stand-ins of the real layouts
+    (HOME is a temporary folder holding ~/data/ffhq/images1024x1024/00000/...,
+    ~/data/imagenet/train/n01440764/..., ~/coco/val2014 with its captions JSON and
+    ~/laion/shards/*.tar); sample.py's commands are stood in for by random sample sets at their
+    --out, curl's by an ADM batch in miniature. Every other fid.py command of the README is one of
+    these, up to the name of its sample set."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    ffhq_like(str(home / "data/ffhq/images1024x1024"))
+    imagenet_like(str(home / "data/imagenet/train"))
+    coco_like(str(home / "coco/val2014"), str(home / "coco/annotations/captions_val2014.json"))
+    laion_like(str(home / "laion/shards"))
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    rng = np.random.default_rng(0)
+    other = fid.statistics(rng.normal(size=(20, 6)))  # statistics of "another network"
+    np.savez("fid_stats_mscoco256_val.npz", mu=other[0], sigma=other[1])  # U-ViT's: mu, sigma
+    outputs = {}
+    for section, command in readme_commands():
+        argv = shlex.split(command, comments=True)
+        if section != EVALUATION or not argv:
+            continue
+        if argv[:2] == ["python", "fid.py"]:
+            fid.main([os.path.expanduser(a) for a in argv[2:]])
+            outputs[normalized(command)] = capsys.readouterr().out
+        elif argv[0] == "curl":  # ADM's batch: images and another network's statistics
+            np.savez(argv[-1].rsplit("/", 1)[1], arr_0=uint8_images(8, 32, seed=7), mu=other[0],
+                     sigma=other[1], mu_s=np.zeros(12), sigma_s=np.eye(12))
+        elif argv[:2] == ["python", "sample.py"]:
+            if "--prompt-file" in argv:
+                assert len(sample.read_prompts(argv[argv.index("--prompt-file") + 1])) >= 3
+            out = Path(argv[argv.index("--out") + 1])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(f"{out}.npz", arr_0=uint8_images(10, 24, seed=8))  # sample.py writes DIR.npz
+        elif argv[:2] != ["python", "evaluator.py"]:  # ADM's own TensorFlow evaluator is not run
+            pytest.fail(f"the README's evaluation section has a command this test cannot stand "
+                        f"in for: {command}")
+    assert len(outputs) == 11
+    compared = {c: out for c, out in outputs.items() if "--resolution" not in c}
+    for c, out in compared.items():
+        assert float(out.split("FID: ")[1].split()[0]) >= -1e-7, (c, out)
+        assert "sFID: " in out
+    ffhq, batch = crops_by_hand(sorted(home.glob("data/ffhq/images1024x1024/*/*.png")), 256), None
+    with np.load("data/ffhq256-ref-batch.npz") as f:
+        batch = f["arr_0"]
+    np.testing.assert_array_equal(batch, ffhq)
+    assert "IS: " in outputs["python fid.py data/ffhq256-ref-batch.npz samples/X.npz --is --pr"]
+    adm = outputs["python fid.py VIRTUAL_imagenet256_labeled.npz samples/X.npz --pr"]
+    assert ("VIRTUAL_imagenet256_labeled.npz: statistics of its 8 images with this network; the "
+            "file's own statistics are not used") in adm
+    assert "precision: " in adm
+    uvit = outputs["python fid.py fid_stats_mscoco256_val.npz samples/X.npz"]
+    assert "sFID: not computed (fid_stats_mscoco256_val.npz has no mu_s, sigma_s)" in uvit
+    assert Path("data/coco-val2014-prompts.txt").read_text().count("\n") == 3  # the captioned ones
+    assert len(Path("data/laion512-prompts.txt").read_text().splitlines()) == 4
+    for name in ("ffhq256-ref", "imagenet256-train-ref", "coco256-val-ref", "laion512-ref"):
+        with np.load(f"data/{name}.npz") as f:
+            assert sorted(f.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+    elsewhere = [normalized(c) for s, c in readme_commands()
+                 if s != EVALUATION and c.startswith("python fid.py")]
+    assert len(elsewhere) >= 8 and set(elsewhere) <= set(outputs), set(elsewhere) - set(outputs)
