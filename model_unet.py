@@ -7,8 +7,8 @@ UNetModel` with `use_spatial_transformer=True`, so the UNet of an original check
 in `v1-5-pruned-emaonly.safetensors`) loads with strict=True once the prefix is stripped; a diffusers folder
 (`unet/diffusion_pytorch_model.safetensors`) is renamed to those names by a few rules (diffusers_to_ldm).
 Attention goes through F.scaled_dot_product_attention. One addition for dmp.py: `UNetModel.block_input`, called
-before every block, as `DiT.block_input` is in model_dit.py; and `UNetModel.set_checkpointing(True)`, activation
-checkpointing per block as in model_dit.py.
+before every block, as `DiT.block_input` is in model_dit.py. One for memory:
+`UNetModel.set_checkpointing(True)`, activation checkpointing per block as in model_dit.py.
 """
 import math
 import re
@@ -262,9 +262,10 @@ class UNetModel(nn.Module):
 
     def set_checkpointing(self, on=True):
         """
-        Activation checkpointing per block (the 25 of `blocks` in forward) while training: each block keeps its
-        input and runs again in the backward pass. block_input (DMP) stays outside the recomputed part, so its
-        gate runs once and the prompts get their gradient through the block input; results are unchanged.
+        Activation checkpointing per block (the 25 of `blocks` in forward) while training: each
+        block keeps its input and runs again in the backward pass. block_input (DMP) stays outside
+        the recomputed part, so its gate runs once and the prompts get their gradient through the
+        block input; results are unchanged.
         """
         self.checkpointing = on
         return self

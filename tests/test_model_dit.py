@@ -153,34 +153,38 @@ def test_text_dit_reads_pooled_embeddings_and_guides_against_the_null_embedding(
     assert loaded.config == model.config and loaded.config["text_dim"] == 16
 
 
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+            num_classes=10)
+
+
 def loss_and_grads(model, seed, checkpointing):
-    """One training loss (the hybrid loss plus DMP's balancing losses) and every trained parameter's gradient."""
+    """One training loss (hybrid loss, DMP's balancing losses) and every trained weight's grad."""
     import dmp
     from diffusion import create_diffusion
     model.set_checkpointing(checkpointing).train()
     model.zero_grad(set_to_none=True)
     g = torch.Generator().manual_seed(1)
-    x, t, y = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g), torch.arange(4)
-    torch.manual_seed(seed)  # label dropout and the gate's noise: drawn once per forward, outside the blocks
-    terms = create_diffusion("", "linear").training_losses(model, x, t, dict(y=y))
+    x, t = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    torch.manual_seed(seed)  # label dropout and the gate's noise: drawn once per forward
+    terms = create_diffusion("", "linear").training_losses(model, x, t, dict(y=torch.arange(4)))
     importance, load = dmp.balancing_losses(model)
     loss = terms["loss"].mean() + importance + load
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("method", ["pretrain", "dmp"])
 def test_checkpointing_changes_neither_loss_nor_gradients(method):
-    """set_checkpointing(True): each block runs twice (forward, then again in backward), results identical."""
+    """set_checkpointing(True): each block runs twice (forward, again in backward), same results."""
     import dmp
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10,
-                class_dropout_prob=0.5)
-    for name, p in model.named_parameters():  # adaLN-Zero starts at the identity: give every weight a value
+    model = DiT(**TINY, class_dropout_prob=0.5)
+    for name, p in model.named_parameters():  # adaLN-Zero starts at the identity: give all a value
         if name != "pos_embed":
             p.data.normal_(0, 0.3)
     if method == "dmp":
-        dmp.patch(model, "dmp", **dmp.AUTHORS_CODE)  # with the noisy gate, whose noise must not be redrawn
+        dmp.patch(model, "dmp", **dmp.AUTHORS_CODE)  # the noisy gate: its noise must not be redrawn
         for p in model.block_input.parameters():
             p.data.normal_(0, 0.3)  # zero prompts would give the gate a zero gradient
     runs = []
@@ -192,11 +196,12 @@ def test_checkpointing_changes_neither_loss_nor_gradients(method):
     assert torch.equal(plain_loss, ckpt_loss)
     assert plain.keys() == ckpt.keys() and len(plain) > 0
     if method == "dmp":
-        assert {"block_input.prompts", "block_input.gate.weight", "block_input.w_noise"} <= plain.keys()
-        assert plain["block_input.gate.weight"].abs().max() > 0 and plain["block_input.w_noise"].abs().max() > 0
+        gate = ("block_input.gate.weight", "block_input.w_noise")
+        assert {"block_input.prompts", *gate} <= plain.keys()
+        assert all(plain[name].abs().max() > 0 for name in gate)
     for name in plain:  # (measured: bitwise equal on CPU)
         assert (ckpt[name] - plain[name]).abs().max() <= 1e-6 * plain[name].abs().max(), name
     other_loss, _ = loss_and_grads(model, 6, True)
-    assert not torch.equal(other_loss, ckpt_loss)  # the seed matters: label dropout / gate noise are drawn
-    fresh = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
-    assert [k for k in model.state_dict() if not k.startswith("block_input.")] == list(fresh.state_dict())
+    assert not torch.equal(other_loss, ckpt_loss)  # the seed matters: dropout, gate noise are drawn
+    keys = [k for k in model.state_dict() if not k.startswith("block_input.")]
+    assert keys == list(DiT(**TINY).state_dict())

@@ -134,7 +134,7 @@ def test_bfloat16_weights_run_close_to_float32(golden):
 
 
 def test_checkpointing_changes_neither_loss_nor_gradients_of_a_dmp_patched_unet():
-    """set_checkpointing(True) on the tiny UNet (all 25 blocks) with DMP's noisy gate: same loss, same grads."""
+    """set_checkpointing(True) on the tiny UNet (25 blocks), DMP, noisy gate: same results."""
     import dmp
     torch.manual_seed(0)
     model = UNetModel(**SD_TINY)
@@ -144,7 +144,8 @@ def test_checkpointing_changes_neither_loss_nor_gradients_of_a_dmp_patched_unet(
     for p in model.block_input.parameters():
         p.data.normal_(0, 0.3)  # zero prompts would give the gate a zero gradient
     g = torch.Generator().manual_seed(1)
-    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 5, 32, generator=g)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g)
+    t = torch.tensor([10, 900])
     runs = []
     model.output_blocks[3].register_forward_pre_hook(lambda module, args: runs.append(1))
 
@@ -154,13 +155,15 @@ def test_checkpointing_changes_neither_loss_nor_gradients_of_a_dmp_patched_unet(
         torch.manual_seed(5)  # the gate's noise, drawn once per forward outside the blocks
         loss = (model(x, t, context) - x).square().mean() + sum(dmp.balancing_losses(model))
         loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads
 
     plain_loss, plain = loss_and_grads(False)
     ckpt_loss, ckpt = loss_and_grads(True)
     assert len(runs) == 3  # once plain, twice checkpointed
     assert torch.equal(plain_loss, ckpt_loss)
-    assert len(plain) == 25 + 4 and plain.keys() == ckpt.keys()  # 25 prompts; gate weight, bias, index; w_noise
+    # 25 prompt tensors; the gate's weight, bias and block-index columns; the noise weights
+    assert len(plain) == 25 + 4 and plain.keys() == ckpt.keys()
     assert all(plain[n].abs().max() > 0 for n in plain)
     for name in plain:  # (measured: bitwise equal on CPU)
         assert (ckpt[name] - plain[name]).abs().max() <= 1e-6 * plain[name].abs().max(), name
