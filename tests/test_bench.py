@@ -110,7 +110,7 @@ def allocator_peak(fn):
 
 @pytest.mark.parametrize("name, method, batch, micro, ckpt, precision", [
     ("tiny-dit", "dmp", 8, 8, False, "fp32"), ("tiny-dit", "pretrain", 8, 4, True, "bf16"),
-    ("tiny-unet", "full", 4, 2, True, "bf16")])
+    ("tiny-unet", "dmp", 4, 2, True, "bf16")])
 def test_memory_count_on_fake_tensors_matches_the_cpu_allocator(name, method, batch, micro, ckpt,
                                                                  precision):
     """
