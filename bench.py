@@ -4,7 +4,7 @@ Speed and memory of the real code paths, on whatever device this runs on.
     python bench.py                       # CUDA: DiT-B/2, L/2, XL/2 at batch 128, bf16; CPU: the small preset
     python bench.py --compile --json bench.json
     python bench.py --preset cpu --rows train sample
-    python bench.py --estimate-memory     # no GPU needed: a training step's peak memory, on fake tensors
+    python bench.py --estimate-memory     # no GPU: peak memory of training steps, on fake tensors
 
 Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pretraining, full fine-tuning and
 DMP further-training (train.py's build_model, get_batch, compute_loss and optimizer; dmp.patch); sampling with
