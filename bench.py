@@ -408,9 +408,11 @@ def specs(preset, rows):
 # under autocast, backward, AdamW, EMA when pretraining) on the full-size models with fake tensors
 # (torch._subclasses.FakeTensorMode): every op computes shapes and dtypes only, nothing is
 # allocated, and a dispatch mode (LiveBytes) adds up the bytes of the tensor storages alive after
-# every op; its peak is what torch.cuda.max_memory_allocated would report. The fakes are CPU
-# tensors (a fake CUDA device does not work with a CPU-only torch: autograd asks the CUDA runtime
-# for a stream), so what a CUDA run does differently is reproduced:
+# every op; its peak is what torch.cuda.max_memory_allocated would report. (torch's MemTracker,
+# torch.distributed._tools.mem_tracker, hooks every parameter for its gradient, which fails on
+# DMP's frozen backbone.) The fakes are CPU tensors (a fake CUDA device does not work with a
+# CPU-only torch: autograd asks the CUDA runtime for a stream), so what a CUDA run does differently
+# is reproduced:
 #   allocator  CUDA's caching allocator rounds every block up to a multiple of 512 bytes;
 #   attention  F.scaled_dot_product_attention (never given a mask here) runs as the kernel CUDA
 #              picks: FlashAttention-2 in bf16 (head sizes 40-160 fit it), the memory-efficient
