@@ -3,9 +3,11 @@ DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023) in plai
 
 Same function and same parameter names as facebookresearch/DiT's models.py, so the official checkpoints load
 with strict=True; attention goes through F.scaled_dot_product_attention instead of timm. One addition for
-dmp.py: `DiT.block_input`, called before every block (the paper's Eq. 2-3 add their prompts there). One
-addition for text-to-image (MS-COCO, Table 2): DiT(text_dim=768) reads the pooled CLIP text embedding through
-the class-label path (TextEmbedder in place of LabelEmbedder); class-conditional models are unchanged.
+dmp.py: `DiT.block_input`, called before every block (the paper's Eq. 2-3 add their prompts there).
+One for memory: `DiT.set_checkpointing(True)` recomputes each block in the backward pass instead of
+storing its activations (results and state dict unchanged). One addition for text-to-image (MS-COCO,
+Table 2): DiT(text_dim=768) reads the pooled CLIP text embedding through the class-label path
+(TextEmbedder in place of LabelEmbedder); class-conditional models are unchanged.
 """
 import math
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoints import CheckpointError, download, read_state_dict
 
@@ -210,7 +213,19 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         # dmp.py installs a module here: block_input(x, i, t, y) returns the input of block i (Eqs. 2-3).
         self.block_input = None
+        self.checkpointing = False  # set_checkpointing
         self.initialize_weights()
+
+    def set_checkpointing(self, on=True):
+        """
+        Activation checkpointing per block while training: each block keeps only its input and
+        runs again in the backward pass (one more forward of the blocks), so the activations kept
+        are one (N, T, D) tensor per block instead of every intermediate. block_input (DMP's
+        prompts and gate) stays outside the recomputed part: the gate and its noise are drawn
+        once, and the prompts get their gradient through the block input.
+        """
+        self.checkpointing = on
+        return self
 
     def initialize_weights(self):
         def _basic_init(module):
@@ -257,7 +272,10 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             if self.block_input is not None:
                 x = self.block_input(x, i, t, y)  # DMP, Eq. (3): x_i + softmax(G([t; i])) * p_i
-            x = block(x, c)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)  # (RNG state kept for recomputing)
+            else:
+                x = block(x, c)
         x = x[:, -self.x_embedder.num_patches:]  # drops prompts that were prepended (Table 4d); else a no-op
         x = self.final_layer(x, c)               # (N, T, p*p*out_channels)
         return self.unpatchify(x)

@@ -7,7 +7,8 @@ UNetModel` with `use_spatial_transformer=True`, so the UNet of an original check
 in `v1-5-pruned-emaonly.safetensors`) loads with strict=True once the prefix is stripped; a diffusers folder
 (`unet/diffusion_pytorch_model.safetensors`) is renamed to those names by a few rules (diffusers_to_ldm).
 Attention goes through F.scaled_dot_product_attention. One addition for dmp.py: `UNetModel.block_input`, called
-before every block, as `DiT.block_input` is in model_dit.py.
+before every block, as `DiT.block_input` is in model_dit.py. One for memory:
+`UNetModel.set_checkpointing(True)`, activation checkpointing per block as in model_dit.py.
 """
 import math
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from checkpoints import CheckpointError, read_state_dict, strip_prefix
 
@@ -256,6 +258,17 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
         # dmp.py installs a module here: block_input(h, i, emb, context) returns the input of block i (DMP, Eq. 3).
         self.block_input = None
+        self.checkpointing = False  # set_checkpointing
+
+    def set_checkpointing(self, on=True):
+        """
+        Activation checkpointing per block (the 25 of `blocks` in forward) while training: each
+        block keeps its input and runs again in the backward pass. block_input (DMP) stays outside
+        the recomputed part, so its gate runs once and the prompts get their gradient through the
+        block input; results are unchanged.
+        """
+        self.checkpointing = on
+        return self
 
     def forward(self, x, t, context):
         """
@@ -271,7 +284,10 @@ class UNetModel(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)  # decoder input: [h; the mirrored encoder output]
             if self.block_input is not None:
                 h = self.block_input(h, i, emb, context)  # DMP, Eq. (3): h_i + softmax(G([t; i])) * p_i
-            h = block(h, emb, context)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, emb, context, use_reentrant=False)
+            else:
+                h = block(h, emb, context)
             if i < n_in:
                 skips.append(h)
         return self.out(h)

@@ -151,3 +151,57 @@ def test_text_dit_reads_pooled_embeddings_and_guides_against_the_null_embedding(
     torch.save(model.state_dict(), tmp_path / "text.pt")
     loaded = load_checkpoint(str(tmp_path / "text.pt"), num_heads=2)
     assert loaded.config == model.config and loaded.config["text_dim"] == 16
+
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+            num_classes=10)
+
+
+def loss_and_grads(model, seed, checkpointing):
+    """One training loss (hybrid loss, DMP's balancing losses) and every trained weight's grad."""
+    import dmp
+    from diffusion import create_diffusion
+    model.set_checkpointing(checkpointing).train()
+    model.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    torch.manual_seed(seed)  # label dropout and the gate's noise: drawn once per forward
+    terms = create_diffusion("", "linear").training_losses(model, x, t, dict(y=torch.arange(4)))
+    importance, load = dmp.balancing_losses(model)
+    loss = terms["loss"].mean() + importance + load
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("method", ["pretrain", "dmp"])
+def test_checkpointing_changes_neither_loss_nor_gradients(method):
+    """set_checkpointing(True): each block runs twice (forward, again in backward), same results."""
+    import dmp
+    torch.manual_seed(0)
+    model = DiT(**TINY, class_dropout_prob=0.5)
+    for name, p in model.named_parameters():  # adaLN-Zero starts at the identity: give all a value
+        if name != "pos_embed":
+            p.data.normal_(0, 0.3)
+    if method == "dmp":
+        dmp.patch(model, "dmp", **dmp.AUTHORS_CODE)  # the noisy gate: its noise must not be redrawn
+        for p in model.block_input.parameters():
+            p.data.normal_(0, 0.3)  # zero prompts would give the gate a zero gradient
+    runs = []
+    model.blocks[1].register_forward_pre_hook(lambda module, args: runs.append(1))
+    plain_loss, plain = loss_and_grads(model, 5, False)
+    assert len(runs) == 1
+    ckpt_loss, ckpt = loss_and_grads(model, 5, True)
+    assert len(runs) == 3  # the checkpointed block ran again in the backward pass
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    if method == "dmp":
+        gate = ("block_input.gate.weight", "block_input.w_noise")
+        assert {"block_input.prompts", *gate} <= plain.keys()
+        assert all(plain[name].abs().max() > 0 for name in gate)
+    for name in plain:  # (measured: bitwise equal on CPU)
+        assert (ckpt[name] - plain[name]).abs().max() <= 1e-6 * plain[name].abs().max(), name
+    other_loss, _ = loss_and_grads(model, 6, True)
+    assert not torch.equal(other_loss, ckpt_loss)  # the seed matters: dropout, gate noise are drawn
+    keys = [k for k in model.state_dict() if not k.startswith("block_input.")]
+    assert keys == list(DiT(**TINY).state_dict())
