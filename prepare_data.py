@@ -24,6 +24,7 @@ folder of .tar shards (webdataset, as img2dataset writes them: 000000001.jpg bes
 inside shard 00000.tar is listed as 00000.tar/000000001.jpg.
 """
 import argparse
+import errno
 import functools
 import io
 import json
@@ -268,10 +269,14 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
                                          shape=(len(files), *stored))
         # Reserve the disk space now: a full disk fails here, with a message, not later as a SIGBUS
-        # while rows are written into the memory map.
+        # while rows are written into the memory map (a filesystem that cannot reserve: as before).
         if hasattr(os, "posix_fallocate"):
             with open(partial / name, "r+b") as f:
-                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                        raise
         progress = dict(settings=settings, done=0, skipped=[])
         _write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
