@@ -25,6 +25,11 @@ def cache_dir():
     return Path(os.environ.get("DMP_CACHE", "~/.cache/dmp")).expanduser()
 
 
+def cached(url, filename=None):
+    """Where download() keeps `url` in the cache (whether or not it is there yet)."""
+    return cache_dir() / (filename or url.rsplit("/", 1)[-1].split("?")[0])
+
+
 def download(url, filename=None, sha256=None):
     """
     Download `url` into the cache once (progress bar, atomic rename) and return the local path.
@@ -33,7 +38,7 @@ def download(url, filename=None, sha256=None):
     file is checked before it is returned.
     """
     from tqdm import tqdm
-    path = cache_dir() / (filename or url.rsplit("/", 1)[-1].split("?")[0])
+    path = cached(url, filename)
     if path.exists():
         if sha256:
             check_sha256(path, sha256, f"{path} (delete it to download it again)")
@@ -84,23 +89,38 @@ def read_state_dict(path):
         try:
             return load_file(str(path))
         except Exception as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+            reason = _reason(e)
+            raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (PK) or, in its legacy format, a pickle, which starts with the
+    # PROTO opcode 0x80; anything else (a text or JSON file, an image) is not a checkpoint, and
+    # unpickling it would fail with whatever error its bytes happen to trigger.
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle; it starts with {head!r})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(e)[:120]})") from None
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_reason(e)})") from None
         raise CheckpointError(f"{path}: refused to load, the file holds Python objects other than tensors "
-                              f"and loading it could run code ({_first_line(e)[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({_first_line(e)[:120]})") from None
+                              f"and loading it could run code ({_reason(e)})") from None
+    except Exception as e:  # a damaged file fails in many ways (RuntimeError, EOFError, KeyError)
+        reason = _reason(e)
+        raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({reason})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    """
+    torch.save to a temporary file in the same folder, fsync, then rename: readers see the old file
+    or the new one. The file gets the mode the umask gives new files (mkstemp's would be 0600,
+    unreadable to a shared cluster folder's other users). A failed write (disk full) removes the
+    temporary file, leaves the old one and raises CheckpointError.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
@@ -109,10 +129,23 @@ def atomic_save(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        # torch's zip writer reports a failed write (OSError) as a RuntimeError raised after it
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"{path}: could not be written ({cause.strerror or _reason(cause)}); "
+                              f"the previous file, if any, is unchanged") from None
+
+
+def umask():
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def strip_prefix(state_dict, prefix):
@@ -120,5 +153,15 @@ def strip_prefix(state_dict, prefix):
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def _reason(e, limit=160):
+    """
+    The informative sentence of an exception's message, to quote in parentheses: its first, or the
+    line naming the blocked global in torch's weights-only refusal; shortened at a word boundary,
+    never mid-word.
+    """
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    line = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0])
+    line = line.split(". ")[0].rstrip(".")
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."

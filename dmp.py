@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, atomic_save, read_state_dict
+from checkpoints import CheckpointError, atomic_save, cached, read_state_dict
 
 # The authors' code differs from the paper in four ways the paper does not mention: the gate reads the timestep
 # plus class embedding, the block index enters as a raw scalar, the gate learns at 10x the prompts' rate, and
@@ -408,30 +408,79 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def base_file(base):
+    """
+    The file a base checkpoint's name loads from: the path itself, or for an official DiT name its
+    file in the download cache. None for a folder (a diffusers SD base) or a file that is not there.
+    """
+    from model_dit import OFFICIAL
+    path = Path(str(base)).expanduser()
+    if not path.exists() and str(base) in OFFICIAL:
+        path = cached(OFFICIAL[str(base)])
+    return path if path.is_file() else None
+
+
+def base_record(base):
+    """
+    What a patch records of its base: the name as given (an official name still resolves through the
+    download cache), its absolute path (so the patch finds it from any working directory) and the
+    file's sha256.
+    """
+    if not base:
+        return dict(name=None, path=None, sha256=None)
+    file = base_file(base)
+    path = file or Path(str(base)).expanduser()
+    return dict(name=str(base), path=str(path.resolve()) if path.exists() else None,
+                sha256=file_sha256(file) if file else None)
+
+
+def recorded_base(entries):
+    """
+    The base a patch or further-training checkpoint (its `entries`) names, as load_model reads it:
+    the recorded absolute path while it exists, else the name as given. None if the file names no
+    base.
+    """
+    base = entries.get("base") or {}
+    if base.get("path") and Path(base["path"]).exists():
+        return base["path"]
+    return base.get("name")
+
+
 def save_patch(model, path, base=None, **extra):
     """
-    Write only what the method trained, with the method, its options and the base checkpoint's name and
-    sha256, atomically; `extra` entries (train.py records noise_schedule and vae) are stored alongside. Returns (patch bytes, backbone bytes): a DMP patch of DiT-L/2 is ~26 MB, the backbone
-    it patches 1.8 GB, which is the paper's storage argument.
+    Write only what the method trained, with the method, its options and the base checkpoint
+    (base_record: its name, absolute path and sha256), atomically; `extra` entries (train.py
+    records noise_schedule and vae) are stored alongside. Returns (patch bytes, backbone bytes): a
+    DMP patch of DiT-L/2 is ~26 MB, the backbone it patches 1.8 GB, which is the paper's storage
+    argument.
     """
     state = trainable_state_dict(model)
-    base_info = dict(name=str(base) if base else None,
-                     sha256=file_sha256(base) if base and Path(base).is_file() else None)
-    atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_info,
+    atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_record(base),
                      config=getattr(model, "config", None), state=state, **extra), path)
     backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in state)
     return Path(path).stat().st_size, backbone
 
 
-def apply_patch(model, path, base=None):
-    """Patch a base model in place with a patch file: the method's modules are rebuilt, then its weights loaded."""
+def apply_patch(model, path, base=None, allow_base_mismatch=False):
+    """
+    Patch a base model in place with a patch file: the method's modules are rebuilt, then its
+    weights loaded. If `base` is the file the model came from and the patch recorded its base's
+    sha256, they must agree: a patch on another base is refused (CheckpointError) unless
+    allow_base_mismatch, which only warns.
+    """
     patch_file = read_state_dict(path)
     if not {"method", "state"} <= set(patch_file):
         raise CheckpointError(f"{path}: not a patch file (no 'method' and 'state' entries)")
     recorded = (patch_file.get("base") or {}).get("sha256")
-    if base and recorded and Path(base).is_file() and file_sha256(base) != recorded:
-        print(f"warning: {path} was trained on a base checkpoint with sha256 {recorded[:12]}..., "
-              f"not {base}")
+    file = base_file(base) if base and recorded else None
+    actual = file_sha256(file) if file else recorded
+    if actual != recorded:
+        problem = (f"{path} was trained on a base with sha256 {recorded[:12]}..., and {base} is "
+                   f"another checkpoint (sha256 {actual[:12]}...)")
+        if not allow_base_mismatch:
+            raise CheckpointError(f"{problem}: give the base it was trained on, or "
+                                  f"--allow-base-mismatch to apply it anyway")
+        print(f"warning: {problem}; applied anyway (--allow-base-mismatch)")
     patch(model, patch_file["method"], **patch_file.get("options", {}))
     expected = set(trainable_state_dict(model))
     got = set(patch_file["state"])
@@ -508,26 +557,34 @@ def colour(v):
     return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)
 
 
-def load_model(name_or_path, patch_path=None, unet_config=None):
+def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False):
     """
     The model sample.py and train.py --init use: an official name or a DiT checkpoint (model_dit.load_checkpoint);
     a patch file or a train.py checkpoint of a further-training run (it records its base and the trained
     weights), applied to the base it names; or a base plus `patch_path`. With unet_config (model_unet's
     UNet_configs), the base is an SD UNet in any layout model_unet.load_unet reads; a patch of a UNet records
-    its config, so it needs none.
+    its config, so it needs none. A patch on a base other than the one it recorded is refused unless
+    allow_base_mismatch (apply_patch).
     """
-    from model_dit import load_checkpoint
+    from model_dit import OFFICIAL, load_checkpoint
     path = Path(str(name_or_path))
     if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # an SD file is not read twice
         entries = read_state_dict(name_or_path)
         if {"method", "state"} <= set(entries):
-            base = (entries.get("base") or {}).get("name")
+            base = recorded_base(entries)
             if not base:
                 raise CheckpointError(f"{name_or_path} is a patch that does not name its base checkpoint: "
                                       f"pass the base as the checkpoint and this file as the patch")
             config = entries.get("config") or {}
             unet_config = config if "context_dim" in config else unet_config
-            return apply_patch(load_model(base, unet_config=unet_config), name_or_path, base=base)
+            if not Path(str(base)).exists() and base not in OFFICIAL:
+                name, where = entries["base"]["name"], entries["base"].get("path")
+                where = f" (nor at {where})" if where and where != name else ""
+                raise CheckpointError(f"{name_or_path} was trained on {name}, which is not there"
+                                      f"{where}: pass that base as the checkpoint and this file "
+                                      f"as the patch")
+            return apply_patch(load_model(base, unet_config=unet_config), name_or_path, base=base,
+                               allow_base_mismatch=allow_base_mismatch)
         if entries.get("method") and isinstance(entries.get("model"), dict):
             # DMP trained from scratch (Table 6): backbone and prompts in one state dict, EMA preferred
             from model_dit import DiT
@@ -540,4 +597,6 @@ def load_model(name_or_path, patch_path=None, unet_config=None):
         model = load_unet(name_or_path, unet_config)
     else:
         model = load_checkpoint(name_or_path)
-    return apply_patch(model, patch_path, base=name_or_path) if patch_path else model
+    if patch_path:
+        model = apply_patch(model, patch_path, name_or_path, allow_base_mismatch)
+    return model

@@ -24,11 +24,16 @@ folder of .tar shards (webdataset, as img2dataset writes them: 000000001.jpg bes
 inside shard 00000.tar is listed as 00000.tar/000000001.jpg.
 """
 import argparse
+import errno
+import functools
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -203,7 +208,11 @@ def read_captions(src, files, captions):
 def _write_json(path, obj):
     """Atomically: a reader (or a rerun after kill -9) sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -259,11 +268,22 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
             _write_json(partial / "captions.json", texts)
         data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
                                          shape=(len(files), *stored))
+        # Reserve the disk space now: a full disk fails here, with a message, not later as a SIGBUS
+        # while rows are written into the memory map (a filesystem that cannot reserve: as before).
+        if hasattr(os, "posix_fallocate"):
+            with open(partial / name, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                        raise
         progress = dict(settings=settings, done=0, skipped=[])
         _write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
     dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale, captions=texts)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
+    watchdog = functools.partial(exit_with_parent, os.getpid())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list, worker_init_fn=watchdog)
     with tqdm(total=len(files), initial=progress["done"], unit="img", desc=f"preparing {out.name}") as bar:
         for batch in loader:
             ok = [(row, img) for row, img, _ in batch if img is not None]
@@ -278,6 +298,11 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     del data
 
     skipped = progress["skipped"]
+    if len(skipped) == len(files):  # nothing to train on: no dataset, nor a scratch folder of zeros
+        shutil.rmtree(partial)
+        first = skipped[0]
+        raise DataError(f"{src}: none of its {len(files)} files is a usable image (first: "
+                        f"{first['file']}, {first['reason']}); nothing was written")
     manifest = dict(format=FORMAT, version=VERSION, kind="pixels" if model is None else "latents", **settings,
                     scale_factor=1.0 if model is None else SCALE_FACTOR, count=len(files) - len(skipped),
                     shape=list(shape), array=name, stored_shape=[len(files), *stored],
@@ -296,6 +321,19 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     if len(skipped) > 20:
         print(f"  ... and {len(skipped) - 20} more")
     return manifest
+
+
+def exit_with_parent(parent, worker_id):
+    """
+    DataLoader's worker_init_fn (with prepare_data's pid bound): the worker ends as soon as its
+    parent is gone, even by kill -9, instead of living on for a minute or more.
+    """
+    def watch():
+        """Polls for the parent: once it is gone, getppid() names another process."""
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 @torch.no_grad()
@@ -333,6 +371,9 @@ class PreparedData:
         self.num_classes, self.class_names, self.shape = m["num_classes"], m["class_names"], tuple(m["shape"])
         self.data = np.load(path / m["array"], mmap_mode="r")
         self.rows = np.setdiff1d(np.arange(m["stored_shape"][0]), [s["row"] for s in m["skipped"]])
+        if not len(self.rows):
+            raise DataError(f"{path}: holds no usable image (every file was skipped; manifest.json "
+                            f"says why)")
         self.labels = np.load(path / "labels.npy")[self.rows]
         # Text-to-image data: each usable image's list of captions (train.py draws one per step).
         self.captions = None
@@ -388,6 +429,9 @@ def main(argv=None):
                 args.grayscale, args.captions)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a write that failed (disk full): the rows written so far are kept
+        sys.exit(f"error: {e.filename or args.out + '.partial'}: {e.strerror or e}; rerun the same "
+                 f"command to resume from {args.out}.partial")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: rerun the same command to resume from {args.out}.partial")
 

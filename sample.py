@@ -18,9 +18,11 @@ An FID set is resumable: images already in the folder are kept, each PNG is writ
 renamed, and the .npz is assembled by rank 0 once every image is there.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import sys
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -64,9 +66,17 @@ def to_uint8(x):
 
 
 def save_png(image, path):
-    """Write under a temporary name, then rename: a killed run never leaves a half PNG under the final name."""
+    """
+    Write under a temporary name, then rename: a killed run never leaves a half PNG under the
+    final name, and a failed write (disk full) leaves no temporary file either.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SampleError(f"{path}: could not be written ({e.strerror or e}); the images written "
+                          f"before are kept, and rerunning the same command resumes") from None
     os.replace(tmp, path)
 
 
@@ -83,6 +93,15 @@ def is_done(path):
 def read_rgb(path):
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def check_out(path):
+    """Refuse an --out that lies under a regular file now, before any sampling, in one sentence."""
+    for folder in Path(path).parents:  # the nearest first
+        if folder.exists():
+            if not folder.is_dir():
+                raise SampleError(f"--out {path}: {folder} is a file, not a folder")
+            return
 
 
 def save_grid(images, path, padding=2):
@@ -107,15 +126,25 @@ def write_npz(out_dir, n, npz_path):
     paths = [out_dir / f"{k:06d}.png" for k in range(n)]
     shape = read_rgb(paths[0]).shape
     tmp = npz_path.with_name(f".{npz_path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf, zf.open("arr_0.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_1_0(f, dict(descr="|u1", fortran_order=False, shape=(n, *shape)))
-        for path in tqdm(paths, desc=f"writing {npz_path.name}", unit="img"):
-            image = read_rgb(path)
-            if image.shape != shape:
-                tmp.unlink()
-                raise SampleError(f"{path} is {image.shape[1]}x{image.shape[0]}, not {shape[1]}x{shape[0]} as "
-                                  f"{paths[0].name}: the folder mixes two sample sets")
-            f.write(image.tobytes())
+    try:
+        with (zipfile.ZipFile(tmp, "w", allowZip64=True) as zf,
+              zf.open("arr_0.npy", "w", force_zip64=True) as f):
+            header = dict(descr="|u1", fortran_order=False, shape=(n, *shape))
+            np.lib.format.write_array_header_1_0(f, header)
+            for path in tqdm(paths, desc=f"writing {npz_path.name}", unit="img"):
+                image = read_rgb(path)
+                if image.shape != shape:
+                    raise SampleError(f"{path} is {image.shape[1]}x{image.shape[0]}, not "
+                                      f"{shape[1]}x{shape[0]} as {paths[0].name}: the folder mixes "
+                                      f"two sample sets")
+                f.write(image.tobytes())
+    except OSError as e:  # disk full: the PNGs stay, a rerun writes the .npz again
+        tmp.unlink(missing_ok=True)
+        raise SampleError(f"{npz_path}: could not be written ({e.strerror or e}); the {n} PNGs are "
+                          f"kept, and rerunning the same command writes it") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, npz_path)
 
 
@@ -132,8 +161,12 @@ def write_samples(n, make_batch, out_dir, batch_size, settings):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     recorded = out_dir / "settings.json"
-    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
-        raise SampleError(f"{out_dir} holds samples of other settings ({recorded}): use another --out or delete it")
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        differ = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+        if differ:
+            raise SampleError(f"{out_dir} holds samples of other settings ({', '.join(differ)} "
+                              f"differ from {recorded}): use another --out or delete it")
     if rank == 0 and not recorded.is_file():
         recorded.with_name(".settings.json.tmp").write_text(json.dumps(settings, indent=1))
         os.replace(recorded.with_name(".settings.json.tmp"), recorded)
@@ -160,13 +193,27 @@ def write_samples(n, make_batch, out_dir, batch_size, settings):
 #                        DiT: model, settings, one batch                        #
 #################################################################################
 
+def weights_sha256(*modules):
+    """
+    One sha256 of every weight of `modules` (None skipped): names, dtypes, shapes and bytes. What
+    an FID set records of the model that made it, so a set is never continued by other weights
+    under the same path.
+    """
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in (module.state_dict() if module is not None else {}).items():
+            h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+            h.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def recorded_settings(ckpt, patch):
     """noise_schedule / vae / text_encoder that train.py recorded in the base, checkpoint and patch (later ones win)."""
     paths, found = [], {}
     if Path(str(ckpt)).is_file():
         entries = read_state_dict(ckpt)
-        if {"method", "state"} <= set(entries) and (entries.get("base") or {}).get("name"):
-            paths.append(entries["base"]["name"])  # a patch or train.py run of a further-training method
+        if {"method", "state"} <= set(entries) and dmp.recorded_base(entries):
+            paths.append(dmp.recorded_base(entries))  # a patch or further-training checkpoint
         paths.append(ckpt)
     paths += [patch] if patch else []
     for path in paths:
@@ -286,18 +333,18 @@ def sd_base(ckpt):
     path = Path(str(ckpt))
     if path.is_file() and path.suffix != ".safetensors":
         entries = read_state_dict(path)
-        if {"method", "state"} <= set(entries) and (entries.get("base") or {}).get("name"):
-            return entries["base"]["name"]
+        if {"method", "state"} <= set(entries) and dmp.recorded_base(entries):
+            return dmp.recorded_base(entries)
     return ckpt
 
 
-def load_sd(ckpt, model="sd15", patch=None, device="cpu"):
+def load_sd(ckpt, model="sd15", patch=None, device="cpu", allow_base_mismatch=False):
     """
     (unet, text_encoder, vae) of an SD 1.x single file (.safetensors/.ckpt) or diffusers folder; the UNet patched
     by `patch` (or `ckpt` is itself a patch or train.py checkpoint naming its base). Text encoder and VAE frozen.
     """
     spec, base = SD_MODELS[model], sd_base(ckpt)
-    unet = dmp.load_model(ckpt, patch, unet_config=spec["unet"]).to(device)
+    unet = dmp.load_model(ckpt, patch, spec["unet"], allow_base_mismatch).to(device)
     text_encoder = load_text_encoder(base, device, spec["clip"])
     folder = Path(str(base))
     vae_file = next((f for f in sorted((folder / "vae").glob("diffusion_pytorch_model*")) if f.is_file()), None) \
@@ -377,7 +424,8 @@ def sd_main(args):
     prompts = prompts_of(args)
     if not prompts:
         raise SampleError("Stable Diffusion needs --prompt or --prompt-file")
-    unet, text_encoder, vae = load_sd(args.ckpt, args.model, args.patch, device)
+    unet, text_encoder, vae = load_sd(args.ckpt, args.model, args.patch, device,
+                                      args.allow_base_mismatch)
     unet.eval()
     options = dict(cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps, resolution=args.resolution,
                    decode_batch_size=args.decode_batch_size, bf16=args.precision == "bf16")
@@ -392,7 +440,7 @@ def sd_main(args):
     settings = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v
                 for k, v in vars(args).items() if k in ("ckpt", "patch", "model", "seed", "cfg_scale", "sampler",
                                                         "steps", "resolution")}
-    settings["prompts"] = prompts
+    settings.update(prompts=prompts, weights_sha256=weights_sha256(unet, text_encoder, vae))
     make_batch = partial(sd_batch, unet=unet, text_encoder=text_encoder, vae=vae, prompts=prompts, seed=args.seed,
                          **options)
     write_samples(args.num_samples, make_batch, out_dir, args.batch_size, settings)
@@ -435,6 +483,8 @@ def parse_args(argv=None):
     p.add_argument("--text-encoder", help="a text DiT's CLIP text encoder (default: the one train.py recorded)")
     p.add_argument("--resolution", type=positive, help="SD: image side (default 512)")
     p.add_argument("--patch", help="a patch file to apply to --ckpt")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="apply a patch to a base "
+                   "other than the one it was trained on (its recorded sha256 differs), warning")
     p.add_argument("--grid", type=positive, help="images in the grid PNG (default: one per --class-labels, else 16)")
     p.add_argument("--num-samples", type=positive, help="write an FID set of this many images instead of a grid")
     p.add_argument("--out", help="grid PNG path, or FID set folder (its .npz goes next to it: DIR.npz)")
@@ -451,6 +501,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-batch-size", type=positive, default=32)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (faster)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    p.error = error
     args = p.parse_args(argv)
     args.sampler = args.sampler or ("pndm" if args.model else "ddpm")
     args.steps = args.steps or (250 if args.sampler == "ddpm" else 50)
@@ -470,23 +521,34 @@ def parse_args(argv=None):
     return p, args
 
 
+def error(message):
+    """sample.py's errors, argparse's and ours: one line (exit status 2), no usage text above."""
+    print(f"sample.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv=None):
-    parser, args = parse_args(argv)
+    _, args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.num_samples is None and int(os.environ.get("RANK", 0)) > 0:
         return  # a grid is one process's work
     if args.model:
         try:
+            check_out(args.out or "samples")
             return sd_main(args)
         except (CheckpointError, SampleError) as e:
-            parser.error(str(e))
+            error(str(e))
+        except OSError as e:  # --out under a regular file, a read-only folder, a full disk
+            error(f"{e.filename or args.out}: {e.strerror or e}")
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
     rank, world, device = init_distributed(use=args.num_samples is not None)
     try:
+        check_out(args.out or "samples")
         try:
-            model = dmp.load_model(args.ckpt, args.patch).to(device).eval()
+            model = dmp.load_model(args.ckpt, args.patch, None, args.allow_base_mismatch)
+            model = model.to(device).eval()
         except RuntimeError as e:  # load_state_dict's size mismatch: a patch made for another model
             raise SampleError(f"{args.patch or args.ckpt} does not fit its base: {str(e).splitlines()[-1].strip()}")
         # What train.py recorded, else the official DiT's defaults (linear betas, sd-vae-ft-mse for 4 channels).
@@ -519,13 +581,16 @@ def main(argv=None):
                     for k, v in vars(args).items() if k in ("ckpt", "patch", "seed", "class_labels", "cfg_scale",
                     "guide_all_channels", "sampler", "steps", "eta", "noise_schedule", "vae", "text_encoder")}
         settings.update(dict(prompts=prompts) if prompts else {})
+        settings["weights_sha256"] = weights_sha256(model, vae, text_encoder)
         write_samples(args.num_samples, make_batch, out_dir, args.batch_size, settings)
         if rank == 0:
             npz_path = out_dir.with_name(out_dir.name + ".npz")
             write_npz(out_dir, args.num_samples, npz_path)
             print(f"wrote {npz_path} ({args.num_samples} images)")
     except (CheckpointError, SampleError) as e:  # CheckpointError: dmp / model_dit / model_vae's one sentence
-        parser.error(str(e))
+        error(str(e))
+    except OSError as e:  # --out under a regular file, a read-only folder, a full disk
+        error(f"{e.filename or args.out}: {e.strerror or e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -19,6 +19,9 @@ import functools
 import json
 import math
 import os
+import random
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,17 +123,76 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (older ones are deleted)")
     p.add_argument("--sample-every", type=int, default=10000, help="a sample grid every K steps (0: never)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out loss every K steps (needs --holdout)")
-    p.add_argument("--eval-bpd", action="store_true", help="held-out bits/dim before and after training")
+    p.add_argument("--eval-bpd", action=argparse.BooleanOptionalAction, default=False,
+                   help="held-out bits/dim before and after training")
     p.add_argument("--bpd-images", type=int, help="bits/dim on this many held-out images (default all; the bound "
                    "costs 1000 forward passes of them)")
+    p.error = usage_error
     p.set_defaults(text=False)
     p.set_defaults(**PRESETS[p.parse_known_args(argv)[0].dataset])  # the preset, then the command line
     args = p.parse_args(argv)
+    # The settings the command line itself gives (--resume keeps the run's other settings): parsed
+    # again into a namespace that already holds every setting, so argparse fills in no default.
+    unset = object()
+    typed = p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = sorted(k for k, v in vars(typed).items() if v is not unset)
     args.init = None if args.init in (None, "none") else args.init
     args.method = args.method or ("dmp" if args.init else None)
-    args.iterations = args.iterations or (50_000 if args.init else 400_000)
+    if args.iterations is None:
+        args.iterations = 50_000 if args.init else 400_000
     args.ema = args.ema if args.ema is not None else (0.0 if args.init else 0.9999)
+    if range_errors(args):
+        p.error(f"out of range: {', '.join(range_errors(args))}")
     return args
+
+
+def usage_error(message):
+    """argparse's errors as one line (exit status 2, argparse's), with no usage text burying it."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# The range of every number a flag takes: a number outside it is refused before anything is made.
+AT_LEAST_ONE = ("iterations", "batch_size", "log_every", "ckpt_every", "keep", "threads",
+                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "lora_rank")
+AT_LEAST_ZERO = ("lr", "weight_decay", "holdout", "sample_every", "eval_every", "importance_coef",
+                 "load_coef", "gate_lr_scale", "gamma_blocks", "seed")
+
+
+def range_errors(args):
+    """Each flag whose number is out of its range, as '--flag value (must be ...)' (NaN: none)."""
+    v = vars(args)
+    bad = [(k, "at least 1") for k in AT_LEAST_ONE if v[k] is not None and not v[k] >= 1]
+    bad += [(k, "at least 0") for k in AT_LEAST_ZERO if v[k] is not None and not v[k] >= 0]
+    bad += [(k, "from 0 to 1") for k in ("class_dropout", "caption_dropout") if not 0 <= v[k] <= 1]
+    bad += [("ema", "from 0, below 1")] if not 0 <= args.ema < 1 else []
+    bad += [("top_k", "above 0, at most 1")] if not 0 < args.top_k <= 1 else []
+    bad += [("pos_scale", "above 0")] if not args.pos_scale > 0 else []
+    return [f"--{k.replace('_', '-')} {v[k]} (must be {why})" for k, why in bad]
+
+
+# What --resume may change: how the run is watched and where it runs, never what it computes
+# (--results-dir: the resumed folder may have been moved; the run stays in it).
+RESUMABLE = {"resume", "results_dir", "iterations", "device", "precision", "compile", "threads",
+             "log_every", "ckpt_every", "keep", "sample_every", "eval_every"}
+
+
+def resumed_args(args, given, saved, run_dir):
+    """
+    The settings of a resumed run: its own (`saved`; flags added since it started take their
+    defaults), with the command line's value for each RESUMABLE setting it gives (`given`, from
+    parse_args). Another setting given with a value other than the run's is refused: the run would
+    silently go on without it.
+    """
+    typed = vars(args)
+    changed = sorted(k for k in given - RESUMABLE if k in saved and saved[k] != typed[k])
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} {typed[k]} (the run's: {saved[k]})"
+                          for k in changed)
+        sys.exit(f"error: a resumed run keeps the settings of {run_dir}, and this command changes "
+                 f"them: {flags}; start a new run to change them")
+    mine = {k: typed[k] for k in given & RESUMABLE}
+    return argparse.Namespace(**{**typed, **saved, **mine, "resume": args.resume})
 
 
 def method_options(args):
@@ -285,15 +347,24 @@ def build_model(args, data, text_dim=None):
     return model, groups
 
 
-def checkpoint_entries(raw, ema, opt, step, args, data, base_sha):
-    """A further-training run stores a patch (dmp.save_patch's entries) plus the optimizer; pretraining the model."""
+def checkpoint_entries(raw, ema, opt, step, args, data, base):
+    """
+    A further-training run stores a patch (dmp.save_patch's entries, `base` its dmp.base_record)
+    plus the optimizer; pretraining the model. `weights` says which weights load: with --ema the
+    EMA, what the run's grids and held-out numbers measured; the raw ones are kept too (raw_state,
+    model) so --resume is exact.
+    """
     entries = dict(step=step, args=vars(args), opt=opt.state_dict(), config=raw.config,
-                   noise_schedule=args.noise_schedule, vae=data.vae)
+                   noise_schedule=args.noise_schedule, vae=data.vae,
+                   weights="ema" if ema is not None else "raw")
     if args.text_encoder:  # sample.py reads a text DiT's encoder from here
         entries["text_encoder"] = str(Path(args.text_encoder).resolve())
     if args.init:
-        entries.update(method=raw.patch_method, options=raw.patch_options, state=dmp.trainable_state_dict(raw),
-                       base=dict(name=args.init, sha256=base_sha))
+        state = dmp.trainable_state_dict(raw)
+        entries.update(method=raw.patch_method, options=raw.patch_options, state=state, base=base)
+        if ema is not None:
+            averaged = ema.state_dict()
+            entries.update(state={k: averaged[k] for k in state}, raw_state=state)
     else:
         entries.update(model=raw.state_dict(), ema=ema.state_dict() if ema is not None else None,
                        method=args.method, options=getattr(raw, "patch_options", None))
@@ -302,6 +373,30 @@ def checkpoint_entries(raw, ema, opt, step, args, data, base_sha):
 
 def checkpoints(run_dir):
     return sorted((Path(run_dir) / "checkpoints").glob("[0-9]" * 7 + ".pt"))
+
+
+def claim_run_dir(results, name):
+    """
+    A new, empty run folder results/NNN-name, NNN one above the highest number there, so a folder
+    is never reused and deleting an older run changes no later number. mkdir fails if the folder
+    exists, so two runs starting together never share one; if another run took the same number
+    under another name at the same moment, whichever sees the other's folder gives the number up
+    and tries again.
+    """
+    results.mkdir(parents=True, exist_ok=True)
+    while True:
+        found = [re.match(r"(\d{3,})-", p.name) for p in results.iterdir()]
+        numbers = [int(m.group(1)) for m in found if m]
+        number = f"{max(numbers, default=-1) + 1:03d}"
+        run_dir = results / f"{number}-{name}"
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        if not [p for p in results.glob(f"{number}-*") if p != run_dir]:
+            return run_dir
+        run_dir.rmdir()
+        time.sleep(random.random() / 10)  # two that both gave up try again at different moments
 
 
 def setup_distributed():
@@ -320,7 +415,34 @@ def setup_distributed():
 #################################################################################
 
 def main(argv=None):
+    """
+    Train (the module docstring). A run that stops, whatever the reason, before it logged a
+    training step or wrote a checkpoint leaves no folder behind: there is nothing in it to keep or
+    to resume.
+    """
+    claimed = []  # the run folder this call made, until it holds something worth keeping
+    try:
+        run(argv, claimed)
+    except BaseException:
+        for run_dir in claimed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def cli(argv=None):
+    """The command line: bad input and faults (a full disk) end in one sentence, not a traceback."""
+    try:
+        main(argv)
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # a write that failed (disk full, permissions): what was written is kept
+        sys.exit(f"error: {e.filename or 'writing the run'}: {e.strerror or e}")
+
+
+def run(argv, claimed):
+    """main's body: `claimed` gets the new run folder, and is emptied once the run wrote to it."""
     args = parse_args(argv)
+    given = set(vars(args).pop("given"))
     resume = None
     if args.resume:
         path = Path(args.resume)
@@ -328,10 +450,14 @@ def main(argv=None):
         if not found:
             sys.exit(f"error: {path} holds no checkpoints to resume from")
         resume = read_state_dict(found[-1])
-        given = {k: getattr(args, k) for k in ("iterations", "device") if f"--{k}" in (argv or sys.argv[1:])}
-        # The run's own settings (flags added since it started take their defaults)
-        args = argparse.Namespace(**{**vars(args), **resume["args"], "resume": args.resume, **given})
+        if not isinstance(resume.get("args"), dict) or "step" not in resume:
+            raise CheckpointError(f"{found[-1]} is not a checkpoint of a train.py run (it records "
+                                  f"no settings or step): to further-train it, give it to --init")
         run_dir = found[-1].parents[1]
+        args = resumed_args(args, given, resume["args"], run_dir)
+        if args.iterations < resume["step"]:
+            sys.exit(f"error: {found[-1]} is at step {resume['step']}, past --iterations "
+                     f"{args.iterations}: give more iterations to continue it")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, backend = setup_distributed()
@@ -344,6 +470,9 @@ def main(argv=None):
         sys.exit(f"error: --batch-size {args.batch_size} does not split over {world} processes")
 
     data = PreparedData(args.data)
+    if args.holdout >= len(data):
+        raise DataError(f"--holdout {args.holdout} leaves no training images: {args.data} holds "
+                        f"{len(data)}")
     train_rows, heldout_rows = split(data, args.holdout)
     text_encoder = None
     if args.text:
@@ -357,23 +486,30 @@ def main(argv=None):
     text_dim = text_encoder.config["hidden_size"] if text_encoder is not None and args.model not in UNet_configs else None
     model, groups = build_model(args, data, text_dim)
     model.to(device).train()
-    base_sha = dmp.file_sha256(args.init) if args.init and Path(args.init).is_file() and rank == 0 else None
+    base = dmp.base_record(args.init) if args.init and rank == 0 else None  # name, path, sha256
+    recorded = ((resume or {}).get("base") or {}).get("sha256")
+    if base and recorded and base["sha256"] not in (None, recorded):
+        raise CheckpointError(f"{args.init} is not the base {run_dir} was trained on (its sha256 "
+                              f"is {base['sha256'][:12]}..., the run recorded {recorded[:12]}...): "
+                              f"put that file back")
     opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
                             lr=args.lr, weight_decay=args.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     step = 0
     if resume:
-        if args.init:
-            model.load_state_dict(resume["state"], strict=False)
+        if args.init:  # the raw weights train on; `state` holds their EMA if the run keeps one
+            model.load_state_dict(resume.get("raw_state", resume["state"]), strict=False)
+            if ema is not None:
+                ema.load_state_dict(resume["state"], strict=False)
         else:
             model.load_state_dict(resume["model"])
             ema.load_state_dict(resume["ema"]) if ema is not None else None
         opt.load_state_dict(resume["opt"])
         step = resume["step"]
     elif rank == 0:
-        results = Path(args.results_dir)
-        index = len(list(results.iterdir())) if results.exists() else 0
-        run_dir = results / f"{index:03d}-{args.dataset}-{args.method or 'pretrain'}"
+        name = f"{args.dataset}-{args.method or 'pretrain'}"
+        run_dir = claim_run_dir(Path(args.results_dir), name)
+        claimed.append(run_dir)
     if world > 1:  # every process writes into rank 0's folder
         box = [str(run_dir) if rank == 0 else None]
         dist.broadcast_object_list(box)
@@ -382,8 +518,10 @@ def main(argv=None):
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
 
-    # SD predicts the noise only (fixed variance); DiT also learns the variance (the hybrid loss).
-    diffusion = create_diffusion("", args.noise_schedule, learn_sigma=args.model not in UNet_configs)
+    # The model says whether it learns the variance (DiT's hybrid loss) or predicts the noise only
+    # (SD, or a DiT built with learn_sigma=False), as sample.py reads it.
+    learn_sigma = getattr(model, "learn_sigma", False)
+    diffusion = create_diffusion("", args.noise_schedule, learn_sigma=learn_sigma)
     raw = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -394,9 +532,17 @@ def main(argv=None):
         ema_params, live_params = zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters()) if p.requires_grad])
 
     def log(entry):
+        """One JSON line; a failed write (disk full) is undone: the log never ends mid-line."""
         if rank == 0:
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            with open(run_dir / "log.jsonl", "ab", buffering=0) as f:
+                end, rest = f.tell(), memoryview((json.dumps(entry) + "\n").encode())
+                try:
+                    while rest:
+                        rest = rest[f.write(rest):]
+                except OSError as e:
+                    f.truncate(end)
+                    e.filename = str(run_dir / "log.jsonl")
+                    raise
 
     n_trained = sum(p.numel() for p in trained)
     if rank == 0 and step == 0:
@@ -408,11 +554,15 @@ def main(argv=None):
     before, bpd_label = None, f"held-out bits/dim ({len(heldout_rows[:args.bpd_images])} images)"
     if args.eval_bpd and len(heldout_rows) and rank == 0 and step == 0:
         before = evaluate(raw, diffusion, data, heldout_rows, args, device, bpd=True)
-        log(dict(event="eval", step=0, **before))
+        log(dict(event="eval", step=0, weights="raw", **before))
         print(f"{bpd_label} before: {before['bpd']:.4f}")
+    # Which weights each logged number comes from: training losses from the raw (optimised) weights;
+    # held-out metrics and sample grids from the EMA if the run keeps one (its checkpoints load it).
+    measured = "ema" if ema is not None else "raw"
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     running, t_log, last_ckpt = torch.zeros(len(LOG_TERMS), device=device), time.time(), None
+    last_log = step  # `running` sums the steps since then (a checkpoint may come between two logs)
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name, dynamic_ncols=True)
     while step < args.iterations:
         # Everything random in this step (label dropout, gate noise) is drawn after seeding with (seed, step,
@@ -439,24 +589,27 @@ def main(argv=None):
             # A NaN or inf stops the run here, before any checkpoint could store it: the last one stays good.
             if world > 1:
                 dist.all_reduce(running)
-            n = (step - 1) % args.log_every + 1
+            n = step - last_log
             avg = dict(zip(LOG_TERMS, (running / (n * world)).tolist()))
             if not (math.isfinite(avg["loss"]) and all(bool(p.isfinite().all()) for p in trained)):
                 bar.close()
                 sys.exit(f"error: the loss (mean {avg['loss']:.4g}) or the weights are no longer finite at step {step}; "
                          f"stopped without saving. The last good checkpoint: {last_ckpt or 'none written yet'}")
             speed = n / (time.time() - t_log)
-            log(dict(step=step, **avg, steps_per_sec=speed, images_per_sec=speed * args.batch_size))
+            log(dict(step=step, weights="raw", **avg, steps_per_sec=speed,
+                     images_per_sec=speed * args.batch_size))
+            claimed.clear()  # the run folder now holds a record worth keeping
             bar.set_postfix(loss=f"{avg['loss']:.4f}", imp=f"{avg['importance']:.3g}", load=f"{avg['load']:.3g}",
                             it_s=f"{speed:.2f}")
             running.zero_()
-            t_log = time.time()
+            t_log, last_log = time.time(), step
         if args.eval_every and len(heldout_rows) and step % args.eval_every == 0 and rank == 0:
-            log(dict(event="eval", step=step, **evaluate(ema or raw, diffusion, data, heldout_rows, args, device)))
+            log(dict(event="eval", step=step, weights=measured,
+                     **evaluate(ema or raw, diffusion, data, heldout_rows, args, device)))
         if step % args.ckpt_every == 0 or step == args.iterations:
             if rank == 0:
                 last_ckpt = run_dir / "checkpoints" / f"{step:07d}.pt"
-                atomic_save(checkpoint_entries(raw, ema, opt, step, args, data, base_sha), last_ckpt)
+                atomic_save(checkpoint_entries(raw, ema, opt, step, args, data, base), last_ckpt)
                 for old in checkpoints(run_dir)[:-args.keep]:
                     old.unlink()
             if world > 1:
@@ -465,15 +618,17 @@ def main(argv=None):
             path = run_dir / "samples" / f"{step:07d}.png"
             grid = (write_sd_grid(ema or raw, text_encoder, args, data, path, device) if args.model in UNet_configs
                     else write_grid(ema or raw, args, data, path, device, text_encoder))
-            log(dict(event="samples", step=step, path=str(grid)))
+            log(dict(event="samples", step=step, weights=measured, path=str(grid)))
     bar.close()
 
     if rank == 0:
         if args.eval_bpd and len(heldout_rows):
             after = evaluate(ema or raw, diffusion, data, heldout_rows, args, device, bpd=True)
-            log(dict(event="eval", step=step, **after))
+            log(dict(event="eval", step=step, weights=measured, **after))
             if before is not None:
-                print(f"{bpd_label}: {before['bpd']:.4f} before, {after['bpd']:.4f} after {args.method or 'training'}")
+                weights = " (EMA weights)" if ema is not None else ""
+                print(f"{bpd_label}: {before['bpd']:.4f} before, {after['bpd']:.4f} after "
+                      f"{args.method or 'training'}{weights}")
         if args.sample_every:
             print(f"sample grid: {run_dir / 'samples' / f'{step:07d}.png'}")
         print(f"checkpoint: {checkpoints(run_dir)[-1]}")
@@ -516,7 +671,4 @@ def write_sd_grid(unet, text_encoder, args, data, path, device, num=4):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, DataError) as e:
-        sys.exit(f"error: {e}")
+    cli()

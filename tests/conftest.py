@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,3 +10,42 @@ def keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def _files(roots):
+    """Every file under the roots, path -> bytes."""
+    paths = [p for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()]
+    return {p: p.read_bytes() for p in paths}
+
+
+@pytest.fixture
+def unchanged():
+    """
+    unchanged(*roots) records every file under the roots and returns a check to call after the
+    fault: each of those files must still be there, byte for byte (new files may appear).
+    """
+    def record(*roots):
+        before = _files(roots)
+
+        def check():
+            after = _files(roots)
+            assert [str(p) for p, data in before.items() if after.get(p) != data] == []
+        return check
+    return record
+
+
+def error_line(stderr):
+    """
+    The one line of a script's stderr that says what went wrong: there must be exactly one (progress
+    bars aside), with no traceback anywhere.
+    """
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if "error: " in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def one_sentence():
+    """one_sentence(stderr): error_line as a fixture (the one line naming what went wrong)."""
+    return error_line

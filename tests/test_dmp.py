@@ -204,6 +204,29 @@ def test_patch_file_round_trip(tmp_path, method, options):
     assert saved["method"] == method and len(saved["base"]["sha256"]) == 64
 
 
+def test_a_patch_on_an_official_base_records_its_cached_file(tmp_path, monkeypatch):
+    """An official name resolves through the download cache, when the patch is made and later."""
+    monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    cached = tmp_path / "cache" / "DiT-XL-2-256x256.pt"
+    torch.save(tiny_dit().state_dict(), cached)  # as if downloaded once
+    monkeypatch.chdir(tmp_path)
+    model = dmp.load_model("DiT-XL-2-256x256.pt")
+    dmp.patch(model, "dmp")
+    with torch.no_grad():
+        model.block_input.prompts.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    dmp.save_patch(model, tmp_path / "patch.pt", base="DiT-XL-2-256x256.pt")
+    recorded = torch.load(tmp_path / "patch.pt", weights_only=True)["base"]
+    assert recorded == dict(name="DiT-XL-2-256x256.pt", path=str(cached),
+                            sha256=dmp.file_sha256(cached))
+    x, t, y = batch()
+    with torch.no_grad():
+        assert torch.equal(dmp.load_model(tmp_path / "patch.pt")(x, t, y), model(x, t, y))
+        torch.save(tiny_dit(seed=5).state_dict(), cached)  # another model under the official name
+        with pytest.raises(dmp.CheckpointError, match="was trained on a base with sha256"):
+            dmp.load_model(tmp_path / "patch.pt")
+
+
 def test_dmp_patch_of_dit_l2_is_tens_of_megabytes():
     with torch.device("meta"):
         model = DiT_models["DiT-L/2"](num_classes=1, class_dropout_prob=0.0)

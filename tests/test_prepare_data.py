@@ -258,3 +258,104 @@ def test_captions_from_webdataset_shards_and_coco(tmp_path):
     assert PreparedData(tmp_path / "coco").captions == [["a cat"], ["a dog.", "a brown dog"]]
     with pytest.raises(DataError, match="not a COCO captions file"):
         prepare(tmp_path / "train2014", tmp_path / "bad", resolution=16, vae="none", captions=tmp_path / "shards" / "00000.tar")
+
+
+def test_no_usable_image_is_an_error_and_nothing_is_written(tmp_path, folder, unchanged):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    kept = unchanged(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(src), str(tmp_path / "out"), "--vae", "none", "--resolution", "8",
+              "--workers", "0"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "none of its 2 files is a usable image" in message
+    assert "\n" not in message and sorted(os.listdir(tmp_path)) == ["src"]
+    kept()
+    # A folder prepared before this check, every row skipped: train.py is told so in one sentence.
+    d, _, _ = folder
+    prepare(d, tmp_path / "old", resolution=8, vae="none")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    rows = len((tmp_path / "old" / "files.txt").read_text().splitlines())
+    manifest["skipped"] = [dict(row=r, file="x", reason="bad") for r in range(rows)]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="holds no usable image"):
+        PreparedData(tmp_path / "old")
+
+
+LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))  # ulimit -f 1 kB
+import prepare_data
+prepare_data.main(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_while_preparing_then_the_rerun_finishes(folder, tmp_path, unchanged,
+                                                             one_sentence):
+    d, _, _ = folder
+    prepare(d, tmp_path / "other", resolution=RES, vae="none")  # data prepared earlier, next to it
+    kept = unchanged(tmp_path, d)
+    args = [str(d), str(tmp_path / "out"), "--resolution", str(RES), "--vae", "none",
+            "--workers", "0"]
+    repo = str(Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", LIMITED, *args], cwd=repo, capture_output=True,
+                         text=True)
+    assert out.returncode == 1
+    assert "out.partial" in one_sentence(out.stderr) and "File too large" in out.stderr
+    kept()
+    assert not (tmp_path / "out").exists()
+    main(args)  # with room again, the same command finishes
+    straight = prepare(d, tmp_path / "straight", resolution=RES, vae="none")
+    done = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert done["count"] == straight["count"]
+    for name in ("images.npy", "labels.npy", "files.txt"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+SLOW_WORKERS = """
+import os, sys, time, prepare_data
+read = prepare_data.ImageFiles.__getitem__
+def slow(self, i):  # slow enough that both workers are busy when the kill comes
+    open(os.path.join(sys.argv[-1], str(os.getpid())), "w").close()
+    time.sleep(0.1)
+    return read(self, i)
+prepare_data.ImageFiles.__getitem__ = slow
+prepare_data.main(sys.argv[1:-1])
+"""
+
+
+def _alive(pid):
+    """A process that exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_end_with_a_killed_prepare_data(folder, tmp_path):
+    import signal
+    import time
+    d, _, _ = folder
+    (tmp_path / "pids").mkdir()
+    repo = str(Path(__file__).parents[1])
+    # Batches of 8 images of 64 x 64, 98 kB each, more than a pipe holds: a worker whose parent was
+    # gone used to outlive it by over a minute.
+    cmd = [sys.executable, "-c", SLOW_WORKERS, str(d), str(tmp_path / "out"), "--resolution", "64",
+           "--vae", "none", "--workers", "2", "--batch-size", "8", str(tmp_path / "pids")]
+    parent = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):  # until both workers decode (at most a minute on a loaded machine)
+        workers = [int(p.name) for p in (tmp_path / "pids").iterdir()
+                   if int(p.name) != parent.pid]
+        if len(workers) == 2:
+            break
+        time.sleep(0.1)
+    parent.send_signal(signal.SIGKILL)
+    assert parent.wait() == -9 and len(workers) == 2
+    for _ in range(300):  # 30 s: a batch takes 0.8 s
+        if not any(_alive(pid) for pid in workers):
+            break
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)

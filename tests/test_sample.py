@@ -237,3 +237,88 @@ def test_bad_input_is_one_sentence(ckpt, tmp_path, capsys):
         assert exit_info.value.code == 2 and err[-1].startswith("sample.py: error: ") and message in err[-1], err
         assert "Traceback" not in "\n".join(err)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_sample_set_refuses_to_continue_from_other_weights(tmp_path, unchanged, one_sentence,
+                                                             capsys):
+    """Model A starts a set, model B replaces its file: a larger set must not mix the two."""
+    path = save_run(tiny_dit(seed=0), tmp_path / "model.pt")
+    run("--ckpt", path, "--num-samples", 2, "--out", tmp_path / "set", *FAST)
+    save_run(tiny_dit(seed=1), tmp_path / "model.pt")
+    kept = unchanged(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run("--ckpt", path, "--num-samples", 4, "--out", tmp_path / "set", *FAST)
+    message = one_sentence(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "other settings (weights_sha256 differ" in message
+    kept()
+    assert len(npz(tmp_path / "set.npz")) == 2 and not (tmp_path / "set" / "000002.png").exists()
+
+
+def test_a_patch_finds_its_base_from_anywhere_and_refuses_another(tmp_path, monkeypatch, unchanged,
+                                                                  one_sentence, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    save_run(tiny_dit(seed=0), "base.pt")
+    model = dmp.load_model("base.pt")
+    dmp.patch(model, "dmp")
+    with torch.no_grad():
+        model.block_input.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    dmp.save_patch(model, "patch.pt", base="base.pt", noise_schedule="cosine", vae="none")
+    recorded = torch.load("patch.pt", weights_only=True)["base"]
+    assert recorded["name"] == "base.pt" and recorded["path"] == str(tmp_path / "a" / "base.pt")
+    monkeypatch.chdir(tmp_path / "b")  # the base's relative name means nothing here; its path does
+    run("--ckpt", "../a/patch.pt", "--grid", 2, "--out", "grid.png", *FAST)
+    assert (tmp_path / "b" / "grid.png").is_file()
+
+    save_run(tiny_dit(seed=1), tmp_path / "a" / "base.pt")  # another model under the base's name
+    kept = unchanged(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run("--ckpt", "../a/patch.pt", "--grid", 2, "--out", "other.png", *FAST)
+    message = one_sentence(capsys.readouterr().err)
+    assert exit_info.value.code == 2 and "was trained on a base with sha256" in message
+    assert "--allow-base-mismatch" in message and not (tmp_path / "b" / "other.png").exists()
+    kept()
+    run("--ckpt", "../a/patch.pt", "--grid", 2, "--out", "other.png", "--allow-base-mismatch",
+        *FAST)
+    assert "warning: " in capsys.readouterr().out and (tmp_path / "b" / "other.png").is_file()
+
+
+FULL_DISK = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1500, resource.RLIM_INFINITY))  # ulimit -f 1.5 kB
+import sample
+sample.main(sys.argv[1:])
+"""
+
+
+def test_errors_are_one_line_and_a_full_disk_keeps_the_images(ckpt, reference, tmp_path, unchanged,
+                                                              one_sentence, capsys):
+    (tmp_path / "file").write_text("a regular file")
+    (tmp_path / "model.json").write_text('{"model": "DiT"}')
+    (tmp_path / "vae.txt").write_text("not weights")
+    grid, folder = tmp_path / "file" / "grid.png", tmp_path / "file" / "set"  # under a regular file
+    cases = [(["--ckpt", ckpt, "--out", grid], "file is a file, not a folder"),
+             (["--ckpt", ckpt, "--num-samples", 2, "--out", folder], "is a file, not a folder"),
+             (["--ckpt", tmp_path / "model.json"], "model.json: not a PyTorch checkpoint"),
+             (["--ckpt", ckpt, "--vae", tmp_path / "vae.txt"], "vae.txt: not a PyTorch checkpoint")]
+    kept = unchanged(tmp_path)
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run(*argv, *FAST)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in one_sentence(err) and "usage" not in err
+    kept()
+
+    # A full disk (no file may grow past 1,500 bytes) while the .npz is written: the PNGs stay.
+    argv = ["--ckpt", ckpt, "--num-samples", str(N), "--out", str(tmp_path / "set"), *FAST]
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, *argv], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 2
+    assert "set.npz: could not be written (File too large)" in one_sentence(out.stderr)
+    kept()
+    pngs_written = [f"{k:06d}.png" for k in range(N)]
+    assert sorted(os.listdir(tmp_path / "set")) == pngs_written + ["settings.json"]
+    assert not (tmp_path / ".set.npz.tmp").exists() and not (tmp_path / "set.npz").exists()
+    run("--ckpt", ckpt, "--num-samples", N, "--out", tmp_path / "set", *FAST)  # writes the .npz
+    assert np.array_equal(npz(tmp_path / "set.npz"), reference[1])

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -312,3 +313,192 @@ def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_pr
     assert np.array_equal(images["zero"], images["base"])  # a zero-initialised patch changes nothing
     assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does
     assert np.abs(images["cfg1"] - images["base"]).max() >= 1  # the default 1.5 guides against the null embedding
+
+
+#################################################################################
+#        Bad input and faults: one sentence, nothing lost, nothing mixed        #
+#################################################################################
+
+def cli(*argv):
+    """train.py's command line in-process: (exit status, message) as the user would see them."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli([str(a) for a in argv])
+    code = exit_info.value.code
+    return (1, code) if isinstance(code, str) else (code, None)
+
+
+def test_a_run_folder_is_claimed_never_reused_nor_left_empty(tmp_path, unchanged, monkeypatch):
+    runs = tmp_path / "runs"
+    common = FAST + ["--results-dir", str(runs), "--iterations", "2", "--ckpt-every", "1"]
+    for seed in (1, 2):
+        train.main(common + ["--seed", str(seed)])
+    first, second = sorted(runs.iterdir())
+    shutil.rmtree(first)  # the user deletes run 000; a third run must not count its way into 001
+    kept = unchanged(second)
+    train.main(common + ["--seed", "3", "--keep", "1"])
+    kept()
+    assert sorted(p.name for p in runs.iterdir()) == ["001-digits-pretrain", "002-digits-pretrain"]
+    assert [p.name for p in train.checkpoints(second)] == ["0000001.pt", "0000002.pt"]
+
+    # Runs starting together, under two names: each gets a folder and a number of its own.
+    import threading
+    folders, start = [], threading.Barrier(8)
+
+    def claim(name):
+        start.wait()
+        folders.append(train.claim_run_dir(tmp_path / "together", name))
+    threads = [threading.Thread(target=claim, args=(f"digits-{i % 2}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({f.name[:3] for f in folders}) == 8 and all(f.is_dir() for f in folders)
+
+    def broken(*args):
+        raise RuntimeError("a fault before the first log line")
+    monkeypatch.setattr(train, "compute_loss", broken)
+    with pytest.raises(RuntimeError, match="before the first log line"):
+        train.main(common + ["--seed", "4"])
+    assert sorted(p.name for p in runs.iterdir()) == ["001-digits-pretrain", "002-digits-pretrain"]
+    kept()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iterations", "0"], "--iterations 0 (must be at least 1)"),
+    (["--iterations=-5"], "--iterations -5 (must be at least 1)"),
+    (["--batch-size", "0"], "--batch-size 0 (must be at least 1)"),
+    (["--lr", "-1"], "--lr -1.0 (must be at least 0)"),
+    (["--lr", "nan", "--ema", "1"], "--lr nan (must be at least 0), --ema 1.0 (must be from 0, "
+                                    "below 1)"),
+    (["--holdout", "5000"], "--holdout 5000 leaves no training images: assets/digits holds 1797"),
+])
+def test_bad_numbers_are_refused_before_anything_is_made(tmp_path, capsys, one_sentence, argv,
+                                                         message):
+    code, text = cli(*FAST, "--results-dir", tmp_path / "runs", *argv)
+    text = text or one_sentence(capsys.readouterr().err)
+    assert code == (1 if "holdout" in message else 2) and message in text and "\n" not in text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_init_checkpoint_holds_the_ema_it_measured_and_resume_restores_it(tmp_path,
+                                                                         base_checkpoint):
+    common = FAST + ["--init", str(base_checkpoint), "--ema", "0.5", "--lr", "1e-2",
+                     "--eval-every", "4", "--ckpt-every", "2"]
+    whole = run(tmp_path, *common, "--iterations", "4", name="whole")
+    part = run(tmp_path, *common, "--iterations", "2", name="part")
+    train.main(["--resume", str(part), "--iterations", "4"])
+    entries = read_state_dict(train.checkpoints(whole)[-1])
+    assert entries["weights"] == "ema" and entries["state"].keys() == entries["raw_state"].keys()
+    assert not same_state(entries["state"], entries["raw_state"])  # an average of 4 steps
+    resumed = read_state_dict(train.checkpoints(part)[-1])
+    assert same_state(resumed["state"], entries["state"])  # the EMA went on from where it was
+    logged = [e for e in log_of(whole) if e.get("event") == "eval"]
+    assert [e["weights"] for e in logged] == ["ema"]
+    assert all(e["weights"] == "raw" for e in log_of(whole) if "loss" in e)
+    # What the run reported is what the saved file gives when measured again.
+    args = train.parse_args(FAST + ["--init", str(base_checkpoint)])
+    data = train.PreparedData(args.data)
+    _, heldout = train.split(data, args.holdout)
+    model = dmp.load_model(str(train.checkpoints(whole)[-1]))
+    diffusion = train.create_diffusion("", "cosine")
+    again = train.evaluate(model, diffusion, data, heldout, args, torch.device("cpu"))
+    assert again["heldout_loss"] == pytest.approx(logged[0]["heldout_loss"], rel=1e-6)
+
+
+def test_resume_takes_cadence_from_the_command_line_and_refuses_other_changes(tmp_path, unchanged):
+    run_dir = run(tmp_path, "--iterations", "2", "--ckpt-every", "2")
+    train.main(["--resume", str(run_dir), "--iterations=6", "--log-every=2", "--ckpt-every", "2",
+                "--keep=1"])
+    assert [e["step"] for e in log_of(run_dir) if "loss" in e] == [1, 2, 4, 6]
+    assert [p.name for p in train.checkpoints(run_dir)] == ["0000006.pt"]
+    kept = unchanged(tmp_path)
+    code, text = cli("--resume", run_dir, "--iterations", "8", "--lr=0.5", "--seed", "0")
+    assert code == 1 and "--lr 0.5 (the run's: 0.0001)" in text and "\n" not in text
+    assert "--seed" not in text  # given, but the run's own value
+    kept()
+
+
+def test_the_logged_mean_covers_exactly_the_steps_since_the_last_log(tmp_path):
+    every = run(tmp_path, "--lr", "0", "--iterations", "12", "--ckpt-every", "12", name="every")
+    steps = [e["mse"] for e in log_of(every) if "loss" in e]
+    common = ["--lr", "0", "--log-every", "4", "--ckpt-every", "6"]
+    odd = run(tmp_path, *common, "--iterations", "12", name="odd")
+    logged = {e["step"]: e["mse"] for e in log_of(odd) if "loss" in e}
+    spans = {4: (0, 4), 6: (4, 6), 8: (6, 8), 12: (8, 12)}
+    means = {s: sum(steps[a:b]) / (b - a) for s, (a, b) in spans.items()}
+    assert logged == pytest.approx(means, rel=1e-5)
+    part = run(tmp_path, *common, "--iterations", "6", name="part")
+    train.main(["--resume", str(part), "--iterations", "8"])
+    after_resume = [e["mse"] for e in log_of(part) if "loss" in e][-1]
+    assert after_resume == pytest.approx(sum(steps[6:8]) / 2, rel=1e-5)
+
+
+def test_init_from_a_dit_without_learned_variance(tmp_path):
+    from model_dit import DiT
+    torch.manual_seed(0)
+    model = DiT(input_size=8, in_channels=1, learn_sigma=False, num_classes=1,
+                class_dropout_prob=0.0, **train.DIGITS_MODEL)
+    torch.save(dict(model=model.state_dict(), config=model.config, noise_schedule="cosine",
+                    vae="none"), tmp_path / "eps_only.pt")
+    run_dir = run(tmp_path, "--init", str(tmp_path / "eps_only.pt"), "--iterations", "2",
+                  "--ckpt-every", "2")
+    assert all(math.isfinite(e["loss"]) and e["vb"] == 0 for e in log_of(run_dir) if "loss" in e)
+    assert dmp.load_model(str(train.checkpoints(run_dir)[-1])).learn_sigma is False
+
+
+def test_files_that_are_not_checkpoints_get_one_sentence(tmp_path, unchanged):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "config.json").write_text('{"lr": 1e-4}')
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    not_ours = tmp_path / "run" / "checkpoints" / "0000004.pt"
+    torch.save(dict(model={}, step=4), not_ours)
+    kept = unchanged(tmp_path)
+    cases = [(["--init", tmp_path / "notes.txt"], "notes.txt: not a PyTorch checkpoint"),
+             (["--init", tmp_path / "config.json"], "config.json: not a PyTorch checkpoint"),
+             (["--resume", tmp_path / "config.json"], "config.json: not a PyTorch checkpoint"),
+             (["--resume", tmp_path / "run"], "0000004.pt is not a checkpoint of a train.py run"),
+             (["--resume", tmp_path / "deleted-run"], "deleted-run: no such file")]
+    for argv, message in cases:
+        code, text = cli(*FAST, "--results-dir", tmp_path / "runs", *argv)
+        assert code == 1 and message in text and "\n" not in text, text
+    kept()
+    assert not (tmp_path / "runs").exists()
+
+
+FULL_DISK = """
+import resource, sys
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # ulimit -f
+import train
+train.cli(sys.argv[1:])
+"""
+
+
+def test_a_full_disk_while_writing_a_checkpoint_or_the_log(tmp_path, unchanged, one_sentence):
+    """RLIMIT_FSIZE makes every write past a size fail, as a full disk does."""
+    first = run(tmp_path, "--iterations", "1", "--ckpt-every", "1")
+    kept = unchanged(tmp_path)
+    argv = FAST + ["--results-dir", str(tmp_path / "runs"), "--iterations", "2",
+                   "--ckpt-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, "100000", *argv], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 1
+    assert "0000002.pt: could not be written (File too large)" in one_sentence(out.stderr)
+    kept()
+    second = next(p for p in (tmp_path / "runs").iterdir() if p != first)
+    assert list((second / "checkpoints").iterdir()) == []  # no temporary file left behind
+    assert [e["step"] for e in log_of(second) if "loss" in e] == [1, 2]
+
+    # Resumed with room for half a log line: the line is taken back, the log stays as it was.
+    kept = unchanged(tmp_path)
+    limit = (first / "log.jsonl").stat().st_size + 50
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(limit), "--resume", str(first),
+                          "--iterations", "2"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "log.jsonl: File too large" in one_sentence(out.stderr)
+    kept()
+
+
+def test_the_demo_bits_per_dim_can_be_turned_off():
+    assert train.parse_args([]).eval_bpd is True
+    assert train.parse_args(["--no-eval-bpd"]).eval_bpd is False

@@ -1,0 +1,61 @@
+"""checkpoints.py: files that are not checkpoints get one whole sentence; written files get the umask's mode."""
+import os
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from checkpoints import CheckpointError, _reason, atomic_save, read_state_dict
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_every_kind_of_wrong_file_is_one_sentence_naming_it(tmp_path):
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    files = {"notes.txt": b"hello world\n", "config.json": b'{"lr": 0.0001}', "empty.pt": b"",
+             "truncated.pt": data[: len(data) // 2], "image.pt": b"\x89PNG\r\n\x1a\n" + bytes(50),
+             "code.pt": pickle.dumps({"w": _RunsCode()}, protocol=2)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    expected = {"notes.txt": "not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with "
+                             "b'hello wo')",
+                "config.json": "not a PyTorch checkpoint", "empty.pt": "not a PyTorch checkpoint",
+                "image.pt": "not a PyTorch checkpoint",
+                "truncated.pt": "truncated or not a PyTorch checkpoint (PytorchStreamReader failed reading zip "
+                                "archive: failed finding central directory)",
+                "code.pt": "could run code (Trying to load unsupported GLOBAL posix.system whose module posix "
+                           "is blocked)"}
+    assert zipfile.is_zipfile(tmp_path / "good.pt") and read_state_dict(tmp_path / "good.pt").keys() == {"w"}
+    for name, message in expected.items():
+        with pytest.raises(CheckpointError) as e:
+            read_state_dict(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: ") and message in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_long_reason_is_shortened_between_words():
+    long = RuntimeError("the archive " + "entry " * 40 + "is damaged. Second sentence.\nMore detail.")
+    reason = _reason(long)
+    assert reason.endswith(" ...") and len(reason) <= 164
+    assert set(reason[:-4].split()) <= {"the", "archive", "entry"}  # whole words only
+    assert _reason(ValueError("short one. And another.")) == "short one"
+
+
+def test_written_checkpoints_get_the_umask_mode(tmp_path):
+    old = os.umask(0o002)  # a group-shared cluster folder
+    try:
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "shared.pt")
+        os.umask(0o077)
+        atomic_save({"x": torch.zeros(1)}, tmp_path / "private.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.pt").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+    assert torch.equal(read_state_dict(tmp_path / "shared.pt")["x"], torch.zeros(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.pt", "shared.pt"]
