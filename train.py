@@ -14,6 +14,7 @@ exactly: data order and every random draw are functions of (seed, step), so an i
 bit-identical to an uninterrupted one (on CPU; GPU kernels are not all deterministic).
 """
 import argparse
+import contextlib
 import copy
 import functools
 import json
@@ -114,8 +115,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="a run folder (or one of its checkpoints) to continue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="default bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 autocast on a GPU "
+                   "that computes in bf16 (A100, H100, ...), fp16 autocast with a gradient scaler on one that "
+                   "does not (V100, T4), fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block of the model")
+    # memory (README, "Memory: what fits your card"); neither changes what a step computes
+    p.add_argument("--grad-accum", type=int, default=1, help="each step's batch in K micro-batches whose "
+                   "gradients add up before the optimizer's step: the activations of 1/K of the batch")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing: each block "
+                   "keeps only its input and runs again in the backward pass (about 1/3 more compute)")
     p.add_argument("--threads", type=int, help="torch's CPU threads (default torch's choice; the digits presets use "
                    "1: their matrices are too small to share, and idle threads spin while other jobs hold the cores)")
     p.add_argument("--log-every", type=int, default=100)
@@ -154,7 +162,7 @@ def usage_error(message):
 
 # The range of every number a flag takes: a number outside it is refused before anything is made.
 AT_LEAST_ONE = ("iterations", "batch_size", "log_every", "ckpt_every", "keep", "threads",
-                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "lora_rank")
+                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "lora_rank", "grad_accum")
 AT_LEAST_ZERO = ("lr", "weight_decay", "holdout", "sample_every", "eval_every", "importance_coef",
                  "load_coef", "gate_lr_scale", "gamma_blocks", "seed")
 
@@ -172,9 +180,11 @@ def range_errors(args):
 
 
 # What --resume may change: how the run is watched and where it runs, never what it computes
-# (--results-dir: the resumed folder may have been moved; the run stays in it).
+# (--results-dir: the resumed folder may have been moved; the run stays in it; --grad-accum and
+# --checkpointing: a run moved to a smaller card).
 RESUMABLE = {"resume", "results_dir", "iterations", "device", "precision", "compile", "threads",
-             "log_every", "ckpt_every", "keep", "sample_every", "eval_every"}
+             "log_every", "ckpt_every", "keep", "sample_every", "eval_every", "grad_accum",
+             "checkpointing"}
 
 
 def resumed_args(args, given, saved, run_dir):
@@ -269,6 +279,133 @@ def compute_loss(model, raw, diffusion, batch, args):
 LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
 
 
+#################################################################################
+#            The training step: micro-batches, precision and memory             #
+#################################################################################
+
+def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None, text_encoder=None,
+               ema=None):
+    """
+    One optimisation step, what train.py's loop and bench.py run: this process's share of the
+    step's global batch (get_batch's) in args.grad_accum micro-batches whose gradients add up
+    before the optimizer's step, then the EMA (`ema`: ema_pairs). Returns the step's LOG_TERMS,
+    means over the share, on the device (no host sync).
+
+    Each micro-batch's loss is divided by K, so the summed gradients are the whole share's to float
+    rounding. Every term is a mean over samples, hence additive: the diffusion loss, the importance
+    loss (the CV^2 across prompts of each sample's gate weights, averaged over the batch: Eqs.
+    12-13) and Eq. 11's load (a count per sample). Hard selection's load is the exception: Shazeer
+    et al.'s smooth estimator is the CV^2 of a sum over the batch, so each micro-batch (and under
+    DDP each process, as before) takes it of its own samples, and the step's load is their mean.
+    That mean is at least the whole batch's (a standard deviation is a seminorm, so the CV of a sum
+    is at most the mean-weighted CVs of its parts, and squaring is convex): it pushes toward
+    balance at least as hard (tests/test_train.py checks the bound). The draws inside the forward
+    pass (label dropout, the gate's noise) come from torch's generator, seeded per step and process
+    by the loop: like their split over processes, their split over micro-batches changes which
+    numbers are drawn, not their distribution; the data, timesteps and noise (get_batch) are the
+    same whatever the split.
+    """
+    K, size = args.grad_accum, len(batch[0])
+    opt.zero_grad(set_to_none=True)  # before the forward: the last gradients never meet the activations
+    terms_sum = 0
+    for m in range(K):
+        micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), text_encoder, args)
+        # DDP: gradients are averaged over processes once, after the last micro-batch
+        last = m == K - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if last else model.no_sync():
+            with autocast:
+                loss, terms = compute_loss(model, raw, diffusion, micro, args)
+            loss = loss / K
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        terms_sum = terms_sum + terms.detach().float() / K
+    if scaler is None:
+        opt.step()
+    else:  # fp16: skips the step if a gradient overflowed (the scale then halves), else unscales
+        scaler.step(opt)
+        scaler.update()
+    if ema is not None:
+        torch._foreach_lerp_(*ema, 1 - args.ema)  # ema += (1 - decay) (param - ema)
+    return terms_sum
+
+
+def micro_batch(batch, part, text_encoder, args):
+    """Slice `part` of a batch; captions become the model's text condition (the frozen encoder)."""
+    x, y, t, noise = batch
+    if isinstance(y, dict):
+        y = {k: v[part] for k, v in y.items()}
+    else:
+        y = y[part]
+    if text_encoder is not None:  # captions, through the frozen text encoder on the fly:
+        if args.model in UNet_configs:
+            y = dict(context=encode_text(text_encoder, y)[0])  # the UNet's context
+        else:
+            y = caption_embeddings(text_encoder, y)  # a DiT's pooled embedding ("": the null one)
+    return x[part], y, t[part], noise[part]
+
+
+def ema_pairs(ema, raw):
+    """(EMA weights, live weights) of the trained weights, for train_step's update (official DiT's)."""
+    return tuple(zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters())
+                       if p.requires_grad]))
+
+
+# --precision: what each choice runs, as printed at the start of a run.
+PRECISIONS = dict(fp32="fp32, no autocast", bf16="bf16 autocast",
+                  fp16="fp16 autocast with a gradient scaler")
+
+
+def choose_precision(requested, device):
+    """
+    --precision, or the device's default: bf16 autocast on a GPU that computes in bf16 (Ampere and
+    later), fp16 autocast on one that does not (V100, T4: bf16 would be emulated, slowly), fp32 on
+    CPU.
+    """
+    if requested:
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def mixed_precision(precision, device):
+    """
+    (autocast context, gradient scaler or None). fp16 needs the scaler: the loss is multiplied
+    before the backward pass so that small gradients do not flush to zero in fp16, and a step whose
+    gradients overflow is skipped with the scale halved; bf16 has fp32's range and needs none.
+    """
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+    return autocast, torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def compile_blocks(model, **options):
+    """
+    --compile: torch.compile each block (regional compilation). Identical blocks share one compiled
+    graph, so a DiT compiles one block, not 28, in seconds rather than minutes; what runs between
+    blocks (DMP's prompts and gate, checkpointing) stays eager.
+    """
+    blocks = (model.blocks if hasattr(model, "blocks")
+              else [*model.input_blocks, model.middle_block, *model.output_blocks])
+    for block in blocks:
+        block.compile(**options)
+    return model
+
+
+def out_of_memory(args, step, rank, world, device):
+    """The sentence an out-of-memory error becomes: the batch that failed and what would help."""
+    share = args.batch_size // world
+    micro = share // args.grad_accum
+    helps = [f"--grad-accum {2 * args.grad_accum} (micro-batches of {micro // 2})"] if micro > 1 else []
+    helps += [] if args.checkpointing else ["--checkpointing (each block recomputed in the backward pass)"]
+    helps += ["a smaller --batch-size"]
+    where = f"process {rank} of {world} ({device})" if world > 1 else str(device)
+    return (f"error: out of memory on {where} at step {step + 1}: a global batch of {args.batch_size}"
+            f" ({share} on this process in {args.grad_accum} micro-batch"
+            f"{'es' if args.grad_accum > 1 else ''} of {micro}) did not fit; "
+            f"{', '.join(helps[:-1])} or {helps[-1]} would help "
+            f"(python bench.py --estimate-memory estimates each)")
+
+
 @torch.no_grad()
 def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512):
     """
@@ -347,14 +484,15 @@ def build_model(args, data, text_dim=None):
     return model, groups
 
 
-def checkpoint_entries(raw, ema, opt, step, args, data, base):
+def checkpoint_entries(raw, ema, opt, step, args, data, base, scaler=None):
     """
     A further-training run stores a patch (dmp.save_patch's entries, `base` its dmp.base_record)
-    plus the optimizer; pretraining the model. `weights` says which weights load: with --ema the
-    EMA, what the run's grids and held-out numbers measured; the raw ones are kept too (raw_state,
-    model) so --resume is exact.
+    plus the optimizer (and fp16's gradient scaler); pretraining the model. `weights` says which
+    weights load: with --ema the EMA, what the run's grids and held-out numbers measured; the raw
+    ones are kept too (raw_state, model) so --resume is exact.
     """
     entries = dict(step=step, args=vars(args), opt=opt.state_dict(), config=raw.config,
+                   scaler=scaler.state_dict() if scaler is not None else None,
                    noise_schedule=args.noise_schedule, vae=data.vae,
                    weights="ema" if ema is not None else "raw")
     if args.text_encoder:  # sample.py reads a text DiT's encoder from here
@@ -465,9 +603,11 @@ def run(argv, claimed):
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if args.batch_size % world:
-        sys.exit(f"error: --batch-size {args.batch_size} does not split over {world} processes")
+    precision = choose_precision(args.precision, device)
+    if args.batch_size % (world * args.grad_accum):
+        sys.exit(f"error: --batch-size {args.batch_size} does not split over {world} process"
+                 f"{'es' if world > 1 else ''} x {args.grad_accum} micro-batch"
+                 f"{'es' if args.grad_accum > 1 else ''}")
 
     data = PreparedData(args.data)
     if args.holdout >= len(data):
@@ -485,7 +625,7 @@ def run(argv, claimed):
     torch.manual_seed(args.seed)  # the initial weights (new models, DiffFit/LoRA factors, random prompts)
     text_dim = text_encoder.config["hidden_size"] if text_encoder is not None and args.model not in UNet_configs else None
     model, groups = build_model(args, data, text_dim)
-    model.to(device).train()
+    model.set_checkpointing(args.checkpointing).to(device).train()
     base = dmp.base_record(args.init) if args.init and rank == 0 else None  # name, path, sha256
     recorded = ((resume or {}).get("base") or {}).get("sha256")
     if base and recorded and base["sha256"] not in (None, recorded):
@@ -495,6 +635,7 @@ def run(argv, claimed):
     opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
                             lr=args.lr, weight_decay=args.weight_decay)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    autocast, scaler = mixed_precision(precision, device)
     step = 0
     if resume:
         if args.init:  # the raw weights train on; `state` holds their EMA if the run keeps one
@@ -505,6 +646,8 @@ def run(argv, claimed):
             model.load_state_dict(resume["model"])
             ema.load_state_dict(resume["ema"]) if ema is not None else None
         opt.load_state_dict(resume["opt"])
+        if scaler is not None and resume.get("scaler"):  # fp16: the scale it had reached
+            scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
     elif rank == 0:
         name = f"{args.dataset}-{args.method or 'pretrain'}"
@@ -526,10 +669,9 @@ def run(argv, claimed):
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
-        model = torch.compile(model)
+        compile_blocks(raw)
     trained = [p for g in groups for p in g["params"]]
-    if ema is not None:  # EMA of the trained weights (the official DiT's update_ema)
-        ema_params, live_params = zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters()) if p.requires_grad])
+    pairs = ema_pairs(ema, raw) if ema is not None else None  # EMA of the trained weights
 
     def log(entry):
         """One JSON line; a failed write (disk full) is undone: the log never ends mid-line."""
@@ -550,7 +692,12 @@ def run(argv, claimed):
         print(f"{args.dataset}: {len(train_rows)} training images {list(data.shape)}, {len(heldout_rows)} held out; "
               f"{'further-training ' + args.init + ' with ' + args.method if args.init else 'pretraining'}: "
               f"{n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.2f}%); run folder {run_dir}")
-        log(dict(event="start", args=vars(args), trained_parameters=n_trained, total_parameters=n_total, world=world))
+        log(dict(event="start", args=vars(args), trained_parameters=n_trained, total_parameters=n_total, world=world,
+                 precision=precision))
+    if rank == 0:
+        print(f"precision: {PRECISIONS[precision]} ({device})")
+        if step:
+            log(dict(event="resume", step=step, world=world, precision=precision))
     before, bpd_label = None, f"held-out bits/dim ({len(heldout_rows[:args.bpd_images])} images)"
     if args.eval_bpd and len(heldout_rows) and rank == 0 and step == 0:
         before = evaluate(raw, diffusion, data, heldout_rows, args, device, bpd=True)
@@ -560,7 +707,6 @@ def run(argv, claimed):
     # held-out metrics and sample grids from the EMA if the run keeps one (its checkpoints load it).
     measured = "ema" if ema is not None else "raw"
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     running, t_log, last_ckpt = torch.zeros(len(LOG_TERMS), device=device), time.time(), None
     last_log = step  # `running` sums the steps since then (a checkpoint may come between two logs)
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name, dynamic_ncols=True)
@@ -569,19 +715,12 @@ def run(argv, claimed):
         # rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
         batch = get_batch(data, train_rows, step, args, device, rank, world)
-        if text_encoder is not None:  # the frozen text encoder runs on the fly: captions -> the UNet's context,
-            x, captions, t, noise = batch  # or a DiT's pooled embedding (dropped captions: the null embedding)
-            y = (dict(context=encode_text(text_encoder, captions)[0]) if args.model in UNet_configs
-                 else caption_embeddings(text_encoder, captions))
-            batch = (x, y, t, noise)
-        with autocast:
-            loss, terms = compute_loss(model, raw, diffusion, batch, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            torch._foreach_lerp_(ema_params, live_params, 1 - args.ema)  # ema += (1 - decay) (param - ema)
-        running += terms.detach().float()  # stays on the device: no host sync between log steps
+        try:
+            terms = train_step(model, raw, diffusion, opt, batch, args, autocast, scaler, text_encoder, pairs)
+        except torch.OutOfMemoryError:
+            bar.close()
+            sys.exit(out_of_memory(args, step, rank, world, device))
+        running += terms  # stays on the device: no host sync between log steps
         step += 1
         bar.update(1)
 
@@ -609,7 +748,7 @@ def run(argv, claimed):
         if step % args.ckpt_every == 0 or step == args.iterations:
             if rank == 0:
                 last_ckpt = run_dir / "checkpoints" / f"{step:07d}.pt"
-                atomic_save(checkpoint_entries(raw, ema, opt, step, args, data, base), last_ckpt)
+                atomic_save(checkpoint_entries(raw, ema, opt, step, args, data, base, scaler), last_ckpt)
                 for old in checkpoints(run_dir)[:-args.keep]:
                     old.unlink()
             if world > 1:

@@ -502,3 +502,173 @@ def test_a_full_disk_while_writing_a_checkpoint_or_the_log(tmp_path, unchanged, 
 def test_the_demo_bits_per_dim_can_be_turned_off():
     assert train.parse_args([]).eval_bpd is True
     assert train.parse_args(["--no-eval-bpd"]).eval_bpd is False
+
+
+#################################################################################
+#        One step for every card: micro-batches, checkpointing, precision       #
+#################################################################################
+
+def test_grad_accum_equals_one_batch_and_resumes_bit_identically(tmp_path):
+    """K=4 micro-batches of 4 give the step of one batch of 16, and a resumed K=4 run is exact."""
+    common = ["--init", str(ROOT / "assets" / "dit_digits.pt"), "--method", "dmp", "--lr", "1e-2"]
+    one = run(tmp_path, *common, "--iterations", "4", "--ckpt-every", "4", name="one")
+    four = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "4", "--ckpt-every", "2",
+               name="four")
+    a, b = (read_state_dict(train.checkpoints(d)[-1]) for d in (one, four))
+    for key in ("raw_state", "state"):  # the trained weights, and their EMA (the digits preset's)
+        assert a[key].keys() == b[key].keys()
+        assert max((a[key][k] - b[key][k]).abs().max() for k in a[key]) < 1e-5
+    assert max(v.abs().max() for v in b["raw_state"].values()) > 1e-2  # the prompts and gate moved
+    for x, y in zip(*[[e for e in log_of(d) if "loss" in e] for d in (one, four)]):
+        assert [x[k] for k in train.LOG_TERMS] == pytest.approx([y[k] for k in train.LOG_TERMS],
+                                                                rel=1e-5, abs=1e-9)
+    part = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "2", "--ckpt-every", "2",
+               name="part")
+    train.main(["--resume", str(part), "--iterations", "4"])
+    c = read_state_dict(train.checkpoints(part)[-1])
+    assert same_state(b["raw_state"], c["raw_state"]) and same_state(b["state"], c["state"])
+    assert str(b["opt"]["state"]) == str(c["opt"]["state"])
+    assert ([e["loss"] for e in log_of(four) if "loss" in e][2:]
+            == [e["loss"] for e in log_of(part) if "loss" in e][2:])
+    code, text = cli(*FAST, "--results-dir", tmp_path / "runs", "--grad-accum", "3")
+    assert code == 1 and "--batch-size 16 does not split over 1 process x 3 micro-batches" in text
+
+
+def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
+    """
+    The importance loss is a mean over samples: four micro-batches give the batch's. Hard
+    selection's smooth load is the CV^2 of a sum over the batch: the mean over micro-batches is
+    at least the whole batch's (train.train_step's docstring), with the gate's noise the same.
+    """
+    cpu = torch.device("cpu")
+    losses = {}
+    for selection in ("soft", "hard"):
+        args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp",
+                                        "--selection", selection])
+        data = train.PreparedData(args.data)
+        rows, _ = train.split(data, args.holdout)
+        model, _ = train.build_model(args, data)
+        mop = model.train().block_input
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a gate that prefers some prompts, so the losses are not zero
+            mop.gate.weight.copy_(torch.randn(mop.gate.weight.shape, generator=gen))
+            mop.gate_index.copy_(torch.randn(mop.gate_index.shape, generator=gen))
+        noise = torch.randn(16, mop.depth, mop.num_prompts, generator=gen)
+        taken = [0]
+
+        def gate_noise(like):
+            """The gate's noise: the next rows of one draw for the batch, however it is split."""
+            out = noise[taken[0]: taken[0] + len(like)]
+            taken[0] += len(like)
+            return out
+        monkeypatch.setattr(torch, "randn_like", gate_noise)
+        batch = train.get_batch(data, rows, 3, args, cpu)
+        diffusion = train.create_diffusion("", args.noise_schedule)
+        whole = train.compute_loss(model, model, diffusion, batch, args)[1]
+        taken[0] = 0
+        parts = torch.stack([train.compute_loss(model, model, diffusion,
+                                                train.micro_batch(batch, slice(i, i + 4), None, args),
+                                                args)[1] for i in range(0, 16, 4)]).mean(0)
+        monkeypatch.undo()
+        losses[selection] = dict(zip(train.LOG_TERMS, zip(whole.tolist(), parts.tolist())))
+    soft, hard = losses["soft"], losses["hard"]
+    assert soft["importance"][0] > 1e-3 and hard["importance"][0] > 1e-3
+    for terms in (soft, hard):
+        for name in ("mse", "vb", "importance"):
+            assert terms[name][1] == pytest.approx(terms[name][0], rel=1e-5), name
+    assert soft["load"] == (0.0, 0.0)  # Eq. 11 under a softmax
+    whole_load, parts_load = hard["load"]
+    assert whole_load > 1e-4 and parts_load >= whole_load * (1 - 1e-6)
+
+
+def test_checkpointing_changes_nothing(tmp_path, base_checkpoint):
+    for extra in ([], ["--init", str(base_checkpoint), "--method", "dmp", "--noisy-gate"]):
+        states = []
+        for name, flag in (("plain", []), ("ckpt", ["--checkpointing"])):
+            d = run(tmp_path / str(len(extra)), *extra, *flag, "--iterations", "3", "--ckpt-every",
+                    "3", "--lr", "1e-2", name=name)
+            entries = read_state_dict(train.checkpoints(d)[-1])
+            states.append(entries.get("model") or entries["state"])
+        assert same_state(*states)
+
+
+def test_fp16_with_a_gradient_scaler_on_cpu(tmp_path, monkeypatch):
+    """
+    --precision fp16 runs fp16 autocast with torch's GradScaler (on CPU too): a step whose
+    gradients overflow leaves the weights as they were and halves the scale, a finite one steps;
+    a resumed run restores the scale and ends bit-identical.
+    """
+    common = ["--precision", "fp16", "--lr", "1e-3", "--ema", "0"]
+    whole = run(tmp_path, *common, "--iterations", "4", "--ckpt-every", "2", name="whole")
+    part = run(tmp_path, *common, "--iterations", "2", "--ckpt-every", "2", name="part")
+    train.main(["--resume", str(part), "--iterations", "4"])
+    a, b = (read_state_dict(train.checkpoints(d)[-1]) for d in (whole, part))
+    assert same_state(a["model"], b["model"]) and a["scaler"] == b["scaler"]
+    assert a["scaler"]["scale"] in [2.0 ** k for k in range(17)]  # 65536, halved per overflow
+    assert log_of(whole)[0]["precision"] == "fp16"
+    assert [e["precision"] for e in log_of(part) if e.get("event") == "resume"] == ["fp16"]
+
+    args = train.parse_args(FAST + ["--precision", "fp16"])
+    data = train.PreparedData(args.data)
+    rows, _ = train.split(data, args.holdout)
+    model, groups = train.build_model(args, data)
+    opt = torch.optim.AdamW(groups[0]["params"], lr=1e-3)
+    autocast, scaler = train.mixed_precision("fp16", torch.device("cpu"))
+    scaler.load_state_dict(dict(scaler.state_dict(), scale=1.0))  # this model's gradients fit fp16
+    diffusion = train.create_diffusion("", args.noise_schedule)
+    real = train.compute_loss
+
+    def overflowing(*a):
+        loss, terms = real(*a)
+        return loss * float("inf"), terms
+    for overflow in (True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        monkeypatch.setattr(train, "compute_loss", overflowing if overflow else real)
+        batch = train.get_batch(data, rows, 0, args, torch.device("cpu"))
+        train.train_step(model, model, diffusion, opt, batch, args, autocast, scaler)
+        changed = [not torch.equal(p, q) for p, q in zip(before, model.parameters())]
+        assert scaler.get_scale() == 0.5  # halved by the overflow, then kept
+        assert any(changed) != overflow
+
+
+def test_an_out_of_memory_error_is_one_sentence_and_keeps_the_run(tmp_path, unchanged, monkeypatch):
+    first = run(tmp_path, "--iterations", "1", "--ckpt-every", "1")
+    kept, log = unchanged(first / "checkpoints"), (first / "log.jsonl").read_bytes()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train, "compute_loss", out_of_memory)
+    code, text = cli("--resume", first, "--iterations", "2", "--grad-accum", "2")
+    assert code == 1 and "\n" not in text
+    assert text.startswith("error: out of memory on cpu at step 2: a global batch of 16 (16 on this "
+                           "process in 2 micro-batches of 8) did not fit; --grad-accum 4 "
+                           "(micro-batches of 4), --checkpointing")
+    assert "or a smaller --batch-size would help" in text
+    kept()
+    assert (first / "log.jsonl").read_bytes().startswith(log)
+    code, text = cli(*FAST, "--results-dir", tmp_path / "new", "--checkpointing")
+    assert code == 1 and "--checkpointing" not in text and "--grad-accum 2" in text
+    assert list((tmp_path / "new").iterdir()) == []  # a fresh run leaves no empty folder
+
+
+def test_compiled_blocks_give_the_eager_step(base_checkpoint):
+    """--compile's regional compilation (each block), traced by dynamo (aot_eager: no C++ build)."""
+    args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp"])
+    data = train.PreparedData(args.data)
+    rows, _ = train.split(data, args.holdout)
+    diffusion = train.create_diffusion("", args.noise_schedule)
+    batch = train.get_batch(data, rows, 0, args, torch.device("cpu"))
+    grads = []
+    for compiled in (False, True):
+        model, _ = train.build_model(args, data)
+        with torch.no_grad():
+            model.block_input.prompts.normal_(generator=torch.Generator().manual_seed(0))
+        model.set_checkpointing(True).train()
+        if compiled:
+            torch._dynamo.reset()
+            train.compile_blocks(model, backend="aot_eager")
+        loss, _ = train.compute_loss(model, model, diffusion, batch, args)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
