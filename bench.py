@@ -20,14 +20,18 @@ that other load on the machine falls on both alike.
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import resource
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 import weakref
 from pathlib import Path
@@ -51,9 +55,17 @@ PRESETS = {
     "cpu": dict(models=["DiT-S/2"], input_size=16, batch=4, warmup=1, rounds=3, steps=1,
                 sample_models=["DiT-S/2"], sample_batch=4, sample_steps=2, sample_rounds=7, vae_size=64, vae_batch=1,
                 fid_batch=4, fid_images=4, data_rows=256),
+    # --suite device: the gpu preset's rows with fewer timed steps (the suite's 8 minutes), DDPM
+    # sampling timed on 10 steps of a 250-step chain, and the digits runs of issue 19.
+    "device": dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2, compile_warmup=3,
+                   rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64, sampler="ddpm",
+                   sample_steps=10, chain=250, sample_rounds=3, vae_size=256, vae_batch=16, fid_batch=100,
+                   fid_images=500, data_rows=1024, digits_iterations=300, digits_samples=256,
+                   torchrun_samples=64),
     # For the tests: train.py's digits DiT (4 blocks, 64 wide) on 8x8 latents.
     "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1, sample_models=["tiny"],
-                 sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1, fid_batch=1, fid_images=1, data_rows=16),
+                 sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1, fid_batch=1, fid_images=1, data_rows=16,
+                 digits_iterations=6, digits_samples=8, torchrun_samples=4),
 }
 MODES = ("pretrain", "full", "dmp")
 ROWS = ("train", "sample", "vae", "fid", "data")
@@ -201,48 +213,47 @@ def train_args(name, preset, data_dir, precision):
     return args
 
 
-def train_setup(name, mode, args, data, device, precision, compile=False):
+def train_setup(name, mode, args, data, device, precision, compile=False, checkpointing=False,
+                grad_accum=1):
     """
-    A step function doing exactly what one iteration of train.main does, for pretraining (fresh model, EMA),
-    full fine-tuning or DMP further-training (dmp.patch of the model, no EMA, as with --init).
+    A step function that runs one iteration of train.py's loop (get_batch, then train.train_step:
+    the micro-batches, autocast or fp16's scaler, AdamW, the EMA) for pretraining (fresh model,
+    EMA), full fine-tuning or DMP further-training (dmp.patch of the model, no EMA, as with
+    --init). The model is built on the device it runs on (random weights: an XL/2 in seconds).
     Returns (step, model config).
     """
     import dmp
     import train
     from diffusion import create_diffusion
     args = copy.copy(args)
+    args.checkpointing, args.grad_accum = checkpointing, grad_accum
     rows = np.arange(len(data))
     torch.manual_seed(0)
     args.method, args.init = None, None
-    model, groups = train.build_model(args, data)  # pretraining: every weight trains
-    if mode != "pretrain":
-        args.method, args.ema = mode, 0.0
-        groups = dmp.patch(model, mode, **train.method_options(args))  # what build_model does after --init
-    model.to(device).train()
+    with torch.device(device):
+        model, groups = train.build_model(args, data)  # pretraining: every weight trains
+        if mode != "pretrain":
+            args.method, args.ema = mode, 0.0
+            groups = dmp.patch(model, mode, **train.method_options(args))  # build_model after --init
+    model.set_checkpointing(checkpointing).to(device).train()
     opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
-                            lr=args.lr, weight_decay=args.weight_decay)  # as train.main
+                            lr=args.lr, weight_decay=args.weight_decay)  # as train.run
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     raw, diffusion = model, create_diffusion("", args.noise_schedule)
     if compile:
-        model = torch.compile(model)
-    if ema is not None:
-        ema_params, live_params = zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters()) if p.requires_grad])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        train.compile_blocks(raw)
+    autocast, scaler = train.mixed_precision(precision, device)
+    pairs = train.ema_pairs(ema, raw) if ema is not None else None
     running = torch.zeros(len(train.LOG_TERMS), device=device)
     state = dict(step=0)
 
     def step():
+        """train.run's loop body, less its logging and checkpoints."""
         s = state["step"]
         torch.manual_seed(train.seed_of(args.seed, s, 0))
         batch = train.get_batch(data, rows, s, args, device)
-        with autocast:
-            loss, terms = train.compute_loss(model, raw, diffusion, batch, args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ema is not None:
-            torch._foreach_lerp_(ema_params, live_params, 1 - args.ema)
-        running.add_(terms.detach().float())
+        running.add_(train.train_step(model, raw, diffusion, opt, batch, args, autocast, scaler,
+                                      ema=pairs))
         state["step"] = s + 1
     return step, raw.config
 
@@ -251,20 +262,32 @@ def train_setup(name, mode, args, data, device, precision, compile=False):
 #                                    Rows                                       #
 #################################################################################
 
-def row_train(name, mode, preset, device, precision, compile, peak):
-    """One training configuration: steps/s, images/s, model FLOPs utilisation, peak memory."""
+def row_train(name, mode, preset, device, precision, compile, peak, options=None):
+    """
+    One training configuration: steps/s, images/s, model FLOPs utilisation, peak memory. options:
+    checkpointing, grad_accum (train.py's --checkpointing, --grad-accum). MFU counts the model's
+    FLOPs, not checkpointing's second forward pass.
+    """
     from prepare_data import PreparedData
     import train
+    options = dict(options or {})
     with tempfile.TemporaryDirectory() as tmp:
         shape = (4, preset["input_size"], preset["input_size"])
         data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
         args = train_args(name, preset, tmp, precision)
         base = memory_baseline(device)
-        step, config = train_setup(name, mode, args, data, device, precision, compile)
-        (seconds,), _ = timed_rounds([step], preset, device)
+        step, config = train_setup(name, mode, args, data, device, precision, compile, **options)
+        warmup = preset.get("compile_warmup", preset["warmup"]) if compile else preset["warmup"]
+        (seconds,), _ = timed_rounds([step], dict(preset, warmup=warmup), device)
         memory = peak_memory_mb(device, base)
     flops = dit_flops(config, preset["batch"], mode)
-    return train_row(name, mode, preset["batch"], seconds, flops, peak, memory)
+    label = mode + "".join(f", {OPTION_LABELS[k]}{'' if v is True else f' {v}'}"
+                           for k, v in options.items() if v is not False and (v is True or v > 1))
+    return dict(train_row(name, label, preset["batch"], seconds, flops, peak, memory),
+                compiled=compile, **options)
+
+
+OPTION_LABELS = dict(checkpointing="checkpointing", grad_accum="grad-accum")
 
 
 def train_row(name, mode, batch, seconds, flops, peak, memory=None):
@@ -289,7 +312,13 @@ def row_train_pair(name, preset, device, precision, compile, peak):
 
 
 def row_sample(name, preset, device, precision, compile, peak):
-    """sample.dit_batch (DDIM) with the unpatched model and with a DMP patch, interleaved; time per sampling step."""
+    """
+    sample.dit_batch with the unpatched model and with a DMP patch, interleaved; time per sampling
+    step, and the images/s of a whole chain: the preset's sampler and steps (DDIM 2 on CPU), or
+    with `chain`, a DDPM chain of that many steps (250, the paper's) timed on its first
+    `sample_steps` steps (every DDPM step costs the same). --compile compiles each block, as in
+    training; MFU counts a forward pass per step.
+    """
     import dmp
     import sample
     import train
@@ -297,28 +326,43 @@ def row_sample(name, preset, device, precision, compile, peak):
     arch = train.DIGITS_MODEL if name == "tiny" else CONFIGS[name]
     base = memory_baseline(device)
     torch.manual_seed(0)
-    model = DiT(input_size=preset["input_size"], num_classes=1000, **arch).to(device).eval()
-    dmp.patch(model, "dmp")
+    with torch.device(device):
+        model = DiT(input_size=preset["input_size"], num_classes=1000, **arch).eval()
+        dmp.patch(model, "dmp")
     mop = model.block_input
     with torch.no_grad():
         mop.prompts.normal_(0, 0.1)  # a trained patch is not zero (the speed is the same either way)
-    diffusion = sample.make_diffusion("ddim", preset["sample_steps"], "linear")
-    ks = list(range(preset["sample_batch"]))
+    if compile:
+        train.compile_blocks(model)
+    sampler, steps, B = preset.get("sampler", "ddim"), preset["sample_steps"], preset["sample_batch"]
+    diffusion = sample.make_diffusion(sampler, steps, "linear")
+    ks = list(range(B))
 
     def run(patched):
         def go():
             model.block_input = mop if patched else None
-            sample.dit_batch(ks, model, diffusion, cfg_scale=1.0, eta=0.0, bf16=precision == "bf16")
+            sample.dit_batch(ks, model, diffusion, cfg_scale=1.0, eta=0.0 if sampler == "ddim" else None,
+                             bf16=precision == "bf16")
         return go
     # A 2% difference needs more rounds than the rest where the machine is noisy (sample_rounds).
     settings = dict(preset, steps=1, rounds=preset.get("sample_rounds", preset["rounds"]))
+    if compile:
+        settings["warmup"] = preset.get("compile_warmup", preset["warmup"])
     (t_plain, t_dmp), rounds = timed_rounds([run(False), run(True)], settings, device)
     memory = peak_memory_mb(device, base)
-    steps, B = preset["sample_steps"], preset["sample_batch"]
-    rows = [dict(row="sample", model=name, mode=mode, batch=B, ms_per_step=1e3 * t / steps, steps_per_s=steps / t,
-                 images_per_s=B / t, peak_mem_mb=memory) for mode, t in (("unpatched", t_plain), ("dmp", t_dmp))]
+    chain = preset.get("chain", steps)
+    what = f"{sampler.upper()}-{chain}"
+    rows = []
+    for mode, t in (("unpatched", t_plain), ("dmp", t_dmp)):
+        flops = dit_flops(model.config, B, mode if mode == "dmp" else "full")["forward"]
+        achieved = flops * steps / t / 1e12
+        rows.append(dict(row="sample", model=name, mode=mode, sampler=what, batch=B,
+                         ms_per_step=1e3 * t / steps, steps_per_s=steps / t, images_per_s=B / (t / steps * chain),
+                         tflop_per_step=flops / 1e12, achieved_tflops=achieved,
+                         mfu=achieved / peak if peak else None, peak_mem_mb=memory, compiled=compile))
     ratio = statistics.median(b / a for a, b in zip(*rounds))
-    rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B, value=ratio))
+    rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B, value=ratio,
+                     compiled=compile))
     return rows
 
 
@@ -377,12 +421,19 @@ def row_data(preset, device, precision, peak):
                  images_per_s=B / t, peak_mem_mb=memory)]
 
 
-def run_row(spec, preset_name, device, precision, compile=False, peak=None):
-    """One row (a list of result dicts) in this process; spec: ['train', model, mode] | ['pair', model] | ..."""
+def run_row(spec, preset_name, device, precision, compile=False, peak=None, work=None):
+    """
+    One row (a list of result dicts) in this process; spec: ['train', model, mode(, options)] |
+    ['pair', model] | ['sample', model] | ['vae'] | ... | a script row of the device suite
+    (SCRIPT_ROWS, which write into the folder `work`).
+    """
     preset = PRESETS[preset_name]
     kind, rest = spec[0], spec[1:]
+    if kind in SCRIPT_ROWS:
+        return [SCRIPT_ROWS[kind](preset, device, Path(work))]
     if kind == "train":
-        return [row_train(*rest, preset, device, precision, compile, peak)]
+        name, mode, *options = rest
+        return [row_train(name, mode, preset, device, precision, compile, peak, *options)]
     if kind == "pair":
         return [row_train_pair(*rest, preset, device, precision, compile, peak)]
     if kind == "sample":
@@ -657,12 +708,13 @@ def random_tensor(shape, dtype):
 def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, precision="bf16",
                     like_cuda=True, fake=True):
     """
-    Peak memory of a step of train.py's loop for MEMORY_MODELS[name] and `method` ('pretrain' or
-    one of dmp.METHODS), the global batch in micro-batches of micro_batch. like_cuda: as on CUDA
-    (see above), else with CPU's kernels, autocast lists and sizes. fake=False runs it for real on
-    CPU (the tests check the count against the allocator). Returns the table's row, in GiB.
+    Peak memory of a step of train.py's loop (train.train_step) for MEMORY_MODELS[name] and
+    `method` ('pretrain' or one of dmp.METHODS), the global batch in micro-batches of micro_batch.
+    like_cuda: as on CUDA (see above), else with CPU's kernels, autocast lists and sizes.
+    fake=False runs it for real on CPU (the tests check the count against the allocator). Returns
+    the table's row, in GiB.
     """
-    import dmp
+    import train
     from diffusion import create_diffusion
     spec, micro = MEMORY_MODELS[name], micro_batch or batch
     if like_cuda and not fake:
@@ -673,6 +725,10 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
     tracker = LiveBytes(round_to=512 if like_cuda else 1)
     contexts = [FakeTensorMode()] if fake else []
     contexts += [tracker] + ([cuda_kernels()] if like_cuda else [])
+    # train_step's settings (the balancing losses, EMA, micro-batches; no text encoder: the
+    # estimate encodes token ids, not captions, so the UNet gets its context directly)
+    args = argparse.Namespace(grad_accum=batch // micro, importance_coef=1.0, load_coef=1.0,
+                              ema=0.9999, model=spec["arch"])
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for context in contexts:
@@ -683,45 +739,41 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
         opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0, foreach=like_cuda or None)
         for p in trained:
             p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
+        opt.register_step_pre_hook(functools.partial(setattr_hook, tracker, "optimizer"))
+        opt.register_step_post_hook(functools.partial(setattr_hook, tracker, "activations"))
         # A run in progress, made by running the end of a step: the gradients it leaves, AdamW's
-        # step (it creates the two moments here; its peak, weights + gradients + moments +
-        # temporaries, is every step's) and the EMA update. Then the next step's forward, backward.
+        # step (it creates the two moments here) and the EMA update. Then the next step, as
+        # train.py runs it: the gradients freed, every micro-batch's forward and backward (with
+        # several, the gradients being accumulated are alive from the first backward on), AdamW's
+        # step (weights + gradients + moments + its temporaries) and the EMA.
         with tracker.counting_as("gradients"):
             for p in trained:
                 p.grad = torch.zeros_like(p)
-        with tracker.counting_as("optimizer"):
-            opt.step()
-        if ema is not None:  # train.py's EMA update
-            pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters())
-                     if p.requires_grad]
-            torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1e-4)
+        opt.step()
+        pairs = train.ema_pairs(ema, model) if ema is not None else None
+        if pairs is not None:
+            torch._foreach_lerp_(*pairs, 1e-4)
         size = spec["input_size"] if spec["kind"] == "dit" else spec["latent_size"]
         x, noise = torch.randn(batch, 4, size, size), torch.randn(batch, 4, size, size)
         t = torch.randint(0, 1000, (batch,))
         if text is None:
-            cond = dict(y=torch.randint(0, 1000, (batch,)))
+            y = torch.randint(0, 1000, (batch,))
         else:  # train.py: the frozen text encoder runs on the fly, outside autocast
             with torch.no_grad():
-                cond = dict(context=text(torch.randint(0, 49408, (batch, 77)))[0])
-        # One micro-batch's forward and backward. With one micro-batch, train.py's order: the last
-        # step's gradients are freed between the two. With several, the heaviest is any but the
-        # first (the gradients being accumulated are alive throughout, where the first frees the old
-        # ones), and all have the same shapes, so one stands for all.
-        part = slice(0, micro)
+                y = dict(context=text(torch.randint(0, 49408, (batch, 77)))[0])
         diffusion = create_diffusion("", "linear", learn_sigma=spec["kind"] == "dit")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            kwargs = {k: v[part] for k, v in cond.items()}
-            terms = diffusion.training_losses(model, x[part], t[part], kwargs, noise=noise[part])
-            importance, load = dmp.balancing_losses(model)  # as train.compute_loss
-            loss = (terms["loss"].mean() + importance + load) / (batch // micro)
-        if micro == batch:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        train.train_step(model, model, diffusion, opt, (x, y, t, noise), args, autocast, ema=pairs)
     gib = 2 ** 30
     return dict(row="memory", model=name, mode=method, batch=batch, micro_batch=micro,
                 checkpointing=checkpointing, precision=precision, peak_gib=tracker.peak / gib,
                 **{f"{k}_gib": v / gib for k, v in tracker.at_peak.items()},
                 seconds=time.perf_counter() - started)
+
+
+def setattr_hook(tracker, kind, *hook_args):
+    """An optimizer step hook: what the tracker counts from here on (AdamW's step: 'optimizer')."""
+    tracker.kind = kind
 
 
 CARDS_GIB = (80, 40, 24)
@@ -808,26 +860,45 @@ def format_table(results):
 
 def targets(results):
     """Each target with its measured figure: (description, value text, met or None when not measured)."""
-    def find(row, model, mode):
+    def find(row, model, mode, compiled=False):
         return next((r for r in results if r["row"] == row and r["model"] == model and r["mode"] == mode
-                     and "error" not in r), None)
+                     and bool(r.get("compiled")) == compiled and "error" not in r), None)
     out = []
     for r in results:
+        how = ", --compile" if r.get("compiled") else ""
         if r["row"] == "ratio" and r["mode"] == "dmp/unpatched sampling step":
-            out.append((f"{r['model']}: DMP sampling step <= 1.02x unpatched", f"{r['value']:.3f}x", r["value"] <= 1.02))
+            out.append((f"{r['model']}: DMP sampling step <= 1.02x unpatched{how}", f"{r['value']:.3f}x",
+                        r["value"] <= 1.02))
         if r["row"] == "ratio" and r["mode"] == "dmp/full time":
-            out.append((f"{r['model']}: DMP step time <= 0.75x full fine-tuning (interleaved)", f"{r['value']:.3f}x",
-                        r["value"] <= 0.75))
-    for name in dict.fromkeys(r["model"] for r in results if r["row"] == "train"):
-        full, dmp_row = find("train", name, "full"), find("train", name, "dmp")
-        if full and dmp_row and full["peak_mem_mb"] and dmp_row["peak_mem_mb"] is not None:
-            ratio = dmp_row["peak_mem_mb"] / full["peak_mem_mb"]
-            out.append((f"{name}: DMP peak memory <= 0.6x full fine-tuning", f"{ratio:.3f}x", ratio <= 0.6))
-    for name, mode, goal in (("DiT-L/2", "dmp", 0.5), ("DiT-XL/2", "pretrain", 0.4)):
-        r = find("train", name, mode)
-        if r is not None:
-            out.append((f"{name} {mode} MFU >= {goal:.0%}", "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                        None if r["mfu"] is None else r["mfu"] >= goal))
+            out.append((f"{r['model']}: DMP step time <= 0.75x full fine-tuning (interleaved){how}",
+                        f"{r['value']:.3f}x", r["value"] <= 0.75))
+    interleaved = {(r["model"], bool(r.get("compiled"))) for r in results
+                   if r["row"] == "ratio" and r["mode"] == "dmp/full time"}
+    for compiled in (False, True):
+        how = ", --compile" if compiled else ""
+        trains = [r for r in results if r["row"] == "train" and bool(r.get("compiled")) == compiled]
+        for name in dict.fromkeys(r["model"] for r in trains):
+            full, dmp_row = find("train", name, "full", compiled), find("train", name, "dmp", compiled)
+            if not (full and dmp_row):
+                continue
+            if (name, compiled) not in interleaved:  # separate processes, one after the other
+                ratio = dmp_row["ms_per_step"] / full["ms_per_step"]
+                out.append((f"{name}: DMP step time <= 0.75x full fine-tuning{how}", f"{ratio:.3f}x",
+                            ratio <= 0.75))
+            if full["peak_mem_mb"] and dmp_row["peak_mem_mb"] is not None:
+                ratio = dmp_row["peak_mem_mb"] / full["peak_mem_mb"]
+                out.append((f"{name}: DMP peak memory <= 0.6x full fine-tuning{how}", f"{ratio:.3f}x",
+                            ratio <= 0.6))
+        for name, mode, goal in (("DiT-L/2", "dmp", 0.5), ("DiT-XL/2", "pretrain", 0.4)):
+            r = find("train", name, mode, compiled)
+            if r is not None:
+                out.append((f"{name} {mode} MFU >= {goal:.0%}{how}", "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                            None if r["mfu"] is None else r["mfu"] >= goal))
+    for mode, card in (("dmp", 80), ("dmp, checkpointing", 24), ("dmp, grad-accum 4", 24)):
+        r = find("train", "DiT-XL/2", mode)
+        if r is not None and r["peak_mem_mb"] is not None and r["batch"] == 128:
+            gb = r["peak_mem_mb"] * 2 ** 20 / 1e9
+            out.append((f"DiT-XL/2 {mode}, batch 128: peak fits {card} GB", f"{gb:.1f} GB", gb <= card))
     data = next((r for r in results if r["row"] == "data"), None)
     trains = [r for r in results if r["row"] == "train" and "error" not in r]
     if data and trains:
@@ -847,44 +918,358 @@ def describe(device, precision, compile):
     return f"{what}; torch {torch.__version__}; {precision}{', compiled' if compile else ''}; {time.strftime('%Y-%m-%d')}"
 
 
+#################################################################################
+#        The device suite: every figure a GPU can give, in one command          #
+#################################################################################
+# `python bench.py --suite device --json bench-gpu.json` measures, on one CUDA GPU, what the
+# README's speed table and the first run on CUDA (issue 19) need: training steps/s, MFU and peak
+# memory, eager and with --compile; DiT-XL/2 DMP's peak with --checkpointing and with --grad-accum
+# 4; DDPM-250 sampling with and without a patch; VAE encoding; train.py and sample.py end to end on
+# the digits (train, SIGKILL, --resume, a grid, an FID set) and under torchrun (NCCL). How it stays
+# within SUITE_BUDGET_S (8 minutes on one H100): the "device" preset times 2 warm-up steps (3
+# compiled) and 3 rounds of 2 steps where "gpu" times 5 and 5 x 4, on 1,024 rows of latents; the
+# models are built on the GPU; --compile compiles each block once (train.compile_blocks), not the
+# whole model; every row runs in a process of its own under a timeout (twice its estimate + 30 s,
+# never past the budget), in the order below, so a row that hangs or fails (no CUDA, no NCCL, a
+# compile error) ends in one sentence and the rows after it still run; a row the remaining budget
+# cannot hold is skipped, saying so. `--dry-run` lists the rows, commands and estimates.
+
+SUITE_BUDGET_S = 480
+STARTED = time.monotonic()  # the budget counts from the start of the process
+# (id, what it measures, spec for --one, compiled, estimated seconds on one H100)
+DEVICE_SUITE = [
+    ("train-L2-dmp", "DiT-L/2 DMP further-training, batch 128, bf16", ["train", "DiT-L/2", "dmp"], False, 20),
+    ("train-L2-full", "DiT-L/2 full fine-tuning, batch 128, bf16", ["train", "DiT-L/2", "full"], False, 20),
+    ("train-XL2-pretrain", "DiT-XL/2 pretraining, batch 128, bf16", ["train", "DiT-XL/2", "pretrain"], False,
+     25),
+    ("train-XL2-dmp", "DiT-XL/2 DMP, batch 128, bf16", ["train", "DiT-XL/2", "dmp"], False, 25),
+    ("train-XL2-dmp-ckpt", "DiT-XL/2 DMP with --checkpointing",
+     ["train", "DiT-XL/2", "dmp", dict(checkpointing=True)], False, 25),
+    ("train-XL2-dmp-accum4", "DiT-XL/2 DMP with --grad-accum 4",
+     ["train", "DiT-XL/2", "dmp", dict(grad_accum=4)], False, 25),
+    ("sample-XL2", "DDPM-250 sampling, DiT-XL/2, batch 64, with and without a DMP patch",
+     ["sample", "DiT-XL/2"], False, 25),
+    ("vae", "VAE encoding (and decoding), 256x256, batch 16", ["vae"], False, 15),
+    ("torchrun-train", "a train.py step under torchrun, one process (NCCL)", ["torchrun-train"], False, 20),
+    ("digits-train", "train.py on the digits: 300 steps, SIGKILL, --resume, against an uninterrupted run",
+     ["digits-train"], False, 45),
+    ("digits-sample", "sample.py: a grid and an FID set of 256 from the resumed run", ["digits-sample"], False,
+     25),
+    ("torchrun-sample", "sample.py under torchrun, one process: 64 images against the FID set's",
+     ["torchrun-sample"], False, 20),
+    ("train-L2-dmp-compiled", "DiT-L/2 DMP, --compile", ["train", "DiT-L/2", "dmp"], True, 45),
+    ("train-L2-full-compiled", "DiT-L/2 full fine-tuning, --compile", ["train", "DiT-L/2", "full"], True, 45),
+    ("train-XL2-pretrain-compiled", "DiT-XL/2 pretraining, --compile", ["train", "DiT-XL/2", "pretrain"], True,
+     45),
+    ("train-XL2-dmp-compiled", "DiT-XL/2 DMP, --compile", ["train", "DiT-XL/2", "dmp"], True, 45),
+]
+ROOT = Path(__file__).resolve().parent
+
+
+class RowError(RuntimeError):
+    """A row that could not run; its message is the one sentence the suite records."""
+
+
+def run_script(cmd, what, timeout=300):
+    """
+    One of the project's scripts in a process of its own; at the timeout it and every process it
+    started are killed. Returns (seconds, stdout); a failure raises RowError with the last line of
+    what it printed to stderr.
+    """
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise RowError(f"{what} did not finish within {timeout} s") from None
+    if proc.returncode:
+        raise RowError(f"{what} exited with status {proc.returncode}: {last_line(err)}")
+    return time.perf_counter() - started, out
+
+
+def kill_tree(pid):
+    """
+    SIGKILL a process and every process it started, by their ids (/proc's parent links): torchrun
+    starts its workers in sessions of their own, which a process group would miss.
+    """
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a process that ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [pid], [pid]
+    while todo:
+        found = children.get(todo.pop(), [])
+        tree += found
+        todo += found
+    for p in tree:
+        try:
+            os.kill(p, 9)
+        except ProcessLookupError:
+            pass
+
+
+def last_line(text):
+    """The last line of a process's output that says something (progress bars left out)."""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines()]
+    lines = [line for line in lines if line and "it/s]" not in line and "s/it]" not in line]
+    return (lines or ["(nothing printed)"])[-1][:400]
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def only_run(folder):
+    """The one run folder train.py made under `folder`."""
+    runs = sorted(p for p in Path(folder).glob("*") if p.is_dir())
+    if len(runs) != 1:
+        raise RowError(f"{folder} should hold one run folder and holds {len(runs)}")
+    return runs[0]
+
+
+def torchrun(script, *argv):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+            str(ROOT / script), *map(str, argv)]
+
+
+def row_torchrun_train(preset, device, work):
+    """Two steps of train.py on the digits under torchrun with one process (NCCL on CUDA)."""
+    folder = work / "torchrun-train"
+    seconds, _ = run_script(torchrun("train.py", "--dataset", "digits", "--device", device.type,
+                                     "--iterations", 2, "--ckpt-every", 2, "--log-every", 1, "--sample-every",
+                                     0, "--eval-every", 0, "--results-dir", folder), "torchrun train.py")
+    log = read_log(only_run(folder))
+    start = next(e for e in log if e.get("event") == "start")
+    return dict(row="check", model="digits DiT", mode="torchrun train.py, 1 process", seconds=seconds,
+                world=start["world"], backend=start.get("backend"), precision=start.get("precision"),
+                steps=[e["step"] for e in log if "loss" in e])
+
+
+def row_digits_train(preset, device, work):
+    """
+    train.py on the digits preset end to end on `device`: an uninterrupted run, and one killed
+    with SIGKILL once its first checkpoint is written, then resumed (--resume) to the same step;
+    the two final checkpoints compared weight by weight (bit-identical on CPU; on CUDA the kernels
+    need not be deterministic).
+    """
+    n = preset["digits_iterations"]
+    every = max(1, n // 3)
+    common = [sys.executable, str(ROOT / "train.py"), "--dataset", "digits", "--device", device.type,
+              "--iterations", str(n), "--ckpt-every", str(every), "--log-every", str(max(1, n // 6)),
+              "--eval-every", str(every), "--keep", "10"]
+    seconds, _ = run_script(common + ["--results-dir", str(work / "digits-whole")], "train.py")
+    whole = only_run(work / "digits-whole")
+    proc = subprocess.Popen(common + ["--results-dir", str(work / "digits")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((work / "digits").glob(f"*/checkpoints/{every:07d}.pt")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RowError(f"train.py wrote no checkpoint {every} to kill it after: "
+                           f"{last_line(proc.communicate()[1])}")
+        time.sleep(0.02)
+    proc.send_signal(9)  # SIGKILL
+    proc.communicate()
+    killed = only_run(work / "digits")
+    at = [int(p.stem) for p in sorted((killed / "checkpoints").glob("[0-9]*.pt"))]
+    resumed_seconds, _ = run_script([sys.executable, str(ROOT / "train.py"), "--resume", str(killed)],
+                                    "train.py --resume")
+    a, b = (torch.load(sorted((d / "checkpoints").glob("[0-9]*.pt"))[-1], weights_only=True)
+            for d in (whole, killed))
+    if a["step"] != n or b["step"] != n:
+        raise RowError(f"the runs ended at steps {a['step']} and {b['step']}, not {n}")
+    diff = max(float((a[k][name].float() - b[k][name].float()).abs().max())
+               for k in ("model", "ema") for name in a[k])
+    losses = [e["loss"] for e in read_log(whole) if "loss" in e]
+    return dict(row="check", model="digits DiT", mode=f"train {n}, SIGKILL, resume", seconds=seconds,
+                steps_per_s=n / seconds, killed_with_checkpoints=at, resume_seconds=resumed_seconds,
+                max_abs_weight_diff=diff, bit_identical=diff == 0.0, first_loss=losses[0],
+                last_loss=losses[-1], heldout_loss=[e["heldout_loss"] for e in read_log(whole)
+                                                    if e.get("event") == "eval"],
+                run=str(killed))
+
+
+def digits_checkpoint(work):
+    found = sorted((work / "digits").glob("*/checkpoints/[0-9]*.pt"))
+    if not found:
+        raise RowError(f"no digits run in {work / 'digits'}: the digits-train row failed or did not run")
+    return found[-1]
+
+
+def row_digits_sample(preset, device, work):
+    """sample.py on the digits run: a grid of 16 and an FID set (DDPM 250, the paper's)."""
+    ckpt, n = digits_checkpoint(work), preset["digits_samples"]
+    grid_seconds, _ = run_script([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--grid", "16",
+                                  "--out", str(work / "digits-grid.png")], "sample.py --grid")
+    seconds, _ = run_script([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--num-samples",
+                             str(n), "--batch-size", str(n), "--out", str(work / "digits-set")],
+                            "sample.py --num-samples")
+    images = np.load(work / "digits-set.npz")["arr_0"]
+    return dict(row="check", model="digits DiT", mode=f"sample.py grid 16, FID set {n}",
+                seconds=seconds, grid_seconds=grid_seconds, images_per_s=n / seconds,
+                shape=list(images.shape), mean=float(images.mean()), std=float(images.std()))
+
+
+def row_torchrun_sample(preset, device, work):
+    """sample.py under torchrun (one process): its images against the same images of the FID set."""
+    ckpt, n = digits_checkpoint(work), preset["torchrun_samples"]
+    seconds, _ = run_script(torchrun("sample.py", "--ckpt", ckpt, "--num-samples", n,
+                                     "--out", work / "digits-set-torchrun"), "torchrun sample.py")
+    ours = np.load(work / "digits-set-torchrun.npz")["arr_0"].astype(int)
+    reference = work / "digits-set.npz"
+    row = dict(row="check", model="digits DiT", mode=f"torchrun sample.py, {n} images", seconds=seconds,
+               shape=list(ours.shape))
+    if reference.exists():  # image k has its own seed: the same images whatever the processes
+        theirs = np.load(reference)["arr_0"][:n].astype(int)
+        row.update(identical_to_fid_set=bool(np.array_equal(ours, theirs)),
+                   max_abs_pixel_diff=int(np.abs(ours - theirs).max()))
+    return row
+
+
+SCRIPT_ROWS = {"torchrun-train": row_torchrun_train, "digits-train": row_digits_train,
+               "digits-sample": row_digits_sample, "torchrun-sample": row_torchrun_sample}
+
+
+def suite_rows(device, precision, work, peak=None, only=None):
+    """The device suite as commands: [{id, what, command, estimate_s}], in the order they run."""
+    rows = []
+    for key, what, spec, compiled, estimate in DEVICE_SUITE:
+        if only and key not in only:
+            continue
+        command = [sys.executable, str(ROOT / "bench.py"), "--one", json.dumps(spec), "--preset", "device",
+                   "--device", str(device), "--precision", precision, "--work", str(work)]
+        command += ["--compile"] if compiled else []
+        command += ["--peak-tflops", str(peak)] if peak else []
+        rows.append(dict(id=key, what=what, command=command, estimate_s=estimate))
+    return rows
+
+
+def run_suite(rows, json_path=None, budget=SUITE_BUDGET_S, setup="", missing=None, slack=30):
+    """
+    Run each row's command under a timeout (twice its estimate + slack seconds, at most what is
+    left of `budget`); after every row the JSON (if given) is rewritten atomically, so a suite
+    that is stopped keeps what it measured. missing: a sentence saying why no row can run here (no
+    CUDA): each row records it, none runs.
+    Returns the rows, each with its status (ok, failed, timeout, skipped, not run), seconds,
+    error (one sentence) and results.
+    """
+    deadline = time.monotonic() + budget
+    done = []
+    for row in rows:
+        row = dict(row, status="ok", seconds=0.0, error=None, results=[])
+        left = deadline - time.monotonic()
+        if missing:
+            row.update(status="not run", error=missing)
+        elif left < row["estimate_s"]:
+            row.update(status="skipped", error=f"skipped: {left:.0f} s of the suite's {budget:.0f} s were "
+                                                f"left, and the row needs about {row['estimate_s']} s")
+        else:
+            timeout = max(1, int(min(2 * row["estimate_s"] + slack, left)))
+            row["timeout_s"] = timeout
+            started = time.perf_counter()
+            try:
+                _, out = run_script(row["command"], row["id"], timeout)
+                row["results"] = json.loads(out.strip().splitlines()[-1])
+                errors = [r["error"] for r in row["results"] if r.get("error")]
+                if errors:
+                    row.update(status="failed", error=errors[0])
+            except RowError as e:
+                row.update(status="timeout" if "did not finish" in str(e) else "failed", error=str(e))
+            except (ValueError, IndexError):
+                row.update(status="failed", error=f"{row['id']} printed no result")
+            row["seconds"] = time.perf_counter() - started
+        done.append(row)
+        print(f"  {row['id']}: {row['status']} ({row['seconds']:.0f} s)"
+              + (f": {row['error']}" if row["error"] else ""), file=sys.stderr)
+        if json_path:
+            write_json(json_path, suite_report(done, setup, budget))
+    return done
+
+
+def suite_report(rows, setup, budget):
+    results = [r for row in rows for r in row["results"]]
+    return dict(setup=setup, budget_s=budget, seconds=sum(r["seconds"] for r in rows), rows=rows,
+                results=results, targets=[dict(target=w, value=v, met=m) for w, v, m in targets(results)])
+
+
+def write_json(path, obj):
+    """Atomically: the file is the old one or the new one, never half of either."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def setup_line(device, precision):
+    """The GPU (or CPU), torch, CUDA and NCCL versions and the date: what the README's rows cite."""
+    line = describe(device, precision, False)
+    if device.type == "cuda" and torch.cuda.is_available():
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else "none"
+        line += f"; CUDA {torch.version.cuda}; NCCL {nccl}"
+    return line
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--preset", choices=list(PRESETS), help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA (train.py's), fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model in the training rows")
+    p.add_argument("--device", help="default: cuda if available, else cpu (--suite: cuda)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="default: train.py's (bf16 on a GPU that has it, else fp16; fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="compile each block in the training and sampling rows")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: A100/H100 bf16 dense)")
     p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a machine shared with other jobs, "
                    "two threads that wait for each other were 5-10x slower than one; torch's default on CUDA)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="write the results here (atomically)")
     p.add_argument("--estimate-memory", nargs="*", metavar="MODEL:METHOD:BATCH[:MICRO][:ckpt]",
                    help="no GPU needed: estimate a training step's peak memory on fake tensors, "
                    "for the README's rows or the ones given (e.g. DiT-XL/2:dmp:128:32:ckpt)")
+    p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, within "
+                   f"{SUITE_BUDGET_S // 60} minutes on one H100 (the README's speed table)")
+    p.add_argument("--dry-run", action="store_true", help="with --suite: list its rows, commands and estimates")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="with --suite: these rows only (ids as --dry-run "
+                   "lists them; e.g. --device cpu --only digits-train digits-sample rehearses on a CPU)")
+    p.add_argument("--work", help="with --suite: the folder for its runs and samples (default: a temporary one)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row (JSON spec) and print its result
     args = p.parse_args(argv)
     if args.estimate_memory is not None:
-        specs = [parse_memory_spec(s) for s in args.estimate_memory] or MEMORY_ROWS
+        specs_ = [parse_memory_spec(s) for s in args.estimate_memory] or MEMORY_ROWS
         try:
-            return run_memory_estimates(specs, args.precision or "bf16", args.json)
+            return run_memory_estimates(specs_, args.precision or "bf16", args.json)
         except ValueError as e:
             sys.exit(f"error: --estimate-memory: {e}")
+    if args.suite:
+        return main_suite(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            message = "CUDA is not available here (torch.cuda.is_available() is False)"
+            if args.one:  # a row of the suite: its one sentence, as a result
+                print(json.dumps([dict(row=json.loads(args.one)[0], model="", mode="", error=message)]))
+                return
+            sys.exit(f"error: --device cuda: {message}")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or choose_precision(device)
     peak = peak_tflops(device, args.peak_tflops)
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     if args.one:
+        spec = json.loads(args.one)
         try:
-            results = run_row(json.loads(args.one), preset, device, precision, args.compile, peak)
-        except torch.cuda.OutOfMemoryError:
-            spec = json.loads(args.one)
-            results = [dict(row=spec[0], model=spec[1] if len(spec) > 1 else "", mode=spec[2] if len(spec) > 2 else "",
-                            error="out of memory")]
+            results = run_row(spec, preset, device, precision, args.compile, peak, args.work)
+        except Exception as e:  # any failure (out of memory, a compile error): one sentence, as a result
+            traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            error = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {first}"
+            results = [dict(row=spec[0], model=spec[1] if len(spec) > 1 else "",
+                            mode=spec[2] if len(spec) > 2 else "", error=error)]
         print(json.dumps(results))
         return
     header = describe(device, precision, args.compile)
@@ -905,10 +1290,55 @@ def main(argv=None):
     for what, value, met in targets(results):
         print(f"  {what}: {value} {'(met)' if met else '(missed)' if met is False else '(not measured)'}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(setup=header, preset=preset, results=results,
-                                                   targets=[dict(target=w, value=v, met=m) for w, v, m in targets(results)]),
-                                              indent=1))
+        write_json(args.json, dict(setup=header, preset=preset, results=results,
+                                   targets=[dict(target=w, value=v, met=m) for w, v, m in targets(results)]))
     return results
+
+
+def choose_precision(device):
+    """train.py's default precision on this device (bench.py imports train only where it needs it)."""
+    import train
+    return train.choose_precision(None, device)
+
+
+def main_suite(args):
+    """--suite device: list it (--dry-run) or run it; the JSON is written as it goes."""
+    device = torch.device(args.device or "cuda")
+    cuda = device.type != "cuda" or torch.cuda.is_available()
+    precision = args.precision or (choose_precision(device) if cuda else "bf16")
+    unknown = sorted(set(args.only or []) - {key for key, *_ in DEVICE_SUITE})
+    if unknown:
+        sys.exit(f"error: --only {' '.join(unknown)}: no such row (bench.py --suite device --dry-run lists them)")
+    temporary = not args.work and not args.dry_run
+    work = args.work or ("WORK" if args.dry_run else tempfile.mkdtemp(prefix="dmp-suite-"))
+    rows = suite_rows(device, precision, work, args.peak_tflops, args.only)
+    if args.dry_run:
+        total = sum(r["estimate_s"] for r in rows)
+        print(f"bench.py --suite device: {len(rows)} rows, about {total} s on one H100 "
+              f"(budget {SUITE_BUDGET_S} s), each in its own process under a timeout; WORK: "
+              f"{args.work or 'a temporary folder'}")
+        for r in rows:
+            print(f"  {r['id']} (~{r['estimate_s']} s): {r['what']}\n    {shlex.join(r['command'])}")
+        return rows
+    setup = setup_line(device, precision) if cuda else "no CUDA device"
+    print(f"bench.py --suite device: {setup}; work folder {work}")
+    missing = None if cuda else "not run: CUDA is not available here (torch.cuda.is_available() is False)"
+    try:
+        budget = SUITE_BUDGET_S - (time.monotonic() - STARTED)
+        done = run_suite(rows, args.json, budget=budget, setup=setup, missing=missing)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    report = suite_report(done, setup, budget)
+    print(format_table(report["results"]))
+    print("\ntargets")
+    for what, value, met in targets(report["results"]):
+        print(f"  {what}: {value} {'(met)' if met else '(missed)' if met is False else '(not measured)'}")
+    failed = [r["id"] for r in done if r["status"] != "ok"]
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(done)} rows did not finish: {', '.join(failed)}"
+                 + (f" (the JSON, {args.json}, says why for each)" if args.json else ""))
+    return done
 
 
 if __name__ == "__main__":

@@ -693,7 +693,7 @@ def run(argv, claimed):
               f"{'further-training ' + args.init + ' with ' + args.method if args.init else 'pretraining'}: "
               f"{n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.2f}%); run folder {run_dir}")
         log(dict(event="start", args=vars(args), trained_parameters=n_trained, total_parameters=n_total, world=world,
-                 precision=precision))
+                 backend=backend, precision=precision))
     if rank == 0:
         print(f"precision: {PRECISIONS[precision]} ({device})")
         if step:
