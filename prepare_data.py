@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -218,7 +219,21 @@ def _write_json(path, obj):
 
 def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0,
             grayscale=False, captions=None):
-    """Encode every image of `src` into the folder `out` (see the module docstring). Returns the manifest."""
+    """
+    Encode every image of `src` into the folder `out` (see the module docstring). Returns the manifest.
+    Under torchrun the images are split over the processes, which write one output.
+    """
+    rank, world, joined = join_processes()
+    try:
+        return _prepare(src, out, resolution, vae, labels, batch_size, device, workers, grayscale, captions,
+                        rank, world)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _prepare(src, out, resolution, vae, labels, batch_size, device, workers, grayscale, captions, rank, world):
+    """prepare() in process `rank` of `world`."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
     partial = out.with_name(out.name + ".partial")
     if out.exists():
@@ -236,7 +251,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         y = np.zeros(len(files), dtype=np.int64)
         if not files:
             raise DataError(f"{src}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     model = load_vae(vae, device)
     if grayscale and model is not None:
         raise DataError("--grayscale stores one-channel pixels: it needs --vae none")
@@ -254,49 +269,91 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     listing = "".join(f + "\n" for f in files)
 
     progress_path = partial / "progress.json"
-    if progress_path.exists():  # resume: the arrays hold every row before progress["done"]
-        progress = json.loads(progress_path.read_text())
-        if progress["settings"] != settings or (partial / "files.txt").read_text() != listing:
-            raise DataError(f"{partial} was started by another command ({progress['settings']}); "
-                            f"rerun that command or delete {partial}")
-        data = np.load(partial / name, mmap_mode="r+")
-    else:
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "files.txt").write_text(listing)
-        np.save(partial / "labels.npy", y)
-        if texts is not None:
-            _write_json(partial / "captions.json", texts)
-        data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
-                                         shape=(len(files), *stored))
-        # Reserve the disk space now: a full disk fails here, with a message, not later as a SIGBUS
-        # while rows are written into the memory map (a filesystem that cannot reserve: as before).
-        if hasattr(os, "posix_fallocate"):
-            with open(partial / name, "r+b") as f:
-                try:
-                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-                except OSError as e:
-                    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                        raise
-        progress = dict(settings=settings, done=0, skipped=[])
-        _write_json(progress_path, progress)  # written last: the commit point of the initialisation
+    error = None
+    if rank == 0:  # the one process that starts or checks OUT.partial; the others wait for it
+        try:
+            start_partial(partial, progress_path, settings, listing, name, y, texts, model, files, stored)
+        except (DataError, OSError) as e:
+            error = e
+    error = shared(error, world)
+    if error is not None:
+        raise error
+    progress = json.loads(progress_path.read_text())  # the arrays hold every row before progress["done"]
+    data = np.load(partial / name, mmap_mode="r+")
 
+    # Batches of batch_size files from the first not done; under torchrun process r encodes batches r,
+    # r + world, ... (the batches a single process would encode, so the bytes are the same). After each
+    # round of `world` batches, once every process has flushed its rows, rank 0 records the round done.
     dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale, captions=texts)
+    first = progress["done"]
+    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     watchdog = functools.partial(exit_with_parent, os.getpid())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=list, worker_init_fn=watchdog)
-    with tqdm(total=len(files), initial=progress["done"], unit="img", desc=f"preparing {out.name}") as bar:
-        for batch in loader:
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches[rank::world], num_workers=workers,
+                                              collate_fn=list, worker_init_fn=watchdog))
+    with tqdm(total=len(files), initial=first, unit="img", desc=f"preparing {out.name}", disable=rank != 0) as bar:
+        for start in range(0, len(batches), world):
+            batch = next(loader) if start + rank < len(batches) else []
             ok = [(row, img) for row, img, _ in batch if img is not None]
             if ok:
                 rows, pixels = [r for r, _ in ok], torch.from_numpy(np.stack([img for _, img in ok]))
                 data[rows] = encode(model, pixels.permute(0, 3, 1, 2), device)
                 data.flush()
-            progress["skipped"] += [dict(row=r, file=files[r], reason=why) for r, img, why in batch if img is None]
-            progress["done"] = batch[-1][0] + 1
-            _write_json(progress_path, progress)  # after the flush: a kill never marks unwritten rows done
-            bar.update(len(batch))
+            skipped = [dict(row=r, file=files[r], reason=why) for r, img, why in batch if img is None]
+            if world > 1:  # also the barrier: every process has flushed this round's rows
+                every = [None] * world
+                dist.all_gather_object(every, skipped)
+                skipped = sorted((s for part in every for s in part), key=lambda s: s["row"])
+            done = first + min(len(dataset), (start + world) * batch_size)
+            if rank == 0:
+                progress["skipped"] += skipped
+                progress["done"] = done
+                _write_json(progress_path, progress)  # after the flush: a kill never marks unwritten rows done
+            bar.update(done - bar.n)
     del data
 
+    error, manifest = None, None
+    if rank == 0:
+        try:
+            manifest = finish(src, out, partial, progress, settings, model, files, name, shape, stored,
+                              class_names, texts)
+        except DataError as e:
+            error = e
+    error, manifest = shared((error, manifest), world)
+    if error is not None:
+        raise error
+    return manifest
+
+
+def start_partial(partial, progress_path, settings, listing, name, y, texts, model, files, stored):
+    """OUT.partial started (its listing, labels, captions, the array, space reserved), or checked to resume."""
+    if progress_path.exists():  # resume: the arrays hold every row before progress["done"]
+        progress = json.loads(progress_path.read_text())
+        if progress["settings"] != settings or (partial / "files.txt").read_text() != listing:
+            raise DataError(f"{partial} was started by another command ({progress['settings']}); "
+                            f"rerun that command or delete {partial}")
+        return
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / "files.txt").write_text(listing)
+    np.save(partial / "labels.npy", y)
+    if texts is not None:
+        _write_json(partial / "captions.json", texts)
+    data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
+                                     shape=(len(files), *stored))
+    del data
+    # Reserve the disk space now: a full disk fails here, with a message, not later as a SIGBUS
+    # while rows are written into the memory map (a filesystem that cannot reserve: as before).
+    if hasattr(os, "posix_fallocate"):
+        with open(partial / name, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+    _write_json(progress_path, dict(settings=settings, done=0, skipped=[]))  # the commit point
+
+
+def finish(src, out, partial, progress, settings, model, files, name, shape, stored, class_names, texts):
+    """The manifest written and OUT.partial renamed to OUT (nothing usable: an error, nothing kept)."""
     skipped = progress["skipped"]
     if len(skipped) == len(files):  # nothing to train on: no dataset, nor a scratch folder of zeros
         shutil.rmtree(partial)
@@ -321,6 +378,31 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     if len(skipped) > 20:
         print(f"  ... and {len(skipped) - 20} more")
     return manifest
+
+
+def join_processes():
+    """
+    Under torchrun with several processes: (rank, world size, whether this call joined the process
+    group: NCCL where there are GPUs, each process on its own, gloo on CPU); else (0, 1, False).
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), world, False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, True
+
+
+def shared(value, world):
+    """Rank 0's `value` on every process (a pickle through the process group)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box)
+    return box[0]
 
 
 def exit_with_parent(parent, worker_id):

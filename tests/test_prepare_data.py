@@ -359,3 +359,60 @@ def test_workers_end_with_a_killed_prepare_data(folder, tmp_path):
             break
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers)
+
+
+def _prepare_worker(rank, world, port, jobs, counts):
+    """One of torchrun's processes, as torchrun would start it (gloo on CPU)."""
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    calls = []
+
+    def counting(model, pixels, device, _encode=prepare_data.encode):
+        calls.append(len(pixels))
+        return _encode(model, pixels, device)
+    prepare_data.encode = counting
+    for src, out, options in jobs:
+        prepare(src, out, **options)
+    Path(counts, f"{rank}.json").write_text(json.dumps(calls))
+    dist.destroy_process_group()
+
+
+def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae, tmp_path, monkeypatch):
+    """
+    Under torchrun the batches alternate between the processes and the output is byte for byte
+    the one-process output, from scratch and when resuming a one-process run that was stopped.
+    """
+    import socket
+    import torch.multiprocessing as mp
+    d, _, _ = folder
+    options = dict(resolution=RES, vae=str(tiny_vae), batch_size=3, device="cpu")
+    prepare(d, tmp_path / "one", **options)
+    real, calls = prepare_data.encode, []
+
+    def stop_at_the_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(prepare_data, "encode", stop_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(d, tmp_path / "resumed", **options)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "resumed.partial" / "progress.json").read_text())["done"] == 3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    jobs = [(d, tmp_path / "two", options), (d, tmp_path / "resumed", options)]
+    (tmp_path / "counts").mkdir()
+    mp.spawn(_prepare_worker, args=(2, port, jobs, tmp_path / "counts"), nprocs=2)
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert names == ["files.txt", "labels.npy", "latents.npy", "manifest.json"]
+    for out in ("two", "resumed"):
+        assert sorted(os.listdir(tmp_path / out)) == names
+        for name in names:
+            assert (tmp_path / out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), (out, name)
+    counts = [json.loads((tmp_path / "counts" / f"{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(c) >= 2 for c in counts)  # both processes encoded batches, in both runs
