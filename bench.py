@@ -57,15 +57,16 @@ PRESETS = {
                 fid_batch=4, fid_images=4, data_rows=256),
     # --suite device: the gpu preset's rows with fewer timed steps (the suite's 8 minutes), DDPM
     # sampling timed on 10 steps of a 250-step chain, and the digits runs of issue 19.
-    "device": dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2, compile_warmup=3,
-                   rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64, sampler="ddpm",
-                   sample_steps=10, chain=250, sample_rounds=3, vae_size=256, vae_batch=16, fid_batch=100,
-                   fid_images=500, data_rows=1024, digits_iterations=300, digits_samples=256,
-                   torchrun_samples=64),
+    "device": dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2,
+                   compile_warmup=3, rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64,
+                   sampler="ddpm", sample_steps=10, chain=250, sample_rounds=3, vae_size=256,
+                   vae_batch=16, fid_batch=100, fid_images=500, data_rows=1024,
+                   digits_iterations=300, digits_samples=256, torchrun_samples=64),
     # For the tests: train.py's digits DiT (4 blocks, 64 wide) on 8x8 latents.
     "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1, sample_models=["tiny"],
-                 sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1, fid_batch=1, fid_images=1, data_rows=16,
-                 digits_iterations=6, digits_samples=8, torchrun_samples=4),
+                 sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1, fid_batch=1,
+                 fid_images=1, data_rows=16, digits_iterations=6, digits_samples=8,
+                 torchrun_samples=4),
 }
 MODES = ("pretrain", "full", "dmp")
 ROWS = ("train", "sample", "vae", "fid", "data")
@@ -234,7 +235,7 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
         model, groups = train.build_model(args, data)  # pretraining: every weight trains
         if mode != "pretrain":
             args.method, args.ema = mode, 0.0
-            groups = dmp.patch(model, mode, **train.method_options(args))  # build_model after --init
+            groups = dmp.patch(model, mode, **train.method_options(args))  # as after --init
     model.set_checkpointing(checkpointing).to(device).train()
     opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
                             lr=args.lr, weight_decay=args.weight_decay)  # as train.run
@@ -334,15 +335,16 @@ def row_sample(name, preset, device, precision, compile, peak):
         mop.prompts.normal_(0, 0.1)  # a trained patch is not zero (the speed is the same either way)
     if compile:
         train.compile_blocks(model)
-    sampler, steps, B = preset.get("sampler", "ddim"), preset["sample_steps"], preset["sample_batch"]
+    sampler, steps = preset.get("sampler", "ddim"), preset["sample_steps"]
+    B = preset["sample_batch"]
     diffusion = sample.make_diffusion(sampler, steps, "linear")
     ks = list(range(B))
 
     def run(patched):
         def go():
             model.block_input = mop if patched else None
-            sample.dit_batch(ks, model, diffusion, cfg_scale=1.0, eta=0.0 if sampler == "ddim" else None,
-                             bf16=precision == "bf16")
+            sample.dit_batch(ks, model, diffusion, cfg_scale=1.0, bf16=precision == "bf16",
+                             eta=0.0 if sampler == "ddim" else None)
         return go
     # A 2% difference needs more rounds than the rest where the machine is noisy (sample_rounds).
     settings = dict(preset, steps=1, rounds=preset.get("sample_rounds", preset["rounds"]))
@@ -357,12 +359,13 @@ def row_sample(name, preset, device, precision, compile, peak):
         flops = dit_flops(model.config, B, mode if mode == "dmp" else "full")["forward"]
         achieved = flops * steps / t / 1e12
         rows.append(dict(row="sample", model=name, mode=mode, sampler=what, batch=B,
-                         ms_per_step=1e3 * t / steps, steps_per_s=steps / t, images_per_s=B / (t / steps * chain),
-                         tflop_per_step=flops / 1e12, achieved_tflops=achieved,
-                         mfu=achieved / peak if peak else None, peak_mem_mb=memory, compiled=compile))
+                         ms_per_step=1e3 * t / steps, steps_per_s=steps / t,
+                         images_per_s=B / (t / steps * chain), tflop_per_step=flops / 1e12,
+                         achieved_tflops=achieved, mfu=achieved / peak if peak else None,
+                         peak_mem_mb=memory, compiled=compile))
     ratio = statistics.median(b / a for a, b in zip(*rounds))
-    rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B, value=ratio,
-                     compiled=compile))
+    rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B,
+                     value=ratio, compiled=compile))
     return rows
 
 
@@ -859,16 +862,20 @@ def format_table(results):
 
 
 def targets(results):
-    """Each target with its measured figure: (description, value text, met or None when not measured)."""
+    """
+    Each target with its measured figure: (description, value text, met or None when not
+    measured). A measured peak fits a card as an estimate does (fits(): 1.05 x + 1 GiB).
+    """
     def find(row, model, mode, compiled=False):
-        return next((r for r in results if r["row"] == row and r["model"] == model and r["mode"] == mode
-                     and bool(r.get("compiled")) == compiled and "error" not in r), None)
+        return next((r for r in results if r["row"] == row and r["model"] == model
+                     and r["mode"] == mode and bool(r.get("compiled")) == compiled
+                     and "error" not in r), None)
     out = []
     for r in results:
         how = ", --compile" if r.get("compiled") else ""
         if r["row"] == "ratio" and r["mode"] == "dmp/unpatched sampling step":
-            out.append((f"{r['model']}: DMP sampling step <= 1.02x unpatched{how}", f"{r['value']:.3f}x",
-                        r["value"] <= 1.02))
+            out.append((f"{r['model']}: DMP sampling step <= 1.02x unpatched{how}",
+                        f"{r['value']:.3f}x", r["value"] <= 1.02))
         if r["row"] == "ratio" and r["mode"] == "dmp/full time":
             out.append((f"{r['model']}: DMP step time <= 0.75x full fine-tuning (interleaved){how}",
                         f"{r['value']:.3f}x", r["value"] <= 0.75))
@@ -876,35 +883,38 @@ def targets(results):
                    if r["row"] == "ratio" and r["mode"] == "dmp/full time"}
     for compiled in (False, True):
         how = ", --compile" if compiled else ""
-        trains = [r for r in results if r["row"] == "train" and bool(r.get("compiled")) == compiled]
-        for name in dict.fromkeys(r["model"] for r in trains):
-            full, dmp_row = find("train", name, "full", compiled), find("train", name, "dmp", compiled)
-            if not (full and dmp_row):
+        names = dict.fromkeys(r["model"] for r in results
+                              if r["row"] == "train" and bool(r.get("compiled")) == compiled)
+        for name in names:
+            full, mop = find("train", name, "full", compiled), find("train", name, "dmp", compiled)
+            if not (full and mop):
                 continue
             if (name, compiled) not in interleaved:  # separate processes, one after the other
-                ratio = dmp_row["ms_per_step"] / full["ms_per_step"]
-                out.append((f"{name}: DMP step time <= 0.75x full fine-tuning{how}", f"{ratio:.3f}x",
-                            ratio <= 0.75))
-            if full["peak_mem_mb"] and dmp_row["peak_mem_mb"] is not None:
-                ratio = dmp_row["peak_mem_mb"] / full["peak_mem_mb"]
-                out.append((f"{name}: DMP peak memory <= 0.6x full fine-tuning{how}", f"{ratio:.3f}x",
-                            ratio <= 0.6))
+                ratio = mop["ms_per_step"] / full["ms_per_step"]
+                out.append((f"{name}: DMP step time <= 0.75x full fine-tuning{how}",
+                            f"{ratio:.3f}x", ratio <= 0.75))
+            if full["peak_mem_mb"] and mop["peak_mem_mb"] is not None:
+                ratio = mop["peak_mem_mb"] / full["peak_mem_mb"]
+                out.append((f"{name}: DMP peak memory <= 0.6x full fine-tuning{how}",
+                            f"{ratio:.3f}x", ratio <= 0.6))
         for name, mode, goal in (("DiT-L/2", "dmp", 0.5), ("DiT-XL/2", "pretrain", 0.4)):
             r = find("train", name, mode, compiled)
             if r is not None:
-                out.append((f"{name} {mode} MFU >= {goal:.0%}{how}", "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+                out.append((f"{name} {mode} MFU >= {goal:.0%}{how}", mfu,
                             None if r["mfu"] is None else r["mfu"] >= goal))
     for mode, card in (("dmp", 80), ("dmp, checkpointing", 24), ("dmp, grad-accum 4", 24)):
         r = find("train", "DiT-XL/2", mode)
         if r is not None and r["peak_mem_mb"] is not None and r["batch"] == 128:
-            gb = r["peak_mem_mb"] * 2 ** 20 / 1e9
-            out.append((f"DiT-XL/2 {mode}, batch 128: peak fits {card} GB", f"{gb:.1f} GB", gb <= card))
+            gib = r["peak_mem_mb"] / 1024
+            out.append((f"DiT-XL/2 {mode}, batch 128: fits {card} GB", f"{gib:.1f} GiB peak",
+                        card in fits(dict(peak_gib=gib))))
     data = next((r for r in results if r["row"] == "data"), None)
     trains = [r for r in results if r["row"] == "train" and "error" not in r]
     if data and trains:
-        fastest = max(r["images_per_s"] for r in trains)
+        ratio = data["images_per_s"] / max(r["images_per_s"] for r in trains)
         out.append(("stored latents read >= 10x faster than training consumes them (fastest row)",
-                    f"{data['images_per_s'] / fastest:.1f}x", data["images_per_s"] / fastest >= 10))
+                    f"{ratio:.1f}x", ratio >= 10))
     return out
 
 
@@ -938,11 +948,14 @@ SUITE_BUDGET_S = 480
 STARTED = time.monotonic()  # the budget counts from the start of the process
 # (id, what it measures, spec for --one, compiled, estimated seconds on one H100)
 DEVICE_SUITE = [
-    ("train-L2-dmp", "DiT-L/2 DMP further-training, batch 128, bf16", ["train", "DiT-L/2", "dmp"], False, 20),
-    ("train-L2-full", "DiT-L/2 full fine-tuning, batch 128, bf16", ["train", "DiT-L/2", "full"], False, 20),
-    ("train-XL2-pretrain", "DiT-XL/2 pretraining, batch 128, bf16", ["train", "DiT-XL/2", "pretrain"], False,
-     25),
-    ("train-XL2-dmp", "DiT-XL/2 DMP, batch 128, bf16", ["train", "DiT-XL/2", "dmp"], False, 25),
+    ("train-L2-dmp", "DiT-L/2 DMP further-training, batch 128, bf16",
+     ["train", "DiT-L/2", "dmp"], False, 20),
+    ("train-L2-full", "DiT-L/2 full fine-tuning, batch 128, bf16",
+     ["train", "DiT-L/2", "full"], False, 20),
+    ("train-XL2-pretrain", "DiT-XL/2 pretraining, batch 128, bf16",
+     ["train", "DiT-XL/2", "pretrain"], False, 25),
+    ("train-XL2-dmp", "DiT-XL/2 DMP, batch 128, bf16",
+     ["train", "DiT-XL/2", "dmp"], False, 25),
     ("train-XL2-dmp-ckpt", "DiT-XL/2 DMP with --checkpointing",
      ["train", "DiT-XL/2", "dmp", dict(checkpointing=True)], False, 25),
     ("train-XL2-dmp-accum4", "DiT-XL/2 DMP with --grad-accum 4",
@@ -950,17 +963,19 @@ DEVICE_SUITE = [
     ("sample-XL2", "DDPM-250 sampling, DiT-XL/2, batch 64, with and without a DMP patch",
      ["sample", "DiT-XL/2"], False, 25),
     ("vae", "VAE encoding (and decoding), 256x256, batch 16", ["vae"], False, 15),
-    ("torchrun-train", "a train.py step under torchrun, one process (NCCL)", ["torchrun-train"], False, 20),
-    ("digits-train", "train.py on the digits: 300 steps, SIGKILL, --resume, against an uninterrupted run",
-     ["digits-train"], False, 45),
-    ("digits-sample", "sample.py: a grid and an FID set of 256 from the resumed run", ["digits-sample"], False,
-     25),
+    ("torchrun-train", "a train.py step under torchrun, one process (NCCL)",
+     ["torchrun-train"], False, 20),
+    ("digits-train", "train.py on the digits: 300 steps, SIGKILL, --resume, against an "
+     "uninterrupted run", ["digits-train"], False, 45),
+    ("digits-sample", "sample.py: a grid and an FID set of 256 from the resumed run",
+     ["digits-sample"], False, 25),
     ("torchrun-sample", "sample.py under torchrun, one process: 64 images against the FID set's",
      ["torchrun-sample"], False, 20),
     ("train-L2-dmp-compiled", "DiT-L/2 DMP, --compile", ["train", "DiT-L/2", "dmp"], True, 45),
-    ("train-L2-full-compiled", "DiT-L/2 full fine-tuning, --compile", ["train", "DiT-L/2", "full"], True, 45),
-    ("train-XL2-pretrain-compiled", "DiT-XL/2 pretraining, --compile", ["train", "DiT-XL/2", "pretrain"], True,
-     45),
+    ("train-L2-full-compiled", "DiT-L/2 full fine-tuning, --compile",
+     ["train", "DiT-L/2", "full"], True, 45),
+    ("train-XL2-pretrain-compiled", "DiT-XL/2 pretraining, --compile",
+     ["train", "DiT-XL/2", "pretrain"], True, 45),
     ("train-XL2-dmp-compiled", "DiT-XL/2 DMP, --compile", ["train", "DiT-XL/2", "dmp"], True, 45),
 ]
 ROOT = Path(__file__).resolve().parent
@@ -977,7 +992,8 @@ def run_script(cmd, what, timeout=300):
     what it printed to stderr.
     """
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -1032,22 +1048,29 @@ def only_run(folder):
     return runs[0]
 
 
-def torchrun(script, *argv):
+def script(name, *argv):
+    """The command line of one of the project's scripts."""
+    return [sys.executable, str(ROOT / name), *map(str, argv)]
+
+
+def torchrun(name, *argv):
+    """The command line of one of the project's scripts under torchrun, one process."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            str(ROOT / script), *map(str, argv)]
+            str(ROOT / name), *map(str, argv)]
 
 
 def row_torchrun_train(preset, device, work):
     """Two steps of train.py on the digits under torchrun with one process (NCCL on CUDA)."""
     folder = work / "torchrun-train"
-    seconds, _ = run_script(torchrun("train.py", "--dataset", "digits", "--device", device.type,
-                                     "--iterations", 2, "--ckpt-every", 2, "--log-every", 1, "--sample-every",
-                                     0, "--eval-every", 0, "--results-dir", folder), "torchrun train.py")
+    command = torchrun("train.py", "--dataset", "digits", "--device", device.type,
+                       "--iterations", 2, "--ckpt-every", 2, "--log-every", 1, "--sample-every", 0,
+                       "--eval-every", 0, "--results-dir", folder)
+    seconds, _ = run_script(command, "torchrun train.py")
     log = read_log(only_run(folder))
     start = next(e for e in log if e.get("event") == "start")
-    return dict(row="check", model="digits DiT", mode="torchrun train.py, 1 process", seconds=seconds,
-                world=start["world"], backend=start.get("backend"), precision=start.get("precision"),
-                steps=[e["step"] for e in log if "loss" in e])
+    return dict(row="check", model="digits DiT", mode="torchrun train.py, 1 process",
+                seconds=seconds, world=start["world"], backend=start.get("backend"),
+                precision=start.get("precision"), steps=[e["step"] for e in log if "loss" in e])
 
 
 def row_digits_train(preset, device, work):
@@ -1059,9 +1082,9 @@ def row_digits_train(preset, device, work):
     """
     n = preset["digits_iterations"]
     every = max(1, n // 3)
-    common = [sys.executable, str(ROOT / "train.py"), "--dataset", "digits", "--device", device.type,
-              "--iterations", str(n), "--ckpt-every", str(every), "--log-every", str(max(1, n // 6)),
-              "--eval-every", str(every), "--keep", "10"]
+    common = script("train.py", "--dataset", "digits", "--device", device.type, "--iterations", n,
+                    "--ckpt-every", every, "--log-every", max(1, n // 6), "--eval-every", every,
+                    "--keep", 10)
     seconds, _ = run_script(common + ["--results-dir", str(work / "digits-whole")], "train.py")
     whole = only_run(work / "digits-whole")
     proc = subprocess.Popen(common + ["--results-dir", str(work / "digits")], cwd=ROOT,
@@ -1076,39 +1099,39 @@ def row_digits_train(preset, device, work):
     proc.send_signal(9)  # SIGKILL
     proc.communicate()
     killed = only_run(work / "digits")
-    at = [int(p.stem) for p in sorted((killed / "checkpoints").glob("[0-9]*.pt"))]
-    resumed_seconds, _ = run_script([sys.executable, str(ROOT / "train.py"), "--resume", str(killed)],
-                                    "train.py --resume")
+    kept = [int(p.stem) for p in sorted((killed / "checkpoints").glob("[0-9]*.pt"))]
+    resume_seconds, _ = run_script(script("train.py", "--resume", killed), "train.py --resume")
     a, b = (torch.load(sorted((d / "checkpoints").glob("[0-9]*.pt"))[-1], weights_only=True)
             for d in (whole, killed))
     if a["step"] != n or b["step"] != n:
         raise RowError(f"the runs ended at steps {a['step']} and {b['step']}, not {n}")
     diff = max(float((a[k][name].float() - b[k][name].float()).abs().max())
                for k in ("model", "ema") for name in a[k])
-    losses = [e["loss"] for e in read_log(whole) if "loss" in e]
-    return dict(row="check", model="digits DiT", mode=f"train {n}, SIGKILL, resume", seconds=seconds,
-                steps_per_s=n / seconds, killed_with_checkpoints=at, resume_seconds=resumed_seconds,
-                max_abs_weight_diff=diff, bit_identical=diff == 0.0, first_loss=losses[0],
-                last_loss=losses[-1], heldout_loss=[e["heldout_loss"] for e in read_log(whole)
-                                                    if e.get("event") == "eval"],
+    log = read_log(whole)
+    losses = [e["loss"] for e in log if "loss" in e]
+    return dict(row="check", model="digits DiT", mode=f"train {n}, SIGKILL, resume",
+                seconds=seconds, steps_per_s=n / seconds, killed_with_checkpoints=kept,
+                resume_seconds=resume_seconds, max_abs_weight_diff=diff, bit_identical=diff == 0.0,
+                first_loss=losses[0], last_loss=losses[-1],
+                heldout_loss=[e["heldout_loss"] for e in log if e.get("event") == "eval"],
                 run=str(killed))
 
 
 def digits_checkpoint(work):
     found = sorted((work / "digits").glob("*/checkpoints/[0-9]*.pt"))
     if not found:
-        raise RowError(f"no digits run in {work / 'digits'}: the digits-train row failed or did not run")
+        raise RowError(f"no digits run in {work / 'digits'}: the digits-train row failed or did "
+                       f"not run")
     return found[-1]
 
 
 def row_digits_sample(preset, device, work):
     """sample.py on the digits run: a grid of 16 and an FID set (DDPM 250, the paper's)."""
     ckpt, n = digits_checkpoint(work), preset["digits_samples"]
-    grid_seconds, _ = run_script([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--grid", "16",
-                                  "--out", str(work / "digits-grid.png")], "sample.py --grid")
-    seconds, _ = run_script([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--num-samples",
-                             str(n), "--batch-size", str(n), "--out", str(work / "digits-set")],
-                            "sample.py --num-samples")
+    grid_seconds, _ = run_script(script("sample.py", "--ckpt", ckpt, "--grid", 16, "--out",
+                                        work / "digits-grid.png"), "sample.py --grid")
+    seconds, _ = run_script(script("sample.py", "--ckpt", ckpt, "--num-samples", n, "--batch-size",
+                                   n, "--out", work / "digits-set"), "sample.py --num-samples")
     images = np.load(work / "digits-set.npz")["arr_0"]
     return dict(row="check", model="digits DiT", mode=f"sample.py grid 16, FID set {n}",
                 seconds=seconds, grid_seconds=grid_seconds, images_per_s=n / seconds,
@@ -1122,8 +1145,8 @@ def row_torchrun_sample(preset, device, work):
                                      "--out", work / "digits-set-torchrun"), "torchrun sample.py")
     ours = np.load(work / "digits-set-torchrun.npz")["arr_0"].astype(int)
     reference = work / "digits-set.npz"
-    row = dict(row="check", model="digits DiT", mode=f"torchrun sample.py, {n} images", seconds=seconds,
-               shape=list(ours.shape))
+    row = dict(row="check", model="digits DiT", mode=f"torchrun sample.py, {n} images",
+               seconds=seconds, shape=list(ours.shape))
     if reference.exists():  # image k has its own seed: the same images whatever the processes
         theirs = np.load(reference)["arr_0"][:n].astype(int)
         row.update(identical_to_fid_set=bool(np.array_equal(ours, theirs)),
@@ -1141,8 +1164,8 @@ def suite_rows(device, precision, work, peak=None, only=None):
     for key, what, spec, compiled, estimate in DEVICE_SUITE:
         if only and key not in only:
             continue
-        command = [sys.executable, str(ROOT / "bench.py"), "--one", json.dumps(spec), "--preset", "device",
-                   "--device", str(device), "--precision", precision, "--work", str(work)]
+        command = script("bench.py", "--one", json.dumps(spec), "--preset", "device", "--device",
+                         device, "--precision", precision, "--work", work)
         command += ["--compile"] if compiled else []
         command += ["--peak-tflops", str(peak)] if peak else []
         rows.append(dict(id=key, what=what, command=command, estimate_s=estimate))
@@ -1154,9 +1177,8 @@ def run_suite(rows, json_path=None, budget=SUITE_BUDGET_S, setup="", missing=Non
     Run each row's command under a timeout (twice its estimate + slack seconds, at most what is
     left of `budget`); after every row the JSON (if given) is rewritten atomically, so a suite
     that is stopped keeps what it measured. missing: a sentence saying why no row can run here (no
-    CUDA): each row records it, none runs.
-    Returns the rows, each with its status (ok, failed, timeout, skipped, not run), seconds,
-    error (one sentence) and results.
+    CUDA): each row records it, none runs. Returns the rows, each with its status (ok, failed,
+    timeout, skipped, not run), seconds, error (one sentence) and results.
     """
     deadline = time.monotonic() + budget
     done = []
@@ -1166,11 +1188,11 @@ def run_suite(rows, json_path=None, budget=SUITE_BUDGET_S, setup="", missing=Non
         if missing:
             row.update(status="not run", error=missing)
         elif left < row["estimate_s"]:
-            row.update(status="skipped", error=f"skipped: {left:.0f} s of the suite's {budget:.0f} s were "
-                                                f"left, and the row needs about {row['estimate_s']} s")
+            row.update(status="skipped",
+                       error=f"skipped: {left:.0f} s of the suite's {budget:.0f} s were left, and "
+                             f"the row needs about {row['estimate_s']} s")
         else:
-            timeout = max(1, int(min(2 * row["estimate_s"] + slack, left)))
-            row["timeout_s"] = timeout
+            row["timeout_s"] = timeout = max(1, int(min(2 * row["estimate_s"] + slack, left)))
             started = time.perf_counter()
             try:
                 _, out = run_script(row["command"], row["id"], timeout)
@@ -1179,7 +1201,8 @@ def run_suite(rows, json_path=None, budget=SUITE_BUDGET_S, setup="", missing=Non
                 if errors:
                     row.update(status="failed", error=errors[0])
             except RowError as e:
-                row.update(status="timeout" if "did not finish" in str(e) else "failed", error=str(e))
+                status = "timeout" if "did not finish" in str(e) else "failed"
+                row.update(status=status, error=str(e))
             except (ValueError, IndexError):
                 row.update(status="failed", error=f"{row['id']} printed no result")
             row["seconds"] = time.perf_counter() - started
@@ -1192,9 +1215,11 @@ def run_suite(rows, json_path=None, budget=SUITE_BUDGET_S, setup="", missing=Non
 
 
 def suite_report(rows, setup, budget):
+    """What --suite --json writes: the setup, each row, every result and the targets."""
     results = [r for row in rows for r in row["results"]]
     return dict(setup=setup, budget_s=budget, seconds=sum(r["seconds"] for r in rows), rows=rows,
-                results=results, targets=[dict(target=w, value=v, met=m) for w, v, m in targets(results)])
+                results=results, targets=[dict(target=w, value=v, met=m)
+                                          for w, v, m in targets(results)])
 
 
 def write_json(path, obj):
@@ -1208,10 +1233,19 @@ def write_json(path, obj):
 def setup_line(device, precision):
     """The GPU (or CPU), torch, CUDA and NCCL versions and the date: what the README's rows cite."""
     line = describe(device, precision, False)
-    if device.type == "cuda" and torch.cuda.is_available():
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else "none"
+    if device.type == "cuda":
+        nccl = (".".join(map(str, torch.cuda.nccl.version()))
+                if torch.distributed.is_nccl_available() else "none")
         line += f"; CUDA {torch.version.cuda}; NCCL {nccl}"
     return line
+
+
+def print_results(results):
+    print(format_table(results))
+    print("\ntargets")
+    for what, value, met in targets(results):
+        verdict = "(met)" if met else "(missed)" if met is False else "(not measured)"
+        print(f"  {what}: {value} {verdict}")
 
 
 def main(argv=None):
@@ -1221,7 +1255,8 @@ def main(argv=None):
     p.add_argument("--device", help="default: cuda if available, else cpu (--suite: cuda)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                    help="default: train.py's (bf16 on a GPU that has it, else fp16; fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="compile each block in the training and sampling rows")
+    p.add_argument("--compile", action="store_true",
+                   help="compile each block in the training and sampling rows")
     p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: A100/H100 bf16 dense)")
     p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a machine shared with other jobs, "
                    "two threads that wait for each other were 5-10x slower than one; torch's default on CUDA)")
@@ -1229,12 +1264,15 @@ def main(argv=None):
     p.add_argument("--estimate-memory", nargs="*", metavar="MODEL:METHOD:BATCH[:MICRO][:ckpt]",
                    help="no GPU needed: estimate a training step's peak memory on fake tensors, "
                    "for the README's rows or the ones given (e.g. DiT-XL/2:dmp:128:32:ckpt)")
-    p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, within "
-                   f"{SUITE_BUDGET_S // 60} minutes on one H100 (the README's speed table)")
-    p.add_argument("--dry-run", action="store_true", help="with --suite: list its rows, commands and estimates")
-    p.add_argument("--only", nargs="+", metavar="ROW", help="with --suite: these rows only (ids as --dry-run "
-                   "lists them; e.g. --device cpu --only digits-train digits-sample rehearses on a CPU)")
-    p.add_argument("--work", help="with --suite: the folder for its runs and samples (default: a temporary one)")
+    p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, "
+                   f"within {SUITE_BUDGET_S // 60} minutes on one H100 (the README's speed table)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --suite: list its rows, commands and estimates")
+    p.add_argument("--only", nargs="+", metavar="ROW",
+                   help="with --suite: these rows only (the ids --dry-run lists; --device cpu "
+                   "--only digits-train digits-sample rehearses those on a CPU)")
+    p.add_argument("--work", help="with --suite: the folder for its runs and samples (default: a "
+                   "temporary one)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row (JSON spec) and print its result
     args = p.parse_args(argv)
     if args.estimate_memory is not None:
@@ -1250,7 +1288,8 @@ def main(argv=None):
         if not torch.cuda.is_available():
             message = "CUDA is not available here (torch.cuda.is_available() is False)"
             if args.one:  # a row of the suite: its one sentence, as a result
-                print(json.dumps([dict(row=json.loads(args.one)[0], model="", mode="", error=message)]))
+                print(json.dumps([dict(row=json.loads(args.one)[0], model="", mode="",
+                                       error=message)]))
                 return
             sys.exit(f"error: --device cuda: {message}")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
@@ -1264,10 +1303,11 @@ def main(argv=None):
         spec = json.loads(args.one)
         try:
             results = run_row(spec, preset, device, precision, args.compile, peak, args.work)
-        except Exception as e:  # any failure (out of memory, a compile error): one sentence, as a result
+        except Exception as e:  # any failure (out of memory, a compile error): one sentence
             traceback.print_exc()
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            error = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {first}"
+            error = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
+                     else f"{type(e).__name__}: {first}")
             results = [dict(row=spec[0], model=spec[1] if len(spec) > 1 else "",
                             mode=spec[2] if len(spec) > 2 else "", error=error)]
         print(json.dumps(results))
@@ -1285,18 +1325,16 @@ def main(argv=None):
             sys.exit(f"error: {' '.join(spec)} failed:\n{done.stderr[-3000:]}")
         results += json.loads(done.stdout.strip().splitlines()[-1])
         print(f"  {' '.join(spec)}: done", file=sys.stderr)
-    print(format_table(results))
-    print("\ntargets")
-    for what, value, met in targets(results):
-        print(f"  {what}: {value} {'(met)' if met else '(missed)' if met is False else '(not measured)'}")
+    print_results(results)
     if args.json:
         write_json(args.json, dict(setup=header, preset=preset, results=results,
-                                   targets=[dict(target=w, value=v, met=m) for w, v, m in targets(results)]))
+                                   targets=[dict(target=w, value=v, met=m)
+                                            for w, v, m in targets(results)]))
     return results
 
 
 def choose_precision(device):
-    """train.py's default precision on this device (bench.py imports train only where it needs it)."""
+    """train.py's default precision on this device."""
     import train
     return train.choose_precision(None, device)
 
@@ -1308,32 +1346,31 @@ def main_suite(args):
     precision = args.precision or (choose_precision(device) if cuda else "bf16")
     unknown = sorted(set(args.only or []) - {key for key, *_ in DEVICE_SUITE})
     if unknown:
-        sys.exit(f"error: --only {' '.join(unknown)}: no such row (bench.py --suite device --dry-run lists them)")
+        sys.exit(f"error: --only {' '.join(unknown)}: no such row (bench.py --suite device "
+                 f"--dry-run lists them)")
     temporary = not args.work and not args.dry_run
     work = args.work or ("WORK" if args.dry_run else tempfile.mkdtemp(prefix="dmp-suite-"))
     rows = suite_rows(device, precision, work, args.peak_tflops, args.only)
     if args.dry_run:
         total = sum(r["estimate_s"] for r in rows)
-        print(f"bench.py --suite device: {len(rows)} rows, about {total} s on one H100 "
-              f"(budget {SUITE_BUDGET_S} s), each in its own process under a timeout; WORK: "
+        print(f"bench.py --suite device: {len(rows)} rows, about {total} s on one H100 (budget "
+              f"{SUITE_BUDGET_S} s), each in its own process under a timeout; WORK: "
               f"{args.work or 'a temporary folder'}")
         for r in rows:
-            print(f"  {r['id']} (~{r['estimate_s']} s): {r['what']}\n    {shlex.join(r['command'])}")
+            print(f"  {r['id']} (~{r['estimate_s']} s): {r['what']}\n"
+                  f"    {shlex.join(r['command'])}")
         return rows
     setup = setup_line(device, precision) if cuda else "no CUDA device"
     print(f"bench.py --suite device: {setup}; work folder {work}")
-    missing = None if cuda else "not run: CUDA is not available here (torch.cuda.is_available() is False)"
+    missing = None if cuda else ("not run: CUDA is not available here (torch.cuda.is_available() "
+                                 "is False)")
+    budget = SUITE_BUDGET_S - (time.monotonic() - STARTED)
     try:
-        budget = SUITE_BUDGET_S - (time.monotonic() - STARTED)
         done = run_suite(rows, args.json, budget=budget, setup=setup, missing=missing)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
-    report = suite_report(done, setup, budget)
-    print(format_table(report["results"]))
-    print("\ntargets")
-    for what, value, met in targets(report["results"]):
-        print(f"  {what}: {value} {'(met)' if met else '(missed)' if met is False else '(not measured)'}")
+    print_results(suite_report(done, setup, budget)["results"])
     failed = [r["id"] for r in done if r["status"] != "ok"]
     if failed:
         sys.exit(f"error: {len(failed)} of {len(done)} rows did not finish: {', '.join(failed)}"

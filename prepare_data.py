@@ -220,20 +220,11 @@ def _write_json(path, obj):
 def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0,
             grayscale=False, captions=None):
     """
-    Encode every image of `src` into the folder `out` (see the module docstring). Returns the manifest.
-    Under torchrun the images are split over the processes, which write one output.
+    Encode every image of `src` into the folder `out` (see the module docstring). Returns the
+    manifest. In a process group (torchrun: main joins it) the images are split over the
+    processes, which write one output, the same bytes as one process writes.
     """
-    rank, world, joined = join_processes()
-    try:
-        return _prepare(src, out, resolution, vae, labels, batch_size, device, workers, grayscale, captions,
-                        rank, world)
-    finally:
-        if joined:
-            dist.destroy_process_group()
-
-
-def _prepare(src, out, resolution, vae, labels, batch_size, device, workers, grayscale, captions, rank, world):
-    """prepare() in process `rank` of `world`."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     src, out = Path(src).expanduser(), Path(out).expanduser()
     partial = out.with_name(out.name + ".partial")
     if out.exists():
@@ -251,7 +242,8 @@ def _prepare(src, out, resolution, vae, labels, batch_size, device, workers, gra
         y = np.zeros(len(files), dtype=np.int64)
         if not files:
             raise DataError(f"{src}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    if device is None:  # under torchrun, the GPU of this process
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     model = load_vae(vae, device)
     if grayscale and model is not None:
         raise DataError("--grayscale stores one-channel pixels: it needs --vae none")
@@ -272,25 +264,30 @@ def _prepare(src, out, resolution, vae, labels, batch_size, device, workers, gra
     error = None
     if rank == 0:  # the one process that starts or checks OUT.partial; the others wait for it
         try:
-            start_partial(partial, progress_path, settings, listing, name, y, texts, model, files, stored)
+            array = (name, np.uint8 if model is None else np.float16, (len(files), *stored))
+            start_partial(partial, settings, listing, y, texts, array)
         except (DataError, OSError) as e:
             error = e
     error = shared(error, world)
     if error is not None:
         raise error
-    progress = json.loads(progress_path.read_text())  # the arrays hold every row before progress["done"]
+    progress = json.loads(progress_path.read_text())  # the arrays hold every row before "done"
     data = np.load(partial / name, mmap_mode="r+")
 
-    # Batches of batch_size files from the first not done; under torchrun process r encodes batches r,
-    # r + world, ... (the batches a single process would encode, so the bytes are the same). After each
-    # round of `world` batches, once every process has flushed its rows, rank 0 records the round done.
-    dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale, captions=texts)
-    first = progress["done"]
-    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+    # Batches of batch_size files from the first not done; under torchrun process r encodes batches
+    # r, r + world, ... (the batches one process encodes, so the bytes are the same). After each
+    # round of `world` batches, once every process has flushed its rows, rank 0 records it done.
+    dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale,
+                         captions=texts)
+    first, n = progress["done"], len(dataset)
+    batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     watchdog = functools.partial(exit_with_parent, os.getpid())
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches[rank::world], num_workers=workers,
-                                              collate_fn=list, worker_init_fn=watchdog))
-    with tqdm(total=len(files), initial=first, unit="img", desc=f"preparing {out.name}", disable=rank != 0) as bar:
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=batches[rank::world],
+                                              num_workers=workers, collate_fn=list,
+                                              worker_init_fn=watchdog))
+    bar = tqdm(total=len(files), initial=first, unit="img", desc=f"preparing {out.name}",
+               disable=rank != 0)
+    with bar:
         for start in range(0, len(batches), world):
             batch = next(loader) if start + rank < len(batches) else []
             ok = [(row, img) for row, img, _ in batch if img is not None]
@@ -298,24 +295,37 @@ def _prepare(src, out, resolution, vae, labels, batch_size, device, workers, gra
                 rows, pixels = [r for r, _ in ok], torch.from_numpy(np.stack([img for _, img in ok]))
                 data[rows] = encode(model, pixels.permute(0, 3, 1, 2), device)
                 data.flush()
-            skipped = [dict(row=r, file=files[r], reason=why) for r, img, why in batch if img is None]
+            skipped = [dict(row=r, file=files[r], reason=why)
+                       for r, img, why in batch if img is None]
             if world > 1:  # also the barrier: every process has flushed this round's rows
                 every = [None] * world
                 dist.all_gather_object(every, skipped)
                 skipped = sorted((s for part in every for s in part), key=lambda s: s["row"])
-            done = first + min(len(dataset), (start + world) * batch_size)
-            if rank == 0:
+            done = first + min(n, (start + world) * batch_size)
+            if rank == 0:  # after the flush: a kill never marks unwritten rows done
                 progress["skipped"] += skipped
                 progress["done"] = done
-                _write_json(progress_path, progress)  # after the flush: a kill never marks unwritten rows done
+                _write_json(progress_path, progress)
             bar.update(done - bar.n)
     del data
 
     error, manifest = None, None
     if rank == 0:
         try:
-            manifest = finish(src, out, partial, progress, settings, model, files, name, shape, stored,
-                              class_names, texts)
+            skipped = progress["skipped"]
+            kind = "pixels" if model is None else "latents"
+            manifest = dict(format=FORMAT, version=VERSION, kind=kind,
+                            **settings, scale_factor=1.0 if model is None else SCALE_FACTOR,
+                            count=len(files) - len(skipped), shape=list(shape), array=name,
+                            stored_shape=[len(files), *stored],
+                            dtype="uint8" if model is None else "float16",
+                            axes="row, channel, height, width" if model is None else
+                            "row, mirror (0 image, 1 horizontal flip), moment (0 mean, 1 std), "
+                            "channel, height, width",
+                            num_classes=max(1, len(class_names)), class_names=class_names,
+                            files="files.txt", skipped=skipped,
+                            captions="captions.json" if texts is not None else None)
+            finish(src, out, partial, manifest, len(files))
         except DataError as e:
             error = e
     error, manifest = shared((error, manifest), world)
@@ -324,8 +334,12 @@ def _prepare(src, out, resolution, vae, labels, batch_size, device, workers, gra
     return manifest
 
 
-def start_partial(partial, progress_path, settings, listing, name, y, texts, model, files, stored):
-    """OUT.partial started (its listing, labels, captions, the array, space reserved), or checked to resume."""
+def start_partial(partial, settings, listing, y, texts, array):
+    """
+    OUT.partial started (its listing, labels, captions, the array (name, dtype, shape) with its
+    space reserved), or checked to resume.
+    """
+    progress_path = partial / "progress.json"
     if progress_path.exists():  # resume: the arrays hold every row before progress["done"]
         progress = json.loads(progress_path.read_text())
         if progress["settings"] != settings or (partial / "files.txt").read_text() != listing:
@@ -337,9 +351,8 @@ def start_partial(partial, progress_path, settings, listing, name, y, texts, mod
     np.save(partial / "labels.npy", y)
     if texts is not None:
         _write_json(partial / "captions.json", texts)
-    data = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.uint8 if model is None else np.float16,
-                                     shape=(len(files), *stored))
-    del data
+    name, dtype, shape = array
+    np.lib.format.open_memmap(partial / name, mode="w+", dtype=dtype, shape=shape).flush()
     # Reserve the disk space now: a full disk fails here, with a message, not later as a SIGBUS
     # while rows are written into the memory map (a filesystem that cannot reserve: as before).
     if hasattr(os, "posix_fallocate"):
@@ -349,51 +362,41 @@ def start_partial(partial, progress_path, settings, listing, name, y, texts, mod
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
-    _write_json(progress_path, dict(settings=settings, done=0, skipped=[]))  # the commit point
+    progress = dict(settings=settings, done=0, skipped=[])
+    _write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
 
-def finish(src, out, partial, progress, settings, model, files, name, shape, stored, class_names, texts):
-    """The manifest written and OUT.partial renamed to OUT (nothing usable: an error, nothing kept)."""
-    skipped = progress["skipped"]
-    if len(skipped) == len(files):  # nothing to train on: no dataset, nor a scratch folder of zeros
+def finish(src, out, partial, manifest, rows):
+    """The manifest written, OUT.partial renamed to OUT (nothing usable: an error, nothing kept)."""
+    skipped = manifest["skipped"]
+    if len(skipped) == rows:  # nothing to train on: no dataset, nor a scratch folder of zeros
         shutil.rmtree(partial)
         first = skipped[0]
-        raise DataError(f"{src}: none of its {len(files)} files is a usable image (first: "
+        raise DataError(f"{src}: none of its {rows} files is a usable image (first: "
                         f"{first['file']}, {first['reason']}); nothing was written")
-    manifest = dict(format=FORMAT, version=VERSION, kind="pixels" if model is None else "latents", **settings,
-                    scale_factor=1.0 if model is None else SCALE_FACTOR, count=len(files) - len(skipped),
-                    shape=list(shape), array=name, stored_shape=[len(files), *stored],
-                    dtype="uint8" if model is None else "float16",
-                    axes="row, channel, height, width" if model is None else
-                    "row, mirror (0 image, 1 horizontal flip), moment (0 mean, 1 std), channel, height, width",
-                    num_classes=max(1, len(class_names)), class_names=class_names, files="files.txt",
-                    skipped=skipped, captions="captions.json" if texts is not None else None)
     _write_json(partial / "manifest.json", manifest)
     os.replace(partial, out)  # the finished folder appears at once
     (out / "progress.json").unlink()
-    print(f"{out}: {manifest['count']} of {len(files)} files prepared as {manifest['kind']} {list(shape)}"
+    print(f"{out}: {manifest['count']} of {rows} files prepared as {manifest['kind']} "
+          f"{manifest['shape']}"
           + (f"; {len(skipped)} skipped (listed in manifest.json):" if skipped else ""))
     for s in skipped[:20]:
         print(f"  skipped {s['file']}: {s['reason']}")
     if len(skipped) > 20:
         print(f"  ... and {len(skipped) - 20} more")
-    return manifest
 
 
 def join_processes():
     """
-    Under torchrun with several processes: (rank, world size, whether this call joined the process
-    group: NCCL where there are GPUs, each process on its own, gloo on CPU); else (0, 1, False).
+    Under torchrun with several processes, join their group (NCCL where there are GPUs, one for
+    each process; gloo on CPU) and return True; else False.
     """
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), world, False
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+        return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, True
+    return True
 
 
 def shared(value, world):
@@ -506,6 +509,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     args = p.parse_args(argv)
+    joined = join_processes()  # torchrun: the images split over its processes
     try:
         prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size, args.device, args.workers,
                 args.grayscale, args.captions)
@@ -516,6 +520,9 @@ def main(argv=None):
                  f"command to resume from {args.out}.partial")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: rerun the same command to resume from {args.out}.partial")
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -115,15 +115,18 @@ def parse_args(argv=None):
     p.add_argument("--resume", help="a run folder (or one of its checkpoints) to continue")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16 autocast on a GPU "
-                   "that computes in bf16 (A100, H100, ...), fp16 autocast with a gradient scaler on one that "
-                   "does not (V100, T4), fp32 on CPU")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="default: bf16 autocast on a GPU that computes in bf16 (A100, H100, ...), "
+                   "fp16 autocast with a gradient scaler on one that does not (V100, T4), fp32 on "
+                   "CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each block of the model")
     # memory (README, "Memory: what fits your card"); neither changes what a step computes
-    p.add_argument("--grad-accum", type=int, default=1, help="each step's batch in K micro-batches whose "
-                   "gradients add up before the optimizer's step: the activations of 1/K of the batch")
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing: each block "
-                   "keeps only its input and runs again in the backward pass (about 1/3 more compute)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="each step's batch in K micro-batches whose gradients add up before the "
+                   "optimizer's step: the activations of 1/K of the batch")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="activation checkpointing: each block keeps only its input and runs again "
+                   "in the backward pass (about 1/3 more compute)")
     p.add_argument("--threads", type=int, help="torch's CPU threads (default torch's choice; the digits presets use "
                    "1: their matrices are too small to share, and idle threads spin while other jobs hold the cores)")
     p.add_argument("--log-every", type=int, default=100)
@@ -162,7 +165,8 @@ def usage_error(message):
 
 # The range of every number a flag takes: a number outside it is refused before anything is made.
 AT_LEAST_ONE = ("iterations", "batch_size", "log_every", "ckpt_every", "keep", "threads",
-                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "lora_rank", "grad_accum")
+                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "lora_rank",
+                "grad_accum")
 AT_LEAST_ZERO = ("lr", "weight_decay", "holdout", "sample_every", "eval_every", "importance_coef",
                  "load_coef", "gate_lr_scale", "gamma_blocks", "seed")
 
@@ -306,7 +310,8 @@ def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None, t
     same whatever the split.
     """
     K, size = args.grad_accum, len(batch[0])
-    opt.zero_grad(set_to_none=True)  # before the forward: the last gradients never meet the activations
+    # Before the forward: the last step's gradients are freed before the activations build up.
+    opt.zero_grad(set_to_none=True)
     terms_sum = 0
     for m in range(K):
         micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), text_encoder, args)
@@ -344,7 +349,7 @@ def micro_batch(batch, part, text_encoder, args):
 
 
 def ema_pairs(ema, raw):
-    """(EMA weights, live weights) of the trained weights, for train_step's update (official DiT's)."""
+    """(EMA weights, live weights) of the trained weights: train_step's update (official DiT's)."""
     return tuple(zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters())
                        if p.requires_grad]))
 
@@ -395,12 +400,15 @@ def out_of_memory(args, step, rank, world, device):
     """The sentence an out-of-memory error becomes: the batch that failed and what would help."""
     share = args.batch_size // world
     micro = share // args.grad_accum
-    helps = [f"--grad-accum {2 * args.grad_accum} (micro-batches of {micro // 2})"] if micro > 1 else []
-    helps += [] if args.checkpointing else ["--checkpointing (each block recomputed in the backward pass)"]
-    helps += ["a smaller --batch-size"]
+    helps = []
+    if micro > 1:
+        helps.append(f"--grad-accum {2 * args.grad_accum} (micro-batches of {micro // 2})")
+    if not args.checkpointing:
+        helps.append("--checkpointing (each block recomputed in the backward pass)")
+    helps.append("a smaller --batch-size")
     where = f"process {rank} of {world} ({device})" if world > 1 else str(device)
-    return (f"error: out of memory on {where} at step {step + 1}: a global batch of {args.batch_size}"
-            f" ({share} on this process in {args.grad_accum} micro-batch"
+    return (f"error: out of memory on {where} at step {step + 1}: a global batch of "
+            f"{args.batch_size} ({share} on this process in {args.grad_accum} micro-batch"
             f"{'es' if args.grad_accum > 1 else ''} of {micro}) did not fit; "
             f"{', '.join(helps[:-1])} or {helps[-1]} would help "
             f"(python bench.py --estimate-memory estimates each)")
@@ -692,8 +700,8 @@ def run(argv, claimed):
         print(f"{args.dataset}: {len(train_rows)} training images {list(data.shape)}, {len(heldout_rows)} held out; "
               f"{'further-training ' + args.init + ' with ' + args.method if args.init else 'pretraining'}: "
               f"{n_trained:,} of {n_total:,} parameters train ({100 * n_trained / n_total:.2f}%); run folder {run_dir}")
-        log(dict(event="start", args=vars(args), trained_parameters=n_trained, total_parameters=n_total, world=world,
-                 backend=backend, precision=precision))
+        log(dict(event="start", args=vars(args), trained_parameters=n_trained,
+                 total_parameters=n_total, world=world, backend=backend, precision=precision))
     if rank == 0:
         print(f"precision: {PRECISIONS[precision]} ({device})")
         if step:
@@ -716,7 +724,8 @@ def run(argv, claimed):
         torch.manual_seed(seed_of(args.seed, step, rank))
         batch = get_batch(data, train_rows, step, args, device, rank, world)
         try:
-            terms = train_step(model, raw, diffusion, opt, batch, args, autocast, scaler, text_encoder, pairs)
+            terms = train_step(model, raw, diffusion, opt, batch, args, autocast, scaler,
+                               text_encoder, pairs)
         except torch.OutOfMemoryError:
             bar.close()
             sys.exit(out_of_memory(args, step, rank, world, device))
@@ -748,7 +757,8 @@ def run(argv, claimed):
         if step % args.ckpt_every == 0 or step == args.iterations:
             if rank == 0:
                 last_ckpt = run_dir / "checkpoints" / f"{step:07d}.pt"
-                atomic_save(checkpoint_entries(raw, ema, opt, step, args, data, base, scaler), last_ckpt)
+                entries = checkpoint_entries(raw, ema, opt, step, args, data, base, scaler)
+                atomic_save(entries, last_ckpt)
                 for old in checkpoints(run_dir)[:-args.keep]:
                     old.unlink()
             if world > 1:

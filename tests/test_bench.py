@@ -240,7 +240,8 @@ def test_device_suite_dry_run_lists_every_row_within_the_budget(capsys):
     assert specs["train-XL2-dmp-ckpt"] == ["train", "DiT-XL/2", "dmp", {"checkpointing": True}]
     assert specs["train-XL2-dmp-accum4"] == ["train", "DiT-XL/2", "dmp", {"grad_accum": 4}]
     assert [r["id"] for r in rows][-4:] == [i for i in [r["id"] for r in rows] if "compiled" in i]
-    assert [r["id"] for r in bench.main(["--suite", "device", "--dry-run", "--only", "vae"])] == ["vae"]
+    only = bench.main(["--suite", "device", "--dry-run", "--only", "vae"])
+    assert [r["id"] for r in only] == ["vae"]
 
 
 def test_device_suite_rows_end_in_one_sentence_and_never_hang(tmp_path):
@@ -249,12 +250,12 @@ def test_device_suite_rows_end_in_one_sentence_and_never_hang(tmp_path):
     hang = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(60)'], start_new_session=True); "
             f"open({str(tmp_path / 'child')!r}, 'w').write(str(c.pid)); time.sleep(60)")
-    rows = [dict(id="ok", command=python + ['print(\'[{"row": "vae", "model": "m", "mode": "x"}]\')'],
-                 estimate_s=1),
-            dict(id="error", command=python + ['print(\'[{"row": "sample", "error": "no CUDA"}]\')'],
-                 estimate_s=1),
-            dict(id="crash", command=python + ["import sys; print('x'); sys.exit('NCCL is missing')"],
-                 estimate_s=1),
+    ok = 'print(\'[{"row": "vae", "model": "m", "mode": "x"}]\')'
+    error = 'print(\'[{"row": "sample", "error": "no CUDA"}]\')'
+    crash = "import sys; print('x'); sys.exit('NCCL is missing')"
+    rows = [dict(id="ok", command=python + [ok], estimate_s=1),
+            dict(id="error", command=python + [error], estimate_s=1),
+            dict(id="crash", command=python + [crash], estimate_s=1),
             dict(id="hang", command=python + [hang], estimate_s=1),
             dict(id="late", command=python + ["print('[]')"], estimate_s=400)]
     done = bench.run_suite(rows, tmp_path / "suite.json", budget=60, setup="test", slack=1)

@@ -364,8 +364,8 @@ def test_workers_end_with_a_killed_prepare_data(folder, tmp_path):
 def _prepare_worker(rank, world, port, jobs, counts):
     """One of torchrun's processes, as torchrun would start it (gloo on CPU)."""
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     calls = []
@@ -380,7 +380,8 @@ def _prepare_worker(rank, world, port, jobs, counts):
     dist.destroy_process_group()
 
 
-def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae, tmp_path, monkeypatch):
+def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae, tmp_path,
+                                                                monkeypatch):
     """
     Under torchrun the batches alternate between the processes and the output is byte for byte
     the one-process output, from scratch and when resuming a one-process run that was stopped.
@@ -413,6 +414,7 @@ def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae,
     for out in ("two", "resumed"):
         assert sorted(os.listdir(tmp_path / out)) == names
         for name in names:
-            assert (tmp_path / out / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), (out, name)
+            same = (tmp_path / out / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+            assert same, (out, name)
     counts = [json.loads((tmp_path / "counts" / f"{r}.json").read_text()) for r in (0, 1)]
     assert all(len(c) >= 2 for c in counts)  # both processes encoded batches, in both runs

@@ -566,9 +566,9 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
         diffusion = train.create_diffusion("", args.noise_schedule)
         whole = train.compute_loss(model, model, diffusion, batch, args)[1]
         taken[0] = 0
-        parts = torch.stack([train.compute_loss(model, model, diffusion,
-                                                train.micro_batch(batch, slice(i, i + 4), None, args),
-                                                args)[1] for i in range(0, 16, 4)]).mean(0)
+        micro = [train.micro_batch(batch, slice(i, i + 4), None, args) for i in range(0, 16, 4)]
+        parts = torch.stack([train.compute_loss(model, model, diffusion, m, args)[1]
+                             for m in micro]).mean(0)
         monkeypatch.undo()
         losses[selection] = dict(zip(train.LOG_TERMS, zip(whole.tolist(), parts.tolist())))
     soft, hard = losses["soft"], losses["hard"]
@@ -640,8 +640,8 @@ def test_an_out_of_memory_error_is_one_sentence_and_keeps_the_run(tmp_path, unch
     monkeypatch.setattr(train, "compute_loss", out_of_memory)
     code, text = cli("--resume", first, "--iterations", "2", "--grad-accum", "2")
     assert code == 1 and "\n" not in text
-    assert text.startswith("error: out of memory on cpu at step 2: a global batch of 16 (16 on this "
-                           "process in 2 micro-batches of 8) did not fit; --grad-accum 4 "
+    assert text.startswith("error: out of memory on cpu at step 2: a global batch of 16 (16 on "
+                           "this process in 2 micro-batches of 8) did not fit; --grad-accum 4 "
                            "(micro-batches of 4), --checkpointing")
     assert "or a smaller --batch-size would help" in text
     kept()
