@@ -652,7 +652,11 @@ def test_an_out_of_memory_error_is_one_sentence_and_keeps_the_run(tmp_path, unch
 
 
 def test_compiled_blocks_give_the_eager_step(base_checkpoint):
-    """--compile's regional compilation (each block), traced by dynamo (aot_eager: no C++ build)."""
+    """
+    --compile's regional compilation, traced by dynamo (aot_eager: no C++ build): the four blocks
+    share one compiled graph, and the step with checkpointing is the eager one.
+    """
+    from torch._dynamo.utils import counters
     args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp"])
     data = train.PreparedData(args.data)
     rows, _ = train.split(data, args.holdout)
@@ -666,9 +670,11 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
         model.set_checkpointing(True).train()
         if compiled:
             torch._dynamo.reset()
+            counters.clear()
             train.compile_blocks(model, backend="aot_eager")
         loss, _ = train.compute_loss(model, model, diffusion, batch, args)
         loss.backward()
         grads.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["total"] == 1
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
