@@ -1241,7 +1241,15 @@ def setup_line(device, precision):
 
 
 def print_results(results):
-    print(format_table(results))
+    """The table, the end-to-end checks of the device suite, and the targets."""
+    print(format_table([r for r in results if r["row"] != "check"]))
+    checks = [r for r in results if r["row"] == "check"]
+    if checks:
+        print("\nchecks")
+    for r in checks:
+        facts = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in r.items() if k not in ("row", "model", "mode", "run"))
+        print(f"  {r['model']}, {r['mode']}: {facts}")
     print("\ntargets")
     for what, value, met in targets(results):
         verdict = "(met)" if met else "(missed)" if met is False else "(not measured)"

@@ -299,15 +299,18 @@ def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None, t
     rounding. Every term is a mean over samples, hence additive: the diffusion loss, the importance
     loss (the CV^2 across prompts of each sample's gate weights, averaged over the batch: Eqs.
     12-13) and Eq. 11's load (a count per sample). Hard selection's load is the exception: Shazeer
-    et al.'s smooth estimator is the CV^2 of a sum over the batch, so each micro-batch (and under
-    DDP each process, as before) takes it of its own samples, and the step's load is their mean.
-    That mean is at least the whole batch's (a standard deviation is a seminorm, so the CV of a sum
-    is at most the mean-weighted CVs of its parts, and squaring is convex): it pushes toward
-    balance at least as hard (tests/test_train.py checks the bound). The draws inside the forward
-    pass (label dropout, the gate's noise) come from torch's generator, seeded per step and process
-    by the loop: like their split over processes, their split over micro-batches changes which
-    numbers are drawn, not their distribution; the data, timesteps and noise (get_batch) are the
-    same whatever the split.
+    et al.'s smooth estimator is, per block, the CV^2 of S, the sum over the batch of each sample's
+    probabilities of keeping each prompt. Each micro-batch (and under DDP each process, as before)
+    takes it of its own sum S_k, and the step's load is the mean over k of CV^2(S_k), where the
+    whole batch's is CV^2(sum_k S_k). With w_k = mean(S_k) / mean(S), CV^2(S) <= sum_k w_k
+    CV^2(S_k) (a standard deviation is a seminorm, and squaring is convex), and w_k is 1/K to
+    within how far each sample's probabilities are from summing to top_k: to that tolerance the
+    step's load is at least the batch's and pushes toward balance at least as hard
+    (tests/test_train.py checks the inequality; there w_k is 1/K to 4%). The draws inside the
+    forward pass (label dropout, the gate's noise) come from torch's generator, seeded per step
+    and process by the loop: like their split over processes, their split over micro-batches
+    changes which numbers are drawn, not their distribution; the data, timesteps and noise
+    (get_batch) are the same whatever the split.
     """
     K, size = args.grad_accum, len(batch[0])
     # Before the forward: the last step's gradients are freed before the activations build up.
@@ -321,7 +324,9 @@ def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None, t
             with autocast:
                 loss, terms = compute_loss(model, raw, diffusion, micro, args)
             loss = loss / K
-            (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
+                loss = scaler.scale(loss)
+            loss.backward()
         terms_sum = terms_sum + terms.detach().float() / K
     if scaler is None:
         opt.step()
