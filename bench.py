@@ -270,7 +270,6 @@ def row_train(name, mode, preset, device, precision, compile, peak, options=None
     FLOPs, not checkpointing's second forward pass.
     """
     from prepare_data import PreparedData
-    import train
     options = dict(options or {})
     with tempfile.TemporaryDirectory() as tmp:
         shape = (4, preset["input_size"], preset["input_size"])
@@ -1037,6 +1036,7 @@ def last_line(text):
 
 
 def read_log(run_dir):
+    """A run's log.jsonl as a list of dicts."""
     return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
@@ -1118,6 +1118,7 @@ def row_digits_train(preset, device, work):
 
 
 def digits_checkpoint(work):
+    """The last checkpoint of the digits-train row's resumed run."""
     found = sorted((work / "digits").glob("*/checkpoints/[0-9]*.pt"))
     if not found:
         raise RowError(f"no digits run in {work / 'digits'}: the digits-train row failed or did "
