@@ -1235,8 +1235,11 @@ def setup_line(device, precision):
     """The GPU (or CPU), torch, CUDA and NCCL versions and the date: what the README's rows cite."""
     line = describe(device, precision, False)
     if device.type == "cuda":
-        nccl = (".".join(map(str, torch.cuda.nccl.version()))
-                if torch.distributed.is_nccl_available() else "none")
+        try:
+            version = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except Exception as e:  # a broken NCCL is for the torchrun rows to report, not a reason to stop
+            nccl = f"unknown ({type(e).__name__})"
         line += f"; CUDA {torch.version.cuda}; NCCL {nccl}"
     return line
 
