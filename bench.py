@@ -962,7 +962,7 @@ DEVICE_SUITE = [
     ("sample-XL2", "DDPM-250 sampling, DiT-XL/2, batch 64, with and without a DMP patch",
      ["sample", "DiT-XL/2"], False, 25),
     ("vae", "VAE encoding (and decoding), 256x256, batch 16", ["vae"], False, 15),
-    ("torchrun-train", "a train.py step under torchrun, one process (NCCL)",
+    ("torchrun-train", "train.py under torchrun, one process (NCCL's group; no collective runs)",
      ["torchrun-train"], False, 20),
     ("digits-train", "train.py on the digits: 300 steps, SIGKILL, --resume, against an "
      "uninterrupted run", ["digits-train"], False, 45),

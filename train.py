@@ -786,7 +786,7 @@ def run(argv, claimed):
         if args.sample_every:
             print(f"sample grid: {run_dir / 'samples' / f'{step:07d}.png'}")
         print(f"checkpoint: {checkpoints(run_dir)[-1]}")
-    if world > 1:
+    if backend is not None:  # torchrun, even with one process
         dist.destroy_process_group()
 
 
