@@ -1238,7 +1238,7 @@ def setup_line(device, precision):
         try:
             version = torch.cuda.nccl.version()
             nccl = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-        except Exception as e:  # a broken NCCL is for the torchrun rows to report, not a reason to stop
+        except Exception as e:  # a broken NCCL is for the torchrun rows to report
             nccl = f"unknown ({type(e).__name__})"
         line += f"; CUDA {torch.version.cuda}; NCCL {nccl}"
     return line
