@@ -457,7 +457,8 @@ def main(argv=None):
         log(dict(event="eval", step=0, **before))
         print(f"{bpd_label} before: {before['bpd']:.4f}" + (
             f"; sample FD {before['fd_heldout']:.3f}, KID {before['kid_heldout']:.4f} against the "
-            f"held-out digits (theirs: FD {before['floor_fd']:.3f}, KID {before['floor_kid']:.4f})"
+            f"held-out digits (297 training digits: FD {before['floor_fd']:.3f}, KID "
+            f"{before['floor_kid']:.4f})"
             if args.eval_fd else ""))
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
