@@ -41,7 +41,8 @@ class MixtureOfPrompts(nn.Module):
 
     Options (each a row of the paper's ablations):
       gate             'linear' (Eq. 3) | 'attention' (Table 4a) | None (naive prompt tuning, Eq. 2)
-      selection        'soft': softmax weights over all prompts | 'hard': the top_k fraction, weight 1 (Table 4b)
+      selection        'soft': softmax weights over all prompts | 'hard': the top_k fraction (4b)
+      hard_weights     'softmax': softmax over the kept logits (authors' code) | 'one': weight 1
       prompt_selection 'distinct': the gate sees the block index | 'uniform': one mixture for all blocks (4c)
       position         'add' (Eq. 2) | 'prepend' num_prompts tokens, stripped before the final layer (4d)
       depth            prompts in the first `depth` blocks only (Fig. 4); None = every block
@@ -53,9 +54,11 @@ class MixtureOfPrompts(nn.Module):
     """
     def __init__(self, num_blocks, num_tokens, dim, num_prompts=None, gate="linear", selection="soft", top_k=0.75,
                  prompt_selection="distinct", position="add", depth=None, init="zero", gate_cond="t",
-                 block_index="onehot", noisy_gate=False, prompt_widths=None):
+                 block_index="onehot", noisy_gate=False, prompt_widths=None,
+                 hard_weights="softmax"):
         super().__init__()
         assert gate in ("linear", "attention", None) and selection in ("soft", "hard")
+        assert hard_weights in ("softmax", "one")
         assert prompt_selection in ("distinct", "uniform") and position in ("add", "prepend")
         assert init in ("zero", "random") and gate_cond in ("t", "t+c") and block_index in ("onehot", "scalar")
         if position == "add" and num_prompts not in (None, num_tokens):
@@ -63,7 +66,7 @@ class MixtureOfPrompts(nn.Module):
         self.num_prompts = N = num_prompts or (num_tokens if position == "add" else 50)
         self.depth = L = min(depth or num_blocks, num_blocks)
         self.gate_type, self.selection, self.position, self.gate_cond = gate, selection, position, gate_cond
-        self.top_k = max(1, int(top_k * N))
+        self.top_k, self.hard_weights = max(1, int(top_k * N)), hard_weights
         self.distinct, self.block_index = prompt_selection == "distinct", block_index
         self.noisy = noisy_gate or selection == "hard"  # the hard top-k load estimator needs the noise
 
@@ -99,7 +102,9 @@ class MixtureOfPrompts(nn.Module):
         if gate is not None and self.noisy:
             # Shazeer et al. (2017) Eq. 4: H(x) = x W_g + StandardNormal() * Softplus(x W_noise).
             self.w_noise = nn.Parameter(torch.zeros(dim, N))
-        self.gates, self.load = None, None  # the last forward's gate weights [L, B, N] and load, for the losses
+        # The last forward's gate weights (B, L, N) and load, for the losses; and the same weights
+        # without the gate noise, for train.py's log of how far the gate has moved (gate_movement).
+        self.gates, self.load, self.clean_gates = None, None, None
 
     # ---- the gate ----------------------------------------------------------------------------------------------
 
@@ -120,19 +125,37 @@ class MixtureOfPrompts(nn.Module):
         else:
             std = (F.softplus(c @ self.w_noise) + 1e-2)[:, None, :]      # Shazeer Eq. 4, epsilon as the authors
             noisy = clean + torch.randn_like(clean) * std
-        if self.selection == "soft":
-            return F.softmax(noisy, dim=-1), None
-        # Table 4b: the top-k prompts (192 of 256 by default) are used with weight 1, the others not at all.
-        top = noisy.topk(min(self.top_k + 1, self.num_prompts), dim=-1).values
-        weights = (noisy >= top[..., self.top_k - 1: self.top_k]).to(c.dtype)
-        load = None
-        if std is not None and self.top_k < self.num_prompts:
-            # Shazeer et al. (2017) Eqs. 8-10: P(prompt n stays in the top k when only its own noise is redrawn),
-            # a smooth stand-in for "how often is n selected" that carries a gradient to the gate.
-            threshold_in, threshold_out = top[..., self.top_k: self.top_k + 1], top[..., self.top_k - 1: self.top_k]
-            threshold = torch.where(noisy > threshold_in, threshold_in, threshold_out)
-            load = torch.distributions.Normal(0.0, 1.0).cdf((clean - threshold) / std).sum(0)  # (L, N)
+        weights = self.select(noisy)
+        with torch.no_grad():
+            self.clean_gates = weights.detach() if std is None else self.select(clean)
+        if self.selection == "soft" or std is None or self.top_k == self.num_prompts:
+            return weights, None
+        # Shazeer et al. (2017) Eqs. 8-10: P(prompt n stays in the top k when only its own noise is
+        # redrawn), a smooth stand-in for "how often is n selected" that carries a gradient to the
+        # gate (the authors' code).
+        top = noisy.topk(self.top_k + 1, dim=-1).values
+        k = self.top_k
+        threshold_in, threshold_out = top[..., k: k + 1], top[..., k - 1: k]
+        threshold = torch.where(noisy > threshold_in, threshold_in, threshold_out)
+        load = torch.distributions.Normal(0.0, 1.0).cdf((clean - threshold) / std).sum(0)  # (L, N)
         return weights, load
+
+    def select(self, logits):
+        """
+        Mixture weights from gate logits (..., N): Eq. 3's softmax over all N prompts, or Table 4b's
+        hard selection of the top k (192 of 256 by default). The paper says the kept prompts are
+        used "with a weight of 1"; the authors' code takes a softmax over the kept logits and
+        scatters it back (their models.py, top_k_gates = softmax(top_k_logits)), which passes the
+        task loss's gradient to the gate and keeps the weights' sum at 1 as in the soft path; that
+        is the default, 'one' the paper's sentence (no task gradient reaches the gate, only the load
+        loss's). topk's indices keep exactly k per row even when logits tie (a zero gate in eval),
+        where a >= threshold would keep them all.
+        """
+        if self.selection == "soft":
+            return F.softmax(logits, dim=-1)                               # Eq. 3
+        top, index = logits.topk(self.top_k, dim=-1)
+        kept = F.softmax(top, dim=-1) if self.hard_weights == "softmax" else torch.ones_like(top)
+        return torch.zeros_like(logits).scatter(-1, index, kept)
 
     # ---- the hook called before every block -----------------------------------------------------------------
 
@@ -148,6 +171,7 @@ class MixtureOfPrompts(nn.Module):
                 q = self.w_q(self.prompts)                                 # (L, N, D)
                 scores = torch.einsum("lnd,bd->bln", q, self.w_k(c)) / math.sqrt(q.shape[-1])
                 self.gates, self.load = F.softmax(scores, dim=-1), None    # softmax over the prompts
+                self.clean_gates = self.gates.detach()
         if self.gate_type is None:
             prompt = self.prompts[i][None]                                 # Eq. 2: naive prompt tuning
         elif self.gate_type == "attention":
@@ -268,22 +292,26 @@ def add_scale(module, dim):
 #                   patch(): every further-training method                      #
 #################################################################################
 
-# Learning-rate multipliers of the base rate (1e-4 in the paper), explicit for every method.
-# DMP and prompt tuning: 1x (DMP appendix; the gate at 10x only with gate_lr_scale=10, as the authors' code).
-# full, LoRA: 1x, the DMP paper's one optimiser setting for all its comparisons (Tables 2, 7).
-# DiffFit, BitFit: 10x, DiffFit Sec. 4 ("we enlarge lr x10 for parameter-efficient fine-tuning settings").
+# One learning-rate rule for every method: the DMP paper trains every method it compares at the same
+# lr (1e-4, Tables 2 and 7). Each method's own multiplier is an explicit option (train.py
+# --lr-scale; DMP's gate has its own, --gate-lr-scale, 10 in the authors' code). DiffFit's paper
+# trains DiffFit and BitFit at 10x ("we enlarge lr x10 for parameter-efficient fine-tuning
+# settings", its Sec. 4.1): that is lr_scale=10, not the default.
 METHODS = ("full", "prompt", "dmp", "lora", "difffit", "bitfit")
-LR_SCALE = dict(full=1.0, prompt=1.0, dmp=1.0, lora=1.0, difffit=10.0, bitfit=10.0)
 
 
 def patch(model, method, **options):
     """
     Freeze the backbone, add what `method` trains, and return the parameter groups to optimise:
-    [{'params': [...], 'lr_scale': float, 'name': str}, ...]. Options per method:
-      dmp/prompt  MixtureOfPrompts options, plus gate_lr_scale (1.0)
-      lora        rank (16: 2.4M parameters on DiT-B/2, close to DMP's 2.6M), alpha (= rank)
-      difffit     gamma_blocks (14, DiffFit's first 14 blocks), pos_scale (1.0; 0.5 is DiffFit's positional
-                  trick for fine-tuning a 256x256 checkpoint at 512x512, Sec. 4.3)
+    [{'params': [...], 'lr_scale': float, 'name': str}, ...]. Options, every method: lr_scale (1.0),
+    the multiplier of the run's lr for what the method trains. Per method:
+      dmp/prompt  MixtureOfPrompts options, plus gate_lr_scale (1.0; relative to lr_scale)
+      lora        rank (16: 2.4M parameters on DiT-B/2, close to DMP's 2.6M; 'dmp': the rank whose
+                  count is nearest DMP's on this model, lora_rank_matching), alpha (= rank)
+      difffit     gamma_fraction (0.5: the first half of the blocks, DiffFit's 14 of 28),
+                  train_labels (False: the label table stays frozen when further-training on the
+                  labels it was trained on), pos_scale (1.0; 0.5 is DiffFit's positional trick for
+                  fine-tuning a 256x256 checkpoint at 512x512, Sec. 4.3)
     On the SD UNet (model_unet.UNetModel) see _patch_unet.
     """
     if method not in METHODS:
@@ -291,9 +319,10 @@ def patch(model, method, **options):
     for p in model.parameters():
         p.requires_grad_(False)
     model.patch_method, model.patch_options = method, dict(options)
-    lr = LR_SCALE[method]
+    options = dict(options)
+    lr = options.pop("lr_scale", 1.0)
     if hasattr(model, "input_blocks"):
-        groups = _patch_unet(model, method, lr, dict(options))
+        groups = _patch_unet(model, method, lr, options)
         for group in groups:
             for p in group["params"]:
                 p.requires_grad_(True)
@@ -303,7 +332,6 @@ def patch(model, method, **options):
         params = [p for n, p in model.named_parameters() if n != "pos_embed"]
         groups = [dict(params=params, lr_scale=lr, name="all")]
     elif method in ("prompt", "dmp"):
-        options = dict(options)
         gate_lr_scale = options.pop("gate_lr_scale", 1.0)
         if method == "prompt":
             options["gate"] = None
@@ -316,24 +344,44 @@ def patch(model, method, **options):
             groups.append(dict(params=gate, lr_scale=lr * gate_lr_scale, name="gate"))
     elif method == "lora":
         rank = options.get("rank", 16)
+        if rank == "dmp":
+            rank = lora_rank_matching(model, dmp_parameter_count(model))
+            model.patch_options["rank"] = rank  # the patch file records the rank, not 'dmp'
         for block in model.blocks:
-            for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            for linear in lora_linears(block):
                 add_lora(linear, rank, options.get("alpha", rank))
         params = [p for n, p in model.named_parameters() if ".lora_" in n]
         groups = [dict(params=params, lr_scale=lr, name="lora")]
     elif method == "difffit":
+        # DiffFit's final setting (its Table 4c, row 8): scale factors gamma, initialised to 1, on
+        # the attention and MLP branches of a block (Alg. 1) and on its QKV projection (Alg. 3's
+        # gamma1), in the first half of the blocks (Table 4b: blocks 1-14 of DiT-XL/2's 28 beat
+        # every other range), and on the final layer. Alg. 3's second gamma, on the attention's
+        # output projection, is Alg. 1's attention gamma again (the branch's output is that
+        # projection's), so it is not added twice. "Final layer": the paper gives no code; gamma
+        # scales the output of its linear map, as every other gamma scales a layer's output.
         dim = model.pos_embed.shape[-1]
-        for block in list(model.blocks)[: options.get("gamma_blocks", 14)]:
+        # the first gamma_fraction of the blocks, rounded half up: 14 of 28, 2 of 3
+        first = int(options.get("gamma_fraction", 0.5) * len(model.blocks) + 0.5)
+        for block in list(model.blocks)[:first]:
             add_scale(block.attn, dim)
             add_scale(block.mlp, dim)
+            add_scale(block.attn.qkv, block.attn.qkv.out_features)
+        add_scale(model.final_layer.linear, model.final_layer.linear.out_features)
         if options.get("pos_scale", 1.0) != 1.0:
             from model_dit import get_2d_sincos_pos_embed
             grid = int(model.x_embedder.num_patches ** 0.5)
             table = get_2d_sincos_pos_embed(dim, grid, grid_scale=options["pos_scale"])
             model.pos_embed.data.copy_(torch.from_numpy(table).float()[None])
-        # DiffFit Alg. 2: trainable_names = ["bias", "norm", "gamma", "y_embed"] (DiT's norms have no weights).
+        # DiffFit Alg. 2: trainable_names = ["bias", "norm", "gamma", "y_embed"] (DiT's norms have
+        # no weights), without "y_embed" unless the labels are new: "we do not need to fine-tune the
+        # label embedding here since the label does not change" (its Sec. 4.3), which is DMP's
+        # setting, further-training on the model's own data. On DiT-XL/2's 1000 classes the table
+        # alone would be 1.15M of 1.72M parameters.
+        train_labels = options.get("train_labels", False)
         params = [p for n, p in model.named_parameters()
-                  if n.endswith(".bias") or ".norm" in n or n.endswith(".gamma") or n.startswith("y_embedder.")]
+                  if n.endswith(".bias") or ".norm" in n or n.endswith(".gamma")
+                  or (train_labels and n.startswith("y_embedder."))]
         groups = [dict(params=params, lr_scale=lr, name="difffit")]
     else:                                    # bitfit (Zaken et al. 2021): the bias terms only
         params = [p for n, p in model.named_parameters() if n.endswith(".bias")]
@@ -344,13 +392,34 @@ def patch(model, method, **options):
     return groups
 
 
+def lora_linears(block):
+    """The linear maps of a DiT block that LoRA adapts: attention qkv and output, the MLP's two."""
+    return block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+
+
+def dmp_parameter_count(model, **options):
+    """What patch(model, 'dmp', **options) would train on a DiT, counted on the meta device."""
+    with torch.device("meta"):
+        mop = MixtureOfPrompts(len(model.blocks), model.x_embedder.num_patches,
+                               model.pos_embed.shape[-1], **options)
+    return sum(p.numel() for p in mop.parameters())
+
+
+def lora_rank_matching(model, budget):
+    """The LoRA rank (at least 1) whose parameter count on a DiT is nearest `budget`."""
+    per_rank = sum(linear.in_features + linear.out_features for block in model.blocks
+                   for linear in lora_linears(block))
+    return max(1, round(budget / per_rank))
+
+
 def _patch_unet(model, method, lr, options):
     """
     patch() on the SD UNet: DMP and prompt tuning through UNetMixtureOfPrompts (option grid, 16); LoRA on the
     q/k/v/out projections of both attentions and the two feed-forward linears of every transformer block;
     DiffFit's gamma on the self-attention, cross-attention and feed-forward branches of every transformer block
-    (DiffFit defines its first-14-blocks rule for DiT only; gamma_blocks and pos_scale are DiT's) and trains the
-    biases and the GroupNorm/LayerNorm affine weights with them (the UNet has no label embedding).
+    (DiffFit defines its first-half rule for DiT only; gamma_fraction and pos_scale are DiT's) and
+    trains the biases and the GroupNorm/LayerNorm affine weights with them (the UNet has no label
+    embedding).
     """
     from model_unet import BasicTransformerBlock
     transformer_blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
@@ -369,6 +438,8 @@ def _patch_unet(model, method, lr, options):
         return groups + ([dict(params=gate, lr_scale=lr * gate_lr_scale, name="gate")] if gate else [])
     if method == "lora":
         rank = options.get("rank", 16)
+        if not isinstance(rank, int):
+            raise ValueError(f"LoRA on the UNet takes an integer rank, not {rank!r}")
         for block in transformer_blocks:
             for attn in (block.attn1, block.attn2):
                 for linear in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
@@ -521,6 +592,41 @@ def gate_weights(model, timesteps=None, y=None):
         weights, _ = mop.mixture_weights(c)
     mop.train(was_training)
     return weights.permute(1, 0, 2).float().cpu().numpy()
+
+
+def gate_movement(weights, time_axis=None):
+    """
+    How far mixture weights (..., N) (leading axes: blocks, timesteps, samples) are from the uniform
+    1/N the zero-initialised gate starts at: the largest and the mean |N g_n - 1| (0: uniform; 0.1:
+    some weight 10% off 1/N), and the entropy relative to the uniform mixture's, smallest and mean
+    (1: uniform). With time_axis, the axis along which the timestep varies, also gate_tv_t: the mean
+    total-variation distance between a mixture and the mean mixture along that axis (0: the same
+    mixture at every timestep, whatever it is). A gate that stays uniform makes Eq. 3 naive prompt
+    tuning with every prompt scaled by 1/N, which under Adam is prompt tuning at lr/N; one that
+    moves but does not depend on t is a fixed reweighting of the prompts: these numbers say whether
+    a run's DMP mixes its prompts differently at each timestep, the paper's idea.
+    """
+    w = torch.as_tensor(weights).detach().double()
+    n = w.shape[-1]
+    deviation = (w * n - 1).abs()
+    entropy = -(w * w.clamp_min(1e-30).log()).sum(-1) / math.log(n)
+    out = dict(gate_dev_max=deviation.max().item(), gate_dev_mean=deviation.mean().item(),
+               gate_entropy_min=entropy.min().item(), gate_entropy_mean=entropy.mean().item())
+    if time_axis is not None:
+        out["gate_tv_t"] = (w - w.mean(time_axis, keepdim=True)).abs().sum(-1).mean().item() / 2
+    return out
+
+
+def logged_gate_movement(model):
+    """
+    gate_movement of the mixture in the model's last forward, without the gate noise ({} without a
+    gate): the batch's samples have random timesteps, so gate_tv_t is how much the mixture varies
+    across them (and, with gate_cond 't+c', across their labels or captions).
+    """
+    mop = getattr(model, "block_input", None)
+    if not isinstance(mop, MixtureOfPrompts) or mop.clean_gates is None:
+        return {}
+    return gate_movement(mop.clean_gates.float(), time_axis=0)
 
 
 def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):

@@ -1,7 +1,8 @@
 """
-The report of study.py: study.json to the markdown of the README's "Reproducing the paper" section (and
-study.md, the same text), its two figures, and the commands for every full-scale row of the paper. Everything
-here is a function of study.json alone, so `python study.py --render` rewrites it byte for byte.
+The report of study.py: study.json to the markdown of the README's "Reproducing the paper" section
+(and study.md, the same text), its figures, and the commands for every full-scale row of the paper.
+Everything here is a function of study.json alone, so `python study.py --render` rewrites it
+byte for byte.
 """
 from pathlib import Path
 
@@ -10,22 +11,26 @@ import numpy as np
 import dmp
 
 README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
-# study.py's methods, in the paper's order, as the tables name them.
-METHOD_NAMES = dict(full="fine-tuning", prompt="prompt tuning (Eq. 2)", dmp="**DMP**", lora="LoRA (r 16)",
-                    difffit="DiffFit", bitfit="BitFit")
+QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
+METRIC_NAMES = dict(heldout_loss="held-out loss", bpd="bits/dim", fd_train="FD vs train",
+                    kid_train="KID vs train", fd_heldout="FD vs held-out",
+                    kid_heldout="KID vs held-out")
+DIGITS = dict(heldout_loss=5, bpd=4, fd_train=3, kid_train=4, fd_heldout=3, kid_heldout=4)
+GATE = ("gate_dev_max", "gate_dev_mean", "gate_entropy_min", "gate_entropy_mean", "gate_tv_t")
 
 
 def draw_curve(points, path, width=480, height=240, pad=36):
     """
-    The held-out loss against the step as a PNG (PIL only): all of it on the left, and on the right the steps
-    from a quarter of the run on, scaled to their own range so that the plateau can be seen; each panel's range
-    is written on its axes.
+    The held-out loss against the step as a PNG (PIL only): all of it on the left, and on the right
+    the steps from a quarter of the run on, scaled to their own range so that the plateau can be
+    seen; each panel's range is written on its axes.
     """
     from PIL import Image, ImageDraw
     points = np.array(points, dtype=np.float64)
     image = Image.new("RGB", (2 * width, height), "white")
     draw = ImageDraw.Draw(image)
-    for left, (steps, losses) in ((0, points.T), (width, points[points[:, 0] >= points[-1, 0] / 4].T)):
+    late = points[points[:, 0] >= points[-1, 0] / 4]
+    for left, (steps, losses) in ((0, points.T), (width, late.T)):
         lo, hi = losses.min(), losses.max()
         x0, x1, y0, y1 = left + pad, left + width - pad, height - pad, pad
         xy = [(x0 + (x1 - x0) * (s - steps.min()) / (steps.max() - steps.min()),
@@ -40,10 +45,14 @@ def draw_curve(points, path, width=480, height=240, pad=36):
 
 
 def draw_figures(study, out):
-    """pretraining_curve.png and fig5_gate.png, from study.json's numbers alone."""
+    """pretraining_curve.png and Fig. 5 of each DMP row drawn (fig5_gate.png: the default's)."""
     draw_curve(study["pretraining"], out / "pretraining_curve.png")
-    if "gate" in study:
-        dmp.draw_gate_heatmap(np.array(study["gate"]["weights"]), out / "fig5_gate.png", cell=4, gap=8)
+    for key, weights in study.get("fig5", {}).items():
+        dmp.draw_gate_heatmap(np.array(weights), out / figure_name(key), cell=4, gap=8)
+
+
+def figure_name(key):
+    return "fig5_gate.png" if key == "dmp" else f"fig5_gate_{key}.png"
 
 
 def mean_std(values):
@@ -56,35 +65,69 @@ def fmt(values, digits=4):
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
+def quality_cell(values, boot_sd, metric):
+    """mean ± seed std, and in brackets the half-width of the bootstrap's 95% interval."""
+    return f"{fmt(values, DIGITS[metric])} (±{1.96 * boot_sd:.{DIGITS[metric]}f})"
+
+
+def label(study, key, bold=True):
+    name = study["rows"][key]["label"] if key in study["rows"] else dict(
+        base="base", floor="held-out digits").get(key, key)
+    return name if bold else name.strip("*")
+
+
 def render(study):
     """The markdown of study.md and of the README section: a function of study.json alone."""
-    st, base = study["settings"], study["base"]
-    last = str(st["iterations"])
-    seeds = len(st["seeds"])
+    st, rows = study["settings"], study["rows"]
+    last, seeds, n = st["iterations"], len(st["seeds"]), st["heldout_images"]
     L = []
     w = L.append
     w("## Reproducing the paper")
     w("")
-    w(f"The paper's experiments in miniature, on the bundled digits (1,500 training and {st['heldout_images']} "
-      f"held-out 8×8 images) and the converged digits DiT of the demo (`assets/dit_digits.pt`, 0.33M parameters). Produced by "
-      f"`{study['command']}` on {study['date']} (torch {study['torch']}, CPU); `python study.py --render` rewrites "
-      f"this section and its figures from `assets/study/study.json`, byte for byte. Every method further-trains "
-      f"the same base on its own pretraining data for {int(last):,} iterations (batch {st['batch_size']}, AdamW, lr {st['lr']:g} — "
-      f"the lr the base was pretrained with, as the paper further-trains at its pretraining lr — no EMA, "
-      f"{seeds} seed{'s' if seeds > 1 else ''}); every command is listed at the end of this section. "
-      f"Metrics, on fixed held-out images with fixed noise (paired: every model sees the same draws): the held-out "
-      f"loss (the training objective, all held-out images, 4 draws each), the exact variational bound in bits/dim "
-      f"(all 1000 steps, the first {st['bpd_images']} held-out images), and the noise MSE per band of 100 timesteps "
-      f"(the same images, every timestep). Lower is better everywhere; mean ± std over seeds.")
+    w(f"The paper's experiments in miniature, on the bundled digits (1,500 training and {n} "
+      f"held-out "
+      f"8×8 images) and the converged digits DiT of the demo (`assets/dit_digits.pt`, 0.33M "
+      f"parameters), with the control that separates DMP's gate from its learning rate. Produced "
+      f"by "
+      f"`{study['command']}` on {study['date']} (torch {study['torch']}, CPU); `python study.py "
+      f"--render` rewrites this section and its figures from `assets/study/study.json`, byte for "
+      f"byte. Every method further-trains the same base on its own pretraining data for {last:,} "
+      f"iterations (batch {st['batch_size']}, AdamW, no EMA, {seeds} seed{'s' * (seeds > 1)}) at "
+      f"one "
+      f"learning rate, {st['lr']:g} (the lr the base was pretrained with, as the paper "
+      f"further-trains "
+      f"every method at its pretraining lr), times only the multiplier a row names; every command "
+      f"is listed at the end of this section.")
+    w("")
+    sets = st["sample_sets"]
+    w(f"Metrics. Likelihood, on fixed held-out images with fixed noise (every model sees the same "
+      f"draws): the held-out loss (the training objective, all held-out images, 4 draws each) and "
+      f"the exact variational bound in bits/dim (all 1000 steps, the first {st['bpd_images']} "
+      f"held-out images). Sample quality, the paper's measure, without Inception: the Fréchet "
+      f"distance (FD) and the KID of the features of a small classifier trained on the training "
+      f"digits only (`{st['classifier']['command']}`, held-out accuracy "
+      f"{st['classifier']['heldout_accuracy']:.4f}; `digits_fid.py`), between {n} samples and the "
+      f"1,500 training digits (\"vs train\") or the {n} held-out digits (\"vs held-out\"): every "
+      f"number at that matched count, the mean over {sets} set{'s' * (sets > 1)} of {n} samples "
+      f"(DDPM, {st['sample_steps']} steps, the same noise for every model), with a bootstrap of "
+      f"{st['replicates']} resamplings. \"Held-out digits\" is the floor, real digits measured the "
+      f"same way. Lower is better everywhere; mean ± std over seeds.")
+    w("")
+    w("**When a difference counts** (fixed in `study.py` before the runs): " + study["rule"])
     w("")
     if study.get("wall_minutes") is not None:
-        w(f"The whole study took {study['wall_minutes']:.0f} minutes on {study['cpus']} CPU cores ({study['jobs']} "
-          f"runs at a time, one thread each)" + (f", reusing {study['reused_evaluations']} evaluations of an "
-          f"interrupted earlier invocation" if study["reused_evaluations"] else "") + ".")
+        reused = study["reused_evaluations"]
+        w(f"The whole study took {study['wall_minutes']:.0f} minutes on {study['cpus']} CPU cores "
+          f"({study['jobs']} runs at a time, one thread each)" + (
+              f", reusing {reused} evaluations of an interrupted earlier "
+              f"invocation" if reused else "")
+          + ".")
         w("")
-    w("**Pretraining** (the base; `assets/dit_digits.log.jsonl`): the held-out loss of the EMA model against the "
-      "step (right: from a quarter of the run on, on its own scale); it stops improving at about 12K steps, and "
-      "the base is the 16K-step model.")
+    w("**Pretraining** (the base; `assets/dit_digits.log.jsonl`): the held-out loss of the EMA "
+      "model "
+      "against the step (right: from a quarter of the run on, on its own scale); it stops "
+      "improving "
+      "at about 12K steps, and the base is the 16K-step model.")
     w("")
     w("![pretraining curve](assets/study/pretraining_curve.png)")
     w("")
@@ -94,156 +137,346 @@ def render(study):
     w("| --- | " + " | ".join("---" for _ in marks) + " |")
     w("| held-out loss | " + " | ".join(f"{curve[s]:.4f}" for s in marks) + " |")
     w("")
-    methods = study["methods"]
-    if methods:
-        counts = st["eval_at"]
-        w(f"**Tables 2, 3 and 7: further-training methods across iterations** (held-out bits/dim; base "
-          f"{base['bpd']:.4f})")
-        w("")
-        w("| method | trained parameters | " + " | ".join(f"+{int(c):,}" for c in counts) + " | Δ bits/dim at "
-          f"+{int(last):,} | held-out loss at +{int(last):,} (base {base['heldout_loss']:.5f}) | FID |")
-        w("| --- | --- | " + " | ".join("---" for _ in counts) + " | --- | --- | --- |")
-        for m in METHOD_NAMES:
-            if m not in methods:
-                continue
-            e = methods[m]
-            runs = list(e["runs"].values())
-            w(f"| {METHOD_NAMES[m]} | {e['trained']:,} ({100 * e['trained'] / e['total']:.2f}%) | "
-              + " | ".join(fmt([r[str(c)]["bpd"] for r in runs]) for c in counts)
-              + f" | {fmt([r[last]['bpd'] - base['bpd'] for r in runs], 4)} | "
-              f"{fmt([r[last]['heldout_loss'] for r in runs], 5)} | n/a¹ |")
-        w("")
-        w("**Stage-specific change** (the claim behind Table 3): the noise MSE of each band of timesteps after "
-          "each number of iterations, as % change from the base's (base MSE in the first row).")
-        w("")
-        w("| method | iterations | " + " | ".join(f"t {100 * b}-{100 * b + 99}" for b in range(10)) + " |")
-        w("| --- | --- | " + " | ".join("---" for _ in range(10)) + " |")
-        w("| base MSE | | " + " | ".join(f"{v:.4f}" for v in base["mse_bands"]) + " |")
-        for m in METHOD_NAMES:
-            if m in methods:
-                runs = list(methods[m]["runs"].values())
-                for i, c in enumerate(counts):
-                    w(f"| {METHOD_NAMES[m] if i == 0 else ''} | +{int(c):,} | " + " | ".join(
-                        fmt([100 * (r[str(c)]["mse_bands"][b] / base["mse_bands"][b] - 1) for r in runs], 2)
-                        for b in range(10)) + " |")
-        w("")
-        w(verdict(study))
-        w("")
+    if rows:
+        render_rows(study, w)
     if study["ablations"]:
-        d0 = methods.get("dmp", {}).get("runs", {}).get(str(st["seeds"][0]))
-        w(f"**Table 4 and Fig. 4: DMP ablations** (seed {st['seeds'][0]}, +{int(last):,} iterations; the default "
-          f"row is the DMP run of the same seed; Δ from the base)")
-        w("")
-        w("| case | flags | held-out loss | bits/dim | Δ bits/dim |")
-        w("| --- | --- | --- | --- | --- |")
-        if d0:
-            w(f"| **default** (linear, soft, distinct, add, IB 1 LB 1, all 4 blocks) | | "
-              f"{d0[last]['heldout_loss']:.5f} | {d0[last]['bpd']:.4f} | {d0[last]['bpd'] - base['bpd']:+.4f} |")
-        for key, a in study["ablations"].items():
-            w(f"| {key} | `{' '.join(a['flags'])}` | {a['heldout_loss']:.5f} | {a['bpd']:.4f} | "
-              f"{a['bpd'] - base['bpd']:+.4f} |")
-        w("")
-        same = [k for k, a in study["ablations"].items()
-                if d0 and (a["heldout_loss"], a["bpd"]) == (d0[last]["heldout_loss"], d0[last]["bpd"])]
-        if same:
-            w(f"Identical to the default to every digit: {'; '.join(same)}. Eq. 11's load loss counts gate values "
-              f"below zero, which a softmax never produces, so under soft selection it is zero and its coefficient "
-              f"changes nothing (dmp.py computes it literally; hard selection uses a smooth estimator).")
-            w("")
+        render_ablations(study, w)
     if study["scratch"]:
-        w("**Table 6: DMP from the start of training** (the base's recipe, lr 1e-3, but EMA 0.99, seed "
-          f"{st['seeds'][0]}; the EMA model; held-out bits/dim, and held-out loss in brackets)")
-        w("")
-        steps = list(next(iter(study["scratch"].values()))["evals"])
-        w("| run | " + " | ".join(f"{int(s):,} iterations" for s in steps) + " |")
-        w("| --- | " + " | ".join("---" for _ in steps) + " |")
-        for key, e in study["scratch"].items():
-            w(f"| {key} | " + " | ".join(f"{e['evals'][s]['bpd']:.4f} ({e['evals'][s]['heldout_loss']:.5f})"
-                                         for s in steps) + " |")
-        w("")
+        render_scratch(study, w)
     if "table5" in study:
-        w(f"**Table 5: structural bias**: off-diagonal statistics between {st['samples']:,} generated samples "
-          f"(DDPM {st['sample_steps']} steps, the same noise for both models), base against DMP (seed "
-          f"{st['seeds'][0]}).")
+        w(f"**Table 5: structural bias**: off-diagonal statistics between "
+          f"{study['table5']['samples']:,} generated samples (DDPM {st['sample_steps']} steps, "
+          f"the same "
+          f"noise for both models), base against DMP (seed {st['seeds'][0]}).")
         w("")
         w("| model | metric | max | min | mean | std |")
         w("| --- | --- | --- | --- | --- | --- |")
         for model, name in (("base", "base"), ("dmp", "+ DMP")):
             for metric in ("correlation", "similarity"):
                 v = study["table5"][model][metric]
-                w(f"| {name} | {metric} | {v['max']:.4f} | {v['min']:.4f} | {v['mean']:.4f} | {v['std']:.4f} |")
+                w(f"| {name} | {metric} | {v['max']:.4f} | {v['min']:.4f} | {v['mean']:.4f} | "
+                  f"{v['std']:.4f} |")
         w("")
-    if "gate" in study:
-        g = study["gate"]
-        w("**Fig. 5: the trained gate** (DMP, seed 0): one panel per block, rows timesteps from 990 (top) to 0 "
-          "in steps of 10, columns the 16 prompts, each panel coloured from its smallest weight (dark blue) to its "
-          "largest (yellow).")
+    for key in study.get("fig5", {}):
+        g = rows[key]["gate"][str(st["seeds"][0])]
+        w(f"**Fig. 5: the trained gate** ({label(study, key)}, seed {st['seeds'][0]}): one panel "
+          f"per "
+          f"block, rows timesteps from 990 (top) to 0 in steps of 10, columns the "
+          f"{st['n_prompts']} "
+          f"prompts, each panel coloured from its smallest weight (dark blue) to its largest "
+          f"(yellow).")
         w("")
-        w("![gate weights](assets/study/fig5_gate.png)")
+        w(f"![gate weights](assets/study/{figure_name(key)})")
         w("")
-        w(f"The mixture's entropy relative to the uniform mixture's is {g['entropy_high_t']:.4f} at t ≥ 500 and "
-          f"{g['entropy_low_t']:.4f} at t < 500 (1 is uniform); weights range from {g['min_over_uniform']:.3f} to "
-          f"{g['max_over_uniform']:.3f} times 1/16." + (
-              " The gate has hardly left its zero initialisation: every block mixes its prompts almost uniformly at "
-              "every timestep, which is why removing the block index (4c) changes little here."
-              if g["max_over_uniform"] < 1.05 and g["min_over_uniform"] > 0.95 else ""))
+        w(f"The mixture's entropy relative to the uniform mixture's is {g['entropy_high_t']:.4f} "
+          f"at "
+          f"t ≥ 500 and {g['entropy_low_t']:.4f} at t < 500 (1 is uniform); the weights are at "
+          f"most "
+          f"{g['gate_dev_max']:.3f} of 1/{st['n_prompts']} away from it, and a block's mixture "
+          f"differs from its mean over timesteps by {g['gate_tv_t']:.4f} in total variation.")
         w("")
     w(commands(study))
     w("")
-    w("¹ FID: not computed. fid.py needs pytorch-fid's Inception weights (`pt_inception-2015-12-05-6726825d.pth`, "
-      "downloaded once into the cache), which could not be fetched where this study ran; and an FID between 8×8 "
-      "digits upsampled to 299×299 says little. The held-out bound is this scale's likelihood metric.")
+    w("¹ FID: not computed. fid.py needs pytorch-fid's Inception weights "
+      "(`pt_inception-2015-12-05-6726825d.pth`, downloaded once into the cache), which could not "
+      "be "
+      "fetched where this study ran; and an FID between 8×8 digits upsampled to 299×299 says "
+      "little. The digits classifier's FD and KID stand in for it.")
     w("")
     w(FULL_SCALE)
     return "\n".join(L) + "\n"
 
 
+def render_rows(study, w):
+    """The main table: likelihood across iterations, sample quality, gate movement, the verdicts."""
+    st, base, rows = study["settings"], study["base"], study["rows"]
+    counts, last = st["eval_at"], str(st["iterations"])
+    w(f"**Tables 2, 3 and 7: further-training methods across iterations** (held-out bits/dim; "
+      f"base {base['bpd']:.4f})")
+    w("")
+    w("| method | trained parameters | " + " | ".join(f"+{int(c):,}" for c in counts)
+      + f" | Δ bits/dim at +{int(last):,} | held-out loss at +{int(last):,} (base "
+      f"{base['heldout_loss']:.5f}) | FID |")
+    w("| --- | --- | " + " | ".join("---" for _ in counts) + " | --- | --- | --- |")
+    for key, e in rows.items():
+        runs = list(e["runs"].values())
+        w(f"| {e['label']} | {e['trained']:,} ({100 * e['trained'] / e['total']:.2f}%) | "
+          + " | ".join(fmt([r[str(c)]["bpd"] for r in runs]) for c in counts)
+          + f" | {fmt([r[last]['bpd'] - base['bpd'] for r in runs], 4)} | "
+          f"{fmt([r[last]['heldout_loss'] for r in runs], 5)} | n/a¹ |")
+    w("")
+    w(f"**Sample quality** at +{int(last):,} (digits-classifier features; mean ± std over seeds, "
+      f"in "
+      f"brackets the half-width of the bootstrap's 95% interval of the mean; KID's estimator is "
+      f"unbiased, so it can fall below zero)")
+    w("")
+    w("| | " + " | ".join(METRIC_NAMES[m] for m in QUALITY) + " |")
+    w("| --- | " + " | ".join("---" for _ in QUALITY) + " |")
+    for name, e in (("held-out digits (the floor)", study["floor"]), ("base", base)):
+        w(f"| {name} | " + " | ".join(quality_cell([e["quality"][m]], e["boot_sd"][m], m)
+                                      for m in QUALITY) + " |")
+    for key, e in rows.items():
+        qs = list(e["quality"].values())
+        w(f"| {e['label']} | " + " | ".join(quality_cell([q[m] for q in qs], e["boot_sd"][m], m)
+                                            for m in QUALITY) + " |")
+    w("")
+    gated = [k for k, e in rows.items() if e["gate"]]
+    if gated:
+        w(f"**How far each DMP gate moved** from the uniform 1/{st['n_prompts']} it starts at (the "
+          f"trained gate at timesteps 0, 10, ..., 990, every block; mean ± std over seeds): the "
+          f"largest and the mean |{st['n_prompts']} g − 1|, the entropy relative to uniform (1: "
+          f"uniform), and the total variation between a block's mixture at one timestep and its "
+          f"mean over timesteps (0: the same mixture at every t).")
+        w("")
+        w("| | max deviation | mean deviation | min entropy | mean entropy | variation across t |")
+        w("| --- | --- | --- | --- | --- | --- |")
+        for key in gated:
+            g = list(rows[key]["gate"].values())
+            w(f"| {rows[key]['label']} | " + " | ".join(fmt([x[m] for x in g], 4) for m in GATE)
+              + " |")
+        w("")
+    render_rule(study, w)
+    w("**Stage-specific change** (the claim behind Table 3): the noise MSE of each band of "
+      "timesteps after each number of iterations, as % change from the base's (base MSE in the "
+      "first row).")
+    w("")
+    w("| method | iterations | " + " | ".join(f"t {100 * b}-{100 * b + 99}" for b in range(10))
+      + " |")
+    w("| --- | --- | " + " | ".join("---" for _ in range(10)) + " |")
+    w("| base MSE | | " + " | ".join(f"{v:.4f}" for v in base["mse_bands"]) + " |")
+    for key, e in rows.items():
+        runs = list(e["runs"].values())
+        for i, c in enumerate(counts):
+            change = [fmt([100 * (r[str(c)]["mse_bands"][b] / base["mse_bands"][b] - 1)
+                           for r in runs], 2) for b in range(10)]
+            w(f"| {e['label'] if i == 0 else ''} | +{int(c):,} | " + " | ".join(change) + " |")
+    w("")
+
+
+def render_rule(study, w):
+    """The comparisons the rule decided, and the verdict they add up to."""
+    rows = study["rows"]
+    w("**The rule applied.** Each DMP row against the control and against prompt tuning: the "
+      "difference of the means (row minus reference), the seed spread it must exceed, the "
+      "bootstrap interval it must exclude zero from (FD, KID), and whether it counts.")
+    w("")
+    w("| row | reference | metric | difference | seed spread | 95% interval | counts |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for c in study["comparisons"]:
+        if c["b"] not in ("prompt-lr/N", "prompt"):
+            continue
+        for m, v in metric_items(c):
+            d = DIGITS[m] + 1
+            lo_hi = (f"[{v['interval'][0]:+.{d}f}, {v['interval'][1]:+.{d}f}]" if "interval" in v
+                     else "—")
+            spread = "one seed" if v["seed_spread"] is None else f"{v['seed_spread']:.{d}f}"
+            w(f"| {label(study, c['a'])} | {label(study, c['b'])} | {METRIC_NAMES[m]} | "
+              f"{v['diff']:+.{d}f} | {spread} | {lo_hi} | {'**yes**' if v['counts'] else 'no'} |")
+    w("")
+    w("Every row against the base (and the base against the held-out digits): the difference, in "
+      "bold where it counts by the rule.")
+    w("")
+    w("| row | " + " | ".join(METRIC_NAMES.values()) + " |")
+    w("| --- | " + " | ".join("---" for _ in METRIC_NAMES) + " |")
+    for c in study["comparisons"]:
+        if c["b"] == "floor" or (c["b"] == "base" and c["a"] in rows):
+            cells = []
+            for m in METRIC_NAMES:
+                v = c.get(m)
+                text = f"{v['diff']:+.{DIGITS[m] + 1}f}" if v else "—"
+                cells.append(f"**{text}**" if v and v["counts"] else text)
+            w(f"| {label(study, c['a'])} vs {label(study, c['b'])} | " + " | ".join(cells) + " |")
+    w("")
+    w(verdict(study))
+    w("")
+
+
+def metric_items(comparison):
+    return [(m, comparison[m]) for m in METRIC_NAMES if m in comparison]
+
+
+def render_ablations(study, w):
+    """Table 4 and Fig. 4: one DMP run per row, seed 0, its sample quality, its gate's movement."""
+    st, base, rows = study["settings"], study["base"], study["rows"]
+    last, seed = str(st["iterations"]), str(st["seeds"][0])
+    w(f"**Table 4 and Fig. 4: DMP ablations** (seed {seed}, +{int(last):,} iterations; the default "
+      f"row is the DMP run of the same seed; Δ from the base; FD and KID with the half-width of "
+      f"their bootstrap interval; the gate's largest deviation from uniform and its variation "
+      f"across timesteps)")
+    w("")
+    w("| case | flags | held-out loss | bits/dim | Δ bits/dim | FD vs train | FD vs held-out | "
+      "KID vs held-out | max deviation | variation across t |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    entries = [(key, f"`{' '.join(a['flags'])}`", a) for key, a in study["ablations"].items()]
+    named = [("**default** (linear, soft, distinct, add, IB 1 LB 1, all 4 blocks)", "dmp")]
+    named += list(study["table4e"].items())  # runs that are another row's to the last digit
+    for name, key in named:
+        if key in rows and seed in rows[key]["runs"]:
+            r = rows[key]
+            run = dict(r["runs"][seed][last], quality=r["quality"][seed], gate=r["gate"].get(seed))
+            entries.insert(0 if key == "dmp" and name.startswith("**") else len(entries),
+                           (name, "" if name.startswith("**") else f"= {label(study, key, False)}",
+                            run))
+    for name, flags, a in entries:
+        q, g, sd = a["quality"], a.get("gate"), a.get("boot_sd")
+        cells = [f"{q[m]:.{DIGITS[m]}f}" + (f" (±{1.96 * sd[m]:.{DIGITS[m]}f})" if sd else "")
+                 for m in ("fd_train", "fd_heldout", "kid_heldout")]
+        gate = [f"{g['gate_dev_max']:.3f}", f"{g['gate_tv_t']:.4f}"] if g else ["—", "—"]
+        w(f"| {name} | {flags} | {a['heldout_loss']:.5f} | {a['bpd']:.4f} | "
+          f"{a['bpd'] - base['bpd']:+.4f} | " + " | ".join(cells + gate) + " |")
+    w("")
+    w("Table 4e's rows marked = are not run again: Eq. 11's load loss counts gate values below "
+      "zero, which a softmax never produces, so under soft selection it is zero and its "
+      "coefficient "
+      "multiplies nothing; a run with another LB is the run with the same IB to the last digit "
+      "(dmp.py computes Eq. 11 literally; hard selection uses Shazeer et al.'s smooth estimator "
+      "instead).")
+    w("")
+
+
+def render_scratch(study, w):
+    """Table 6: pretraining with and without DMP from step 0."""
+    w(f"**Table 6: DMP from the start of training** (the base's recipe, lr 1e-3, but EMA 0.99, "
+      f"seed {study['settings']['seeds'][0]}; the EMA model; held-out bits/dim, and held-out loss "
+      f"in brackets; FD of the last)")
+    w("")
+    steps = list(next(iter(study["scratch"].values()))["evals"])
+    w("| run | " + " | ".join(f"{int(s):,} iterations" for s in steps)
+      + " | FD vs train | FD vs held-out |")
+    w("| --- | " + " | ".join("---" for _ in steps) + " | --- | --- |")
+    for key, e in study["scratch"].items():
+        q = e["quality"]
+        w(f"| {key} | " + " | ".join(f"{e['evals'][s]['bpd']:.4f} "
+                                     f"({e['evals'][s]['heldout_loss']:.5f})" for s in steps)
+          + f" | {q['fd_train']:.3f} | {q['fd_heldout']:.3f} |")
+    w("")
+
+
 def commands(study):
     """Every run and evaluation of the study as the command that made it."""
-    st, methods = study["settings"], study["methods"]
+    st, rows = study["settings"], study["rows"]
     others = ", ".join(str(x) for x in st["seeds"][1:])
-    L = ["**The commands** (each run with its own `--results-dir`; `python study.py` runs them all and skips what "
-         "is finished):", "",
-         "```bash"]
-    if methods:
-        L.append("# Tables 2, 3 and 7: one run per method" + (f", again with --seed {others}" if others else ""))
-        L += [methods[m]["command"] for m in METHOD_NAMES if m in methods]
-    if study["ablations"] and "dmp" in methods:
-        L.append("# Table 4, Fig. 4: the DMP command above with the row's flags appended, e.g.")
-        key = next(iter(study["ablations"]))
-        L.append(methods["dmp"]["command"] + " " + " ".join(study["ablations"][key]["flags"]))
+    L = ["**The commands** (each run with its own `--results-dir`; `python study.py` runs them all "
+         "and skips what is finished):", "", "```bash"]
+    L.append(f"{st['classifier']['command']}   # the feature net, once")
+    if rows:
+        again = f", again with --seed {others}" if others else ""
+        L.append("# the main table: one run per row" + again)
+        L += [e["command"] for e in rows.values()]
+    if study["ablations"] and "dmp" in rows:
+        L.append("# Table 4, Fig. 4: the DMP command above with the row's flags added, e.g.")
+        flags = " ".join(next(iter(study["ablations"].values()))["flags"])
+        L.append(rows["dmp"]["command"].replace("--method dmp", f"--method dmp {flags}"))
     if study["scratch"]:
         L.append("# Table 6")
         L += [e["command"] for e in study["scratch"].values()]
-    L.append("# every evaluation (CKPT: a run's checkpoints/NNNNNNN.pt, or the base)")
+    L.append("# every evaluation (CKPT: a run's checkpoints/NNNNNNN.pt, or the base; a run's "
+             "last one "
+             "samples)")
     L.append(f"python study.py --evaluate CKPT --eval-out eval.json --bpd-images {st['bpd_images']} "
-             f"[--samples {st['samples']} --sample-steps {st['sample_steps']}]")
+             f"--sample-sets {st['sample_sets']} --sample-steps {st['sample_steps']} --replicates "
+             f"{st['replicates']}")
     L.append("```")
     return "\n".join(L)
 
 
+def comparison(study, a, b):
+    """study.json's comparison of row a with row b ({} if the rule did not compare them)."""
+    return next((c for c in study["comparisons"] if (c["a"], c["b"]) == (a, b)), {})
+
+
+def counted(study, a, b):
+    """The metrics on which row a differs from row b by the rule: {metric: difference}."""
+    return {m: v["diff"] for m, v in metric_items(comparison(study, a, b)) if v["counts"]}
+
+
 def verdict(study):
-    """The honest sentence: did DMP beat the baselines and the base on held-out bits/dim at this scale?"""
-    st, base, methods = study["settings"], study["base"], study["methods"]
-    last = str(st["iterations"])
-    final = {m: mean_std([r[last]["bpd"] for r in e["runs"].values()]) for m, e in methods.items()}
-    ranked = sorted(final, key=lambda m: final[m][0])
-    order = ", ".join(f"{METHOD_NAMES[m].strip('*')} {final[m][0]:.4f}" for m in ranked)
-    better_than_base = [m for m in ranked if final[m][0] + final[m][1] < base["bpd"]]
-    if "dmp" not in final:
-        return f"Final held-out bits/dim, best first: {order} (base {base['bpd']:.4f})."
-    d, s = final["dmp"]
-    where = ranked.index("dmp") + 1
-    head = (f"**At this scale DMP {'beat' if where == 1 else 'did not beat'} every baseline**: ranked {where} of "
-            f"{len(ranked)} on final held-out bits/dim ({order}; base {base['bpd']:.4f}). ")
-    if len(st["seeds"]) > 1:
-        moved = (f"It {'improved on' if d + s < base['bpd'] else 'did not improve on'} the base by more than its "
-                 f"seed-to-seed spread ({d - base['bpd']:+.4f} ± {s:.4f} bits/dim). ")
-    else:
-        moved = f"Its change from the base: {d - base['bpd']:+.4f} bits/dim (one seed, no spread). "
-    others = ("Methods below the base by more than their spread: "
-              + (", ".join(METHOD_NAMES[m].strip("*") for m in better_than_base) or "none") + ".")
-    return head + moved + others
+    """
+    The plain answer, from the comparisons the rule decided: does any DMP row beat the control
+    (prompt tuning at lr/N), how far did each gate move and does its mixture depend on t, and which
+    rows changed sample quality. A mixture "depends on t" when its variation across timesteps
+    (gate_tv_t) reaches MIXING; below it, whatever the gate learned is one fixed reweighting.
+    """
+    st, rows = study["settings"], study["rows"]
+    n = st["n_prompts"]
+    if len(st["seeds"]) < 2:
+        return ("**No verdict from one seed**: the rule needs the spread over seeds, which one "
+                "seed does not have; `python study.py` (three seeds) gives it.")
+    text = ""
+    if "prompt-lr/N" in rows:
+        dmps = [k for k in rows if k.startswith("dmp")]
+        tv = {k: float(np.mean([g["gate_tv_t"] for g in rows[k]["gate"].values()])) for k in dmps}
+        moved = {k: max(g["gate_dev_max"] for g in rows[k]["gate"].values()) for k in dmps}
+        diff = {k: counted(study, k, "prompt-lr/N") for k in dmps}
+        helped = [k for k in dmps if any(v < 0 for v in diff[k].values())
+                  and not any(v > 0 for v in diff[k].values())]
+        mixers = [k for k in helped if tv[k] >= MIXING]
+        static = [k for k in helped if tv[k] < MIXING]
+        if mixers:
+            text = ("**Verdict: by the rule, " + " and ".join(
+                f"{label(study, k, False)} beat{'s' * (len(mixers) == 1)} prompt tuning at lr/{n} "
+                f"on {', '.join(METRIC_NAMES[m] for m in diff[k])}" for k in mixers)
+                + ", with a mixture that depends on the timestep.**")
+        elif any(tv[k] >= MIXING for k in dmps):
+            text = (f"**Verdict: at this scale, mixing the prompts by timestep adds nothing over "
+                    f"prompt tuning at lr/{n}.**")
+        else:
+            text = (f"**Verdict: at this scale no DMP gate came to mix its prompts by timestep, "
+                    f"and DMP adds no timestep mixing to prompt tuning at lr/{n}.**")
+        if static:
+            text += " " + " ".join(
+                f"{label(study, k, False)} beats the control by the rule on "
+                f"{', '.join(METRIC_NAMES[m] for m in diff[k])}, but its gate gives the same "
+                f"mixture at every timestep: a fixed reweighting of the prompts, not the paper's "
+                f"mixing." for k in static)
+        items = []
+        for k in dmps:
+            c = comparison(study, k, "prompt-lr/N")
+            found = ", ".join(f"{'better' if v < 0 else 'worse'} on {METRIC_NAMES[m]}"
+                              for m, v in diff[k].items())
+            mixing = (f"its mixture depends on t (variation {tv[k]:.3f})" if tv[k] >= MIXING else
+                      f"its mixture is the same at every timestep (variation {tv[k]:.4f})")
+            numbers = ", ".join(f"{METRIC_NAMES[m]} {c[m]['diff']:+.1e} (seed spread "
+                                f"{c[m]['seed_spread']:.1e})" for m in ("heldout_loss", "bpd",
+                                                                         "fd_heldout"))
+            items.append(f"{label(study, k, False)}: the gate's largest |{n} g − 1| is "
+                         f"{moved[k]:.3g} (0: uniform; {n - 1}: one prompt takes all) and "
+                         f"{mixing}. Against the control, "
+                         + (f"{found} by the rule" if found else "no difference counts")
+                         + f"; the differences: {numbers}.")
+        text += "\n\n" + "\n".join(f"- {x}" for x in items) + "\n\n"
+    changed = {k: counted(study, k, "base") for k in rows}
+    better = [label(study, k, False) for k, d in changed.items()
+              if any(v < 0 for m, v in d.items() if m in QUALITY)]
+    worse = [label(study, k, False) for k, d in changed.items()
+             if any(v > 0 for m, v in d.items() if m in QUALITY)]
+    text += (f"Sample quality against the base, by the rule: better on some FD or KID for "
+             f"{', '.join(better) or 'no row'}; worse for {', '.join(worse) or 'no row'}.")
+    return text + "\n\n" + SETTLE
+
+
+MIXING = 0.01  # gate_tv_t from which a mixture is said to depend on the timestep (verdict)
+
+
+SETTLE = """What would settle it at full scale is the same control in the paper's own setting.
+DiT-B/2 on FFHQ 256 has 256 tokens, so N = 256 prompts per block and the control is prompt tuning
+at lr/256, beside DMP and DMP with the authors' gate, each further-trained 30K steps from the same
+600K-step base (Table 2's row: the paper reports prompt tuning at lr, 6.81, and DMP, 5.87, but not
+the control), three seeds each (`--seed`), FID on 50K samples, and train.py's log showing how far
+each gate moved (`gate_dev_max`, `gate_tv_t` on every line). DMP's gate earns credit only where DMP
+beats the control by more than the seed spread and FID's own interval:
+
+```bash
+python train.py --dataset ffhq --model DiT-B/2 --iterations 600000          # runs/000-ffhq-pretrain
+BASE=runs/000-ffhq-pretrain/checkpoints/0600000.pt
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method prompt --lr-scale 0.00390625
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp \\
+    --gate-lr-scale 10 --noisy-gate
+python sample.py --ckpt runs/001-ffhq-prompt/checkpoints/0030000.pt --num-samples 50000 \\
+    --out samples/control
+python fid.py data/ffhq-fid-stats.npz samples/control.npz       # and the same for the DMP runs
+```"""
 
 
 FULL_SCALE = """### At full scale: every row of the paper

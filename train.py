@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import digits_fid
 import dmp
 from checkpoints import CheckpointError, atomic_save, read_state_dict
 from diffusion import create_diffusion
@@ -61,7 +62,8 @@ PRESETS = {
                   text=True, sample_every=0),
     "demo": dict(data="assets/digits", noise_schedule="cosine", unconditional=True, init="assets/dit_digits.pt",
                  method="dmp", holdout=297, no_flip=True, iterations=1500, log_every=50, ckpt_every=500,
-                 sample_every=1500, device="cpu", eval_bpd=True, bpd_images=100, threads=1),
+                 sample_every=1500, device="cpu", eval_bpd=True, bpd_images=100, threads=1,
+                 eval_fd=True),
 }
 
 
@@ -86,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, help="default 50000 with --init (paper), 400000 from scratch")
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over the processes")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr-scale", type=float, default=1.0,
+                   help="the method's multiplier of --lr: the DMP paper trains every method at "
+                   "the same lr (1); DiffFit's paper: 10 for DiffFit and BitFit")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, help="EMA decay; default 0.9999 when pretraining, none when further-training")
     p.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
@@ -96,6 +101,9 @@ def parse_args(argv=None):
     g.add_argument("--gate", choices=["linear", "attention"], default="linear", help="Table 4a")
     g.add_argument("--selection", choices=["soft", "hard"], default="soft", help="Table 4b")
     g.add_argument("--top-k", type=float, default=0.75, help="fraction kept by hard selection (192 of 256)")
+    g.add_argument("--hard-weights", choices=["softmax", "one"], default="softmax",
+                   help="hard selection: a softmax over the kept logits (authors' code) or "
+                   "weight 1 (the paper's text)")
     g.add_argument("--prompt-selection", choices=["distinct", "uniform"], default="distinct", help="Table 4c")
     g.add_argument("--position", choices=["add", "prepend"], default="add", help="Table 4d")
     g.add_argument("--num-prompts", type=int, help="prepend: how many (50); add: always one per token")
@@ -107,8 +115,10 @@ def parse_args(argv=None):
     g.add_argument("--noisy-gate", action="store_true", help="learned gate noise (authors' code)")
     g.add_argument("--gate-lr-scale", type=float, default=1.0, help="10 in the authors' code")
     g.add_argument("--authors-code", action="store_true", help="all four of the authors' deviations (dmp.AUTHORS_CODE)")
-    g.add_argument("--lora-rank", type=int, default=16)
-    g.add_argument("--gamma-blocks", type=int, default=14, help="DiffFit: blocks with scale factors")
+    g.add_argument("--lora-rank", type=lora_rank, default=16, help="an integer, or 'dmp': the rank "
+                   "whose parameter count is nearest DMP's on this model (dmp.lora_rank_matching)")
+    g.add_argument("--gamma-fraction", type=float, default=0.5,
+                   help="DiffFit: the first half of the blocks get scale factors (its Table 4b)")
     g.add_argument("--pos-scale", type=float, default=1.0, help="DiffFit: 0.5 fine-tunes a 256 model at 512")
     # machinery
     p.add_argument("--results-dir", default="runs")
@@ -136,6 +146,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="held-out loss every K steps (needs --holdout)")
     p.add_argument("--eval-bpd", action=argparse.BooleanOptionalAction, default=False,
                    help="held-out bits/dim before and after training")
+    p.add_argument("--eval-fd", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --eval-bpd, on the bundled digits: the sample quality too "
+                   "(digits_fid: FD and KID of 297 samples against the held-out digits)")
     p.add_argument("--bpd-images", type=int, help="bits/dim on this many held-out images (default all; the bound "
                    "costs 1000 forward passes of them)")
     p.error = usage_error
@@ -165,10 +178,9 @@ def usage_error(message):
 
 # The range of every number a flag takes: a number outside it is refused before anything is made.
 AT_LEAST_ONE = ("iterations", "batch_size", "log_every", "ckpt_every", "keep", "threads",
-                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "lora_rank",
-                "grad_accum")
+                "bpd_images", "num_prompts", "prompt_depth", "prompt_grid", "grad_accum")
 AT_LEAST_ZERO = ("lr", "weight_decay", "holdout", "sample_every", "eval_every", "importance_coef",
-                 "load_coef", "gate_lr_scale", "gamma_blocks", "seed")
+                 "load_coef", "gate_lr_scale", "lr_scale", "seed")
 
 
 def range_errors(args):
@@ -180,6 +192,7 @@ def range_errors(args):
     bad += [("ema", "from 0, below 1")] if not 0 <= args.ema < 1 else []
     bad += [("top_k", "above 0, at most 1")] if not 0 < args.top_k <= 1 else []
     bad += [("pos_scale", "above 0")] if not args.pos_scale > 0 else []
+    bad += [("gamma_fraction", "from 0 to 1")] if not 0 <= args.gamma_fraction <= 1 else []
     return [f"--{k.replace('_', '-')} {v[k]} (must be {why})" for k, why in bad]
 
 
@@ -216,12 +229,24 @@ def method_options(args):
                        prompt_selection=args.prompt_selection, position=args.position, num_prompts=args.num_prompts,
                        depth=args.prompt_depth, init=args.prompt_init,
                        gate_cond=args.gate_cond or ("t+c" if args.text else "t"),
-                       block_index=args.block_index, noisy_gate=args.noisy_gate, gate_lr_scale=args.gate_lr_scale)
+                       block_index=args.block_index, noisy_gate=args.noisy_gate,
+                       gate_lr_scale=args.gate_lr_scale, hard_weights=args.hard_weights,
+                       lr_scale=args.lr_scale)
         options.update(dmp.AUTHORS_CODE if args.authors_code else {})
         options.update(dict(grid=args.prompt_grid) if args.model in UNet_configs else {})
         return {k: v for k, v in options.items() if v is not None}
-    return dict(lora=dict(rank=args.lora_rank), difffit=dict(gamma_blocks=args.gamma_blocks,
-                pos_scale=args.pos_scale)).get(args.method, {})
+    options = dict(lora=dict(rank=args.lora_rank), difffit=dict(gamma_fraction=args.gamma_fraction,
+                   pos_scale=args.pos_scale)).get(args.method, {})
+    return dict(options, lr_scale=args.lr_scale)
+
+
+def lora_rank(value):
+    """--lora-rank: a positive integer or 'dmp'."""
+    if value == "dmp":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a positive integer nor 'dmp'")
+    return int(value)
 
 
 #################################################################################
@@ -451,6 +476,26 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
         out["mse_bands"] = (mse_t / len(bpd_rows)).view(10, 100).mean(1).tolist()  # t in [0,100), [100,200), ...
     model.train(was_training)
     return out
+
+
+def sample_quality(model, data, train_rows, heldout_rows, args, steps=100):
+    """
+    With --eval-fd: FD and KID (digits_fid) of 297 samples (DDPM, `steps` steps, fixed noise: the
+    same before and after) against the held-out digits, and the held-out digits' own (297 training
+    digits against them).
+    """
+    if not args.eval_fd:
+        return {}
+    if Path(args.data).resolve() != digits_fid.DATA:
+        raise DataError(f"--eval-fd measures the bundled digits ({digits_fid.DATA}), "
+                        f"not {args.data}")
+    images = [data.batch(rows, False)[0] for rows in (train_rows, heldout_rows)]
+    net = digits_fid.load_classifier()
+    quality = digits_fid.SampleQuality(net, *images, replicates=0, chunks=1)
+    samples = quality.of_samples(digits_fid.generate(model, quality.n, steps))
+    floor = quality.measure(quality.train_sets, refs=("heldout",))
+    return dict(fd_heldout=samples["fd_heldout"], kid_heldout=samples["kid_heldout"],
+                floor_fd=floor["fd_heldout"], floor_kid=floor["kid_heldout"])
 
 
 #################################################################################
@@ -713,9 +758,14 @@ def run(argv, claimed):
             log(dict(event="resume", step=step, world=world, precision=precision))
     before, bpd_label = None, f"held-out bits/dim ({len(heldout_rows[:args.bpd_images])} images)"
     if args.eval_bpd and len(heldout_rows) and rank == 0 and step == 0:
-        before = evaluate(raw, diffusion, data, heldout_rows, args, device, bpd=True)
+        before = dict(evaluate(raw, diffusion, data, heldout_rows, args, device, bpd=True),
+                      **sample_quality(raw, data, train_rows, heldout_rows, args))
         log(dict(event="eval", step=0, weights="raw", **before))
-        print(f"{bpd_label} before: {before['bpd']:.4f}")
+        print(f"{bpd_label} before: {before['bpd']:.4f}" + (
+            f"; sample FD {before['fd_heldout']:.3f}, KID {before['kid_heldout']:.4f} against the "
+            f"held-out digits (297 training digits: FD {before['floor_fd']:.3f}, KID "
+            f"{before['floor_kid']:.4f})"
+            if args.eval_fd else ""))
     # Which weights each logged number comes from: training losses from the raw (optimised) weights;
     # held-out metrics and sample grids from the EMA if the run keeps one (its checkpoints load it).
     measured = "ema" if ema is not None else "raw"
@@ -749,8 +799,9 @@ def run(argv, claimed):
                 sys.exit(f"error: the loss (mean {avg['loss']:.4g}) or the weights are no longer finite at step {step}; "
                          f"stopped without saving. The last good checkpoint: {last_ckpt or 'none written yet'}")
             speed = n / (time.time() - t_log)
-            log(dict(step=step, weights="raw", **avg, steps_per_sec=speed,
-                     images_per_sec=speed * args.batch_size))
+            # DMP: how far the gate has moved from uniform (a uniform gate is prompt tuning at lr/N)
+            log(dict(step=step, weights="raw", **avg, **dmp.logged_gate_movement(raw),
+                     steps_per_sec=speed, images_per_sec=speed * args.batch_size))
             claimed.clear()  # the run folder now holds a record worth keeping
             bar.set_postfix(loss=f"{avg['loss']:.4f}", imp=f"{avg['importance']:.3g}", load=f"{avg['load']:.3g}",
                             it_s=f"{speed:.2f}")
@@ -777,12 +828,18 @@ def run(argv, claimed):
 
     if rank == 0:
         if args.eval_bpd and len(heldout_rows):
-            after = evaluate(ema or raw, diffusion, data, heldout_rows, args, device, bpd=True)
+            final = ema or raw
+            after = dict(evaluate(final, diffusion, data, heldout_rows, args, device, bpd=True),
+                         **sample_quality(final, data, train_rows, heldout_rows, args))
             log(dict(event="eval", step=step, weights=measured, **after))
             if before is not None:
                 weights = " (EMA weights)" if ema is not None else ""
                 print(f"{bpd_label}: {before['bpd']:.4f} before, {after['bpd']:.4f} after "
                       f"{args.method or 'training'}{weights}")
+            if before is not None and args.eval_fd:
+                print(f"sample FD against the held-out digits: {before['fd_heldout']:.3f} before, "
+                      f"{after['fd_heldout']:.3f} after; KID {before['kid_heldout']:.4f} before, "
+                      f"{after['kid_heldout']:.4f} after")
         if args.sample_every:
             print(f"sample grid: {run_dir / 'samples' / f'{step:07d}.png'}")
         print(f"checkpoint: {checkpoints(run_dir)[-1]}")

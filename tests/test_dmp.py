@@ -32,9 +32,12 @@ DMP_OPTIONS = [
     {}, dict(gate="attention"), dict(selection="hard"), dict(selection="hard", top_k=0.5),
     dict(prompt_selection="uniform"), dict(depth=1), dict(gate_cond="t+c"), dict(block_index="scalar"),
     dict(noisy_gate=True), dict(gate_lr_scale=10.0), dmp.AUTHORS_CODE,
+    dict(selection="hard", hard_weights="one"),
 ]
-METHOD_CASES = [("full", {}), ("prompt", {}), ("lora", {}), ("lora", dict(rank=2, alpha=4)), ("difffit", {}),
-                ("difffit", dict(gamma_blocks=1)), ("bitfit", {})] + [("dmp", o) for o in DMP_OPTIONS]
+METHOD_CASES = [("full", {}), ("prompt", {}), ("lora", {}), ("lora", dict(rank=2, alpha=4)),
+                ("lora", dict(rank="dmp")), ("difffit", {}),
+                ("difffit", dict(gamma_fraction=1.0, train_labels=True)), ("bitfit", {}),
+                ("bitfit", dict(lr_scale=10.0))] + [("dmp", o) for o in DMP_OPTIONS]
 CASE_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in METHOD_CASES]
 
 
@@ -87,12 +90,29 @@ def test_gradients_reach_exactly_the_trained_parameters_and_the_backbone_stays_f
     assert changed and (method not in ("prompt", "dmp") or "block_input.prompts" in changed)
 
 
-def test_learning_rate_multipliers_are_explicit():
-    model = tiny_dit()
-    assert [g["lr_scale"] for g in dmp.patch(model, "dmp", gate_lr_scale=10.0)] == [1.0, 10.0]
-    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "difffit")] == [10.0]
-    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "bitfit")] == [10.0]
-    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "lora")] == [1.0]
+def test_one_learning_rate_rule_with_explicit_multipliers():
+    """The DMP paper's rule, the same lr for every method; each multiplier only when asked for."""
+    for method in dmp.METHODS:
+        assert {g["lr_scale"] for g in dmp.patch(tiny_dit(), method)} == {1.0}, method
+    groups = dmp.patch(tiny_dit(), "dmp", gate_lr_scale=10.0, lr_scale=0.5)
+    assert [g["lr_scale"] for g in groups] == [0.5, 5.0]
+    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "difffit", lr_scale=10.0)] == [10.0]
+    assert [g["lr_scale"] for g in dmp.patch(tiny_dit(), "prompt", lr_scale=1 / 16)] == [1 / 16]
+
+
+def test_lora_at_dmps_parameter_budget():
+    """rank='dmp': the rank whose LoRA count is nearest DMP's (digits DiT: 4,096 a rank; 5,200)."""
+    import train
+    model = DiT(input_size=8, in_channels=1, num_classes=1, class_dropout_prob=0.0,
+                **train.DIGITS_MODEL)
+    assert dmp.dmp_parameter_count(model) == 4 * 16 * 64 + (64 + 1) * 16 + 16 * 4 == 5200
+    groups = dmp.patch(model, "lora", rank="dmp")
+    per_rank = 4 * (64 + 192 + 64 + 64 + 64 + 256 + 256 + 64)  # 4 blocks: qkv, proj, fc1, fc2
+    assert sum(p.numel() for p in groups[0]["params"]) == per_rank == 4096
+    assert model.patch_options["rank"] == 1  # the patch file records the rank it resolved to
+    with torch.device("meta"):
+        b2 = DiT_models["DiT-B/2"](input_size=32, num_classes=1, class_dropout_prob=0.0)
+    assert dmp.dmp_parameter_count(b2) == 2_559_232 and dmp.lora_rank_matching(b2, 2_559_232) == 17
 
 
 def test_balancing_losses_equal_hand_computed_values():
@@ -116,17 +136,81 @@ def test_balancing_losses_equal_hand_computed_values():
     assert dmp.balancing_losses(model)[1].item() == pytest.approx(0.5)  # one negative weight in 2 blocks
 
 
-def test_hard_selection_uses_top_k_with_weight_one_and_a_smooth_load():
-    model = tiny_dit().train()
+def test_hard_selection_keeps_exactly_k_and_passes_the_task_gradient_to_the_gate():
+    """
+    Table 4b as the authors' code: the top k logits, a softmax over them, scattered back. A zero
+    gate ties every logit, and exactly k (12 of 16) are still kept; the task loss alone moves the
+    gate; the load is smooth.
+    """
+    model = tiny_dit()
     model.y_embedder.dropout_prob = 0.0
     dmp.patch(model, "dmp", selection="hard", top_k=0.75)
+    model.eval()
+    mop = model.block_input
     x, t, y = batch()
+    model(x, t, y)  # eval: no noise, a zero gate: all 16 logits tie
+    assert ((mop.gates > 0).sum(-1) == 12).all()
+    assert torch.allclose(mop.gates.sum(-1), torch.ones(4, 3))
+    assert torch.equal(mop.gates.unique(), torch.tensor([0.0, 1 / 12]))
+    with torch.no_grad():
+        mop.prompts.normal_()
+        mop.gate.weight.normal_()
+    out = model(x, t, y)
+    g = mop.gates
+    assert ((g > 0).sum(-1) == 12).all()
+    logits = mop.gate_logits(model.t_embedder(t))
+    kept = logits.topk(12, dim=-1)
+    assert torch.allclose(g.gather(-1, kept.indices), torch.softmax(kept.values, -1), atol=1e-6)
+    out.square().mean().backward()  # the task loss only: no balancing loss
+    assert mop.gate.weight.grad.abs().sum() > 0 and mop.gate_index.grad.abs().sum() > 0
+    one = tiny_dit()
+    dmp.patch(one, "dmp", selection="hard", hard_weights="one")
+    one.eval()
+    with torch.no_grad():
+        one.block_input.prompts.normal_()
+        one.block_input.gate.weight.normal_()
+    one(x, t, y).square().mean().backward()  # the paper's "weight 1": no task gradient to the gate
+    assert set(one.block_input.gates.unique().tolist()) == {0.0, 1.0}
+    grad = one.block_input.gate.weight.grad
+    assert grad is None or grad.abs().sum() == 0
+    model.train()
+    model.zero_grad()
     model(x, t, y)
-    gates = model.block_input.gates
-    assert set(gates.unique().tolist()) == {0.0, 1.0} and (gates.sum(-1) == 12).all()  # 12 of 16 tokens
     _, load = dmp.balancing_losses(model)
     load.backward()
-    assert model.block_input.w_noise.grad.abs().sum() > 0 and model.block_input.gate.weight.grad.abs().sum() > 0
+    assert mop.w_noise.grad.abs().sum() > 0 and mop.gate.weight.grad.abs().sum() > 0
+
+
+def test_gate_movement_and_the_logged_clean_mixture():
+    uniform = torch.full((3, 10, 4), 0.25)
+    assert dmp.gate_movement(uniform, time_axis=1) == dict(
+        gate_dev_max=0.0, gate_dev_mean=0.0, gate_entropy_min=1.0, gate_entropy_mean=1.0,
+        gate_tv_t=0.0)
+    w = torch.tensor([[0.4, 0.2, 0.2, 0.2], [0.25, 0.25, 0.25, 0.25]])
+    m = dmp.gate_movement(w)
+    entropy = -(0.4 * np.log(0.4) + 3 * 0.2 * np.log(0.2)) / np.log(4)
+    assert m["gate_dev_max"] == pytest.approx(0.6)
+    assert m["gate_dev_mean"] == pytest.approx((0.6 + 3 * 0.2) / 8)
+    assert m["gate_entropy_min"] == pytest.approx(entropy)
+    assert m["gate_entropy_mean"] == pytest.approx((entropy + 1) / 2)
+    assert "gate_tv_t" not in m
+    assert dmp.gate_movement(w, time_axis=0)["gate_tv_t"] == pytest.approx(0.15 / 2)
+    static = torch.tensor([0.4, 0.2, 0.2, 0.2]).expand(5, 4)  # moved, but the same at every t
+    assert dmp.gate_movement(static, time_axis=0)["gate_tv_t"] == 0.0
+    model = tiny_dit().train()
+    model.y_embedder.dropout_prob = 0.0
+    dmp.patch(model, "dmp", noisy_gate=True)
+    assert dmp.logged_gate_movement(model) == {}
+    x, t, y = batch()
+    model(x, t, y)  # training: noisy weights for the loss, the clean (uniform) ones for the log
+    gates = model.block_input.gates
+    assert not torch.allclose(gates, torch.full_like(gates, 1 / 16))
+    logged = dmp.logged_gate_movement(model)
+    assert logged["gate_dev_max"] == 0.0 == logged["gate_tv_t"]
+    prompt = tiny_dit()
+    dmp.patch(prompt, "prompt")
+    prompt(x, t, y)
+    assert dmp.logged_gate_movement(prompt) == {}
 
 
 def test_importance_loss_alone_makes_the_mixture_more_even():
@@ -172,6 +256,36 @@ def test_prompt_depth_touches_only_the_first_blocks():
     model.block_input.prompts.data.zero_()
     model(x, t, y)  # with block 0's prompt gone, block 1's input changes: it went through block 0 only
     assert not torch.equal(inputs_1, inputs.pop())
+
+
+def test_difffit_on_dit_xl2_trains_what_its_paper_defines():
+    """
+    DiffFit's final setting on DiT-XL/2 (meta device): gamma on the attention, MLP and QKV outputs
+    of blocks 0-13 and on the final layer, every bias, the label table frozen (further-training on
+    ImageNet's own labels).
+    """
+    with torch.device("meta"):
+        model = DiT_models["DiT-XL/2"](input_size=32)
+    groups = dmp.patch(model, "difffit")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    count = sum(p.numel() for g in groups for p in g["params"])
+    per_block = ["adaLN_modulation.1.bias", "attn.proj.bias", "attn.qkv.bias", "mlp.fc1.bias",
+                 "mlp.fc2.bias"]
+    gammas = ["attn.gamma", "attn.qkv.gamma", "mlp.gamma"]
+    expected = (["x_embedder.proj.bias", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.bias"]
+                + [f"blocks.{i}.{n}" for i in range(28) for n in per_block + gammas * (i < 14)]
+                + ["final_layer.linear.bias", "final_layer.linear.gamma",
+                   "final_layer.adaLN_modulation.1.bias"])
+    assert sorted(names) == sorted(expected)
+    biases = 1152 * 3 + 28 * (6912 + 1152 + 3456 + 4608 + 1152) + 32 + 2304
+    assert count == biases + 14 * (1152 + 3456 + 1152) + 32 == 570_304
+    labels = 102 * 1152  # Food-101's table (101 classes and the null label), DiffFit's Table 4 data
+    print(f"DiffFit on DiT-XL/2: {count / 1e6:.2f}M trainable ({100 * count / 675_210_304:.3f}%); "
+          f"the paper's 0.83M includes a downstream label table (Food-101's: "
+          f"+{labels / 1e6:.2f}M = {(count + labels) / 1e6:.2f}M)")
+    with torch.device("meta"):
+        labelled = dmp.patch(DiT_models["DiT-XL/2"](input_size=32), "difffit", train_labels=True)
+    assert sum(p.numel() for g in labelled for p in g["params"]) == count + 1001 * 1152
 
 
 def test_difffit_positional_trick_halves_the_grid():

@@ -148,6 +148,30 @@ def test_frechet_distance_singular_offset_and_imaginary(monkeypatch, capsys):
         fid.frechet_distance(mu, np.eye(3), mu, -np.eye(3))
 
 
+def test_kernel_distance_matches_clean_fid_and_is_unbiased():
+    """KID: clean-fid's value on its golden sets, the formula by brute force, no bias at small n."""
+    with open(os.path.join(GOLDEN, "kid_cleanfid.json")) as f:
+        golden = json.load(f)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 8))
+    y = rng.normal(size=(40, 8)) * 1.2 + 0.3
+    assert fid.kernel_distance(x, y) == pytest.approx(golden["kid_xy"], rel=1e-12)
+    a, b = x[:7], y[:5]  # unequal sizes: every pair by hand, an image never paired with itself
+    k = [[(u @ v / 8 + 1) ** 3 for v in b] for u in a]
+    kaa = sum((a[i] @ a[j] / 8 + 1) ** 3 for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    kbb = sum((b[i] @ b[j] / 8 + 1) ** 3 for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    assert fid.kernel_distance(a, b) == pytest.approx(kaa + kbb - 2 * np.mean(k), rel=1e-12)
+    # one distribution, 30 images a set: the mean over 300 pairs of sets is 0 within its standard
+    # error
+    draws = [fid.kernel_distance(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)))
+             for _ in range(300)]
+    assert abs(np.mean(draws)) < 3 * np.std(draws) / np.sqrt(300)
+    subsets = fid.kernel_distance(x, y, num_subsets=20, subset_size=25, seed=1)
+    assert subsets != fid.kernel_distance(x, y) and abs(subsets - golden["kid_xy"]) < 0.2
+    with pytest.raises(fid.FIDError, match="same width"):
+        fid.kernel_distance(x, y[:, :3])
+
+
 # ----------------------------------------------------------------------------- IS and precision/recall
 
 def test_inception_score():

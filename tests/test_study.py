@@ -1,5 +1,5 @@
-"""study.py and study_report.py: the miniature study end to end on a tiny budget, its resuming, its statistics,
-and the README."""
+"""study.py and study_report.py: the miniature study end to end on a tiny budget, its resuming, its
+statistics and its rule, and the README."""
 import json
 import shutil
 from pathlib import Path
@@ -18,8 +18,9 @@ def tiny(tmp_path, jobs=1):
     readme = tmp_path / "README.md"
     if not readme.exists():
         readme.write_text(f"# x\n\nbefore\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\nafter\n")
-    return ["--iterations", "4", "--eval-at", "2,4", "--seeds", "0,1", "--bpd-images", "2", "--samples", "12",
-            "--sample-steps", "5", "--scratch-iterations", "3", "--methods", "dmp,prompt",
+    return ["--iterations", "4", "--eval-at", "2,4", "--seeds", "0,1", "--bpd-images", "2",
+            "--sample-sets", "1", "--sample-steps", "2", "--replicates", "20",
+            "--scratch-iterations", "3", "--rows", "dmp,prompt-lr/N",
             "--ablations", "4c: uniform (no block index)", "--out", str(tmp_path / "out"),
             "--runs-dir", str(tmp_path / "runs"), "--readme", str(readme), "--jobs", str(jobs)]
 
@@ -37,20 +38,56 @@ def test_tables_and_readme_are_rendered_from_the_json(done):
     assert (done / "out" / "study.md").read_text() == markdown
     readme = (done / "README.md").read_text()
     assert report.readme_section(done / "README.md") == markdown
-    assert readme.startswith("# x\n\nbefore\n\n") and readme.endswith(f"{report.README_END}\n\nafter\n")
-    assert set(data["methods"]) == {"dmp", "prompt"} and set(data["methods"]["dmp"]["runs"]) == {"0", "1"}
-    assert set(data["methods"]["dmp"]["runs"]["0"]) == {"2", "4"} and len(data["base"]["mse_bands"]) == 10
-    assert data["methods"]["dmp"]["trained"] == 5200 and "--method dmp" in data["methods"]["dmp"]["command"]
-    assert set(data["scratch"]) == {"pretraining", "pretraining + DMP"} and list(data["ablations"]) == [
-        "4c: uniform (no block index)"]
-    for name in ("Tables 2, 3 and 7", "Stage-specific", "Table 4", "Table 5", "Table 6", "Fig. 5", "FID: not computed",
-                 "DiT-L/2", "Stable Diffusion 1.5", "python train.py --dataset coco"):
+    assert readme.startswith("# x\n\nbefore\n\n")
+    assert readme.endswith(f"{report.README_END}\n\nafter\n")
+    rows = data["rows"]
+    assert list(rows) == ["dmp", "prompt-lr/N"] and set(rows["dmp"]["runs"]) == {"0", "1"}
+    assert set(rows["dmp"]["runs"]["0"]) == {"2", "4"} and len(data["base"]["mse_bands"]) == 10
+    assert rows["dmp"]["trained"] == 5200 and "--method dmp" in rows["dmp"]["command"]
+    assert "--lr-scale 0.0625" in rows["prompt-lr/N"]["command"]
+    assert set(data["scratch"]) == {"pretraining", "pretraining + DMP"}
+    assert list(data["ablations"]) == ["4c: uniform (no block index)"]
+    for name in ("Tables 2, 3 and 7", "Sample quality", "held-out digits (the floor)",
+                 "How far each DMP gate", "The rule applied", "Verdict", "lr/256", "Stage-specific",
+                 "Table 4", "4e: IB 1, LB 0", "Table 5", "Table 6", "Fig. 5", "FID: not computed",
+                 "DiT-L/2", "Stable Diffusion 1.5", "python train.py --dataset coco", data["rule"]):
         assert name in markdown, name
+    # the gate's movement for every DMP run, FD/KID for every row, the floor and the base
+    assert set(rows["dmp"]["gate"]) == {"0", "1"} and not rows["prompt-lr/N"]["gate"]
+    assert set(rows["dmp"]["gate"]["0"]) >= {"gate_dev_max", "gate_dev_mean", "gate_entropy_min",
+                                             "gate_entropy_mean", "gate_tv_t"}
+    for row in [*rows.values(), *data["ablations"].values()]:
+        assert set(row["boot_sd"]) == set(report.QUALITY)
+    assert set(data["floor"]["quality"]) == set(report.QUALITY) == set(data["base"]["quality"])
+    pairs = {(c["a"], c["b"]) for c in data["comparisons"]}
+    assert {("dmp", "prompt-lr/N"), ("prompt-lr/N", "base"), ("base", "floor")} <= pairs
     # the figures: Fig. 5 is 4 blocks x 16 prompts x 100 timesteps at 4 px a cell with 8 px gaps
     assert Image.open(done / "out" / "fig5_gate.png").size == (4 * 16 * 4 + 3 * 8, 100 * 4)
     assert Image.open(done / "out" / "pretraining_curve.png").size == (2 * 480, 240)
-    assert np.array(data["gate"]["weights"]).shape == (4, 100, 16)  # the figure is drawn from the JSON
+    assert np.array(data["fig5"]["dmp"]).shape == (4, 100, 16)  # the figure is drawn from the JSON
     assert "--render" in markdown
+
+
+def test_the_rule_decides_on_the_seed_spread_and_the_paired_interval():
+    """A difference counts only when it beats the seed spread and (FD, KID) the paired interval."""
+    boot = np.linspace(-1, 1, 50)
+    a = dict(values=dict(bpd=[1.0, 1.1, 1.2], fd_train=[2.0, 2.0, 2.0]), seeded=True,
+             boot=dict(fd_train=2.0 + 0.01 * boot))
+    b = dict(values=dict(bpd=[1.05], fd_train=[1.5]), seeded=False,
+             boot=dict(fd_train=1.5 + 0.01 * boot))  # the same draws move both alike
+    c = study.compare(a, b)
+    assert c["bpd"] == dict(diff=pytest.approx(0.05), seed_spread=pytest.approx(0.1), counts=False)
+    assert c["fd_train"]["counts"]
+    assert c["fd_train"]["interval"] == pytest.approx([0.5, 0.5])  # paired: no noise left
+    b["boot"]["fd_train"] = 1.5 + 0.5 * boot[::-1]  # draws that move b against a: a wide interval
+    c = study.compare(a, b)
+    assert c["fd_train"]["interval"][0] < 0 < c["fd_train"]["interval"][1]
+    assert not c["fd_train"]["counts"]
+    half = 1.96 * np.std(0.01 * boot - 0.5 * boot[::-1], ddof=1)
+    assert c["fd_train"]["interval"] == pytest.approx([0.5 - half, 0.5 + half])
+    one = dict(a, values=dict(bpd=[9.0], fd_train=[9.0]))  # one seed: no spread, nothing counts
+    assert not any(v["counts"] for v in study.compare(one, b).values())
+    assert study.compare(one, b)["bpd"]["seed_spread"] is None
 
 
 def test_metrics_are_paired_and_a_zero_patch_measures_as_the_base(done):
@@ -66,25 +103,30 @@ def test_metrics_are_paired_and_a_zero_patch_measures_as_the_base(done):
     dmp.patch(model, "dmp")
     path = done / "zero.pt"
     dmp.save_patch(model, path, base=study.BASE)
-    zero = study.evaluate_checkpoint(str(path), bpd_images=2, samples=12, sample_steps=5)
+    zero = study.evaluate_checkpoint(str(path), bpd_images=2, sample_sets=1, sample_steps=2,
+                                     replicates=20, keep_samples=True)
     assert zero["bpd"] == base["bpd"] and zero["heldout_loss"] == base["heldout_loss"]
-    assert np.array_equal(zero["samples"], base["samples"])
     assert zero["mse_bands"] == base["mse_bands"]
+    assert np.array_equal(zero["samples"], base["samples"])
+    assert zero["quality"] == base["quality"]  # the same samples, the same bootstrap draws
+    assert zero["gate"]["gate_dev_max"] == 0.0 == zero["gate"]["gate_tv_t"]  # a zero gate: uniform
+    assert len(zero["quality"]["fd_train_boot"]) == 20 and min(zero["quality"]["fd_train_boot"]) > 0
 
 
 def test_a_second_run_reuses_and_an_interrupted_run_resumes(done, tmp_path):
     """Finished runs are skipped; a run cut short resumes from its last checkpoint and ends where it would have."""
     work = tmp_path / "again"
     shutil.copytree(done, work)
-    run = next((work / "runs" / "prompt-s1").glob("[0-9]*"))
+    run = next((work / "runs" / "prompt-lr-N-s1").glob("[0-9]*"))
     final = run / "checkpoints" / "0000004.pt"
-    expected = json.loads((work / "runs" / "prompt-s1" / "eval-0000004.json").read_text())
+    expected = json.loads((work / "runs" / "prompt-lr-N-s1" / "eval-0000004.json").read_text())
     final.unlink()
-    (work / "runs" / "prompt-s1" / "eval-0000004.json").unlink()
+    (work / "runs" / "prompt-lr-N-s1" / "eval-0000004.json").unlink()
     before = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.pt")}
     study.main(tiny(work))
     assert final.exists() and {p: p.stat().st_mtime_ns for p in before} == before  # nothing else retrained
-    assert json.loads((work / "runs" / "prompt-s1" / "eval-0000004.json").read_text()) == expected
+    evaluation = work / "runs" / "prompt-lr-N-s1" / "eval-0000004.json"
+    assert json.loads(evaluation.read_text()) == expected
     timing = ("wall_minutes", "reused_evaluations")  # how long this invocation took, and what it found done
     again, first = (json.loads((d / "out" / "study.json").read_text().replace(str(d), "")) for d in (work, done))
     assert again["reused_evaluations"] == 1 + 2 * 2 * 2 + 1 + 2 * 3 - 1 and first["reused_evaluations"] == 0
@@ -101,20 +143,28 @@ def test_structural_bias_and_gate_statistics_on_known_inputs():
     assert stats["similarity"]["mean"] == pytest.approx((unit @ unit.T)[~np.eye(3, dtype=bool)].mean())
     uniform = np.full((2, 10, 4), 0.25)
     g = study.gate_statistics(uniform)
-    assert g["entropy_high_t"] == pytest.approx(1.0) and g["max_over_uniform"] == pytest.approx(1.0)
+    assert g["entropy_high_t"] == pytest.approx(1.0) and g["gate_dev_max"] == pytest.approx(0.0)
     peaked = uniform.copy()
     peaked[:, :5] = [0.97, 0.01, 0.01, 0.01]  # low t: one prompt dominates
     g = study.gate_statistics(peaked)
     assert g["entropy_low_t"] < 0.2 < g["entropy_high_t"] == pytest.approx(1.0)
+    assert g["gate_dev_max"] == pytest.approx(4 * 0.97 - 1) and g["gate_tv_t"] > 0.3
 
 
 def test_the_readme_section_is_the_committed_json_rendered(tmp_path):
     """The acceptance of the study: README's tables and figures are study_report's rendering of assets/study/study.json."""
     data = json.loads((ROOT / "assets" / "study" / "study.json").read_text())
     report.draw_figures(data, tmp_path)
-    for name in ("pretraining_curve.png", "fig5_gate.png"):
+    for name in ["pretraining_curve.png"] + [report.figure_name(key) for key in data["fig5"]]:
         drawn, committed = (np.asarray(Image.open(d / name)) for d in (tmp_path, ROOT / "assets" / "study"))
         assert np.array_equal(drawn, committed)
     assert report.readme_section(ROOT / "README.md") == report.render(data)
     assert (ROOT / "assets" / "study" / "study.md").read_text() == report.render(data)
     assert data["command"] == "python study.py" and data["settings"]["seeds"] == [0, 1, 2]
+    # the acceptance of issue 15: the lr/N control, every DMP gate's movement, FD/KID with spreads
+    rows = data["rows"]
+    assert {"prompt-lr/N", "dmp", "dmp-authors", "dmp-ib0", "lora-dmp"} <= set(rows)
+    assert all(len(rows[k]["gate"]) == 3 for k in rows if k.startswith("dmp"))
+    assert all(len(e["quality"]) == 3 and set(e["boot_sd"]) == set(report.QUALITY)
+               for e in rows.values())
+    assert data["floor"]["quality"] and data["settings"]["sample_sets"] == 5

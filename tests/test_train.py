@@ -128,6 +128,25 @@ def test_every_method_further_trains_and_its_checkpoint_loads(tmp_path, base_che
         assert not torch.equal(model.eval()(x, t, y), base.eval()(x, t, y))
 
 
+def test_one_lr_rule_explicit_multipliers_and_the_gate_log(tmp_path, base_checkpoint):
+    """--lr-scale and --gate-lr-scale reach the optimiser; a DMP run logs its gate's movement."""
+    run_dir = run(tmp_path, "--init", str(base_checkpoint), "--method", "dmp", "--iterations", "3",
+                  "--ckpt-every", "3", "--lr", "1e-2", "--lr-scale", "0.5", "--gate-lr-scale", "10")
+    groups = read_state_dict(train.checkpoints(run_dir)[-1])["opt"]["param_groups"]
+    assert [g["lr"] for g in groups] == [5e-3, 5e-2]
+    lines = [e for e in log_of(run_dir) if "loss" in e]
+    assert len(lines) == 3
+    assert all(0 <= e["gate_dev_mean"] <= e["gate_dev_max"] and e["gate_tv_t"] >= 0
+               and 0 < e["gate_entropy_min"] <= 1 for e in lines)
+    assert lines[-1]["gate_dev_max"] > 0  # the gate has left uniform: its prompts are non-zero now
+    lora = run(tmp_path, "--init", str(base_checkpoint), "--method", "lora", "--lora-rank", "dmp",
+               "--iterations", "1", "--ckpt-every", "1", name="lora")
+    assert read_state_dict(train.checkpoints(lora)[-1])["options"]["rank"] == 1
+    assert "gate_dev_max" not in log_of(lora)[-1]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lora-rank", "many"])
+
+
 def test_dmp_from_scratch_trains_backbone_and_prompts(tmp_path):
     run_dir = run(tmp_path, "--method", "dmp", "--iterations", "2", "--ckpt-every", "2")
     model = dmp.load_model(str(train.checkpoints(run_dir)[-1]))

@@ -1,0 +1,76 @@
+"""digits_fid.py: the committed feature net, the bootstrap's weighted FD and KID, matched counts."""
+import numpy as np
+import pytest
+import torch
+
+import digits_fid
+import fid
+from checkpoints import CheckpointError, read_state_dict
+
+QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_fid.digits_split()
+
+
+def test_the_committed_classifier_and_its_recorded_accuracy(digits):
+    """assets/digits_classifier.pt gets 296 of the 297 held-out digits, as assets/README.md says."""
+    (train_x, train_y), (held_x, held_y) = digits
+    net = digits_fid.load_classifier()
+    recorded = read_state_dict(digits_fid.CLASSIFIER)
+    assert recorded["command"] == "python digits_fid.py --train"
+    assert digits_fid.accuracy(net, held_x, held_y) == recorded["heldout_accuracy"] == 296 / 297
+    assert digits_fid.accuracy(net, train_x, train_y) == recorded["train_accuracy"] == 1496 / 1500
+    assert len(held_y) == 297 and len(train_y) == 1500
+    assert digits_fid.features(net, held_x[:3]).shape == (3, 64)
+
+
+def test_weighted_metrics_equal_the_resampled_sets():
+    """A resample as integer weights: FD of the repeated rows, KID without an image's copies paired."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 3)), rng.normal(size=(9, 3)) + 0.5
+    wx, wy = rng.integers(0, 3, 12).astype(float), np.ones(9)
+    wx[0] = 2
+    repeated = np.repeat(x, wx.astype(int), axis=0)
+    mu, sigma = fid.statistics(y)
+    expected = fid.frechet_distance(*fid.statistics(repeated), mu, sigma)
+    assert digits_fid.weighted_fd(x, wx, mu, sigma) == pytest.approx(expected, rel=1e-10)
+    kxx, kyy = fid.polynomial_kernel(x, x), fid.polynomial_kernel(y, y)
+    kxy = fid.polynomial_kernel(x, y)
+    kid = digits_fid.weighted_kid(kxx, kyy, kxy, np.ones(12), wy)
+    assert kid == pytest.approx(fid.kernel_distance(x, y), rel=1e-12)
+    src = np.repeat(np.arange(12), wx.astype(int))  # the source image of each resampled row
+    pairs = [(i, j) for i in range(len(src)) for j in range(len(src)) if src[i] != src[j]]
+    within = np.mean([kxx[src[i], src[j]] for i, j in pairs])
+    expected = within + (kyy.sum() - np.trace(kyy)) / 72 - 2 * kxy[src].mean()
+    assert digits_fid.weighted_kid(kxx, kyy, kxy, wx, wy) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sample_quality_is_measured_at_matched_counts_with_fixed_draws(digits):
+    (train_x, _), (held_x, _) = digits
+    net = digits_fid.load_classifier()
+    quality = digits_fid.SampleQuality(net, train_x, held_x, replicates=30, chunks=2)
+    assert quality.n == 297 and quality.train_sets.shape == (2, 297, 64)
+    train = quality.refs["train"]
+    assert np.allclose(train.mean(0), 0) and np.allclose(train.std(0), 1)
+    fake = torch.cat([held_x, held_x.flip(3)])  # 2 x 297 "samples": the held-out digits, mirrored
+    a = quality.of_samples(fake)
+    assert a == quality.of_samples(fake.clone())  # fixed draws: same samples, same replicates
+    assert len(a["fd_train_boot"]) == 30 and np.std(a["kid_heldout_boot"]) > 0
+    assert a["fd_heldout"] > 0  # the mirrors are far from digits ...
+    held = quality.measure(quality.refs["heldout"][None], refs=("heldout",))
+    assert abs(held["fd_heldout"]) < 1e-6  # ... the held-out set is at distance 0 from itself
+    floor = quality.floor()
+    assert set(floor) == {m + b for m in QUALITY for b in ("", "_boot")}
+    assert floor["fd_train"] < a["fd_train"]
+    assert digits_fid.half_width(a["fd_train_boot"]) == pytest.approx(
+        1.96 * np.std(a["fd_train_boot"], ddof=1))
+    with pytest.raises(ValueError, match="2 x 297"):
+        quality.of_samples(held_x)
+
+
+def test_a_missing_classifier_is_one_clear_sentence(tmp_path):
+    with pytest.raises(CheckpointError, match="python digits_fid.py --train"):
+        digits_fid.load_classifier(tmp_path / "none.pt")
