@@ -475,7 +475,7 @@ python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp \\
     --gate-lr-scale 10 --noisy-gate
 python sample.py --ckpt runs/001-ffhq-prompt/checkpoints/0030000.pt --num-samples 50000 \\
     --out samples/control
-python fid.py data/ffhq-fid-stats.npz samples/control.npz       # and the same for the DMP runs
+python fid.py data/ffhq256-ref.npz samples/control.npz          # the reference: "Evaluation"; same for DMP
 ```"""
 
 
