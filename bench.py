@@ -1,26 +1,27 @@
 """
 Speed and memory of the real code paths, on whatever device this runs on.
 
-    python bench.py                       # CUDA: DiT-B/2, L/2, XL/2 at batch 128, bf16; CPU: the small preset
+    python bench.py        # CUDA: DiT-B/2, L/2, XL/2 at batch 128, bf16; CPU: the small preset
     python bench.py --compile --json bench.json
     python bench.py --preset cpu --rows train sample
     python bench.py --estimate-memory     # no GPU: peak memory of training steps, on fake tensors
+    python bench.py --suite device        # every GPU figure of the README, in one command
 
-Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pretraining, full fine-tuning and
-DMP further-training (train.py's build_model, get_batch, compute_loss and optimizer; dmp.patch); sampling with
-and without a DMP patch (sample.dit_batch); VAE encode/decode (prepare_data.encode, AutoencoderKL.decode);
-FID features (fid.compute_features); reading stored latents (train.get_batch alone). Weights are random: speed
-does not depend on their values. Each row runs in a process of its own, so its peak memory is its own:
-torch.cuda.max_memory_allocated on CUDA; on CPU the growth of the process's peak resident set
-(getrusage ru_maxrss) from just before the row's models and data are built, which includes the allocator's
-slack and the pages of the memory-mapped data read. The two ratios the targets are about (DMP vs full
-fine-tuning, patched vs unpatched sampling) are also timed interleaved within one process, round by round, so
-that other load on the machine falls on both alike.
+Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pretraining, full
+fine-tuning and DMP further-training (train.py's build_model, get_batch and train_step; dmp.patch);
+sampling with and without a DMP patch (sampling.dit_batch); VAE encode/decode
+(prepare_data.encode, AutoencoderKL.decode); FID features (fid.compute_features); reading stored
+latents (train.get_batch alone). Weights are random: speed does not depend on their values. Each
+row runs in a process of its own, so its peak memory is its own: torch.cuda.max_memory_allocated
+on CUDA; on CPU the growth of the process's peak resident set (getrusage ru_maxrss) from just
+before the row's models and data are built, which includes the allocator's slack and the pages of
+the memory-mapped data read. The two ratios the targets are about (DMP vs full fine-tuning,
+patched vs unpatched sampling) are also timed interleaved within one process, round by round, so
+that other load on the machine falls on both alike. The memory estimate is memory.py's.
 """
 import argparse
 import contextlib
 import copy
-import functools
 import json
 import os
 import resource
@@ -32,29 +33,35 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
+
+import dmp
+import fid
+import memory
+import prepare_data
+import sampling
+import train
+from distributed import seed_of
+from model_dit import CONFIGS, DiT
+from model_vae import SCALE_FACTOR, AutoencoderKL
 
 # Dense bf16 tensor-core peak (TFLOP/s) from the datasheets; MFU is reported against these.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 PRESETS = {
-    # The targets' setting: 256x256 images as 32x32x4 latents, batch 128, the three DiT sizes the paper uses.
-    "gpu": dict(models=["DiT-B/2", "DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=5, rounds=5, steps=4,
-                sample_models=["DiT-L/2", "DiT-XL/2"], sample_batch=64, sample_steps=50, vae_size=256, vae_batch=16,
-                fid_batch=100, fid_images=500, data_rows=4096),
+    # The targets' setting: 256x256 images as 32x32x4 latents, batch 128, the three DiT sizes the
+    # paper uses.
+    "gpu": dict(models=["DiT-B/2", "DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=5,
+                rounds=5, steps=4, sample_models=["DiT-L/2", "DiT-XL/2"], sample_batch=64,
+                sample_steps=50, vae_size=256, vae_batch=16, fid_batch=100, fid_images=500,
+                data_rows=4096),
     # Small enough for 2 CPU cores in well under 3 minutes: DiT-S/2 on 16x16 latents (64 tokens).
     "cpu": dict(models=["DiT-S/2"], input_size=16, batch=4, warmup=1, rounds=3, steps=1,
-                sample_models=["DiT-S/2"], sample_batch=4, sample_steps=2, sample_rounds=7, vae_size=64, vae_batch=1,
-                fid_batch=4, fid_images=4, data_rows=256),
+                sample_models=["DiT-S/2"], sample_batch=4, sample_steps=2, sample_rounds=7,
+                vae_size=64, vae_batch=1, fid_batch=4, fid_images=4, data_rows=256),
     # --suite device: the gpu preset's rows with fewer timed steps (the suite's 8 minutes), DDPM
     # sampling timed on 10 steps of a 250-step chain, and the digits runs of issue 19.
     "device": dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2,
@@ -63,9 +70,9 @@ PRESETS = {
                    vae_batch=16, fid_batch=100, fid_images=500, data_rows=1024,
                    digits_iterations=300, digits_samples=256, torchrun_samples=64),
     # For the tests: train.py's digits DiT (4 blocks, 64 wide) on 8x8 latents.
-    "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1, sample_models=["tiny"],
-                 sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1, fid_batch=1,
-                 fid_images=1, data_rows=16, digits_iterations=6, digits_samples=8,
+    "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1,
+                 sample_models=["tiny"], sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1,
+                 fid_batch=1, fid_images=1, data_rows=16, digits_iterations=6, digits_samples=8,
                  torchrun_samples=4),
 }
 MODES = ("pretrain", "full", "dmp")
@@ -75,54 +82,64 @@ ROWS = ("train", "sample", "vae", "fid", "data")
 #################################################################################
 #                         Model FLOPs of a DiT step                             #
 #################################################################################
-# Counted: matmuls and convolutions, a multiply-add as 2 FLOPs (what MFU counts; norms, activations, softmax and
-# the optimizer are left out). B images, N = (input_size / p)^2 tokens, width D, depth L, MLP width H = 4D,
-# C input channels, O = p^2 * out_channels outputs per token. Forward:
+# Counted: matmuls and convolutions, a multiply-add as 2 FLOPs (what MFU counts; norms,
+# activations, softmax and the optimizer are left out). B images, N = (input_size / p)^2 tokens,
+# width D, depth L, MLP width H = 4D, C input channels, F = p^2 * out_channels outputs per token.
+# Forward:
 #   patch embedding  2 B N (C p^2) D         timestep MLP   2 B (256 D + D^2)
-#   per block        adaLN 2 B D 6D  +  qkv 2 B N D 3D  +  scores Q K^T 2 B N^2 D  +  values P V 2 B N^2 D
-#                    +  proj 2 B N D^2  +  MLP 2 B N D H + 2 B N H D          (= 24 B N D^2 + 4 B N^2 D + 12 B D^2)
-#   final layer      adaLN 2 B D 2D  +  linear 2 B N D O
-#   DMP gate         2 B D N (its linear layer on c)  +  2 L L N (the one-hot block index @ its columns)
-# Backward, per matmul y = x W: the input gradient dx = dy W^T costs its forward again when x needs a gradient,
-# the weight gradient dW = x^T dy its forward again when W trains. Attention's two matmuls have no weights, and
-# both their operands need gradients: 2x forward. What needs which:
-#   pretraining / full fine-tuning: every weight trains; the tokens (from the patch embedding on) and c (from
-#     the timestep MLP's first layer on) carry gradients; the patch embedding and the timestep MLP's first
-#     layer read inputs that do not, so they have no input gradient.
-#   DMP: only the prompts and the gate train, but the prompts are added before block 0, so every block's token
-#     matmuls (qkv, attention, proj, MLP, final linear) still need input gradients, and none needs a weight
-#     gradient; c comes from frozen layers, so the adaLN layers and the timestep MLP have no backward at all.
-# So full fine-tuning costs 3x the forward (less the patch embedding's input gradient), DMP 2x plus attention's
-# share once more: 0.68x of full fine-tuning for DiT-L/2 at 256x256 (tests/test_bench.py).
+#   per block        adaLN 2 B D 6D  +  qkv 2 B N D 3D  +  scores Q K^T 2 B N^2 D
+#                    +  values P V 2 B N^2 D  +  proj 2 B N D^2  +  MLP 2 B N D H + 2 B N H D
+#                    (= 24 B N D^2 + 4 B N^2 D + 12 B D^2)
+#   final layer      adaLN 2 B D 2D  +  linear 2 B N D F
+#   DMP gate         2 B D N (its linear layer on c)  +  2 L L N (the one-hot block index @ its
+#                    columns)
+# Backward, per matmul y = x W: the input gradient dx = dy W^T costs its forward again when x
+# needs a gradient, the weight gradient dW = x^T dy its forward again when W trains. Attention's
+# two matmuls have no weights, and both their operands need gradients: 2x forward. What needs
+# which:
+#   pretraining / full fine-tuning: every weight trains; the tokens (from the patch embedding on)
+#     and c (from the timestep MLP's first layer on) carry gradients; the patch embedding and the
+#     timestep MLP's first layer read inputs that do not, so they have no input gradient.
+#   DMP: only the prompts and the gate train, but the prompts are added before block 0, so every
+#     block's token matmuls (qkv, attention, proj, MLP, final linear) still need input gradients,
+#     and none needs a weight gradient; c comes from frozen layers, so the adaLN layers and the
+#     timestep MLP have no backward at all.
+# So full fine-tuning costs 3x the forward (less the patch embedding's input gradient), DMP 2x
+# plus attention's share once more: 0.68x of full fine-tuning for DiT-L/2 at 256x256
+# (tests/test_bench.py).
 
 def dit_flops(config, batch, mode="full"):
-    """Model FLOPs of one training step of a DiT `config` (model_dit.DiT kwargs): forward, input and weight grads."""
+    """
+    Model FLOPs of one training step of a DiT `config` (model_dit.DiT kwargs): forward, input and
+    weight gradients, and their sum.
+    """
     B, D, L, p = batch, config["hidden_size"], config["depth"], config["patch_size"]
     N = (config["input_size"] // p) ** 2
     C = config["in_channels"]
     H = int(D * config.get("mlp_ratio", 4.0))
-    O = p * p * (2 * C if config.get("learn_sigma", True) else C)
+    F = p * p * (2 * C if config.get("learn_sigma", True) else C)
     trains = mode != "dmp"
     # (forward FLOPs, input needs a gradient, weight trains, operands that are both activations)
-    matmuls = [(2 * B * N * C * p * p * D, False, trains, False),           # patch embedding (a convolution)
-               (2 * B * 256 * D, False, trains, False),                     # timestep MLP, layer 1
-               (2 * B * D * D, trains, trains, False)]                      # timestep MLP, layer 2
+    matmuls = [(2 * B * N * C * p * p * D, False, trains, False),     # patch embedding (a conv)
+               (2 * B * 256 * D, False, trains, False),               # timestep MLP, layer 1
+               (2 * B * D * D, trains, trains, False)]                # timestep MLP, layer 2
     for _ in range(L):
-        matmuls += [(2 * B * D * 6 * D, trains, trains, False),             # adaLN modulation
-                    (2 * B * N * D * 3 * D, True, trains, False),           # qkv
-                    (2 * B * N * N * D, True, False, True),                 # scores
-                    (2 * B * N * N * D, True, False, True),                 # values
-                    (2 * B * N * D * D, True, trains, False),               # proj
-                    (2 * B * N * D * H, True, trains, False),               # MLP fc1
-                    (2 * B * N * H * D, True, trains, False)]               # MLP fc2
-    matmuls += [(2 * B * D * 2 * D, trains, trains, False),                 # final adaLN
-                (2 * B * N * D * O, True, trains, False)]                   # final linear
-    if mode == "dmp":
-        matmuls += [(2 * B * D * N, False, True, False), (2 * L * L * N, False, True, False)]  # the gate
+        matmuls += [(2 * B * D * 6 * D, trains, trains, False),       # adaLN modulation
+                    (2 * B * N * D * 3 * D, True, trains, False),     # qkv
+                    (2 * B * N * N * D, True, False, True),           # scores
+                    (2 * B * N * N * D, True, False, True),           # values
+                    (2 * B * N * D * D, True, trains, False),         # proj
+                    (2 * B * N * D * H, True, trains, False),         # MLP fc1
+                    (2 * B * N * H * D, True, trains, False)]         # MLP fc2
+    matmuls += [(2 * B * D * 2 * D, trains, trains, False),           # final adaLN
+                (2 * B * N * D * F, True, trains, False)]             # final linear
+    if mode == "dmp":  # the gate
+        matmuls += [(2 * B * D * N, False, True, False), (2 * L * L * N, False, True, False)]
     forward = sum(f for f, *_ in matmuls)
     input_grad = sum(f * (2 if both else 1) for f, needs, _, both in matmuls if needs)
     weight_grad = sum(f for f, _, trained, _ in matmuls if trained)
-    return dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad, step=forward + input_grad + weight_grad)
+    return dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad,
+                step=forward + input_grad + weight_grad)
 
 
 def peak_tflops(device, override=None):
@@ -140,15 +157,16 @@ def peak_tflops(device, override=None):
 #################################################################################
 
 def sync(device):
+    """Wait for the device's queued work (CUDA); a CPU has none."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def timed_rounds(fns, preset, device):
     """
-    Seconds per call of each fn: `warmup` calls each, then `rounds` rounds in which every fn runs `steps` calls
-    in turn (interleaved); the median over rounds, and the per-round times. The device is synchronised only
-    around a fn's calls in a round, never between its calls.
+    Seconds per call of each fn: `warmup` calls each, then `rounds` rounds in which every fn runs
+    `steps` calls in turn (interleaved); the median over rounds, and the per-round times. The
+    device is synchronised only around a fn's calls in a round, never between its calls.
     """
     for fn in fns:
         for _ in range(preset["warmup"]):
@@ -156,7 +174,7 @@ def timed_rounds(fns, preset, device):
     sync(device)
     times = [[] for _ in fns]
     for _ in range(preset["rounds"]):
-        for fn, t in zip(fns, times):
+        for fn, t in zip(fns, times, strict=True):
             sync(device)
             start = time.perf_counter()
             for _ in range(preset["steps"]):
@@ -167,6 +185,7 @@ def timed_rounds(fns, preset, device):
 
 
 def memory_baseline(device):
+    """What a row's peak is counted from: CUDA's allocated bytes, or the process's peak RSS."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
@@ -174,23 +193,23 @@ def memory_baseline(device):
 
 
 def peak_memory_mb(device, baseline):
+    """The peak since memory_baseline, in MiB."""
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - baseline) / 2 ** 20
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2 ** 20
 
 
 #################################################################################
-#                    Training: the loop body of train.main                       #
+#                    Training: one iteration of train.py's loop                 #
 #################################################################################
 
 def synthetic_latents(folder, rows, shape, num_classes):
-    """A prepare_data.py folder of random float16 posteriors, read by PreparedData exactly as real ones."""
-    from prepare_data import FORMAT, VERSION
-    from model_vae import SCALE_FACTOR
+    """A prepare_data.py folder of random float16 posteriors, read by PreparedData as real ones."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stored = (rows, 2, 2, *shape)
-    array = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=np.float16, shape=stored)
+    array = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=np.float16,
+                                      shape=stored)
     rng = np.random.default_rng(0)
     for i in range(0, rows, 256):
         block = rng.standard_normal((min(256, rows - i), 2, 2, *shape), dtype=np.float32)
@@ -199,22 +218,31 @@ def synthetic_latents(folder, rows, shape, num_classes):
     array.flush()
     del array
     np.save(folder / "labels.npy", rng.integers(0, num_classes, rows))
-    manifest = dict(format=FORMAT, version=VERSION, kind="latents", vae="ema", scale_factor=SCALE_FACTOR, count=rows,
-                    shape=list(shape), array="latents.npy", stored_shape=list(stored), dtype="float16",
+    manifest = dict(format=prepare_data.FORMAT, version=prepare_data.VERSION, kind="latents",
+                    vae="ema", scale_factor=SCALE_FACTOR, count=rows, shape=list(shape),
+                    array="latents.npy", stored_shape=list(stored), dtype="float16",
                     num_classes=num_classes, class_names=[], skipped=[], captions=None)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
-def train_args(name, preset, data_dir, precision):
-    import train
-    model = "digits" if name == "tiny" else name
-    args = train.parse_args(["--dataset", "imagenet", "--data", str(data_dir), "--model", model,
-                             "--batch-size", str(preset["batch"]), "--precision", precision])
-    return args
+@contextlib.contextmanager
+def synthetic_run(name, preset, precision):
+    """
+    (train.py's settings, data) of a training row: ImageNet-like latents of the preset's size
+    (synthetic_latents, in a temporary folder while inside), train.py's settings for model `name`
+    ('tiny': the digits DiT) at the preset's batch.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = (4, preset["input_size"], preset["input_size"])
+        data = prepare_data.PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
+        model = "digits" if name == "tiny" else name
+        args = train.parse_args(["--dataset", "imagenet", "--data", tmp, "--model", model,
+                                 "--batch-size", str(preset["batch"]), "--precision", precision])
+        yield args, data
 
 
-def train_setup(name, mode, args, data, device, precision, compile=False, checkpointing=False,
+def train_setup(mode, args, data, device, precision, compile=False, checkpointing=False,
                 grad_accum=1):
     """
     A step function that runs one iteration of train.py's loop (get_batch, then train.train_step:
@@ -223,9 +251,6 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
     --init). The model is built on the device it runs on (random weights: an XL/2 in seconds).
     Returns (step, model config).
     """
-    import dmp
-    import train
-    from diffusion import create_diffusion
     args = copy.copy(args)
     args.checkpointing, args.grad_accum = checkpointing, grad_accum
     rows = np.arange(len(data))
@@ -237,26 +262,23 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
             args.method, args.ema = mode, 0.0
             groups = dmp.patch(model, mode, **train.method_options(args))  # as after --init
     model.set_checkpointing(checkpointing).to(device).train()
-    opt = torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
-                            lr=args.lr, weight_decay=args.weight_decay)  # as train.run
+    opt = train.optimizer(groups, args)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-    raw, diffusion = model, create_diffusion("", args.noise_schedule)
+    diffusion = train.create_diffusion("", args.noise_schedule)
     if compile:
-        train.compile_blocks(raw)
+        train.compile_blocks(model)
     autocast, scaler = train.mixed_precision(precision, device)
-    pairs = train.ema_pairs(ema, raw) if ema is not None else None
-    running = torch.zeros(len(train.LOG_TERMS), device=device)
+    pairs = train.ema_pairs(ema, model) if ema is not None else None
     state = dict(step=0)
 
     def step():
         """train.run's loop body, less its logging and checkpoints."""
         s = state["step"]
-        torch.manual_seed(train.seed_of(args.seed, s, 0))
+        torch.manual_seed(seed_of(args.seed, s, 0))
         batch = train.get_batch(data, rows, s, args, device)
-        running.add_(train.train_step(model, raw, diffusion, opt, batch, args, autocast, scaler,
-                                      ema=pairs))
+        train.train_step(model, model, diffusion, opt, batch, args, autocast, scaler, ema=pairs)
         state["step"] = s + 1
-    return step, raw.config
+    return step, model.config
 
 
 #################################################################################
@@ -269,60 +291,53 @@ def row_train(name, mode, preset, device, precision, compile, peak, options=None
     checkpointing, grad_accum (train.py's --checkpointing, --grad-accum). MFU counts the model's
     FLOPs, not checkpointing's second forward pass.
     """
-    from prepare_data import PreparedData
     options = dict(options or {})
-    with tempfile.TemporaryDirectory() as tmp:
-        shape = (4, preset["input_size"], preset["input_size"])
-        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
-        args = train_args(name, preset, tmp, precision)
+    warmup = preset["warmup"]
+    if compile:
+        warmup = preset.get("compile_warmup", warmup)
+    with synthetic_run(name, preset, precision) as (args, data):
         base = memory_baseline(device)
-        step, config = train_setup(name, mode, args, data, device, precision, compile, **options)
-        warmup = preset.get("compile_warmup", preset["warmup"]) if compile else preset["warmup"]
+        step, config = train_setup(mode, args, data, device, precision, compile, **options)
         (seconds,), _ = timed_rounds([step], dict(preset, warmup=warmup), device)
-        memory = peak_memory_mb(device, base)
+        memory_mb = peak_memory_mb(device, base)
     flops = dit_flops(config, preset["batch"], mode)
     label = mode + "".join(f", {OPTION_LABELS[k]}{'' if v is True else f' {v}'}"
                            for k, v in options.items() if v is not False and (v is True or v > 1))
-    return dict(train_row(name, label, preset["batch"], seconds, flops, peak, memory),
+    return dict(train_row(name, label, preset["batch"], seconds, flops, peak, memory_mb),
                 compiled=compile, **options)
 
 
 OPTION_LABELS = dict(checkpointing="checkpointing", grad_accum="grad-accum")
 
 
-def train_row(name, mode, batch, seconds, flops, peak, memory=None):
+def train_row(name, mode, batch, seconds, flops, peak, memory_mb=None):
+    """A training row's figures from its seconds per step and its FLOPs (dit_flops)."""
     achieved = flops["step"] / seconds / 1e12
-    return dict(row="train", model=name, mode=mode, batch=batch, ms_per_step=1e3 * seconds, steps_per_s=1 / seconds,
-                images_per_s=batch / seconds, tflop_per_step=flops["step"] / 1e12, achieved_tflops=achieved,
-                mfu=achieved / peak if peak else None, peak_mem_mb=memory)
+    return dict(row="train", model=name, mode=mode, batch=batch, ms_per_step=1e3 * seconds,
+                steps_per_s=1 / seconds, images_per_s=batch / seconds,
+                tflop_per_step=flops["step"] / 1e12, achieved_tflops=achieved,
+                mfu=achieved / peak if peak else None, peak_mem_mb=memory_mb)
 
 
 def row_train_pair(name, preset, device, precision, compile, peak):
-    """Full fine-tuning and DMP of the same model at the same batch, timed interleaved: the time ratio."""
-    from prepare_data import PreparedData
-    with tempfile.TemporaryDirectory() as tmp:
-        shape = (4, preset["input_size"], preset["input_size"])
-        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
-        args = train_args(name, preset, tmp, precision)
-        (full, config), (dmp_step, _) = (train_setup(name, m, args, data, device, precision, compile) for m in ("full", "dmp"))
-        (t_full, t_dmp), rounds = timed_rounds([full, dmp_step], preset, device)
-    ratio = statistics.median(b / a for a, b in zip(*rounds))  # each round's pair ran under the same load
+    """Full fine-tuning and DMP of one model at one batch, timed interleaved: the time ratio."""
+    with synthetic_run(name, preset, precision) as (args, data):
+        full, _ = train_setup("full", args, data, device, precision, compile)
+        mop, _ = train_setup("dmp", args, data, device, precision, compile)
+        (t_full, t_dmp), rounds = timed_rounds([full, mop], preset, device)
+    ratio = statistics.median(b / a for a, b in zip(*rounds, strict=True))  # same load per round
     return dict(row="ratio", model=name, mode="dmp/full time", batch=preset["batch"], value=ratio,
                 ms_full=1e3 * t_full, ms_dmp=1e3 * t_dmp)
 
 
 def row_sample(name, preset, device, precision, compile, peak):
     """
-    sample.dit_batch with the unpatched model and with a DMP patch, interleaved; time per sampling
-    step, and the images/s of a whole chain: the preset's sampler and steps (DDIM 2 on CPU), or
-    with `chain`, a DDPM chain of that many steps (250, the paper's) timed on its first
+    sampling.dit_batch with the unpatched model and with a DMP patch, interleaved; time per
+    sampling step, and the images/s of a whole chain: the preset's sampler and steps (DDIM 2 on
+    CPU), or with `chain`, a DDPM chain of that many steps (250, the paper's) timed on its first
     `sample_steps` steps (every DDPM step costs the same). --compile compiles each block, as in
-    training; MFU counts a forward pass per step.
+    training (and warms up longer); MFU counts a forward pass per step against `peak`.
     """
-    import dmp
-    import sample
-    import train
-    from model_dit import CONFIGS, DiT
     arch = train.DIGITS_MODEL if name == "tiny" else CONFIGS[name]
     base = memory_baseline(device)
     torch.manual_seed(0)
@@ -331,96 +346,102 @@ def row_sample(name, preset, device, precision, compile, peak):
         dmp.patch(model, "dmp")
     mop = model.block_input
     with torch.no_grad():
-        mop.prompts.normal_(0, 0.1)  # a trained patch is not zero (the speed is the same either way)
+        mop.prompts.normal_(0, 0.1)  # a trained patch is not zero (the speed is the same)
     if compile:
         train.compile_blocks(model)
     sampler, steps = preset.get("sampler", "ddim"), preset["sample_steps"]
     B = preset["sample_batch"]
-    diffusion = sample.make_diffusion(sampler, steps, "linear")
-    ks = list(range(B))
+    diffusion = sampling.make_diffusion(sampler, steps, "linear")
+    eta = 0.0 if sampler == "ddim" else None
 
-    def run(patched):
+    def chain(patched):
+        """Sampling steps of batch B with the patch installed or not."""
         def go():
             model.block_input = mop if patched else None
-            sample.dit_batch(ks, model, diffusion, cfg_scale=1.0, bf16=precision == "bf16",
-                             eta=0.0 if sampler == "ddim" else None)
+            sampling.dit_batch(list(range(B)), model, diffusion, cfg_scale=1.0,
+                               bf16=precision == "bf16", eta=eta)
         return go
     # A 2% difference needs more rounds than the rest where the machine is noisy (sample_rounds).
     settings = dict(preset, steps=1, rounds=preset.get("sample_rounds", preset["rounds"]))
     if compile:
         settings["warmup"] = preset.get("compile_warmup", preset["warmup"])
-    (t_plain, t_dmp), rounds = timed_rounds([run(False), run(True)], settings, device)
-    memory = peak_memory_mb(device, base)
-    chain = preset.get("chain", steps)
-    what = f"{sampler.upper()}-{chain}"
+    (t_plain, t_dmp), rounds = timed_rounds([chain(False), chain(True)], settings, device)
+    memory_mb = peak_memory_mb(device, base)
+    length = preset.get("chain", steps)
     rows = []
     for mode, t in (("unpatched", t_plain), ("dmp", t_dmp)):
         flops = dit_flops(model.config, B, mode if mode == "dmp" else "full")["forward"]
         achieved = flops * steps / t / 1e12
-        rows.append(dict(row="sample", model=name, mode=mode, sampler=what, batch=B,
-                         ms_per_step=1e3 * t / steps, steps_per_s=steps / t,
-                         images_per_s=B / (t / steps * chain), tflop_per_step=flops / 1e12,
+        rows.append(dict(row="sample", model=name, mode=mode, sampler=f"{sampler.upper()}-{length}",
+                         batch=B, ms_per_step=1e3 * t / steps, steps_per_s=steps / t,
+                         images_per_s=B / (t / steps * length), tflop_per_step=flops / 1e12,
                          achieved_tflops=achieved, mfu=achieved / peak if peak else None,
-                         peak_mem_mb=memory, compiled=compile))
-    ratio = statistics.median(b / a for a, b in zip(*rounds))
+                         peak_mem_mb=memory_mb, compiled=compile))
+    ratio = statistics.median(b / a for a, b in zip(*rounds, strict=True))
     rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B,
                      value=ratio, compiled=compile))
     return rows
 
 
-def row_vae(preset, device, precision, peak):
-    """The KL-f8 VAE: prepare_data.encode (image and mirror, fp32 as prepare_data.py) and decode (as sample.py)."""
-    from model_vae import AutoencoderKL, SCALE_FACTOR
-    import prepare_data
+def throughput_row(row, model, mode, batch, seconds, images, memory_mb):
+    """A row of a part that is not a DiT step (VAE, FID features, data): its speed and memory."""
+    return dict(row=row, model=model, mode=mode, batch=batch, ms_per_step=1e3 * seconds,
+                steps_per_s=1 / seconds, images_per_s=images / seconds, peak_mem_mb=memory_mb)
+
+
+def row_vae(preset, device, precision):
+    """
+    The KL-f8 VAE: prepare_data.encode (image and mirror, fp32 as prepare_data.py) and decode (as
+    sample.py).
+    """
     base = memory_baseline(device)
     vae = AutoencoderKL().to(device).eval().requires_grad_(False)
     B, S = preset["vae_batch"], preset["vae_size"]
     pixels = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8)
     z = torch.randn(B, 4, S // 8, S // 8, device=device)
+    bf16 = precision == "bf16"
+
+    def encode():
+        prepare_data.encode(vae, pixels, device)
 
     def decode():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             vae.decode(z / SCALE_FACTOR).float()
-    (t_enc, t_dec), _ = timed_rounds([lambda: prepare_data.encode(vae, pixels, device), decode], dict(preset, steps=1), device)
-    memory = peak_memory_mb(device, base)
-    return [dict(row="vae", model=f"KL-f8 {S}px", mode=mode, batch=B, ms_per_step=1e3 * t, steps_per_s=1 / t,
-                 images_per_s=B / t, peak_mem_mb=memory) for mode, t in (("encode+mirror", t_enc), ("decode", t_dec))]
+    (t_enc, t_dec), _ = timed_rounds([encode, decode], dict(preset, steps=1), device)
+    memory_mb = peak_memory_mb(device, base)
+    return [throughput_row("vae", f"KL-f8 {S}px", mode, B, t, B, memory_mb)
+            for mode, t in (("encode+mirror", t_enc), ("decode", t_dec))]
 
 
-def row_fid(preset, device, precision, peak):
+def row_fid(preset, device, precision):
     """fid.compute_features on 256x256 uint8 images (resized to 299 inside, as pytorch-fid)."""
-    import fid
     base = memory_baseline(device)
     model = fid.FIDInceptionV3().eval().requires_grad_(False).to(device)
     n, B = preset["fid_images"], preset["fid_batch"]
     images = np.random.default_rng(0).integers(0, 256, (B, 256, 256, 3), dtype=np.uint8)
 
     def features():
-        fid.compute_features(model, (n, (images[: min(B, n - i)] for i in range(0, n, B))), device, desc="bench")
+        batches = (images[: min(B, n - i)] for i in range(0, n, B))
+        fid.compute_features(model, (n, batches), device, desc="bench")
     (t,), _ = timed_rounds([features], dict(preset, steps=1), device)
-    return [dict(row="fid", model="Inception pool3", mode="features", batch=B, ms_per_step=1e3 * t * B / n,
-                 steps_per_s=n / B / t, images_per_s=n / t, peak_mem_mb=peak_memory_mb(device, base))]
+    # t is the time of n images, B a batch: ms_per_step is per batch, steps_per_s batches per s
+    return [throughput_row("fid", "Inception pool3", "features", B, t * B / n, B,
+                           peak_memory_mb(device, base))]
 
 
-def row_data(preset, device, precision, peak):
+def row_data(preset, device, precision):
     """train.get_batch alone: stored latents read, flipped, sampled and put on the device."""
-    from prepare_data import PreparedData
-    import train
-    with tempfile.TemporaryDirectory() as tmp:
-        shape = (4, preset["input_size"], preset["input_size"])
-        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
-        args = train_args(preset["models"][0], preset, tmp, precision)
+    with synthetic_run(preset["models"][0], preset, precision) as (args, data):
         rows, state = np.arange(len(data)), dict(step=0)
         base = memory_baseline(device)
 
-        def load():
+        def read():
             train.get_batch(data, rows, state["step"], args, device)
             state["step"] += 1
-        (t,), _ = timed_rounds([load], dict(preset, steps=10 * preset["steps"]), device)
-        memory = peak_memory_mb(device, base)
+        (t,), _ = timed_rounds([read], dict(preset, steps=10 * preset["steps"]), device)
+        memory_mb = peak_memory_mb(device, base)
     B = preset["batch"]
-    return [dict(row="data", model="stored latents", mode="get_batch", batch=B, ms_per_step=1e3 * t, steps_per_s=1 / t,
-                 images_per_s=B / t, peak_mem_mb=memory)]
+    return [throughput_row("data", "stored latents", "get_batch", B, t, B, memory_mb)]
 
 
 def run_row(spec, preset_name, device, precision, compile=False, peak=None, work=None):
@@ -440,10 +461,11 @@ def run_row(spec, preset_name, device, precision, compile=False, peak=None, work
         return [row_train_pair(*rest, preset, device, precision, compile, peak)]
     if kind == "sample":
         return row_sample(*rest, preset, device, precision, compile, peak)
-    return dict(vae=row_vae, fid=row_fid, data=row_data)[kind](preset, device, precision, peak)
+    return dict(vae=row_vae, fid=row_fid, data=row_data)[kind](preset, device, precision)
 
 
 def specs(preset, rows):
+    """The rows (run_row's specs) of a preset, in the order they run."""
     out = []
     if "train" in rows:
         for name in preset["models"]:
@@ -454,416 +476,51 @@ def specs(preset, rows):
     return out
 
 
-#################################################################################
-#                Peak memory of a training step, without a GPU                  #
-#################################################################################
-# `python bench.py --estimate-memory` runs train.py's step (hybrid loss and DMP's balancing losses
-# under autocast, backward, AdamW, EMA when pretraining) on the full-size models with fake tensors
-# (torch._subclasses.FakeTensorMode): every op computes shapes and dtypes only, nothing is
-# allocated, and a dispatch mode (LiveBytes) adds up the bytes of the tensor storages alive after
-# every op; its peak is what torch.cuda.max_memory_allocated would report. (torch's MemTracker,
-# torch.distributed._tools.mem_tracker, hooks every parameter for its gradient, which fails on
-# DMP's frozen backbone.) The fakes are CPU tensors (a fake CUDA device does not work with a
-# CPU-only torch: autograd asks the CUDA runtime for a stream), so what a CUDA run does differently
-# is reproduced:
-#   allocator  CUDA's caching allocator rounds every block up to a multiple of 512 bytes;
-#   attention  F.scaled_dot_product_attention (never given a mask here) runs as the kernel CUDA
-#              picks: FlashAttention-2 in bf16 (head sizes 40-160 fit it), the memory-efficient
-#              kernel in fp32. Both keep q, k, v, the output and the log-sum-exp for the backward
-#              pass, never the N x N scores a math path would;
-#   autocast   CUDA's op lists (ATen's autocast_mode.h) replace CPU's: layer_norm, group_norm,
-#              softmax, exp, log, pow and nearest upsampling give fp32 on CUDA (bf16 on CPU), so a
-#              norm of a bf16 tensor keeps an fp32 copy of it; einsum gives bf16;
-#   AdamW      foreach, the CUDA default: its step makes a temporary fp32 copy of the trained
-#              weights.
-# Left out: the CUDA context (~0.5 GB), cuBLAS/cuDNN workspaces and kernels' internal scratch memory
-# (FlashAttention's backward accumulates dq in fp32), allocator fragmentation (reserved minus
-# allocated, part of what nvidia-smi shows), NCCL buffers, torch.compile. tests/test_bench.py checks
-# the count against the CPU allocator's own record of a real step, and against a hand count of what
-# a DMP block keeps for its backward pass.
-
-MEMORY_KINDS = ("weights", "gradients", "optimizer", "activations")
-MEMORY_MODELS = {
-    **{name: dict(kind="dit", arch=name, input_size=32)
-       for name in ("DiT-B/2", "DiT-L/2", "DiT-XL/2")},
-    "sd15": dict(kind="unet", arch="sd15", latent_size=64, text="vit-l/14"),  # SD 1.5 at 512x512
-    # For the tests: a small DiT, and a small SD-like UNet (9 blocks) with the tiny CLIP.
-    "tiny-dit": dict(kind="dit", arch=dict(patch_size=2, hidden_size=64, depth=2, num_heads=4),
-                     input_size=8),
-    "tiny-unet": dict(kind="unet", arch=dict(in_channels=4, out_channels=4, model_channels=32,
-                                             attention_resolutions=[1, 2], num_res_blocks=1,
-                                             channel_mult=[1, 2], num_heads=8, transformer_depth=1,
-                                             context_dim=32), latent_size=8, text="tiny"),
-}
-# The README's table: (model, method, global batch, micro-batch, checkpointing).
-MEMORY_ROWS = [(name, method, 128, 128, False) for name in ("DiT-B/2", "DiT-L/2", "DiT-XL/2")
-               for method in ("pretrain", "full", "dmp")] + [
-    ("DiT-XL/2", "dmp", 128, 128, True), ("DiT-XL/2", "dmp", 128, 32, False),
-    ("DiT-XL/2", "dmp", 128, 32, True), ("DiT-XL/2", "full", 128, 128, True),
-    ("sd15", "dmp", 128, 128, False), ("sd15", "dmp", 128, 128, True),
-    ("sd15", "dmp", 128, 32, True), ("sd15", "full", 128, 32, False),
-    ("sd15", "full", 128, 32, True)]
-
-
-class LiveBytes(TorchDispatchMode):
-    """
-    The bytes of every tensor storage alive, by kind, and the peak with its breakdown: on fake
-    tensors, what torch.cuda.max_memory_allocated would say (round_to=512, the caching allocator's
-    block size). Storages an op returns count as `self.kind`; older tensors are counted with add().
-    """
-    def __init__(self, round_to=512):
-        super().__init__()
-        self.round_to, self.kind, self.live = round_to, "activations", {}
-        self.now = dict.fromkeys(MEMORY_KINDS, 0)
-        self.peak, self.at_peak = 0, dict(self.now)
-
-    def add(self, tensor, kind=None):
-        storage = tensor.untyped_storage()
-        key, kind = storage._cdata, kind or self.kind
-        if key in self.live:
-            return
-        size = -(-storage.nbytes() // self.round_to) * self.round_to
-        self.live[key] = [size, kind]
-        self.now[kind] += size
-        weakref.finalize(storage, self._free, key)  # runs when the last tensor on it goes
-        total = sum(self.now.values())
-        if total > self.peak:
-            self.peak, self.at_peak = total, dict(self.now)
-
-    def relabel(self, tensor, kind):
-        entry = self.live.get(tensor.untyped_storage()._cdata)
-        if entry is not None:
-            self.now[entry[1]] -= entry[0]
-            self.now[kind] += entry[0]
-            entry[1] = kind
-
-    def _free(self, key):
-        size, kind = self.live.pop(key)
-        self.now[kind] -= size
-
-    @contextlib.contextmanager
-    def counting_as(self, kind):
-        before, self.kind = self.kind, kind
-        try:
-            yield
-        finally:
-            self.kind = before
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.add(t)
-        return out
-
-
-def fused_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
-    """
-    aten::scaled_dot_product_attention as CUDA runs it without a mask: FlashAttention-2 in bf16 or
-    fp16, the memory-efficient kernel in fp32 (autocast has cast q, k, v before, as on CUDA).
-    """
-    if attn_mask is not None or enable_gqa:
-        raise ValueError("the memory estimate models attention without a mask")
-    aten = torch.ops.aten
-    if q.dtype == torch.float32:
-        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        return aten._scaled_dot_product_efficient_attention(q, k, v, None, grad, dropout_p,
-                                                            is_causal, scale=scale)[0]
-    return aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, scale=scale)[0]
-
-
-# CUDA's autocast op lists, ATen's autocast_mode.h (torch 2.13). CUDA hands norm.Scalar and
-# norm.ScalarOpt_dim a dtype argument; here they are cast to fp32, which gives the same output.
-CUDA_AUTOCAST = dict(
-    lower="_convolution.deprecated _convolution conv1d conv2d conv3d conv_tbc conv_transpose1d "
-          "conv_transpose2d.input conv_transpose3d.input convolution prelu addmm addmv addr matmul "
-          "einsum mm mv linalg_vecdot linear addbmm baddbmm bmm chain_matmul linalg_multi_dot "
-          "_thnn_fused_lstm_cell _thnn_fused_gru_cell lstm_cell gru_cell rnn_tanh_cell "
-          "rnn_relu_cell _scaled_dot_product_flash_attention scaled_dot_product_attention",
-    fp32="acos asin cosh erfinv exp expm1 log log10 log2 log1p reciprocal rsqrt sinh tan "
-         "pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar softplus layer_norm native_layer_norm "
-         "rms_norm group_norm frobenius_norm.dim nuclear_norm nuclear_norm.dim cosine_similarity "
-         "poisson_nll_loss cosine_embedding_loss nll_loss nll_loss2d hinge_embedding_loss kl_div "
-         "l1_loss smooth_l1_loss huber_loss mse_loss margin_ranking_loss multilabel_margin_loss "
-         "soft_margin_loss triplet_margin_loss multi_margin_loss binary_cross_entropy_with_logits "
-         "dist pdist cdist renorm logsumexp upsample_nearest1d _upsample_nearest_exact1d "
-         "upsample_nearest2d _upsample_nearest_exact2d upsample_nearest3d "
-         "_upsample_nearest_exact3d upsample_linear1d upsample_bilinear2d _upsample_bilinear2d_aa "
-         "upsample_trilinear3d upsample_bicubic2d _upsample_bicubic2d_aa norm.Scalar "
-         "norm.ScalarOpt_dim",
-    fp32_unless_dtype="prod prod.dim_int softmax.int log_softmax.int cumprod cumsum "
-                      "linalg_vector_norm linalg_matrix_norm linalg_matrix_norm.str_ord sum "
-                      "sum.dim_IntList",
-    promote="addcdiv addcmul atan2 bilinear cross dot vdot grid_sampler index_put tensordot "
-            "scatter_add",
-)
-
-
-def autocast_kernel(name, policy):
-    """An AutocastCPU kernel for aten::`name` with CUDA's cast policy (autocast_mode.h's)."""
-    packet, _, overload = name.partition(".")
-    op = getattr(getattr(torch.ops.aten, packet), overload or "default")
-    arguments = [a.name for a in op._schema.arguments]
-    below = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
-
-    def eligible(a):
-        return isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
-
-    def kernel(*args, **kwargs):
-        low = torch.get_autocast_dtype("cpu")
-        to = dict(lower=low, fp32=torch.float32).get(policy)
-        if policy == "promote":  # the widest floating type among the inputs
-            floats = [a for a in tree_flatten((args, kwargs))[0] if eligible(a)]
-            to = torch.float32 if any(a.dtype == torch.float32 for a in floats) else low
-        if to is not None:
-            args, kwargs = tree_map_only(torch.Tensor, lambda a: a.to(to) if eligible(a) else a,
-                                         (args, kwargs))
-        elif eligible(args[0]):  # fp32_unless_dtype: an output dtype given is kept
-            position = arguments.index("dtype")
-            given = args[position] if position < len(args) else kwargs.get("dtype")
-            if given is None:
-                kwargs = dict(kwargs, dtype=torch.float32)
-        with torch._C._ExcludeDispatchKeyGuard(below):
-            return op(*args, **kwargs)
-    return kernel
-
-
-@contextlib.contextmanager
-def cuda_kernels():
-    """
-    While inside, CPU tensors (fake ones too) get CUDA's autocast lists and attention kernels. They
-    are registered with the dispatcher, so they hold in the backward pass and in checkpointing's
-    recomputation too. CPU's autocast kernels stay where CUDA's policy is the same lower-precision
-    one (they cache the bf16 copies of the weights, as CUDA's do); CPU-only entries fall through.
-    """
-    ops = [n[6:] for n in torch._C._dispatch_get_all_op_names() if n.startswith("aten::")]
-    cpu = {n for n in ops
-           if torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{n}", "AutocastCPU")}
-    cuda = {name: policy for policy, names in CUDA_AUTOCAST.items() for name in names.split()
-            if name in ops}  # (an op this torch does not have is never called)
-    lib = torch.library.Library("aten", "IMPL")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-            for name in sorted(cpu - set(cuda)):
-                lib.impl(name, torch.library.fallthrough_kernel, "AutocastCPU")
-            for name, policy in cuda.items():
-                if not (policy == "lower" and name in cpu):
-                    lib.impl(name, autocast_kernel(name, policy), "AutocastCPU")
-            lib.impl("scaled_dot_product_attention", fused_attention, "CompositeImplicitAutograd")
-        yield
-    finally:
-        lib._destroy()
-
-
-def memory_models(spec, method):
-    """
-    On the meta device: the model of a MEMORY_MODELS entry patched for `method` as train.py does,
-    the weights it trains, its EMA copy (pretraining) and the frozen text encoder (SD).
-    """
-    import dmp
-    from model_clip import CLIP_TINY, CLIP_VITL14, CLIPTextModel
-    from model_dit import CONFIGS, DiT
-    from model_unet import UNet_configs, UNetModel
-    with torch.device("meta"):
-        if spec["kind"] == "dit":
-            arch = CONFIGS[spec["arch"]] if isinstance(spec["arch"], str) else spec["arch"]
-            model, text = DiT(input_size=spec["input_size"], num_classes=1000, **arch), None
-        else:
-            arch = UNet_configs[spec["arch"]] if isinstance(spec["arch"], str) else spec["arch"]
-            model = UNetModel(**arch)
-            clip = CLIP_VITL14 if spec["text"] == "vit-l/14" else CLIP_TINY
-            text = CLIPTextModel(**clip).requires_grad_(False)
-        if method == "pretrain":
-            if spec["kind"] != "dit":
-                raise ValueError("pretraining is estimated for DiT only (SD is further-trained)")
-            model.pos_embed.requires_grad_(False)
-            trained = [p for p in model.parameters() if p.requires_grad]
-        else:
-            options = dict(gate_cond="t+c") if spec["kind"] == "unet" and method == "dmp" else {}
-            trained = [p for g in dmp.patch(model, method, **options) for p in g["params"]]
-        ema = copy.deepcopy(model).requires_grad_(False) if method == "pretrain" else None
-    return model, trained, ema, text
-
-
-def materialize(modules, trained, fill):
-    """Each meta parameter and buffer of `modules` replaced by fill(shape, dtype); new `trained`."""
-    new = {}
-    for module in (m for root in modules if root is not None for m in root.modules()):
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = nn.Parameter(fill(p.shape, p.dtype), p.requires_grad)
-                new[id(p)] = module._parameters[name]
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = fill(b.shape, b.dtype)
-    return [new[id(p)] for p in trained]
-
-
-def random_tensor(shape, dtype):
-    """A weight for a memory run: small random floats (values change no memory), zero integers."""
-    t = torch.empty(shape, dtype=dtype)
-    return t.normal_(0, 0.02) if dtype.is_floating_point else t.zero_()
-
-
-def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, precision="bf16",
-                    like_cuda=True, fake=True):
-    """
-    Peak memory of a step of train.py's loop (train.train_step) for MEMORY_MODELS[name] and
-    `method` ('pretrain' or one of dmp.METHODS), the global batch in micro-batches of micro_batch.
-    like_cuda: as on CUDA (see above), else with CPU's kernels, autocast lists and sizes.
-    fake=False runs it for real on CPU (the tests check the count against the allocator). Returns
-    the table's row, in GiB.
-    """
-    import train
-    from diffusion import create_diffusion
-    spec, micro = MEMORY_MODELS[name], micro_batch or batch
-    if like_cuda and not fake:
-        raise ValueError("CUDA's kernels are modelled on fake tensors only (fake=True)")
-    if batch % micro:
-        raise ValueError(f"a global batch of {batch} does not split into micro-batches of {micro}")
-    model, trained, ema, text = memory_models(spec, method)
-    tracker = LiveBytes(round_to=512 if like_cuda else 1)
-    contexts = [FakeTensorMode()] if fake else []
-    contexts += [tracker] + ([cuda_kernels()] if like_cuda else [])
-    # train_step's settings (the balancing losses, EMA, micro-batches; no text encoder: the
-    # estimate encodes token ids, not captions, so the UNet gets its context directly)
-    args = argparse.Namespace(grad_accum=batch // micro, importance_coef=1.0, load_coef=1.0,
-                              ema=0.9999, model=spec["arch"])
-    started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        for context in contexts:
-            stack.enter_context(context)
-        with tracker.counting_as("weights"), torch.no_grad():
-            trained = materialize([model, ema, text], trained, random_tensor)
-        model.set_checkpointing(checkpointing).train()
-        opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0, foreach=like_cuda or None)
-        for p in trained:
-            p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
-        opt.register_step_pre_hook(functools.partial(setattr_hook, tracker, "optimizer"))
-        opt.register_step_post_hook(functools.partial(setattr_hook, tracker, "activations"))
-        # A run in progress, made by running the end of a step: the gradients it leaves, AdamW's
-        # step (it creates the two moments here) and the EMA update. Then the next step, as
-        # train.py runs it: the gradients freed, every micro-batch's forward and backward (with
-        # several, the gradients being accumulated are alive from the first backward on), AdamW's
-        # step (weights + gradients + moments + its temporaries) and the EMA.
-        with tracker.counting_as("gradients"):
-            for p in trained:
-                p.grad = torch.zeros_like(p)
-        opt.step()
-        pairs = train.ema_pairs(ema, model) if ema is not None else None
-        if pairs is not None:
-            torch._foreach_lerp_(*pairs, 1e-4)
-        size = spec["input_size"] if spec["kind"] == "dit" else spec["latent_size"]
-        x, noise = torch.randn(batch, 4, size, size), torch.randn(batch, 4, size, size)
-        t = torch.randint(0, 1000, (batch,))
-        if text is None:
-            y = torch.randint(0, 1000, (batch,))
-        else:  # train.py: the frozen text encoder runs on the fly, outside autocast
-            with torch.no_grad():
-                y = dict(context=text(torch.randint(0, 49408, (batch, 77)))[0])
-        diffusion = create_diffusion("", "linear", learn_sigma=spec["kind"] == "dit")
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        train.train_step(model, model, diffusion, opt, (x, y, t, noise), args, autocast, ema=pairs)
-    gib = 2 ** 30
-    return dict(row="memory", model=name, mode=method, batch=batch, micro_batch=micro,
-                checkpointing=checkpointing, precision=precision, peak_gib=tracker.peak / gib,
-                **{f"{k}_gib": v / gib for k, v in tracker.at_peak.items()},
-                seconds=time.perf_counter() - started)
-
-
-def setattr_hook(tracker, kind, *hook_args):
-    """An optimizer step hook: what the tracker counts from here on (AdamW's step: 'optimizer')."""
-    tracker.kind = kind
-
-
-CARDS_GIB = (80, 40, 24)
-MEMORY_MARGIN = (1.05, 1.0)  # a card fits a row when 1.05 x its estimate + 1 GiB is at most it
-MEMORY_NOTE = ("Estimates, not measurements: one step of train.py's loop run on fake tensors (no "
-               "GPU, nothing allocated), counted as torch.cuda.max_memory_allocated counts on CUDA "
-               "(bf16 autocast with CUDA's op lists, FlashAttention, AdamW foreach, 512-byte "
-               "blocks). Left out: the CUDA context (~0.5 GB), cuBLAS/cuDNN workspaces and "
-               "kernels' scratch memory, allocator fragmentation, NCCL buffers, torch.compile. "
-               "'fits' allows 1.05 x the estimate + 1 GiB.")
-
-
-def fits(row):
-    """The cards of CARDS_GIB a row's estimate fits, with MEMORY_MARGIN for what it leaves out."""
-    need = MEMORY_MARGIN[0] * row["peak_gib"] + MEMORY_MARGIN[1]
-    return [c for c in CARDS_GIB if need <= c]
-
-
-def format_memory_table(rows):
-    """The memory rows as a Markdown table (the README's), each row marked as an estimate."""
-    lines = ["| model | method | batch | micro-batch | checkpointing | peak GiB | weights | "
-             "gradients | AdamW | activations | fits | source |", "| --- " * 12 + "|"]
-    attention = dict(bf16="FlashAttention", fp32="memory-efficient attention")
-    for r in rows:
-        cards = ", ".join(f"{c} GB" for c in fits(r)) or "none of 80/40/24 GB"
-        sizes = " | ".join(f"{r[f'{k}_gib']:.1f}" for k in MEMORY_KINDS)
-        ckpt = "yes" if r["checkpointing"] else "no"
-        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['micro_batch']} | {ckpt} | "
-                     f"**{r['peak_gib']:.1f}** | {sizes} | {cards} | "
-                     f"estimate (fake tensors, {r['precision']}, {attention[r['precision']]}) |")
-    return "\n".join(lines)
-
-
-def parse_memory_spec(text):
-    """'DiT-XL/2:dmp:128[:32][:ckpt]' -> (model, method, batch, micro-batch, checkpointing)."""
-    parts = text.split(":")
-    rest = parts[4:] if len(parts) > 3 and parts[3].isdigit() else parts[3:]
-    if len(parts) < 3 or not parts[2].isdigit() or rest not in ([], ["ckpt"], ["checkpointing"]):
-        sys.exit(f"error: --estimate-memory {text}: expected MODEL:METHOD:BATCH[:MICRO][:ckpt]")
-    if parts[0] not in MEMORY_MODELS:
-        sys.exit(f"error: --estimate-memory {text}: no model {parts[0]} "
-                 f"(one of {', '.join(MEMORY_MODELS)})")
-    micro = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else int(parts[2])
-    return parts[0], parts[1], int(parts[2]), micro, bool(rest)
-
-
-def run_memory_estimates(specs, precision, json_path=None):
-    """Estimate each (model, method, batch, micro, checkpointing), print the table, write JSON."""
-    from tqdm import tqdm
-    rows = [estimate_memory(*spec, precision=precision)
-            for spec in tqdm(specs, desc="memory estimates", leave=False)]
-    print(MEMORY_NOTE + "\n")
-    print(format_memory_table(rows))
-    if json_path:
-        tmp = Path(f"{json_path}.tmp")
-        tmp.write_text(json.dumps(dict(note=MEMORY_NOTE, torch=torch.__version__, results=rows),
-                                  indent=1))
-        os.replace(tmp, json_path)
-    return rows
+def one_command(spec, preset, device, precision, compile=False, peak=None, threads=None,
+                work=None):
+    """The command line that runs one row in a process of its own (bench.py --one SPEC)."""
+    command = script("bench.py", "--one", json.dumps(spec), "--preset", preset, "--device", device,
+                     "--precision", precision)
+    if threads:
+        command += ["--threads", str(threads)]
+    if work:
+        command += ["--work", str(work)]
+    if compile:
+        command += ["--compile"]
+    if peak:
+        command += ["--peak-tflops", str(peak)]
+    return command
 
 
 #################################################################################
 #                        The table and the targets                              #
 #################################################################################
 
-COLUMNS = [("row", "{}"), ("model", "{}"), ("mode", "{}"), ("batch", "{}"), ("ms_per_step", "{:.1f}"),
-           ("steps_per_s", "{:.3g}"), ("images_per_s", "{:.4g}"), ("tflop_per_step", "{:.3g}"),
-           ("achieved_tflops", "{:.3g}"), ("mfu", "{:.1%}"), ("peak_mem_mb", "{:.0f}")]
+COLUMNS = [("row", "{}"), ("model", "{}"), ("mode", "{}"), ("batch", "{}"),
+           ("ms_per_step", "{:.1f}"), ("steps_per_s", "{:.3g}"), ("images_per_s", "{:.4g}"),
+           ("tflop_per_step", "{:.3g}"), ("achieved_tflops", "{:.3g}"), ("mfu", "{:.1%}"),
+           ("peak_mem_mb", "{:.0f}")]
 
 
 def format_table(results):
+    """The rows as a plain-text table (ratios are targets, not rows); a failed row, its error."""
     table = [[c for c, _ in COLUMNS]]
     for r in results:
         if r["row"] == "ratio":
             continue
-        table.append([("-" if r.get(c) is None else f.format(r[c])) if "error" not in r or c in ("row", "model", "mode")
-                      else "-" for c, f in COLUMNS])
-        if "error" in r:
-            table[-1][4] = r["error"]
+        cells = ["-" if r.get(c) is None else f.format(r[c]) for c, f in COLUMNS]
+        if "error" in r:  # the error where the time would be, every figure "-"
+            cells = cells[:3] + ["-", r["error"]] + ["-"] * (len(COLUMNS) - 5)
+        table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in table]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in table]
     return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
 
 
 def targets(results):
     """
     Each target with its measured figure: (description, value text, met or None when not
-    measured). A measured peak fits a card as an estimate does (fits(): 1.05 x + 1 GiB).
+    measured). A measured peak fits a card as an estimate does (memory.fits: 1.05 x + 1 GiB).
     """
     def find(row, model, mode, compiled=False):
         return next((r for r in results if r["row"] == row and r["model"] == model
@@ -907,7 +564,7 @@ def targets(results):
         if r is not None and r["peak_mem_mb"] is not None and r["batch"] == 128:
             gib = r["peak_mem_mb"] / 1024
             out.append((f"DiT-XL/2 {mode}, batch 128: fits {card} GB", f"{gib:.1f} GiB peak",
-                        card in fits(dict(peak_gib=gib))))
+                        card in memory.fits(dict(peak_gib=gib))))
     data = next((r for r in results if r["row"] == "data"), None)
     trains = [r for r in results if r["row"] == "train" and "error" not in r]
     if data and trains:
@@ -918,13 +575,19 @@ def targets(results):
 
 
 def describe(device, precision, compile):
+    """The device (GPU name, or CPU model and threads), torch, precision and date of a table."""
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                     "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
+        model = "unknown CPU"
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                names = [line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")]
+            model = (names or [model])[0]
         what = f"{model}, {torch.get_num_threads()} threads"
-    return f"{what}; torch {torch.__version__}; {precision}{', compiled' if compile else ''}; {time.strftime('%Y-%m-%d')}"
+    compiled = ", compiled" if compile else ""
+    return f"{what}; torch {torch.__version__}; {precision}{compiled}; {time.strftime('%Y-%m-%d')}"
 
 
 #################################################################################
@@ -1260,7 +923,12 @@ def print_results(results):
         print(f"  {what}: {value} {verdict}")
 
 
-def main(argv=None):
+#################################################################################
+#                                     Main                                      #
+#################################################################################
+
+def parse_args(argv=None):
+    """bench.py's command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--preset", choices=list(PRESETS), help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
@@ -1269,9 +937,11 @@ def main(argv=None):
                    help="default: train.py's (bf16 on a GPU that has it, else fp16; fp32 on CPU)")
     p.add_argument("--compile", action="store_true",
                    help="compile each block in the training and sampling rows")
-    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: A100/H100 bf16 dense)")
-    p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a machine shared with other jobs, "
-                   "two threads that wait for each other were 5-10x slower than one; torch's default on CUDA)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the device's peak for MFU (default: A100/H100 bf16 dense)")
+    p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a machine shared "
+                   "with other jobs, two threads that wait for each other were 5-10x slower than "
+                   "one; torch's default on CUDA)")
     p.add_argument("--json", help="write the results here (atomically)")
     p.add_argument("--estimate-memory", nargs="*", metavar="MODEL:METHOD:BATCH[:MICRO][:ckpt]",
                    help="no GPU needed: estimate a training step's peak memory on fake tensors, "
@@ -1285,54 +955,44 @@ def main(argv=None):
                    "--only digits-train digits-sample rehearses those on a CPU)")
     p.add_argument("--work", help="with --suite: the folder for its runs and samples (default: a "
                    "temporary one)")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row (JSON spec) and print its result
-    args = p.parse_args(argv)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row (a JSON spec)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    """The memory estimate, the device suite, one row (--one), or the preset's rows as a table."""
+    args = parse_args(argv)
     if args.estimate_memory is not None:
-        specs_ = [parse_memory_spec(s) for s in args.estimate_memory] or MEMORY_ROWS
+        rows = [memory.parse_memory_spec(s) for s in args.estimate_memory] or memory.MEMORY_ROWS
         try:
-            return run_memory_estimates(specs_, args.precision or "bf16", args.json)
+            return memory.run_memory_estimates(rows, args.precision or "bf16", args.json)
         except ValueError as e:
             sys.exit(f"error: --estimate-memory: {e}")
     if args.suite:
         return main_suite(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        message = "CUDA is not available here (torch.cuda.is_available() is False)"
+        if args.one:  # a row of the suite: its one sentence, as a result
+            print(json.dumps([dict(row=json.loads(args.one)[0], model="", mode="", error=message)]))
+            return
+        sys.exit(f"error: --device cuda: {message}")
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            message = "CUDA is not available here (torch.cuda.is_available() is False)"
-            if args.one:  # a row of the suite: its one sentence, as a result
-                print(json.dumps([dict(row=json.loads(args.one)[0], model="", mode="",
-                                       error=message)]))
-                return
-            sys.exit(f"error: --device cuda: {message}")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # train's
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    precision = args.precision or choose_precision(device)
-    peak = peak_tflops(device, args.peak_tflops)
+    precision = args.precision or train.choose_precision(None, device)
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     if args.one:
-        spec = json.loads(args.one)
-        try:
-            results = run_row(spec, preset, device, precision, args.compile, peak, args.work)
-        except Exception as e:  # any failure (out of memory, a compile error): one sentence
-            traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            error = ("out of memory" if isinstance(e, torch.OutOfMemoryError)
-                     else f"{type(e).__name__}: {first}")
-            results = [dict(row=spec[0], model=spec[1] if len(spec) > 1 else "",
-                            mode=spec[2] if len(spec) > 2 else "", error=error)]
-        print(json.dumps(results))
-        return
+        return main_one(args, preset, device, precision)
     header = describe(device, precision, args.compile)
     print(f"bench.py --preset {preset}: {header}")
     results = []
     for spec in specs(PRESETS[preset], args.rows):
-        cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--preset", preset, "--device", str(device),
-               "--precision", precision, "--threads", str(torch.get_num_threads())] + \
-              (["--compile"] if args.compile else []) + \
-              (["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        command = one_command(spec, preset, device, precision, args.compile, args.peak_tflops,
+                              torch.get_num_threads())
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"error: {' '.join(spec)} failed:\n{done.stderr[-3000:]}")
         results += json.loads(done.stdout.strip().splitlines()[-1])
@@ -1345,17 +1005,30 @@ def main(argv=None):
     return results
 
 
-def choose_precision(device):
-    """train.py's default precision on this device."""
-    import train
-    return train.choose_precision(None, device)
+def main_one(args, preset, device, precision):
+    """--one SPEC: run one row in this process and print its results as one JSON line."""
+    spec = json.loads(args.one)
+    try:
+        results = run_row(spec, preset, device, precision, args.compile,
+                          peak_tflops(device, args.peak_tflops), args.work)
+    except Exception as e:  # any failure (out of memory, a compile error): one sentence
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        error = f"{type(e).__name__}: {first}"
+        if isinstance(e, torch.OutOfMemoryError):
+            error = "out of memory"
+        padded = [*spec, "", ""]  # ['vae'] has no model or mode
+        results = [dict(row=spec[0], model=padded[1], mode=padded[2], error=error)]
+    print(json.dumps(results))
 
 
 def main_suite(args):
     """--suite device: list it (--dry-run) or run it; the JSON is written as it goes."""
     device = torch.device(args.device or "cuda")
     cuda = device.type != "cuda" or torch.cuda.is_available()
-    precision = args.precision or (choose_precision(device) if cuda else "bf16")
+    precision = args.precision or "bf16"
+    if cuda and not args.precision:
+        precision = train.choose_precision(None, device)
     unknown = sorted(set(args.only or []) - {key for key, *_ in DEVICE_SUITE})
     if unknown:
         sys.exit(f"error: --only {' '.join(unknown)}: no such row (bench.py --suite device "
@@ -1374,8 +1047,9 @@ def main_suite(args):
         return rows
     setup = setup_line(device, precision) if cuda else "no CUDA device"
     print(f"bench.py --suite device: {setup}; work folder {work}")
-    missing = None if cuda else ("not run: CUDA is not available here (torch.cuda.is_available() "
-                                 "is False)")
+    missing = None
+    if not cuda:
+        missing = "not run: CUDA is not available here (torch.cuda.is_available() is False)"
     budget = SUITE_BUDGET_S - (time.monotonic() - STARTED)
     try:
         done = run_suite(rows, args.json, budget=budget, setup=setup, missing=missing)

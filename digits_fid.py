@@ -250,7 +250,7 @@ def digits_split():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", nargs="?", help="a digits DiT checkpoint or patch (dmp.load_model)")
+    p.add_argument("ckpt", nargs="?", help="a digits DiT checkpoint or patch (load.load_model)")
     p.add_argument("--train", action="store_true", help="train the classifier, write --classifier")
     p.add_argument("--classifier", default=str(CLASSIFIER))
     p.add_argument("--steps", type=int, default=250, help="DDPM steps for the samples")
@@ -271,9 +271,9 @@ def main(argv=None):
         return
     if not args.ckpt:
         p.error("give a checkpoint, or --train")
-    import dmp
+    import load
     quality = SampleQuality(load_classifier(args.classifier), train_x, held_x, args.replicates)
-    samples = generate(dmp.load_model(args.ckpt), CHUNKS * quality.n, args.steps)
+    samples = generate(load.load_model(args.ckpt), CHUNKS * quality.n, args.steps)
     for name, r in (("samples", quality.of_samples(samples)), ("held-out digits", quality.floor())):
         print(f"{name}: " + ", ".join(f"{k} {v:.4f} ± {half_width(r[k + '_boot']):.4f}"
                                       for k, v in r.items() if not k.endswith("_boot")))

@@ -14,7 +14,6 @@ naive prompt tuning (Eq. 2), LoRA (Table 7), DiffFit and BitFit.
 Where the paper is silent or the authors' code (github.com/sangminwoo/DMP) differs from it, the paper is the
 default and the authors' choice is an option; AUTHORS_CODE collects those options.
 """
-import hashlib
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, atomic_save, cached, read_state_dict
+from checkpoints import CheckpointError, atomic_save
 
 # The authors' code differs from the paper in four ways the paper does not mention: the gate reads the timestep
 # plus class embedding, the block index enters as a raw scalar, the gate learns at 10x the prompts' rate, and
@@ -471,50 +470,12 @@ def trainable_state_dict(model):
 #                                  Patch Files                                  #
 #################################################################################
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def base_file(base):
+def is_patch(entries):
     """
-    The file a base checkpoint's name loads from: the path itself, or for an official DiT name its
-    file in the download cache. None for a folder (a diffusers SD base) or a file that is not there.
+    Whether a weight file's entries are a patch: save_patch's file, or the checkpoint of a
+    further-training run, which holds the same entries.
     """
-    from model_dit import OFFICIAL
-    path = Path(str(base)).expanduser()
-    if not path.exists() and str(base) in OFFICIAL:
-        path = cached(OFFICIAL[str(base)])
-    return path if path.is_file() else None
-
-
-def base_record(base):
-    """
-    What a patch records of its base: the name as given (an official name still resolves through the
-    download cache), its absolute path (so the patch finds it from any working directory) and the
-    file's sha256.
-    """
-    if not base:
-        return dict(name=None, path=None, sha256=None)
-    file = base_file(base)
-    path = file or Path(str(base)).expanduser()
-    return dict(name=str(base), path=str(path.resolve()) if path.exists() else None,
-                sha256=file_sha256(file) if file else None)
-
-
-def recorded_base(entries):
-    """
-    The base a patch or further-training checkpoint (its `entries`) names, as load_model reads it:
-    the recorded absolute path while it exists, else the name as given. None if the file names no
-    base.
-    """
-    base = entries.get("base") or {}
-    if base.get("path") and Path(base["path"]).exists():
-        return base["path"]
-    return base.get("name")
+    return {"method", "state"} <= set(entries)
 
 
 def save_patch(model, path, base=None, **extra):
@@ -525,6 +486,7 @@ def save_patch(model, path, base=None, **extra):
     DMP patch of DiT-L/2 is ~26 MB, the backbone it patches 1.8 GB, which is the paper's storage
     argument.
     """
+    from load import base_record  # where the base's name resolves to a file (load.py imports this one)
     state = trainable_state_dict(model)
     atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_record(base),
                      config=getattr(model, "config", None), state=state, **extra), path)
@@ -532,33 +494,20 @@ def save_patch(model, path, base=None, **extra):
     return Path(path).stat().st_size, backbone
 
 
-def apply_patch(model, path, base=None, allow_base_mismatch=False):
+def apply_patch_entries(model, entries, name="the patch"):
     """
-    Patch a base model in place with a patch file: the method's modules are rebuilt, then its
-    weights loaded. If `base` is the file the model came from and the patch recorded its base's
-    sha256, they must agree: a patch on another base is refused (CheckpointError) unless
-    allow_base_mismatch, which only warns.
+    Patch a base model in place with a patch file's entries (save_patch's): the method's modules
+    rebuilt, then its weights loaded. Entries that do not fit the model raise CheckpointError
+    naming the file (`name`). load.apply_patch reads the file and checks its base first.
     """
-    patch_file = read_state_dict(path)
-    if not {"method", "state"} <= set(patch_file):
-        raise CheckpointError(f"{path}: not a patch file (no 'method' and 'state' entries)")
-    recorded = (patch_file.get("base") or {}).get("sha256")
-    file = base_file(base) if base and recorded else None
-    actual = file_sha256(file) if file else recorded
-    if actual != recorded:
-        problem = (f"{path} was trained on a base with sha256 {recorded[:12]}..., and {base} is "
-                   f"another checkpoint (sha256 {actual[:12]}...)")
-        if not allow_base_mismatch:
-            raise CheckpointError(f"{problem}: give the base it was trained on, or "
-                                  f"--allow-base-mismatch to apply it anyway")
-        print(f"warning: {problem}; applied anyway (--allow-base-mismatch)")
-    patch(model, patch_file["method"], **patch_file.get("options", {}))
+    patch(model, entries["method"], **entries.get("options", {}))
     expected = set(trainable_state_dict(model))
-    got = set(patch_file["state"])
+    got = set(entries["state"])
     if expected != got:
         missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict(patch_file["state"], strict=False)
+        raise CheckpointError(f"{name} does not fit this model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    model.load_state_dict(entries["state"], strict=False)
     return model
 
 
@@ -661,48 +610,3 @@ def colour(v):
     low = np.where(x < 1, anchors[0], anchors[1])
     high = np.where(x < 1, anchors[1], anchors[2])
     return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)
-
-
-def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False):
-    """
-    The model sample.py and train.py --init use: an official name or a DiT checkpoint (model_dit.load_checkpoint);
-    a patch file or a train.py checkpoint of a further-training run (it records its base and the trained
-    weights), applied to the base it names; or a base plus `patch_path`. With unet_config (model_unet's
-    UNet_configs), the base is an SD UNet in any layout model_unet.load_unet reads; a patch of a UNet records
-    its config, so it needs none. A patch on a base other than the one it recorded is refused unless
-    allow_base_mismatch (apply_patch).
-    """
-    from model_dit import OFFICIAL, load_checkpoint
-    path = Path(str(name_or_path))
-    if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # an SD file is not read twice
-        entries = read_state_dict(name_or_path)
-        if {"method", "state"} <= set(entries):
-            base = recorded_base(entries)
-            if not base:
-                raise CheckpointError(f"{name_or_path} is a patch that does not name its base checkpoint: "
-                                      f"pass the base as the checkpoint and this file as the patch")
-            config = entries.get("config") or {}
-            unet_config = config if "context_dim" in config else unet_config
-            if not Path(str(base)).exists() and base not in OFFICIAL:
-                name, where = entries["base"]["name"], entries["base"].get("path")
-                where = f" (nor at {where})" if where and where != name else ""
-                raise CheckpointError(f"{name_or_path} was trained on {name}, which is not there"
-                                      f"{where}: pass that base as the checkpoint and this file "
-                                      f"as the patch")
-            return apply_patch(load_model(base, unet_config=unet_config), name_or_path, base=base,
-                               allow_base_mismatch=allow_base_mismatch)
-        if entries.get("method") and isinstance(entries.get("model"), dict):
-            # DMP trained from scratch (Table 6): backbone and prompts in one state dict, EMA preferred
-            from model_dit import DiT
-            model = DiT(**entries["config"])
-            patch(model, entries["method"], **(entries.get("options") or {}))
-            model.load_state_dict(entries.get("ema") or entries["model"])
-            return model
-    if unet_config is not None:
-        from model_unet import load_unet
-        model = load_unet(name_or_path, unet_config)
-    else:
-        model = load_checkpoint(name_or_path)
-    if patch_path:
-        model = apply_patch(model, patch_path, name_or_path, allow_base_mismatch)
-    return model

@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 import digits_fid
 import dmp
+import load
 import train
 from checkpoints import read_state_dict
 from diffusion import create_diffusion
@@ -121,6 +122,7 @@ QUICK = dict(iterations=200, eval_at=[100, 200], seeds=[0], bpd_images=16, sampl
 
 
 def parse_args(argv=None):
+    """The command line; the sizes are the full study's, or --quick's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -128,7 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--render", action="store_true",
                    help="only rewrite study.md, the figures and the README section from study.json")
     p.add_argument("--out", default="assets/study", help="study.json, study.md and the figures")
-    p.add_argument("--runs-dir", default="runs/study", help="the training runs and their evaluations")
+    p.add_argument("--runs-dir", default="runs/study", help="the runs and their evaluations")
     p.add_argument("--readme", default="README.md",
                    help="the file whose study section is rewritten ('' for none)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -179,7 +181,7 @@ def evaluate_checkpoint(ckpt, bpd_images, sample_sets=0, sample_steps=100, repli
     sample_sets x 297 samples (digits_fid.SampleQuality) and their bootstrap replicates, the samples
     themselves with keep_samples (Table 5), the held-out digits' own FD and KID with floor. A dict.
     """
-    model = dmp.load_model(ckpt).eval()
+    model = load.load_model(ckpt).eval()
     data = PreparedData(DATA)
     train_rows, heldout = train.split(data, HOLDOUT)
     settings = argparse.Namespace(unconditional=True, bpd_images=bpd_images)
@@ -239,8 +241,8 @@ def gate_statistics(weights):
 
 def train_flags(args, seed, extra=(), init=True, iterations=None, ckpt_every=None):
     """The train.py command line of one run (the digits preset; no EMA when further-training)."""
-    flags = ["--dataset", "digits", "--lr", str(args.lr), "--seed", str(seed), "--sample-every", "0",
-             "--eval-every", "0", "--keep", "1000", "--log-every", "50"]
+    flags = ["--dataset", "digits", "--lr", str(args.lr), "--seed", str(seed),
+             "--sample-every", "0", "--eval-every", "0", "--keep", "1000", "--log-every", "50"]
     if init:
         flags += ["--init", BASE, "--ema", "0"]
     it = iterations or args.iterations
@@ -259,7 +261,7 @@ def run_job(job, args):
     results = {}
     if job["flags"] is not None:
         runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
-        done = train.checkpoints(runs[0]) if runs else []
+        done = load.checkpoints(runs[0]) if runs else []
         if not done or int(done[-1].stem) < job["eval_at"][-1]:
             resume = ["--resume", str(runs[0])] if done else []
             command(["train.py", *job["flags"], *resume, "--results-dir", str(folder)], args,
@@ -330,6 +332,7 @@ def jobs_of(args):
 
 
 def run_all(args):
+    """Every job of the study (jobs_of), --jobs at a time: (jobs, {key: run_job's results})."""
     jobs = jobs_of(args)
     results = {}
     with ThreadPoolExecutor(max(1, args.jobs)) as pool, \
@@ -461,7 +464,7 @@ def collect(args, jobs, results, minutes=None, reused=0):
     for key in ("dmp", MOVING):  # Fig. 5: the default gate and one that moves
         if ("row", key, first) in results:
             run = Path(results[("row", key, first)]["log"]).parent
-            model = dmp.load_model(run / "checkpoints" / f"{last:07d}.pt")
+            model = load.load_model(run / "checkpoints" / f"{last:07d}.pt")
             weights = dmp.gate_weights(model, timesteps=GATE_TIMESTEPS)
             study.setdefault("fig5", {})[key] = weights.astype(np.float64).round(7).tolist()
     study["fid"] = None  # see study_report.render: no Inception weights can be fetched here
@@ -469,6 +472,7 @@ def collect(args, jobs, results, minutes=None, reused=0):
 
 
 def metrics(r):
+    """The held-out numbers of an evaluation: loss, bits/dim and the MSE per band of t."""
     return {k: r[k] for k in ("heldout_loss", "bpd", "mse_bands")}
 
 
@@ -487,10 +491,12 @@ def classifier_info():
 def pretraining_curve():
     """[(step, held-out loss of the EMA model)] from the base's training log."""
     with open(ROOT / BASE_LOG) as f:
-        return [(e["step"], e["heldout_loss"]) for e in map(json.loads, f) if e.get("event") == "eval"]
+        return [(e["step"], e["heldout_loss"]) for e in map(json.loads, f)
+                if e.get("event") == "eval"]
 
 
 def main(argv=None):
+    """The study (the module docstring); --evaluate: one checkpoint; --render: the outputs again."""
     args = parse_args(argv)
     if args.evaluate:
         torch.set_num_threads(1)  # the digits DiT's matrices are too small to share (train.py)

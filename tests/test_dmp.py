@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import dmp
+import load
 from model_dit import DiT, DiT_models, get_2d_sincos_pos_embed
 
 
@@ -310,7 +311,7 @@ def test_patch_file_round_trip(tmp_path, method, options):
     size, backbone = dmp.save_patch(model, tmp_path / "patch.pt", base=tmp_path / "base.pt")
     assert 0 < size < backbone
     x, t, y = batch()
-    restored = dmp.apply_patch(copy.deepcopy(base), tmp_path / "patch.pt", base=tmp_path / "base.pt")
+    restored = load.apply_patch(copy.deepcopy(base), tmp_path / "patch.pt", base=tmp_path / "base.pt")
     with torch.no_grad():
         assert torch.equal(model(x, t, y), restored(x, t, y))
         assert not torch.equal(base(x, t, y), restored(x, t, y))
@@ -325,20 +326,20 @@ def test_a_patch_on_an_official_base_records_its_cached_file(tmp_path, monkeypat
     cached = tmp_path / "cache" / "DiT-XL-2-256x256.pt"
     torch.save(tiny_dit().state_dict(), cached)  # as if downloaded once
     monkeypatch.chdir(tmp_path)
-    model = dmp.load_model("DiT-XL-2-256x256.pt")
+    model = load.load_model("DiT-XL-2-256x256.pt")
     dmp.patch(model, "dmp")
     with torch.no_grad():
         model.block_input.prompts.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
     dmp.save_patch(model, tmp_path / "patch.pt", base="DiT-XL-2-256x256.pt")
     recorded = torch.load(tmp_path / "patch.pt", weights_only=True)["base"]
     assert recorded == dict(name="DiT-XL-2-256x256.pt", path=str(cached),
-                            sha256=dmp.file_sha256(cached))
+                            sha256=load.file_sha256(cached))
     x, t, y = batch()
     with torch.no_grad():
-        assert torch.equal(dmp.load_model(tmp_path / "patch.pt")(x, t, y), model(x, t, y))
+        assert torch.equal(load.load_model(tmp_path / "patch.pt")(x, t, y), model(x, t, y))
         torch.save(tiny_dit(seed=5).state_dict(), cached)  # another model under the official name
         with pytest.raises(dmp.CheckpointError, match="was trained on a base with sha256"):
-            dmp.load_model(tmp_path / "patch.pt")
+            load.load_model(tmp_path / "patch.pt")
 
 
 def test_dmp_patch_of_dit_l2_is_tens_of_megabytes():
@@ -461,7 +462,7 @@ def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path, on
     with torch.no_grad():
         ref = model(x, t, context)
     dmp.save_patch(model, tmp_path / "patch.pt")
-    fresh = dmp.apply_patch(tiny_unet(), tmp_path / "patch.pt")
+    fresh = load.apply_patch(tiny_unet(), tmp_path / "patch.pt")
     with torch.no_grad():
         assert torch.equal(fresh(x, t, context), ref)
     with pytest.raises(ValueError, match="linear gate"):

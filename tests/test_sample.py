@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 
 import dmp
+import load
 import sample
+import sampling
 from diffusion import create_diffusion
 from diffusion import sample as diffusion_sample
 from model_dit import DiT
@@ -66,15 +68,6 @@ def pngs(folder, n):
 def npz(path):
     with np.load(path) as f:
         return f["arr_0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose much when the cores are busy; the torchrun run uses one too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +135,7 @@ def test_resume_computes_only_the_missing_images(ckpt, reference, tmp_path, monk
 
 def test_patches(ckpt, reference, tmp_path):
     _, ref = reference
-    model = dmp.load_model(ckpt)
+    model = load.load_model(ckpt)
     dmp.patch(model, "dmp")
     zero = tmp_path / "zero.pt"
     dmp.save_patch(model, zero, base=ckpt, noise_schedule="cosine", vae="none")
@@ -185,12 +178,12 @@ def test_latent_model_decodes_with_the_vae(tmp_path):
     # Image k by hand: its generator draws the label, the latent noise, then each step's noise.
     vae, diffusion = load_vae(str(tmp_path / "vae.pt")), create_diffusion("ddim5", "cosine")
     for k in range(3):
-        g = sample.image_generator(0, k)
+        g = sampling.image_generator(0, k)
         y = torch.randint(10, (1,), generator=g)
         z = torch.randn(1, 4, 4, 4, generator=g)
         with torch.no_grad():
             latent = diffusion_sample(model, diffusion, z, y, 1.5, eta=1.0,
-                                      noise_fn=lambda x: torch.randn(x.shape, generator=g))
+                                      noise_fn=lambda x, g=g: torch.randn(x.shape, generator=g))
             x = vae.decode(latent / SCALE_FACTOR)
         expected = torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()[0]
         assert np.array_equal(images[k], expected)
@@ -199,12 +192,12 @@ def test_latent_model_decodes_with_the_vae(tmp_path):
 
 def test_write_grid_as_train_py_calls_it_grayscale_to_rgb(tmp_path):
     model = tiny_dit(in_channels=1).train()  # a one-channel pixel-space model (the digits), mid-training
-    path = sample.write_grid(model, tmp_path / "g.png", noise_schedule="cosine", vae="none", num=4, seed=0,
-                             steps=5, sampler="ddim", device="cpu")
+    path = sampling.write_grid(model, tmp_path / "g.png", noise_schedule="cosine", vae="none", num=4, seed=0,
+                               steps=5, sampler="ddim", device="cpu", min_side=64)
     grid = np.asarray(Image.open(path))
-    assert grid.shape == (22, 22, 3) and model.training
+    assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3) and model.training  # 8x8 images shown 64x64
     assert np.array_equal(grid[..., 0], grid[..., 1]) and np.array_equal(grid[..., 0], grid[..., 2])
-    assert len(np.unique(grid[2:10, 2:10, 0])) > 20
+    assert len(np.unique(grid[2:66, 2:66, 0])) > 20
 
 
 def test_bf16_autocast_on_cpu(ckpt, reference, tmp_path):
@@ -260,7 +253,7 @@ def test_a_patch_finds_its_base_from_anywhere_and_refuses_another(tmp_path, monk
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     save_run(tiny_dit(seed=0), "base.pt")
-    model = dmp.load_model("base.pt")
+    model = load.load_model("base.pt")
     dmp.patch(model, "dmp")
     with torch.no_grad():
         model.block_input.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))

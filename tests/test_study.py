@@ -99,7 +99,8 @@ def test_metrics_are_paired_and_a_zero_patch_measures_as_the_base(done):
     assert again == {k: first[k] for k in again}  # an evaluation is a function of the checkpoint
     assert first["bpd"] != base["bpd"]
     import dmp
-    model = dmp.load_model(study.BASE)
+    import load
+    model = load.load_model(study.BASE)
     dmp.patch(model, "dmp")
     path = done / "zero.pt"
     dmp.save_patch(model, path, base=study.BASE)
@@ -152,7 +153,10 @@ def test_structural_bias_and_gate_statistics_on_known_inputs():
 
 
 def test_the_readme_section_is_the_committed_json_rendered(tmp_path):
-    """The acceptance of the study: README's tables and figures are study_report's rendering of assets/study/study.json."""
+    """
+    The acceptance of the study: README's tables and figures are study_report's rendering of
+    assets/study/study.json.
+    """
     data = json.loads((ROOT / "assets" / "study" / "study.json").read_text())
     report.draw_figures(data, tmp_path)
     for name in ["pretraining_curve.png"] + [report.figure_name(key) for key in data["fig5"]]:

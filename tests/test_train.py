@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dmp
+import load
 import train
 from checkpoints import read_state_dict
 
@@ -121,8 +123,8 @@ def test_every_method_further_trains_and_its_checkpoint_loads(tmp_path, base_che
     ckpt = train.checkpoints(run_dir)[-1]
     entries = read_state_dict(ckpt)
     assert entries["method"] == method and entries["base"]["name"] == str(base_checkpoint)
-    model = dmp.load_model(str(ckpt))  # base + what the method trained
-    base = dmp.load_model(str(base_checkpoint))
+    model = load.load_model(str(ckpt))  # base + what the method trained
+    base = load.load_model(str(base_checkpoint))
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 900]), torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
         assert not torch.equal(model.eval()(x, t, y), base.eval()(x, t, y))
@@ -149,7 +151,7 @@ def test_one_lr_rule_explicit_multipliers_and_the_gate_log(tmp_path, base_checkp
 
 def test_dmp_from_scratch_trains_backbone_and_prompts(tmp_path):
     run_dir = run(tmp_path, "--method", "dmp", "--iterations", "2", "--ckpt-every", "2")
-    model = dmp.load_model(str(train.checkpoints(run_dir)[-1]))
+    model = load.load_model(str(train.checkpoints(run_dir)[-1]))
     assert isinstance(model.block_input, dmp.MixtureOfPrompts) and model.block_input.prompts.abs().sum() > 0
 
 
@@ -169,7 +171,8 @@ def _gradients(base, rank=0, world=1):
     rows, _ = train.split(data, args.holdout)
     model, groups = train.build_model(args, data)
     with torch.no_grad():  # non-zero prompts (the same on every process): the gate gets a gradient too
-        model.block_input.prompts.copy_(torch.randn(model.block_input.prompts.shape, generator=torch.Generator().manual_seed(0)))
+        prompts = model.block_input.prompts
+        prompts.copy_(torch.randn(prompts.shape, generator=torch.Generator().manual_seed(0)))
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batch = train.get_batch(data, rows, 5, args, torch.device("cpu"), rank, world)
     loss, _ = train.compute_loss(wrapped, model, train.create_diffusion("", args.noise_schedule), batch, args)
@@ -201,23 +204,13 @@ def test_torchrun_runs_the_loop_with_two_processes(tmp_path, base_checkpoint):
     assert next(e for e in log_of(run_dir) if e.get("event") == "start")["world"] == 2
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny UNet runs several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(tmp_path, one_thread):
+def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(tmp_path):
     """
     End to end: an SD-layout single file (the golden tiny UNet and VAE, a tiny CLIP), 8 captioned images in an
     img2dataset shard, 20 DMP steps, PNDM with guidance. A zero patch gives the base's samples bit for bit.
     """
     import io
     import tarfile
-    import numpy as np
     from PIL import Image
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -249,7 +242,7 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
     run_dir = next((tmp_path / "runs").iterdir())
     log = log_of(run_dir)
     with torch.device("meta"):
-        channels = sum(c for c, _ in UNetModel(**sample.SD_MODELS["sd-tiny"]["unet"]).block_shapes)
+        channels = sum(c for c, _ in UNetModel(**load.SD_MODELS["sd-tiny"]["unet"]).block_shapes)
     assert log[0]["trained_parameters"] == 256 * channels + (128 + 32 + 25) * 256 + 256 == 482_816  # prompts, gate
     assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
     ckpt = train.checkpoints(run_dir)[-1]
@@ -257,7 +250,7 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
     assert entries["method"] == "dmp" and entries["options"]["gate_cond"] == "t+c" and entries["step"] == 20
     assert max(v.abs().max() for k, v in entries["state"].items() if "prompts" in k) > 1e-3  # the prompts learned
 
-    unet, _, _ = sample.load_sd(tmp_path / "sd-tiny.safetensors", "sd-tiny")
+    unet, _, _ = load.load_sd(tmp_path / "sd-tiny.safetensors", "sd-tiny")
     dmp.patch(unet, "dmp", gate_cond="t+c")
     dmp.save_patch(unet, tmp_path / "zero.pt", base=tmp_path / "sd-tiny.safetensors")
     common = ["--model", "sd-tiny", "--prompt", "a photo of thing 1", "a red square", "--resolution", "32",
@@ -272,12 +265,11 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
     assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does (weights 1/256: a little)
 
 
-def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_prompts(tmp_path, one_thread):
+def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_prompts(tmp_path):
     """
     --dataset coco with a tiny DiT and the golden tiny CLIP (a text_encoder/ folder): pretraining, DMP on t + text,
     then sample.py from prompts with guidance against the null embedding. A zero patch gives the base's samples.
     """
-    import numpy as np
     from PIL import Image
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -318,7 +310,7 @@ def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_pr
     assert entries["text_encoder"] == str((tmp_path / "clip").resolve())
     assert max(v.abs().max() for k, v in entries["state"].items() if "prompts" in k) > 1e-3
 
-    model = dmp.load_model(str(base))
+    model = load.load_model(str(base))
     dmp.patch(model, "dmp", gate_cond="t+c")
     dmp.save_patch(model, tmp_path / "zero.pt", base=str(base))
     args = ["--prompt", "a photo of thing 1", "a red square", "--steps", "5", "--seed", "3"]
@@ -418,7 +410,7 @@ def test_init_checkpoint_holds_the_ema_it_measured_and_resume_restores_it(tmp_pa
     args = train.parse_args(FAST + ["--init", str(base_checkpoint)])
     data = train.PreparedData(args.data)
     _, heldout = train.split(data, args.holdout)
-    model = dmp.load_model(str(train.checkpoints(whole)[-1]))
+    model = load.load_model(str(train.checkpoints(whole)[-1]))
     diffusion = train.create_diffusion("", "cosine")
     again = train.evaluate(model, diffusion, data, heldout, args, torch.device("cpu"))
     assert again["heldout_loss"] == pytest.approx(logged[0]["heldout_loss"], rel=1e-6)
@@ -462,7 +454,7 @@ def test_init_from_a_dit_without_learned_variance(tmp_path):
     run_dir = run(tmp_path, "--init", str(tmp_path / "eps_only.pt"), "--iterations", "2",
                   "--ckpt-every", "2")
     assert all(math.isfinite(e["loss"]) and e["vb"] == 0 for e in log_of(run_dir) if "loss" in e)
-    assert dmp.load_model(str(train.checkpoints(run_dir)[-1])).learn_sigma is False
+    assert load.load_model(str(train.checkpoints(run_dir)[-1])).learn_sigma is False
 
 
 def test_files_that_are_not_checkpoints_get_one_sentence(tmp_path, unchanged):
@@ -518,6 +510,18 @@ def test_a_full_disk_while_writing_a_checkpoint_or_the_log(tmp_path, unchanged, 
     kept()
 
 
+def test_the_sample_grid_is_large_enough_to_see(tmp_path):
+    """train.py's grid shows each 8x8 digit at 64x64, by nearest neighbour: a pixel, a square."""
+    from PIL import Image
+    run_dir = run(tmp_path, "--init", str(ROOT / "assets" / "dit_digits.pt"), "--iterations", "1",
+                  "--ckpt-every", "1", "--sample-every", "1")
+    grid = np.asarray(Image.open(run_dir / "samples" / "0000001.png"))
+    assert grid.shape == (4 * 66 + 2, 4 * 66 + 2, 3)  # 16 digits, 4 x 4, 2-pixel borders
+    cells = grid[2:, 2:, 0].reshape(4, 66, 4, 66)[:, :64, :, :64].reshape(4, 8, 8, 4, 8, 8)
+    assert (cells == cells[:, :, :1, :, :, :1]).all()  # every 8x8 square one value
+    assert len(np.unique(cells)) > 50  # digits, not a blank
+
+
 def test_the_demo_bits_per_dim_can_be_turned_off():
     assert train.parse_args([]).eval_bpd is True
     assert train.parse_args(["--no-eval-bpd"]).eval_bpd is False
@@ -538,7 +542,7 @@ def test_grad_accum_equals_one_batch_and_resumes_bit_identically(tmp_path):
         assert a[key].keys() == b[key].keys()
         assert max((a[key][k] - b[key][k]).abs().max() for k in a[key]) < 1e-5
     assert max(v.abs().max() for v in b["raw_state"].values()) > 1e-2  # the prompts and gate moved
-    for x, y in zip(*[[e for e in log_of(d) if "loss" in e] for d in (one, four)]):
+    for x, y in zip(*[[e for e in log_of(d) if "loss" in e] for d in (one, four)], strict=True):
         assert [x[k] for k in train.LOG_TERMS] == pytest.approx([y[k] for k in train.LOG_TERMS],
                                                                 rel=1e-5, abs=1e-9)
     part = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "2", "--ckpt-every", "2",
@@ -577,7 +581,7 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
         noise = torch.randn(16, mop.depth, mop.num_prompts, generator=gen)
         taken = [0]
 
-        def gate_noise(like):
+        def gate_noise(like, noise=noise, taken=taken):
             """The gate's noise: the next rows of one draw for the batch, however it is split."""
             out = noise[taken[0]: taken[0] + len(like)]
             taken[0] += len(like)
@@ -590,12 +594,12 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
         taken[0] = 0
         parts = []
         for i in range(0, 16, 4):
-            micro = train.micro_batch(batch, slice(i, i + 4), None, args)
+            micro = train.micro_batch(batch, slice(i, i + 4))
             parts.append(train.compute_loss(model, model, diffusion, micro, args)[1])
             sums.append(mop.load)
         monkeypatch.undo()
-        losses[selection] = dict(zip(train.LOG_TERMS, zip(whole.tolist(),
-                                                          torch.stack(parts).mean(0).tolist())))
+        means = zip(whole.tolist(), torch.stack(parts).mean(0).tolist(), strict=True)
+        losses[selection] = dict(zip(train.LOG_TERMS, means, strict=True))
     soft, hard = losses["soft"], losses["hard"]
     assert soft["importance"][0] > 1e-3 and hard["importance"][0] > 1e-3
     for terms in (soft, hard):
@@ -656,7 +660,7 @@ def test_fp16_with_a_gradient_scaler_on_cpu(tmp_path, monkeypatch):
         monkeypatch.setattr(train, "compute_loss", overflowing if overflow else real)
         batch = train.get_batch(data, rows, 0, args, torch.device("cpu"))
         train.train_step(model, model, diffusion, opt, batch, args, autocast, scaler)
-        changed = [not torch.equal(p, q) for p, q in zip(before, model.parameters())]
+        changed = [not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True)]
         assert scaler.get_scale() == 0.5  # halved by the overflow, then kept
         assert any(changed) != overflow
 
@@ -706,5 +710,5 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
         loss.backward()
         grads.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
     assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["total"] == 1
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,263 @@
+"""
+Loading: every way of naming a model, resolved to a ready one, in the one place train.py,
+sample.py, bench.py and study.py read it from.
+
+    an official name   DiT-XL-2-256x256.pt: downloaded once into the cache (checkpoints.py)
+    a checkpoint       a DiT file (the official layout or train.py's); with an SD config, an SD 1.x
+                       single file or diffusers folder
+    a patch            dmp.save_patch's file, or the checkpoint of a further-training run: both
+                       name their base, by path and sha256, and are applied to it
+    a run folder       train.py's runs/NNN-.../: its last checkpoint
+
+load_model(name, patch) gives the model; a patch on a base other than the one it was trained on
+is refused. Also here: what a patch records of its base (base_record), the settings train.py
+recorded with a model (noise schedule, VAE, text encoder), Stable Diffusion's three parts, and
+the frozen CLIP text encoders.
+"""
+import hashlib
+from pathlib import Path
+
+import dmp
+from checkpoints import CheckpointError, cached, read_state_dict
+from model_clip import CLIP_TINY, CLIP_VITL14, load_clip_text
+from model_dit import OFFICIAL, DiT, load_checkpoint
+from model_unet import UNet_configs, load_unet
+from model_vae import load_vae
+
+# --model: the UNet (model_unet.UNet_configs), its text encoder and its resolution. sd-tiny is the
+# golden tiny UNet with a CLIP of the same width, for tests and CPU demos.
+SD_MODELS = {"sd15": dict(unet=UNet_configs["sd15"], clip=CLIP_VITL14, resolution=512),
+             "sd-tiny": dict(unet=UNet_configs["sd-tiny"], clip=CLIP_TINY, resolution=64)}
+
+
+#################################################################################
+#                      Run folders: train.py's checkpoints                      #
+#################################################################################
+
+def checkpoints(run_dir):
+    """A run folder's checkpoints (checkpoints/NNNNNNN.pt), oldest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("[0-9]" * 7 + ".pt"))
+
+
+def resolve(name):
+    """`name` itself, or for a train.py run folder its last checkpoint."""
+    found = checkpoints(name) if Path(str(name)).is_dir() else []
+    if found:
+        return found[-1]
+    return name
+
+
+#################################################################################
+#                          A patch and the base it names                        #
+#################################################################################
+
+def file_sha256(path):
+    """The SHA-256 hex digest of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_file(base):
+    """
+    The file a base checkpoint's name loads from: the path itself, or for an official DiT name its
+    file in the download cache. None for a folder (a diffusers SD base) or a file that is not there.
+    """
+    path = Path(str(base)).expanduser()
+    if not path.exists() and str(base) in OFFICIAL:
+        path = cached(OFFICIAL[str(base)])
+    if path.is_file():
+        return path
+    return None
+
+
+def base_record(base):
+    """
+    What a patch records of its base (dmp.save_patch): the name as given (an official name still
+    resolves through the download cache), its absolute path (so the patch finds it from any working
+    directory) and the file's sha256.
+    """
+    if not base:
+        return dict(name=None, path=None, sha256=None)
+    file = base_file(base)
+    path = Path(str(base)).expanduser()
+    record = dict(name=str(base), path=None, sha256=None)
+    if file:
+        record.update(path=str(file.resolve()), sha256=file_sha256(file))
+    elif path.exists():
+        record.update(path=str(path.resolve()))
+    return record
+
+
+def recorded_base(entries):
+    """
+    The base a patch or further-training checkpoint (its `entries`) names: the recorded absolute
+    path while it exists, else the name as given. None for a file that is not a patch or names no
+    base.
+    """
+    if not dmp.is_patch(entries):
+        return None
+    base = entries.get("base") or {}
+    if base.get("path") and Path(base["path"]).exists():
+        return base["path"]
+    return base.get("name")
+
+
+def check_base(entries, path, base, allow_base_mismatch=False):
+    """
+    A patch (`entries`, read from `path`) that recorded its base's sha256 applied to `base`: the
+    two files must agree, else CheckpointError, or with allow_base_mismatch a warning.
+    """
+    recorded = (entries.get("base") or {}).get("sha256")
+    file = base_file(base) if base and recorded else None
+    actual = file_sha256(file) if file else recorded
+    if actual == recorded:
+        return
+    problem = (f"{path} was trained on a base with sha256 {recorded[:12]}..., and {base} is "
+               f"another checkpoint (sha256 {actual[:12]}...)")
+    if not allow_base_mismatch:
+        raise CheckpointError(f"{problem}: give the base it was trained on, or "
+                              f"--allow-base-mismatch to apply it anyway")
+    print(f"warning: {problem}; applied anyway (--allow-base-mismatch)")
+
+
+def apply_patch(model, path, base=None, allow_base_mismatch=False):
+    """
+    Patch a base model in place with a patch file (dmp.apply_patch_entries). If `base` is the file
+    the model came from and the patch recorded its base's sha256, they must agree (check_base).
+    """
+    entries = read_state_dict(path)
+    if not dmp.is_patch(entries):
+        raise CheckpointError(f"{path}: not a patch file (no 'method' and 'state' entries)")
+    check_base(entries, path, base, allow_base_mismatch)
+    return dmp.apply_patch_entries(model, entries, path)
+
+
+#################################################################################
+#                              Any name to a model                              #
+#################################################################################
+
+def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False):
+    """
+    The model sample.py, train.py --init, study.py and digits_fid.py use: an official name or a DiT
+    checkpoint (model_dit.load_checkpoint); a patch file or a train.py checkpoint of a
+    further-training run (it records its base and the trained weights), applied to the base it
+    names; a train.py run folder (its last checkpoint); or a base plus `patch_path`. With
+    unet_config (model_unet's UNet_configs), the base is an SD UNet in any layout
+    model_unet.load_unet reads; a patch of a UNet records its config, so it needs none.
+    """
+    name_or_path = resolve(name_or_path)
+    path = Path(str(name_or_path))
+    if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # SD: read once
+        entries = read_state_dict(name_or_path)
+        if dmp.is_patch(entries):
+            return load_patched(name_or_path, entries, unet_config, allow_base_mismatch)
+        if entries.get("method") and isinstance(entries.get("model"), dict):
+            # DMP trained from scratch (Table 6): backbone and prompts in one state dict; the EMA
+            model = DiT(**entries["config"])
+            dmp.patch(model, entries["method"], **(entries.get("options") or {}))
+            model.load_state_dict(entries.get("ema") or entries["model"])
+            return model
+    if unet_config is not None:
+        model = load_unet(name_or_path, unet_config)
+    else:
+        model = load_checkpoint(name_or_path)
+    if patch_path:
+        model = apply_patch(model, patch_path, name_or_path, allow_base_mismatch)
+    return model
+
+
+def load_patched(path, entries, unet_config=None, allow_base_mismatch=False):
+    """load_model of a patch file (its `entries`): its recorded base, loaded, with it applied."""
+    base = recorded_base(entries)
+    if not base:
+        raise CheckpointError(f"{path} is a patch that does not name its base checkpoint: pass "
+                              f"the base as the checkpoint and this file as the patch")
+    config = entries.get("config") or {}
+    if "context_dim" in config:  # a UNet's patch records the UNet's config
+        unet_config = config
+    if not Path(str(base)).exists() and base not in OFFICIAL:
+        name, where = entries["base"]["name"], entries["base"].get("path")
+        where = f" (nor at {where})" if where and where != name else ""
+        raise CheckpointError(f"{path} was trained on {name}, which is not there{where}: pass "
+                              f"that base as the checkpoint and this file as the patch")
+    return apply_patch(load_model(base, unet_config=unet_config), path, base=base,
+                       allow_base_mismatch=allow_base_mismatch)
+
+
+def recorded_settings(ckpt, patch=None):
+    """
+    noise_schedule / vae / text_encoder that train.py recorded in the base, the checkpoint and the
+    patch (later ones win).
+    """
+    ckpt = resolve(ckpt)
+    paths, found = [], {}
+    if Path(str(ckpt)).is_file():
+        base = recorded_base(read_state_dict(ckpt))
+        if base:
+            paths.append(base)  # a patch or further-training checkpoint
+        paths.append(ckpt)
+    if patch:
+        paths.append(patch)
+    for path in paths:
+        if Path(str(path)).is_file():
+            entries = read_state_dict(path)
+            found.update({k: entries[k] for k in ("noise_schedule", "vae", "text_encoder")
+                          if isinstance(entries.get(k), str)})
+    return found
+
+
+#################################################################################
+#                  Text encoders and Stable Diffusion's three parts             #
+#################################################################################
+
+def load_text_encoder(path, device="cpu", config=None):
+    """
+    A frozen CLIP text encoder (model_clip.load_clip_text's layouts): SD's own, with its config,
+    or a text-to-image DiT's --text-encoder (a diffusers folder or its text_encoder/, an SD 1.x or
+    transformers file), config None: from its shapes, CLIP ViT-L/14 for the paper's COCO model.
+    """
+    if not path or not Path(str(path)).exists():
+        raise CheckpointError(f"{path or 'no --text-encoder given'}: a text-to-image DiT needs the "
+                              f"CLIP ViT-L/14 text encoder, which is not downloaded here; pass "
+                              f"--text-encoder with a diffusers text_encoder folder or file, or an "
+                              f"SD 1.x checkpoint")
+    return load_clip_text(path, config).to(device).eval().requires_grad_(False)
+
+
+def sd_base(ckpt):
+    """The SD checkpoint (file or diffusers folder) behind `ckpt`: itself, or a patch's base."""
+    ckpt = resolve(ckpt)
+    path = Path(str(ckpt))
+    if path.is_file() and path.suffix != ".safetensors":
+        base = recorded_base(read_state_dict(path))
+        if base:
+            return base
+    return ckpt
+
+
+def load_sd_text_encoder(ckpt, model="sd15", device="cpu"):
+    """SD's own frozen text encoder, from the SD checkpoint behind `ckpt` (sd_base)."""
+    return load_text_encoder(sd_base(ckpt), device, SD_MODELS[model]["clip"])
+
+
+def load_sd(ckpt, model="sd15", patch=None, device="cpu", allow_base_mismatch=False):
+    """
+    (unet, text_encoder, vae) of an SD 1.x single file (.safetensors/.ckpt) or diffusers folder;
+    the UNet patched by `patch` (or `ckpt` is itself a patch or train.py checkpoint naming its
+    base). Text encoder and VAE frozen.
+    """
+    base = sd_base(ckpt)
+    unet = load_model(ckpt, patch, SD_MODELS[model]["unet"], allow_base_mismatch).to(device)
+    text_encoder = load_sd_text_encoder(base, model, device)
+    vae_file = Path(str(base))
+    if vae_file.is_dir():
+        found = sorted((vae_file / "vae").glob("diffusion_pytorch_model*"))
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise CheckpointError(f"{base}: a folder without "
+                                  f"vae/diffusion_pytorch_model.safetensors")
+        vae_file = found[0]
+    return unet, text_encoder, load_vae(vae_file, device)
