@@ -35,10 +35,9 @@ from tqdm import tqdm
 
 import dmp
 from checkpoints import CheckpointError, read_state_dict
-from diffusion import create_diffusion, sample
+from diffusion import create_diffusion, dit_sample
 from diffusion import sd_guided_eps, sd_sample
-from model_clip import CLIP_TINY, CLIP_VITL14, encode_text, load_clip_text
-from model_dit import caption_embeddings
+from model_clip import CLIP_TINY, CLIP_VITL14, caption_embeddings, encode_text, load_clip_text
 from model_unet import UNet_configs
 from model_vae import SCALE_FACTOR, load_vae
 
@@ -260,7 +259,8 @@ def check_dit(model, vae, cfg_scale, class_labels, name, prompts=None):
 def make_diffusion(sampler, steps, noise_schedule, learn_sigma=True):
     """DDPM on `steps` evenly spaced steps ("250", the paper's) or DDIM on exactly `steps` ("ddim50")."""
     try:
-        return create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), noise_schedule, learn_sigma)
+        return create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), noise_schedule,
+                                learn_sigma=learn_sigma)
     except ValueError as e:
         raise SampleError(f"--steps {steps}: {e}") from None
 
@@ -288,8 +288,8 @@ def dit_batch(ks, model, diffusion, vae=None, seed=0, class_labels=None, cfg_sca
     z = torch.stack([torch.randn(channels, size, size, generator=g) for g in gens]).to(device)
     noise_fn = lambda x: torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)  # noqa: E731
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = sample(model, diffusion, z, y, cfg_scale, eta=eta, noise_fn=noise_fn,
-                   guide_channels=guide_channels)
+        x = dit_sample(model, diffusion, z, y, cfg_scale, eta=eta, noise_fn=noise_fn,
+                       guide_channels=guide_channels)
         if vae is not None:  # the model's latents are scaled; the VAE decodes unscaled ones
             x = torch.cat([vae.decode(c / SCALE_FACTOR).float() for c in x.split(decode_batch_size)])
     return to_uint8(x)

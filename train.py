@@ -36,8 +36,8 @@ import digits_fid
 import dmp
 from checkpoints import CheckpointError, atomic_save, read_state_dict
 from diffusion import create_diffusion
-from model_clip import encode_text
-from model_dit import CONFIGS, DiT, caption_embeddings
+from model_clip import caption_embeddings, encode_text
+from model_dit import CONFIGS, DiT
 from model_unet import UNet_configs
 from prepare_data import DataError, PreparedData
 
