@@ -127,7 +127,8 @@ def generate(model, n, steps=250, seed=0):
     torch.manual_seed(seed)  # the noise of every step
     was_training = model.training
     model.eval()
-    x = dit_sample(model, create_diffusion(str(steps), "cosine"), z, torch.zeros(n, dtype=torch.long))
+    diffusion = create_diffusion(str(steps), "cosine")
+    x = dit_sample(model, diffusion, z, torch.zeros(n, dtype=torch.long))
     model.train(was_training)
     return x
 
