@@ -6,7 +6,8 @@ import zipfile
 import pytest
 import torch
 
-from checkpoints import CheckpointError, _reason, atomic_save, load_strict, model_weights, read_state_dict
+from checkpoints import (CheckpointError, _reason, atomic_save, load_strict, model_weights,
+                         read_state_dict)
 
 
 class _RunsCode:
@@ -75,13 +76,16 @@ def test_load_strict_names_the_file_and_the_first_offending_keys():
     bad["0.weight"] = torch.zeros(3, 2)
     with pytest.raises(CheckpointError) as e:
         load_strict(meta_net(), bad, "net.pt", "a 5-layer net", fits="; its shapes fit nothing")
-    assert str(e.value) == ("net.pt does not fit a 5-layer net: missing 0.bias, 1.bias, 2.bias ... (5); "
-                            "unexpected extra.weight (1); wrong shape 0.weight (1); its shapes fit nothing")
+    assert str(e.value) == ("net.pt does not fit a 5-layer net: missing 0.bias, 1.bias, 2.bias "
+                            "... (5); unexpected extra.weight (1); wrong shape 0.weight (1); its "
+                            "shapes fit nothing")
 
 
 def test_model_weights_unwraps_checkpoints():
-    """train.py's EMA before its model, an ldm .ckpt's state_dict; DDP/compile prefixes and patches off."""
+    """train.py's EMA before its model, an ldm .ckpt's state_dict; DDP/compile prefixes and
+    patches off."""
     w = torch.zeros(1)
-    assert model_weights({"model": {"a": w}, "ema": {"module.a": w, "_orig_mod.b": w}}) == {"a": w, "b": w}
+    run = {"model": {"a": w}, "ema": {"module.a": w, "_orig_mod.b": w}}
+    assert model_weights(run) == {"a": w, "b": w}
     assert model_weights({"state_dict": {"a": w}, "global_step": 3}) == {"a": w}
     assert model_weights({"a": w, "block_input.prompts": w}) == {"a": w}

@@ -143,11 +143,12 @@ def test_create_diffusion_keeps_dits_arguments_and_refuses_what_would_do_nothing
     model, G = setup
     x0, t, noise, kwargs = G["x0"], torch.tensor([0, 200, 499]), G["noise"], dict(y=G["y"])
     with torch.no_grad():
-        hybrid = create_diffusion("", diffusion_steps=500).training_losses(model, x0, t, kwargs, noise)
-        kl = create_diffusion("", use_kl=True, diffusion_steps=500).training_losses(model, x0, t, kwargs,
-                                                                                   noise)
-        rescaled = create_diffusion("", rescale_learned_sigmas=True, diffusion_steps=500)
-        rescaled = rescaled.training_losses(model, x0, t, kwargs, noise)
+        losses = {}
+        for name, options in (("hybrid", {}), ("kl", dict(use_kl=True)),
+                              ("rescaled", dict(rescale_learned_sigmas=True))):
+            diffusion = create_diffusion("", diffusion_steps=500, **options)
+            losses[name] = diffusion.training_losses(model, x0, t, kwargs, noise)
+    hybrid, kl, rescaled = losses["hybrid"], losses["kl"], losses["rescaled"]
     assert rel_err(kl["loss"], hybrid["vb"] * 500) <= 1e-6 and set(kl) == {"loss"}
     assert rel_err(rescaled["vb"], hybrid["vb"] / 2) <= 1e-6
     assert rel_err(rescaled["loss"], hybrid["mse"] + hybrid["vb"] / 2) <= 1e-6

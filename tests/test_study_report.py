@@ -15,7 +15,7 @@ def test_fig5_heatmap_panels_gaps_and_colours(tmp_path):
     image = np.asarray(Image.open(path))
     assert image.shape == (10 * 2, 3 * 16 * 2 + 2 * 4, 3)
     assert (image[:, 32:36] == 255).all()  # the gap between panels 1 and 2
-    panel = image[:, :32].reshape(-1, 3)  # a panel spans the colour map: its smallest and largest weight
+    panel = image[:, :32].reshape(-1, 3)  # a panel spans the colour map, smallest to largest
     assert {(68, 1, 84), (253, 231, 37)} <= set(map(tuple, panel.tolist()))
     # t = T-1 at the top: the first panel's top row is the last timestep's weights, brightest where
     # its largest weight is.
