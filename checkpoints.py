@@ -1,9 +1,10 @@
 """
-Weight files on disk: read them without running code, write them so a crash never leaves half a file,
-and download the official ones once into a cache folder.
+Weight files on disk: read them without running code, write them so a crash never leaves half a
+file, and download the official ones once into a cache folder.
 
 Every loader in the project (DiT, VAE, UNet, CLIP; fid.py reads its Inception itself) reads through
-read_state_dict(), and everything that matters is written through atomic_save().
+read_state_dict() and fills its model through load_strict(); everything that matters is written
+through atomic_save().
 """
 import hashlib
 import os
@@ -17,7 +18,8 @@ import torch
 
 
 class CheckpointError(ValueError):
-    """A weight file that cannot be used; the message is one sentence naming the file and the problem."""
+    """A weight file that cannot be used; the message is one sentence naming the file and what is
+    wrong with it."""
 
 
 def cache_dir():
@@ -48,7 +50,8 @@ def download(url, filename=None, sha256=None):
     try:
         with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {path.name}") as bar:
+            desc = f"downloading {path.name}"
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
@@ -56,7 +59,8 @@ def download(url, filename=None, sha256=None):
             check_sha256(tmp, sha256, f"the file downloaded from {url} (not kept)")
         os.replace(tmp, path)
     except OSError as e:
-        raise CheckpointError(f"could not download {url} to {path} ({e}); download it by hand and pass the local path") from None
+        raise CheckpointError(f"could not download {url} to {path} ({e}); download it by hand "
+                              f"and pass the local path") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -78,8 +82,9 @@ def check_sha256(path, prefix, name=None):
 
 def read_state_dict(path):
     """
-    Read a .pt/.pth/.ckpt/.bin (torch.load with weights_only=True: a file that would run code is refused, and
-    the code never runs) or a .safetensors file. Returns whatever dict the file holds, on the CPU.
+    Read a .pt/.pth/.ckpt/.bin (torch.load with weights_only=True: a file that would run code is
+    refused, and the code never runs) or a .safetensors file. Returns whatever dict the file holds,
+    on the CPU.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,12 +105,14 @@ def read_state_dict(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
                               f"pickle; it starts with {head!r})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True,
+                         mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_reason(e)})") from None
-        raise CheckpointError(f"{path}: refused to load, the file holds Python objects other than tensors "
-                              f"and loading it could run code ({_reason(e)})") from None
+        raise CheckpointError(f"{path}: refused to load, the file holds Python objects other "
+                              f"than tensors and loading it could run code "
+                              f"({_reason(e)})") from None
     except Exception as e:  # a damaged file fails in many ways (RuntimeError, EOFError, KeyError)
         reason = _reason(e)
         raise CheckpointError(f"{path}: truncated or not a PyTorch checkpoint ({reason})") from None
@@ -151,6 +158,63 @@ def umask():
 def strip_prefix(state_dict, prefix):
     """The entries of `state_dict` under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def diffusers_file(path, subfolder, names):
+    """
+    The weight file of one part of a diffusers model folder (unet/, text_encoder/): the first of
+    `names` found in path/subfolder, or in `path` itself when it is that subfolder. A folder with
+    none of them is refused in one sentence.
+    """
+    path = Path(path)
+    folder = path / subfolder if (path / subfolder).is_dir() else path
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{path}: a folder without {subfolder}/{names[0]} (nor "
+                          f"{', '.join(names[1:])}), so not a diffusers Stable Diffusion model")
+
+
+def model_weights(entries):
+    """
+    The model's state dict in what a file holds: a bare state dict, a checkpoint of train.py
+    ({'ema', 'model', ...}: the EMA weights are preferred) or an ldm .ckpt ({'state_dict'}), with
+    the prefixes DDP ('module.') and torch.compile ('_orig_mod.') put before every key removed,
+    and without a DMP patch's 'block_input.' entries (dmp.apply_patch adds those to a loaded
+    model).
+    """
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(entries.get(key), dict):
+            entries = entries[key]
+            break
+    weights = {}
+    for key, value in entries.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        if not key.startswith("block_input."):
+            weights[key] = value
+    return weights
+
+
+def load_strict(model, state_dict, path, what, fits="", dtype=torch.float32):
+    """
+    Fill `model` (built on the meta device, so nothing is initialised only to be overwritten) with
+    `state_dict`, converted to `dtype`, as load_state_dict(strict=True, assign=True) would, after
+    checking that the keys and shapes are exactly the model's. A file that does not fit raises one
+    CheckpointError sentence: `path` does not fit `what`, then the first three missing, unexpected
+    and mis-shaped keys with their counts, then `fits` (e.g. which config its shapes fit).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    problems = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                    ("wrong shape", wrong)) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not fit {what}: {'; '.join(problems)}{fits}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    return model
 
 
 def _reason(e, limit=160):

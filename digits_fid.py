@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError, atomic_save, read_state_dict
-from diffusion import create_diffusion, sample
+from diffusion import create_diffusion, dit_sample
 from fid import frechet_distance, polynomial_kernel
 
 ROOT = Path(__file__).resolve().parent
@@ -127,7 +127,8 @@ def generate(model, n, steps=250, seed=0):
     torch.manual_seed(seed)  # the noise of every step
     was_training = model.training
     model.eval()
-    x = sample(model, create_diffusion(str(steps), "cosine"), z, torch.zeros(n, dtype=torch.long))
+    diffusion = create_diffusion(str(steps), "cosine")
+    x = dit_sample(model, diffusion, z, torch.zeros(n, dtype=torch.long))
     model.train(was_training)
     return x
 

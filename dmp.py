@@ -1,32 +1,32 @@
 """
 Diffusion Model Patching via Mixture-of-Prompts (Ham, Woo et al., AAAI 2025): the paper in one file.
 
-A converged diffusion model is frozen. Every block i gets a pool of N learnable prompts p_i (N x D, one per
-token) that are added to its input; a one-layer gate G, fed the timestep embedding and the block index,
-weights them differently at every denoising step:
+A converged diffusion model is frozen. Every block i gets a pool of N learnable prompts p_i (N x D,
+one per token) that are added to its input; a one-layer gate G, fed the timestep embedding and the
+block index, weights them differently at every denoising step:
 
-    x_{i+1} = Block_i( softmax(G([t; i])) * p_i + x_i )                                        (Eq. 3)
+    x_{i+1} = Block_i( softmax(G([t; i])) * p_i + x_i )                                (Eq. 3)
 
 trained on the model's own pre-training data with two balancing losses (Eqs. 11-13). The same call,
-patch(model, method), also sets up every further-training baseline the paper compares with: full fine-tuning,
-naive prompt tuning (Eq. 2), LoRA (Table 7), DiffFit and BitFit.
+patch(model, method), also sets up every further-training baseline the paper compares with: full
+fine-tuning, naive prompt tuning (Eq. 2), LoRA (Table 7), DiffFit and BitFit.
 
-Where the paper is silent or the authors' code (github.com/sangminwoo/DMP) differs from it, the paper is the
-default and the authors' choice is an option; AUTHORS_CODE collects those options.
+Where the paper is silent or the authors' code (github.com/sangminwoo/DMP) differs from it, the
+paper is the default and the authors' choice is an option; AUTHORS_CODE collects those options.
 """
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError, atomic_save
 
-# The authors' code differs from the paper in four ways the paper does not mention: the gate reads the timestep
-# plus class embedding, the block index enters as a raw scalar, the gate learns at 10x the prompts' rate, and
-# learned noise is added to the gate logits in training (the noisy gating of Shazeer et al. 2017).
+# The authors' code differs from the paper in four ways the paper does not mention: the gate reads
+# the timestep plus class embedding, the block index enters as a raw scalar, the gate learns at 10x
+# the prompts' rate, and learned noise is added to the gate logits in training (the noisy gating of
+# Shazeer et al. 2017).
 AUTHORS_CODE = dict(gate_cond="t+c", block_index="scalar", gate_lr_scale=10.0, noisy_gate=True)
 
 
@@ -36,65 +36,78 @@ AUTHORS_CODE = dict(gate_cond="t+c", block_index="scalar", gate_lr_scale=10.0, n
 
 class MixtureOfPrompts(nn.Module):
     """
-    Installed as model.block_input, called as block_input(x, i, t, y) before block i (model_dit.DiT.forward).
+    Installed as model.block_input, called as block_input(x, i, t, y) before block i
+    (model_dit.DiT.forward).
 
     Options (each a row of the paper's ablations):
       gate             'linear' (Eq. 3) | 'attention' (Table 4a) | None (naive prompt tuning, Eq. 2)
       selection        'soft': softmax weights over all prompts | 'hard': the top_k fraction (4b)
       hard_weights     'softmax': softmax over the kept logits (authors' code) | 'one': weight 1
-      prompt_selection 'distinct': the gate sees the block index | 'uniform': one mixture for all blocks (4c)
-      position         'add' (Eq. 2) | 'prepend' num_prompts tokens, stripped before the final layer (4d)
+      prompt_selection 'distinct': the gate sees the block index | 'uniform': one mixture for all
+                       blocks (4c)
+      position         'add' (Eq. 2) | 'prepend' num_prompts tokens, stripped before the final
+                       layer (4d)
       depth            prompts in the first `depth` blocks only (Fig. 4); None = every block
       init             'zero' (the paper's) | 'random'
       gate_cond        't': timestep embedding | 't+c': plus the class/text embedding (Table 9)
-      block_index      'onehot': the paper's [t; i] read as a one-hot i | 'scalar': i as a number (authors)
-      noisy_gate       learned Gaussian noise on the gate logits in training (authors; always on for 'hard')
+      block_index      'onehot': the paper's [t; i] read as a one-hot i | 'scalar': i as a number
+                       (authors)
+      noisy_gate       learned Gaussian noise on the gate logits in training (authors; always on
+                       for 'hard')
       prompt_widths    one prompt width per block instead of `dim` for all (UNetMixtureOfPrompts)
     """
-    def __init__(self, num_blocks, num_tokens, dim, num_prompts=None, gate="linear", selection="soft", top_k=0.75,
-                 prompt_selection="distinct", position="add", depth=None, init="zero", gate_cond="t",
-                 block_index="onehot", noisy_gate=False, prompt_widths=None,
-                 hard_weights="softmax"):
+    def __init__(self, num_blocks, num_tokens, dim, num_prompts=None, gate="linear",
+                 selection="soft", top_k=0.75, prompt_selection="distinct", position="add",
+                 depth=None, init="zero", gate_cond="t", block_index="onehot", noisy_gate=False,
+                 prompt_widths=None, hard_weights="softmax"):
         super().__init__()
         assert gate in ("linear", "attention", None) and selection in ("soft", "hard")
         assert hard_weights in ("softmax", "one")
         assert prompt_selection in ("distinct", "uniform") and position in ("add", "prepend")
-        assert init in ("zero", "random") and gate_cond in ("t", "t+c") and block_index in ("onehot", "scalar")
+        assert init in ("zero", "random") and gate_cond in ("t", "t+c")
+        assert block_index in ("onehot", "scalar")
         if position == "add" and num_prompts not in (None, num_tokens):
             raise ValueError(f"added prompts need one per token: num_prompts must be {num_tokens}")
         self.num_prompts = N = num_prompts or (num_tokens if position == "add" else 50)
         self.depth = L = min(depth or num_blocks, num_blocks)
-        self.gate_type, self.selection, self.position, self.gate_cond = gate, selection, position, gate_cond
+        self.gate_type, self.selection, self.position = gate, selection, position
+        self.gate_cond = gate_cond
         self.top_k, self.hard_weights = max(1, int(top_k * N)), hard_weights
         self.distinct, self.block_index = prompt_selection == "distinct", block_index
-        self.noisy = noisy_gate or selection == "hard"  # the hard top-k load estimator needs the noise
+        self.noisy = noisy_gate or selection == "hard"  # hard top-k's load estimator needs noise
 
-        # Eq. 1: P = {p_0, ..., p_{L-1}}, p_i in R^{N x D}. Zero-initialised prompts leave the frozen model's
-        # output unchanged at the start and let it take in the prompts' signal gradually; random ones disrupt
-        # early training until it diverges (paper, "Zero-initialization").
+        # Eq. 1: P = {p_0, ..., p_{L-1}}, p_i in R^{N x D}. Zero-initialised prompts leave the
+        # frozen model's output unchanged at the start and let it take in the prompts' signal
+        # gradually; random ones disrupt early training until it diverges (paper,
+        # "Zero-initialization").
         if prompt_widths is None:
             self.prompts = nn.Parameter(torch.zeros(L, N, dim))
         else:  # blocks of different widths (the UNet): one (N, width_i) tensor per block
-            self.prompts = nn.ParameterList([nn.Parameter(torch.zeros(N, w)) for w in prompt_widths[:L]])
+            self.prompts = nn.ParameterList([nn.Parameter(torch.zeros(N, w))
+                                             for w in prompt_widths[:L]])
         for prompts in ([self.prompts] if prompt_widths is None else self.prompts):
             if init == "random":
                 nn.init.xavier_uniform_(prompts)
 
         if gate == "linear":
-            # Eq. 3: G is one linear layer over [c; i] giving N logits. The block-index columns are a separate
-            # parameter so the D-wide part is computed once for all blocks.
+            # Eq. 3: G is one linear layer over [c; i] giving N logits. The block-index columns are
+            # a separate parameter so the D-wide part is computed once for all blocks.
             index_features = 0 if not self.distinct else (L if block_index == "onehot" else 1)
             self.gate = nn.Linear(dim, N)
-            self.gate_index = nn.Parameter(torch.zeros(N, index_features)) if index_features else None
-            # Zero gate: every mixture starts uniform (1/N), as in the authors' zero-initialised setting.
+            self.gate_index = None
+            if index_features:
+                self.gate_index = nn.Parameter(torch.zeros(N, index_features))
+            # Zero gate: every mixture starts uniform (1/N), as in the authors' zero-initialised
+            # setting.
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
             if init == "random":
                 nn.init.xavier_uniform_(self.gate.weight)
         elif gate == "attention":
-            # Table 4a: the prompts are the queries, the timestep embedding the key and value, and the output is
-            # the weighted prompts directly: weights softmax_n(q_n . k / sqrt(D)) scale the value W_v c. W_v starts
-            # at zero so the patched model starts equal to the frozen one.
+            # Table 4a: the prompts are the queries, the timestep embedding the key and value, and
+            # the output is the weighted prompts directly: weights softmax_n(q_n . k / sqrt(D))
+            # scale the value W_v c. W_v starts at zero so the patched model starts equal to the
+            # frozen one.
             self.w_q, self.w_k = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
             self.w_v = nn.Linear(dim, dim, bias=False)
             nn.init.zeros_(self.w_v.weight)
@@ -105,24 +118,29 @@ class MixtureOfPrompts(nn.Module):
         # without the gate noise, for train.py's log of how far the gate has moved (gate_movement).
         self.gates, self.load, self.clean_gates = None, None, None
 
-    # ---- the gate ----------------------------------------------------------------------------------------------
+    # ---- the gate ---------------------------------------------------------------------------
 
     def gate_logits(self, c):
         """(B, L, N): the gate's logits for every prompted block, from the conditioning c (B, D)."""
-        logits = self.gate(c)[:, None, :].expand(-1, self.depth, -1)      # G's c columns, shared by every block
-        if self.gate_index is not None:                                   # ... plus its block-index columns
-            index = (torch.eye(self.depth, device=c.device) if self.block_index == "onehot"
-                     else torch.arange(self.depth, device=c.device, dtype=c.dtype)[:, None])
+        logits = self.gate(c)[:, None, :].expand(-1, self.depth, -1)  # G's c columns, every block
+        if self.gate_index is not None:                               # plus its block-index columns
+            if self.block_index == "onehot":
+                index = torch.eye(self.depth, device=c.device)
+            else:
+                index = torch.arange(self.depth, device=c.device, dtype=c.dtype)[:, None]
             logits = logits + (index @ self.gate_index.T)[None]
         return logits
 
     def mixture_weights(self, c):
-        """The gate weights g (B, L, N) for Eq. 3, and (hard selection) Shazeer's smooth load per block."""
+        """
+        The gate weights g (B, L, N) for Eq. 3, and (hard selection) Shazeer's smooth load per
+        block.
+        """
         clean = self.gate_logits(c)
         if not (self.noisy and self.training):
             noisy, std = clean, None
         else:
-            std = (F.softplus(c @ self.w_noise) + 1e-2)[:, None, :]      # Shazeer Eq. 4, epsilon as the authors
+            std = (F.softplus(c @ self.w_noise) + 1e-2)[:, None, :]  # Shazeer Eq. 4, authors' eps
             noisy = clean + torch.randn_like(clean) * std
         weights = self.select(noisy)
         with torch.no_grad():
@@ -156,76 +174,90 @@ class MixtureOfPrompts(nn.Module):
         kept = F.softmax(top, dim=-1) if self.hard_weights == "softmax" else torch.ones_like(top)
         return torch.zeros_like(logits).scatter(-1, index, kept)
 
-    # ---- the hook called before every block -----------------------------------------------------------------
+    # ---- the hook called before every block -------------------------------------------------
 
     def forward(self, x, i, t, y):
-        """x: (B, T, D) input of block i; t, y: (B, D) timestep and class embeddings. Returns the new input."""
-        if i >= self.depth:                                                # Fig. 4: deeper blocks get no prompts
+        """
+        x: (B, T, D) input of block i; t, y: (B, D) timestep and class embeddings. Returns the new
+        input.
+        """
+        if i >= self.depth:                                  # Fig. 4: deeper blocks get no prompts
             return x
         c = t + y if self.gate_cond == "t+c" else t
-        if i == 0:                                                         # every block's weights at once
+        if i == 0:                                           # every block's weights at once
             if self.gate_type == "linear":
-                self.gates, self.load = self.mixture_weights(c)           # (B, L, N)
+                self.gates, self.load = self.mixture_weights(c)             # (B, L, N)
             elif self.gate_type == "attention":
-                q = self.w_q(self.prompts)                                 # (L, N, D)
+                q = self.w_q(self.prompts)                                   # (L, N, D)
                 scores = torch.einsum("lnd,bd->bln", q, self.w_k(c)) / math.sqrt(q.shape[-1])
-                self.gates, self.load = F.softmax(scores, dim=-1), None    # softmax over the prompts
+                self.gates, self.load = F.softmax(scores, dim=-1), None      # over the prompts
                 self.clean_gates = self.gates.detach()
         if self.gate_type is None:
-            prompt = self.prompts[i][None]                                 # Eq. 2: naive prompt tuning
+            prompt = self.prompts[i][None]                                   # Eq. 2: naive
         elif self.gate_type == "attention":
-            prompt = self.gates[:, i, :, None] * self.w_v(c)[:, None, :]   # Table 4a: weighted values
+            prompt = self.gates[:, i, :, None] * self.w_v(c)[:, None, :]     # Table 4a: values
         else:
-            prompt = self.gates[:, i, :, None] * self.prompts[i][None]     # Eq. 3: softmax(G([t; i])) * p_i
+            prompt = self.gates[:, i, :, None] * self.prompts[i][None]       # Eq. 3: g_i * p_i
         if self.position == "add":
-            return x + prompt                                              # Eq. 2-3: added to the tokens
-        prompt = prompt.expand(x.shape[0], -1, -1)                         # Table 4d: prepended, replacing
-        return torch.cat([prompt, x[:, self.num_prompts if i > 0 else 0:]], dim=1)  # the last block's prompts
+            return x + prompt                                  # Eqs. 2-3: added to the tokens
+        prompt = prompt.expand(x.shape[0], -1, -1)             # Table 4d: prepended, in place of
+        rest = x[:, self.num_prompts if i > 0 else 0:]         # the last block's prompts
+        return torch.cat([prompt, rest], dim=1)
 
 
 class UNetMixtureOfPrompts(MixtureOfPrompts):
     """
-    DMP on the Stable Diffusion UNet, installed as model_unet.UNetModel.block_input(h, i, emb, context) before
-    each of its 25 blocks (12 encoder, middle, 12 decoder; a decoder block's input includes its skip).
+    DMP on the Stable Diffusion UNet, installed as model_unet.UNetModel.block_input(h, i, emb,
+    context) before each of its 25 blocks (12 encoder, middle, 12 decoder; a decoder block's input
+    includes its skip).
 
-    The paper gives SD prompts "of size H x W x D" and +0.32% parameters (Table 1), but not where they go. This
-    follows the DiT version, where the N prompts of a block are its N token positions (16 x 16 for DiT-B/2 at
-    256): the N = grid x grid prompts of block i are C_i-vectors on a grid x grid map, p_i in R^{N x C_i} with C_i
-    the block's input channels. The gate is one linear layer on [t; i] (t: the UNet's timestep embedding; with
-    gate_cond 't+c' also the text, as [t; c; i], since t (1280) and the CLIP states (768) differ in width,
-    and W [t; c] = W_t t + W_c c is the sum of Table 9), softmax over the N prompts:
+    The paper gives SD prompts "of size H x W x D" and +0.32% parameters (Table 1), but not where
+    they go. This follows the DiT version, where the N prompts of a block are its N token positions
+    (16 x 16 for DiT-B/2 at 256): the N = grid x grid prompts of block i are C_i-vectors on a grid x
+    grid map, p_i in R^{N x C_i} with C_i the block's input channels. The gate is one linear layer
+    on [t; i] (t: the UNet's timestep embedding; with gate_cond 't+c' also the text, as [t; c; i],
+    since t (1280) and the CLIP states (768) differ in width, and W [t; c] = W_t t + W_c c is the
+    sum of Table 9), softmax over the N prompts:
 
-        h_i <- h_i + resize(softmax(G([t; i])) * p_i)                                          (Eq. 3)
+        h_i <- h_i + resize(softmax(G([t; i])) * p_i)                                   (Eq. 3)
 
-    where resize brings the weighted grid x grid x C_i map to the block's H_i x W_i by area interpolation
-    (replicated over 4 x 4 latent pixels at 512 x 512, averaged at the 8 x 8 deepest blocks), so the same patch
-    works at any resolution. The text c is the mean of the context tokens: the UNet sees CLIP's token states, not
-    its pooled output. Zero-initialised prompts leave the frozen UNet unchanged.
+    where resize brings the weighted grid x grid x C_i map to the block's H_i x W_i by area
+    interpolation (replicated over 4 x 4 latent pixels at 512 x 512, averaged at the 8 x 8 deepest
+    blocks), so the same patch works at any resolution. The text c is the mean of the context
+    tokens: the UNet sees CLIP's token states, not its pooled output. Zero-initialised prompts leave
+    the frozen UNet unchanged.
 
-    Parameters on SD 1.5 (tests/test_dmp.py counts them on the meta device), grid 16 and gate_cond 't+c':
-    prompts 256 x 30,724 channels summed over the 25 blocks = 7,865,344, gate (1280 + 768 + 25) x 256 + 256 =
-    530,944: 8,396,288 in all, +0.98% of the 859,520,964 UNet parameters, against the paper's +0.32% (2.8M, which
-    per-pixel prompts at 256 x 256 would exceed: 5.6M; grid 8 gives +0.24%). The linear gate and added prompts
-    only: the attention gate and prepended prompts are DiT ablations (Table 4a, 4d).
+    Parameters on SD 1.5 (tests/test_dmp.py counts them on the meta device), grid 16 and gate_cond
+    't+c': prompts 256 x 30,724 channels summed over the 25 blocks = 7,865,344, gate (1280 + 768 +
+    25) x 256 + 256 = 530,944: 8,396,288 in all, +0.98% of the 859,520,964 UNet parameters, against
+    the paper's +0.32% (2.8M, which per-pixel prompts at 256 x 256 would exceed: 5.6M; grid 8 gives
+    +0.24%). The linear gate and added prompts only: the attention gate and prepended prompts are
+    DiT ablations (Table 4a, 4d).
     """
     def __init__(self, block_shapes, cond_dim, grid=16, **options):
         if options.get("gate", "linear") == "attention" or options.get("position", "add") != "add":
             raise ValueError("DMP on the UNet has the linear gate (or none) and added prompts only")
-        super().__init__(len(block_shapes), grid * grid, cond_dim, prompt_widths=[c for c, _ in block_shapes],
-                         **options)
+        super().__init__(len(block_shapes), grid * grid, cond_dim,
+                         prompt_widths=[c for c, _ in block_shapes], **options)
         self.grid = grid
 
     def forward(self, x, i, emb, context):
-        """x: (B, C_i, H_i, W_i) input of block i; emb: (B, 1280) timestep embedding; context: (B, 77, 768) text."""
+        """
+        x: (B, C_i, H_i, W_i) input of block i; emb: (B, 1280) timestep embedding; context:
+        (B, 77, 768) text.
+        """
         if i >= self.depth:
             return x
-        c = emb if self.gate_cond == "t" else torch.cat([emb, context.mean(dim=1).to(emb.dtype)], dim=-1)
+        if self.gate_cond == "t":
+            c = emb
+        else:
+            c = torch.cat([emb, context.mean(dim=1).to(emb.dtype)], dim=-1)
         if i == 0 and self.gate_type == "linear":
-            self.gates, self.load = self.mixture_weights(c)                # (B, L, N) for every block at once
+            self.gates, self.load = self.mixture_weights(c)       # (B, L, N), every block at once
         g = self.grid
-        prompt = self.prompts[i].T.reshape(1, -1, g, g)                    # (1, C_i, grid, grid)
+        prompt = self.prompts[i].T.reshape(1, -1, g, g)           # (1, C_i, grid, grid)
         if self.gate_type is not None:
-            prompt = self.gates[:, i].reshape(-1, 1, g, g) * prompt        # Eq. 3: softmax(G([t; i])) * p_i
+            prompt = self.gates[:, i].reshape(-1, 1, g, g) * prompt  # Eq. 3: softmax(G([t; i])) p_i
         return x + F.interpolate(prompt, size=x.shape[-2:], mode="area").to(x.dtype)
 
 
@@ -234,23 +266,26 @@ class UNetMixtureOfPrompts(MixtureOfPrompts):
 #################################################################################
 
 def cv_squared(x, eps=1e-5, dim=-1):
-    """Squared coefficient of variation sigma / (mu^2 + eps), sigma the (biased) variance: Eq. 13."""
+    """Squared coefficient of variation sigma / (mu^2 + eps), sigma the (biased) variance: Eq.
+    13."""
     return x.var(dim=dim, unbiased=False) / (x.mean(dim=dim) ** 2 + eps)
 
 
 def balancing_losses(model):
     """
-    (importance, load) for the model's last forward; zeros for methods without a gate. train.py adds them to
-    the diffusion loss with their coefficients (Table 4e; both 1 by default).
+    (importance, load) for the model's last forward; zeros for methods without a gate. train.py adds
+    them to the diffusion loss with their coefficients (Table 4e; both 1 by default).
 
-    Importance (Eqs. 12-13): g~_n = sum over blocks of g_n^i, per sample; its squared coefficient of variation
-    across the N prompts, averaged over the batch. With a softmax every sample's mean is L/N, so this equals the
-    authors' code, which takes the variance over all B x N entries (they use the unbiased variance, eps 1e-10).
+    Importance (Eqs. 12-13): g~_n = sum over blocks of g_n^i, per sample; its squared coefficient of
+    variation across the N prompts, averaged over the batch. With a softmax every sample's mean is
+    L/N, so this equals the authors' code, which takes the variance over all B x N entries (they use
+    the unbiased variance, eps 1e-10).
 
-    Load (Eq. 11): (1/L) sum_i sum_n I(g_n^i < 0). A softmax is never negative, so this is identically zero and
-    carries no gradient (the authors' code has the same property); it is computed literally. For hard top-k
-    selection, where the count of selected prompts matters, the load is Shazeer et al.'s (2017) smooth
-    estimator instead: the CV^2 across prompts of the probability of being in the top k, averaged over blocks.
+    Load (Eq. 11): (1/L) sum_i sum_n I(g_n^i < 0). A softmax is never negative, so this is
+    identically zero and carries no gradient (the authors' code has the same property); it is
+    computed literally. For hard top-k selection, where the count of selected prompts matters, the
+    load is Shazeer et al.'s (2017) smooth estimator instead: the CV^2 across prompts of the
+    probability of being in the top k, averaged over blocks.
     """
     mop = model.block_input
     if not isinstance(mop, MixtureOfPrompts) or mop.gates is None:
@@ -268,23 +303,35 @@ def balancing_losses(model):
 #################################################################################
 #                    LoRA, DiffFit and BitFit for the baselines                 #
 #################################################################################
-# These attach their parameters to the frozen layers through forward hooks, so the backbone keeps the official
-# key names and a patched model's state dict is the base one plus the new entries.
+# These attach their parameters to the frozen layers through forward hooks, so the backbone keeps
+# the official key names and a patched model's state dict is the base one plus the new entries.
 
 def add_lora(linear, rank, alpha):
-    """LoRA (Hu et al. 2021): W x + (alpha / r) B A x, A ~ Kaiming-uniform, B = 0 so the layer starts unchanged."""
+    """LoRA (Hu et al. 2021): W x + (alpha / r) B A x, A ~ Kaiming-uniform, B = 0 so the layer
+    starts unchanged."""
     linear.lora_A = nn.Linear(linear.in_features, rank, bias=False)
     linear.lora_B = nn.Linear(rank, linear.out_features, bias=False)
     nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))
     nn.init.zeros_(linear.lora_B.weight)
     linear.lora_scale = alpha / rank
-    linear.register_forward_hook(lambda m, args, out: out + m.lora_B(m.lora_A(args[0])) * m.lora_scale)
+    linear.register_forward_hook(_lora_hook)
+
+
+def _lora_hook(linear, args, out):
+    """The LoRA term added to a frozen linear layer's output: (alpha / r) B A x."""
+    return out + linear.lora_B(linear.lora_A(args[0])) * linear.lora_scale
 
 
 def add_scale(module, dim):
-    """DiffFit's scale factor gamma (DiffFit Alg. 1), initialised to 1, multiplying the branch's output."""
+    """DiffFit's scale factor gamma (DiffFit Alg. 1), initialised to 1, multiplying the branch's
+    output."""
     module.gamma = nn.Parameter(torch.ones(dim))
-    module.register_forward_hook(lambda m, args, out: out * m.gamma)
+    module.register_forward_hook(_scale_hook)
+
+
+def _scale_hook(module, args, out):
+    """DiffFit's gamma applied to a branch's output."""
+    return out * module.gamma
 
 
 #################################################################################
@@ -327,7 +374,7 @@ def patch(model, method, **options):
                 p.requires_grad_(True)
         return groups
 
-    if method == "full":                     # fine-tuning: every weight (pos_embed stays a fixed table)
+    if method == "full":                     # every weight (pos_embed stays a fixed table)
         params = [p for n, p in model.named_parameters() if n != "pos_embed"]
         groups = [dict(params=params, lr_scale=lr, name="all")]
     elif method in ("prompt", "dmp"):
@@ -335,7 +382,8 @@ def patch(model, method, **options):
         if method == "prompt":
             options["gate"] = None
         dim = model.pos_embed.shape[-1]
-        model.block_input = MixtureOfPrompts(len(model.blocks), model.x_embedder.num_patches, dim, **options)
+        model.block_input = MixtureOfPrompts(len(model.blocks), model.x_embedder.num_patches, dim,
+                                             **options)
         model.block_input.to(model.pos_embed.device)
         gate = [p for n, p in model.block_input.named_parameters() if n != "prompts"]
         groups = [dict(params=[model.block_input.prompts], lr_scale=lr, name="prompts")]
@@ -413,12 +461,12 @@ def lora_rank_matching(model, budget):
 
 def _patch_unet(model, method, lr, options):
     """
-    patch() on the SD UNet: DMP and prompt tuning through UNetMixtureOfPrompts (option grid, 16); LoRA on the
-    q/k/v/out projections of both attentions and the two feed-forward linears of every transformer block;
-    DiffFit's gamma on the self-attention, cross-attention and feed-forward branches of every transformer block
-    (DiffFit defines its first-half rule for DiT only; gamma_fraction and pos_scale are DiT's) and
-    trains the biases and the GroupNorm/LayerNorm affine weights with them (the UNet has no label
-    embedding).
+    patch() on the SD UNet: DMP and prompt tuning through UNetMixtureOfPrompts (option grid, 16);
+    LoRA on the q/k/v/out projections of both attentions and the two feed-forward linears of every
+    transformer block; DiffFit's gamma on the self-attention, cross-attention and feed-forward
+    branches of every transformer block (DiffFit defines its first-half rule for DiT only;
+    gamma_fraction and pos_scale are DiT's) and trains the biases and the GroupNorm/LayerNorm affine
+    weights with them (the UNet has no label embedding).
     """
     from model_unet import BasicTransformerBlock
     transformer_blocks = [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
@@ -434,7 +482,9 @@ def _patch_unet(model, method, lr, options):
         model.block_input = mop.to(next(model.parameters()).device)
         gate = [p for n, p in mop.named_parameters() if not n.startswith("prompts.")]
         groups = [dict(params=list(mop.prompts), lr_scale=lr, name="prompts")]
-        return groups + ([dict(params=gate, lr_scale=lr * gate_lr_scale, name="gate")] if gate else [])
+        if gate:
+            groups.append(dict(params=gate, lr_scale=lr * gate_lr_scale, name="gate"))
+        return groups
     if method == "lora":
         rank = options.get("rank", 16)
         if not isinstance(rank, int):
@@ -445,16 +495,19 @@ def _patch_unet(model, method, lr, options):
                     add_lora(linear, rank, options.get("alpha", rank))
             for linear in (block.ff.net[0].proj, block.ff.net[2]):
                 add_lora(linear, rank, options.get("alpha", rank))
-        return [dict(params=[p for n, p in model.named_parameters() if ".lora_" in n], lr_scale=lr, name="lora")]
+        params = [p for n, p in model.named_parameters() if ".lora_" in n]
+        return [dict(params=params, lr_scale=lr, name="lora")]
     if method == "difffit":
         for block in transformer_blocks:
             for branch in (block.attn1, block.attn2, block.ff):
                 add_scale(branch, block.norm1.normalized_shape[0])
-        norms = {id(p) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for p in m.parameters()}
+        norms = {id(p) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))
+                 for p in m.parameters()}
         params = [p for n, p in model.named_parameters()
                   if n.endswith(".bias") or n.endswith(".gamma") or id(p) in norms]
         return [dict(params=params, lr_scale=lr, name="difffit")]
-    return [dict(params=[p for n, p in model.named_parameters() if n.endswith(".bias")], lr_scale=lr, name="bias")]
+    params = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    return [dict(params=params, lr_scale=lr, name="bias")]
 
 
 def trainable_state_dict(model):
@@ -490,7 +543,8 @@ def save_patch(model, path, base=None, **extra):
     state = trainable_state_dict(model)
     atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_record(base),
                      config=getattr(model, "config", None), state=state, **extra), path)
-    backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in state)
+    backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                   if k not in state)
     return Path(path).stat().st_size, backbone
 
 
@@ -518,24 +572,29 @@ def apply_patch_entries(model, entries, name="the patch"):
 @torch.no_grad()
 def gate_weights(model, timesteps=None, y=None):
     """
-    The gate's weights as an array [blocks, timesteps, prompts] (eval mode: no gate noise). y: the class (default
-    0), or for a text DiT a pooled text embedding (text_dim,) (default: the null embedding).
+    The gate's weights as an array [blocks, timesteps, prompts] (eval mode: no gate noise). y: the
+    class (default 0), or for a text DiT a pooled text embedding (text_dim,) (default: the null
+    embedding).
     """
     mop = model.block_input
     if not isinstance(mop, MixtureOfPrompts) or mop.gate_type is None:
         raise ValueError("the model has no DMP gate (patch it with method='dmp')")
     device = model.pos_embed.device
-    t = torch.arange(1000, device=device) if timesteps is None else torch.as_tensor(timesteps, device=device)
+    if timesteps is None:
+        timesteps = range(1000)
+    t = torch.as_tensor(timesteps, device=device)
     c = model.t_embedder(t)
     if mop.gate_cond == "t+c" and model.text_dim:
         y = torch.zeros(model.text_dim) if y is None else torch.as_tensor(y, dtype=torch.float32)
-        c = c + model.y_embedder(y.to(device).expand(len(t), -1), False)
+        c = c + model.y_embedder(y.to(device).expand(len(t), -1))
     elif mop.gate_cond == "t+c":
-        c = c + model.y_embedder(torch.zeros_like(t) if y is None else torch.as_tensor(y, device=device).expand_as(t), False)
+        y = torch.zeros_like(t) if y is None else torch.as_tensor(y, device=device).expand_as(t)
+        c = c + model.y_embedder(y, False)
     was_training = mop.training
     mop.eval()
     if mop.gate_type == "attention":
-        scores = torch.einsum("lnd,bd->bln", mop.w_q(mop.prompts), mop.w_k(c)) / math.sqrt(c.shape[-1])
+        q = mop.w_q(mop.prompts)
+        scores = torch.einsum("lnd,bd->bln", q, mop.w_k(c)) / math.sqrt(c.shape[-1])
         weights = F.softmax(scores, dim=-1)
     else:
         weights, _ = mop.mixture_weights(c)
@@ -576,37 +635,3 @@ def logged_gate_movement(model):
     if not isinstance(mop, MixtureOfPrompts) or mop.clean_gates is None:
         return {}
     return gate_movement(mop.clean_gates.float(), time_axis=0)
-
-
-def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
-    """
-    Fig. 5 as a PNG: one panel per block (rows: timesteps from T-1 at the top to 0, columns: prompts), coloured
-    from dark blue at the panel's smallest weight to yellow at its largest (each panel scaled to its own range,
-    so a nearly uniform gate still shows its pattern; a constant panel is the middle colour), white gaps. Size:
-    columns*(N*cell)+(columns-1)*gap wide, rows*(T*cell)+(rows-1)*gap high, `columns` panels per row (default:
-    all blocks in one row).
-    """
-    from PIL import Image
-    weights = np.asarray(weights, np.float64)
-    L, T, N = weights.shape
-    columns = columns or L
-    rows = -(-L // columns)
-    canvas = np.full((rows * T * cell + (rows - 1) * gap, columns * N * cell + (columns - 1) * gap, 3), 255, np.uint8)
-    for i, w in enumerate(weights):
-        w = w[::-1]  # t = T-1 at the top: generation runs downwards
-        span = w.max() - w.min()
-        v = (w - w.min()) / span if span > 0 else np.full_like(w, 0.5)
-        r, col = divmod(i, columns)
-        canvas[r * (T * cell + gap): r * (T * cell + gap) + T * cell,
-               col * (N * cell + gap): col * (N * cell + gap) + N * cell] = colour(v).repeat(cell, 0).repeat(cell, 1)
-    Image.fromarray(canvas, mode="RGB").save(path)
-    return path
-
-
-def colour(v):
-    """Values in [0, 1] to RGB uint8 along viridis' dark blue, teal and yellow, linearly between them."""
-    anchors = np.array([[68, 1, 84], [33, 145, 140], [253, 231, 37]], np.float64)
-    x = np.clip(v, 0, 1)[..., None] * 2
-    low = np.where(x < 1, anchors[0], anchors[1])
-    high = np.where(x < 1, anchors[1], anchors[2])
-    return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)

@@ -53,9 +53,10 @@ class FIDError(Exception):
 #################################################################################
 #                     The FID Inception-v3 (pytorch-fid port)                   #
 #################################################################################
-# Module and parameter names are torchvision's Inception3, the keys of pt_inception-2015-12-05-6726825d.pth.
-# The FID blocks differ from torchvision's where the TensorFlow graph does: their average pools leave the
-# zero padding out of the mean (count_include_pad=False), and the last block (Mixed_7c) max-pools instead.
+# Module and parameter names are torchvision's Inception3, the keys of
+# pt_inception-2015-12-05-6726825d.pth. The FID blocks differ from torchvision's where the
+# TensorFlow graph does: their average pools leave the zero padding out of the mean
+# (count_include_pad=False), and the last block (Mixed_7c) max-pools instead.
 #
 # Where this port differs from ADM's evaluator (guided-diffusion evaluations/evaluator.py, which
 # runs the TensorFlow graph classify_image_graph_def.pb itself; the paper's FFHQ and ImageNet
@@ -169,7 +170,8 @@ class InceptionD(nn.Module):
 
 
 class FIDInceptionE(nn.Module):
-    """Mixed_7b (avg pool, pytorch-fid's FIDInceptionE_1) and Mixed_7c (max pool, FIDInceptionE_2)."""
+    """Mixed_7b (avg pool, pytorch-fid's FIDInceptionE_1) and Mixed_7c (max pool,
+    FIDInceptionE_2)."""
     def __init__(self, cin, max_pool):
         super().__init__()
         self.max_pool = max_pool
@@ -189,12 +191,16 @@ class FIDInceptionE(nn.Module):
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
         # The TensorFlow graph's last block max-pools; pytorch-fid's FIDInceptionE_2 follows it.
-        pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        if self.max_pool:
+            pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        else:
+            pool = _avg_pool(x)
         return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pool)], 1)
 
 
 class FIDInceptionV3(nn.Module):
-    """Images in [0, 1] of any size -> 2048-d pool3 features; `logits` gives the 1008 classes for the IS."""
+    """Images in [0, 1] of any size -> 2048-d pool3 features; `logits` gives the 1008 classes for
+    the IS."""
     def __init__(self):
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
@@ -213,7 +219,8 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
         self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)  # the TensorFlow graph's 1008 outputs (ImageNet classes and unused ones)
+        # the TensorFlow graph's 1008 outputs (ImageNet classes and unused ones)
+        self.fc = nn.Linear(2048, 1008)
 
     def forward(self, x):
         return self.features(x)[0]
@@ -225,7 +232,8 @@ class FIDInceptionV3(nn.Module):
         "mixed_6/conv:0" (sFID), flattened in TensorFlow's NHWC order as the evaluator's reshape
         does.
         """
-        # pytorch-fid's preprocessing: bilinear resize to 299 (align_corners=False), [0, 1] -> [-1, 1].
+        # pytorch-fid's preprocessing: bilinear resize to 299 (align_corners=False), [0, 1] -> [-1,
+        # 1].
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         x = 2 * x - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
@@ -278,27 +286,31 @@ def load_inception(path=None, device="cpu"):
     keys = model.state_dict().keys()
     if not isinstance(state, dict) or state.keys() != keys:
         got = state.keys() if isinstance(state, dict) else set()
-        raise FIDError(f"{path} is not pytorch-fid's Inception weights ({len(keys - got)} keys missing, "
-                       f"{len(got - keys)} unexpected).")
+        raise FIDError(f"{path} is not pytorch-fid's Inception weights ({len(keys - got)} keys "
+                       f"missing, {len(got - keys)} unexpected).")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise FIDError(f"{path} does not fit the FID Inception ({' '.join(str(e).split())[:200]}).") from None
+        reason = " ".join(str(e).split())[:200]
+        raise FIDError(f"{path} does not fit the FID Inception ({reason}).") from None
     return model.eval().requires_grad_(False).to(device)
 
 
 #################################################################################
 #                               Reading image sets                              #
 #################################################################################
-# A set is a folder (its own files only, as pytorch-fid), a .zip (every image in it) or an .npz whose arr_0
-# is uint8 N x H x W x 3 (ADM's sample and reference batches). Images are converted to RGB and must all
-# have the size of the first: a mismatch is refused, not resized, because the resize would change the FID.
+# A set is a folder (its own files only, as pytorch-fid), a .zip (every image in it) or an .npz
+# whose arr_0 is uint8 N x H x W x 3 (ADM's sample and reference batches). Images are converted to
+# RGB and must all have the size of the first: a mismatch is refused, not resized, because the
+# resize would change the FID.
 
 def _file_batches(path, batch_size, workers):
-    """(count, batch iterator) for a folder or zip of image files, decoded by a thread pool one batch ahead."""
+    """(count, batch iterator) for a folder or zip of image files, decoded by a thread pool one
+    batch ahead."""
     zf = zipfile.ZipFile(path) if os.path.isfile(path) else None
     names = sorted(n for n in (zf.namelist() if zf else os.listdir(path))
-                   if n.lower().endswith(IMAGE_EXTENSIONS) and (zf or os.path.isfile(os.path.join(path, n))))
+                   if n.lower().endswith(IMAGE_EXTENSIONS)
+                   and (zf or os.path.isfile(os.path.join(path, n))))
     if not names:
         nested = not zf and any(e.is_dir() for e in os.scandir(path))
         raise FIDError(f"{path} contains no images ({', '.join(IMAGE_EXTENSIONS)})" + (
@@ -323,29 +335,36 @@ def _file_batches(path, batch_size, workers):
                 first = first or (loaded[0][0], loaded[0][1].shape)
                 for where, im in loaded:
                     if im.shape != first[1]:
-                        raise FIDError(f"{where} is {im.shape[1]}x{im.shape[0]} but {first[0]} is {first[1][1]}x"
-                                       f"{first[1][0]}: all images of a set must have the same size.")
+                        raise FIDError(f"{where} is {im.shape[1]}x{im.shape[0]} but {first[0]} is "
+                                       f"{first[1][1]}x{first[1][0]}: all images of a set must "
+                                       f"have the same size.")
                 yield np.stack([im for _, im in loaded])
     return len(names), batches()
 
 
 def _open_arr_0(path):
-    """arr_0.npy inside the .npz as a stream positioned at the data, with its shape, order and dtype."""
+    """arr_0.npy inside the .npz as a stream positioned at the data, with its shape, order and
+    dtype."""
     f = zipfile.ZipFile(path).open("arr_0.npy")
     version = np.lib.format.read_magic(f)
-    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    if version == (1, 0):
+        header = np.lib.format.read_array_header_1_0
+    else:
+        header = np.lib.format.read_array_header_2_0
     return (f, *header(f))
 
 
 def _npz_batches(path, batch_size):
-    """(count, batch iterator) for arr_0 of an .npz, streamed from the zip so 50K images need not fit in memory."""
+    """(count, batch iterator) for arr_0 of an .npz, streamed from the zip so 50K images need not
+    fit in memory."""
     f, shape, fortran, dtype = _open_arr_0(path)
     f.close()
-    if dtype == object:
-        raise FIDError(f"{path}: arr_0 holds Python objects, not one uint8 array (images of different sizes?); "
-                       f"all images of a set must have the same size.")
+    if dtype.hasobject:
+        raise FIDError(f"{path}: arr_0 holds Python objects, not one uint8 array (images of "
+                       f"different sizes?); all images of a set must have the same size.")
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        raise FIDError(f"{path}: arr_0 is {dtype} of shape {shape}, not uint8 N x H x W x 3 (ADM's layout).")
+        raise FIDError(f"{path}: arr_0 is {dtype} of shape {shape}, not uint8 N x H x W x 3 "
+                       f"(ADM's layout).")
     if shape[0] == 0:
         raise FIDError(f"{path}: arr_0 contains no images.")
 
@@ -433,7 +452,8 @@ def compute_features(model, images, device="cpu", desc="inception", spatial=Fals
 
 
 def statistics(feats, name="the set"):
-    """mu and sigma of features (pytorch-fid's calculate_activation_statistics, in float64 throughout)."""
+    """mu and sigma of features (pytorch-fid's calculate_activation_statistics, in float64
+    throughout)."""
     if len(feats) < 2:
         raise FIDError(f"{name} has {len(feats)} image(s); statistics need at least 2.")
     feats = feats.astype(np.float64)
@@ -445,10 +465,12 @@ def load_statistics(path, f=None):
     f = np.load(path) if f is None else f
     for key in ("mu", "sigma"):
         if key not in f.files:
-            raise FIDError(f"{path} has no '{key}' array: a statistics file needs 'mu' and 'sigma'.")
+            raise FIDError(f"{path} has no '{key}' array: a statistics file needs 'mu' and "
+                           f"'sigma'.")
     mu, sigma = f["mu"], f["sigma"]
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not a d vector and a d x d matrix.")
+        raise FIDError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not a d vector and "
+                       f"a d x d matrix.")
     return mu, sigma
 
 
@@ -663,7 +685,7 @@ def build_reference(src, resolution, stats_path=None, batch_path=None, prompts_p
         # One line per image, its first caption: sample.py's image k takes line k.
         lines = "".join(texts[r][0] + "\n" for r in rows)
         _write_atomic(prompts_path, lambda f: f.write(lines.encode()))
-    del images
+    images = None  # closes the memmap before its folder goes
     shutil.rmtree(partial)
     reasons = "".join(f"; {s['file']}: {s['reason']}" for s in skipped[:5])
     print(f"{src}: {count} images at {resolution}x{resolution} ({len(skipped)} files skipped"
@@ -676,23 +698,28 @@ def build_reference(src, resolution, stats_path=None, batch_path=None, prompts_p
 #################################################################################
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)): pytorch-fid's calculate_frechet_distance."""
-    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)): pytorch-fid's
+    calculate_frechet_distance."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise FIDError(f"the two statistics have different dimensions ({mu1.shape[0]} and {mu2.shape[0]}).")
+        raise FIDError(f"the two statistics have different dimensions ({mu1.shape[0]} and "
+                       f"{mu2.shape[0]}).")
     diff = mu1 - mu2
-    # The product might be almost singular. (pytorch-fid passes disp=False, deprecated in scipy 1.16.)
+    # The product might be almost singular. (pytorch-fid passes disp=False, deprecated in scipy
+    # 1.16.)
     covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
-        print(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
-              file=sys.stderr)
+        print(f"fid calculation produces singular product; adding {eps} to diagonal of cov "
+              f"estimates", file=sys.stderr)
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     # Numerical error might give a slight imaginary component.
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FIDError(f"sqrtm(sigma1 sigma2) has an imaginary component of {np.max(np.abs(covmean.imag)):.3g}: "
-                           f"the statistics are degenerate.")
+            imag = np.max(np.abs(covmean.imag))
+            raise FIDError(f"sqrtm(sigma1 sigma2) has an imaginary component of {imag:.3g}: the "
+                           f"statistics are degenerate.")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -738,10 +765,14 @@ def _mmd2_unbiased(x, y):
 
 
 def inception_score(logits, splits=10):
-    """exp(E_x KL(p(y|x) || p(y))) on consecutive splits, mean and std: improved-GAN's (Salimans et al. 2016)
-    inception_score/model.py, which ADM's evaluator (5000-image splits = 10 for 50K) and torch-fidelity follow."""
+    """
+    exp(E_x KL(p(y|x) || p(y))) on consecutive splits, mean and std: improved-GAN's (Salimans et
+    al. 2016) inception_score/model.py, which ADM's evaluator (5000-image splits = 10 for 50K) and
+    torch-fidelity follow.
+    """
     if len(logits) < splits:
-        raise FIDError(f"the Inception Score with {splits} splits needs at least {splits} images, got {len(logits)}.")
+        raise FIDError(f"the Inception Score with {splits} splits needs at least {splits} images, "
+                       f"got {len(logits)}.")
     logp, n, scores = log_softmax(np.asarray(logits, np.float64), axis=1), len(logits), []
     for i in range(splits):
         part = logp[i * n // splits:(i + 1) * n // splits]
@@ -756,15 +787,17 @@ def _sq_dists(a, b):
 
 @torch.inference_mode()
 def precision_recall(real, fake, k=3, batch_size=1000, device="cpu"):
-    """Improved precision and recall (Kynkäänniemi et al. 2019, k=3, as ADM's evaluator): the fraction of fake
-    features inside some real feature's k-NN ball, and vice versa. Distances are computed batch_size rows
-    at a time, so 50K x 50K never sits in memory.
-    As ADM's ManifoldEstimator (nhood_sizes=(3,), clamp_to_percentile=None): squared Euclidean
-    distances, the radius of a point the distance to its 3rd neighbour other than itself, a point
-    covered if within or on some ball. It differs in the arithmetic only: ADM computes the distances
-    in float16 (falling back to float32 for a 10,000 x 10,000 block where one is not finite), so its
-    decisions for points near a ball's edge can differ; its batch sizes (10,000 rows and columns)
-    decide nothing else, nor does batch_size here."""
+    """
+    Improved precision and recall (Kynkäänniemi et al. 2019, k=3, as ADM's evaluator): the
+    fraction of fake features inside some real feature's k-NN ball, and vice versa. Distances
+    are computed batch_size rows at a time, so 50K x 50K never sits in memory. As ADM's
+    ManifoldEstimator (nhood_sizes=(3,), clamp_to_percentile=None): squared Euclidean distances,
+    the radius of a point the distance to its 3rd neighbour other than itself, a point covered
+    if within or on some ball. It differs in the arithmetic only: ADM computes the distances in
+    float16 (falling back to float32 for a 10,000 x 10,000 block where one is not finite), so
+    its decisions for points near a ball's edge can differ; its batch sizes (10,000 rows and
+    columns) decide nothing else, nor does batch_size here.
+    """
     real, fake = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (real, fake))
 
     def radii(x):  # squared distance to the k-th nearest neighbour, the point itself being the 0-th
@@ -795,8 +828,10 @@ def main(argv=None):
                    "folder of .tar shards")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the one input "
                    "(mu, sigma, and mu_s, sigma_s for the sFID)")
-    p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score of SAMPLES (10 splits)")
-    p.add_argument("--pr", action="store_true", help="precision and recall of SAMPLES against REF (k=3)")
+    p.add_argument("--is", dest="inception_score", action="store_true",
+                   help="Inception Score of SAMPLES (10 splits)")
+    p.add_argument("--pr", action="store_true",
+                   help="precision and recall of SAMPLES against REF (k=3)")
     p.add_argument("--npz-stats", choices=["images", "file"], default="images",
                    help="for an .npz holding images and statistics (ADM's reference batches): "
                    "recompute the statistics from its images with this network (default), or use "
@@ -816,7 +851,8 @@ def main(argv=None):
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image decoding threads (with --resolution: processes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--inception", metavar="PATH", help="pt_inception-2015-12-05-6726825d.pth (default: download)")
+    p.add_argument("--inception", metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth (default: download)")
     args = p.parse_args(argv)
     for flag in ("save_stats", "save_batch"):
         out = getattr(args, flag)

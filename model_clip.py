@@ -1,11 +1,13 @@
 """
-The CLIP ViT-L/14 text encoder (Radford et al., "Learning Transferable Visual Models From Natural Language
-Supervision", 2021) that conditions Stable Diffusion 1.x, and OpenAI's byte-level BPE tokenizer, in plain PyTorch.
+The CLIP ViT-L/14 text encoder (Radford et al., "Learning Transferable Visual Models From Natural
+Language Supervision", 2021) that conditions Stable Diffusion 1.x, and OpenAI's byte-level BPE
+tokenizer, in plain PyTorch.
 
 Parameter names are those of transformers' CLIPTextModel inside its `text_model.` (the keys of
-tests/golden/clip_vitl14_text_hf.keys.tsv), so `text_encoder/model.safetensors` of a diffusers folder and the
-`cond_stage_model.transformer.` part of an SD checkpoint load with strict=True once the prefixes are stripped.
-The vocabulary (assets/bpe_simple_vocab_16e6.txt.gz) is OpenAI's, MIT licensed: assets/LICENSE-CLIP-BPE.
+tests/golden/clip_vitl14_text_hf.keys.tsv), so `text_encoder/model.safetensors` of a diffusers
+folder and the `cond_stage_model.transformer.` part of an SD checkpoint load with strict=True once
+the prefixes are stripped. The vocabulary (assets/bpe_simple_vocab_16e6.txt.gz) is OpenAI's, MIT
+licensed: assets/LICENSE-CLIP-BPE.
 """
 import functools
 import gzip
@@ -18,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, read_state_dict, strip_prefix
+from checkpoints import diffusers_file, load_strict, read_state_dict, strip_prefix
 
 BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
@@ -31,10 +33,12 @@ SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|>
 @functools.lru_cache()
 def bytes_to_unicode():
     """
-    A printable unicode character for each of the 256 bytes: printable Latin-1 bytes stand for themselves, the
-    others (controls, space) are shifted to 256 + n, so that BPE never sees whitespace or control characters.
+    A printable unicode character for each of the 256 bytes: printable Latin-1 bytes stand for
+    themselves, the others (controls, space) are shifted to 256 + n, so that BPE never sees
+    whitespace or control characters.
     """
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -47,29 +51,31 @@ def bytes_to_unicode():
 
 def clean_text(text):
     """
-    CLIP's basic_clean + whitespace_clean, then lower case. ftfy.fix_text is replaced by NFC normalisation (its
-    normalisation step, and what transformers' CLIP tokenizer does): text with mojibake or curly quotes, which
-    ftfy would repair or straighten, is tokenised as it is.
+    CLIP's basic_clean + whitespace_clean, then lower case. ftfy.fix_text is replaced by NFC
+    normalisation (its normalisation step, and what transformers' CLIP tokenizer does): text with
+    mojibake or curly quotes, which ftfy would repair or straighten, is tokenised as it is.
     """
     text = unicodedata.normalize("NFC", text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-# CLIP's pattern is r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
-# in the `regex` module. With Python's `re`: letters \p{L} -> [^\W\d_] (word characters but digits and "_"),
-# numbers \p{N} -> \d (decimal digits), the rest -> (?:[^\s\w]|_). The one difference: numeric characters that
-# are not decimal digits (², ½, Ⅻ, ①) count as letters here (joined to adjacent letters) but as numbers in CLIP
-# (one token each).
-PATTERN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+",
-                     re.IGNORECASE)
+# CLIP's pattern, in the `regex` module, is
+#   r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+".
+# With Python's `re`: letters \p{L} -> [^\W\d_] (word characters but digits and "_"), numbers
+# \p{N} -> \d (decimal digits), the rest -> (?:[^\s\w]|_). The one difference: numeric characters
+# that are not decimal digits (², ½, Ⅻ, ①) count as letters here (joined to adjacent letters)
+# but as numbers in CLIP (one token each).
+PATTERN = re.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+                     r"|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
 
 
 class CLIPTokenizer:
     """
-    OpenAI CLIP's byte-level BPE. Ids: 256 byte symbols, the same 256 with the end-of-word mark "</w>", one id per
-    merge (the first 48894 lines after the header of the merges file), then <|startoftext|> and <|endoftext|>:
-    49408 in all. __call__ gives SD 1.x's (B, 77) ids: start, at most 75 tokens, end, padded with the end id.
+    OpenAI CLIP's byte-level BPE. Ids: 256 byte symbols, the same 256 with the end-of-word mark
+    "</w>", one id per merge (the first 48894 lines after the header of the merges file), then
+    <|startoftext|> and <|endoftext|>: 49408 in all. __call__ gives SD 1.x's (B, 77) ids: start, at
+    most 75 tokens, end, padded with the end id.
     """
     def __init__(self, bpe_path=BPE_PATH):
         merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")
@@ -85,7 +91,8 @@ class CLIPTokenizer:
         self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
 
     def bpe(self, token):
-        """Split one pre-token (bytes as characters) into vocabulary entries: merge the best-ranked pair until none is left."""
+        """Split one pre-token (bytes as characters) into vocabulary entries: merge the best-ranked
+        pair until none is left."""
         if token in self.cache:
             return self.cache[token]
         word = list(token[:-1]) + [token[-1] + "</w>"]
@@ -117,10 +124,12 @@ class CLIPTokenizer:
     def decode(self, ids):
         """Ids back to (cleaned) text."""
         text = "".join(self.decoder[int(i)] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+        text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ")
 
     def __call__(self, prompts, context_length=77):
-        """A prompt or a list of prompts to a (B, context_length) LongTensor: SOT, tokens[:75], EOT, EOT padding."""
+        """A prompt or a list of prompts to a (B, context_length) LongTensor: SOT, tokens[:75], EOT,
+        EOT padding."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = torch.full((len(prompts), context_length), EOT, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -135,7 +144,8 @@ def _default_tokenizer():
 
 
 def tokenize(prompts, context_length=77):
-    """SD 1.x token ids of a prompt or list of prompts: a (B, 77) LongTensor (see CLIPTokenizer.__call__)."""
+    """SD 1.x token ids of a prompt or list of prompts: a (B, 77) LongTensor (see
+    CLIPTokenizer.__call__)."""
     return _default_tokenizer()(prompts, context_length)
 
 
@@ -199,20 +209,24 @@ class CLIPTextEmbeddings(nn.Module):
 
 class CLIPTextModel(nn.Module):
     """
-    CLIP's text transformer (transformers' CLIPTextTransformer: embeddings, encoder.layers, final_layer_norm).
-    forward(input_ids) returns last_hidden_state (B, T, D), after the final layer norm (what SD 1.x feeds the
-    UNet as context), and the pooled output (B, D): the hidden state at the first end-of-text token, which is
-    what transformers 5 picks for this config (eos_token_id 49407) in both of its branches.
+    CLIP's text transformer (transformers' CLIPTextTransformer: embeddings, encoder.layers,
+    final_layer_norm). forward(input_ids) returns last_hidden_state (B, T, D), after the final layer
+    norm (what SD 1.x feeds the UNet as context), and the pooled output (B, D): the hidden state at
+    the first end-of-text token, which is what transformers 5 picks for this config (eos_token_id
+    49407) in both of its branches.
     """
-    def __init__(self, vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, max_position_embeddings=77):
+    def __init__(self, vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                 num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                           num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        self.config = dict(vocab_size=vocab_size, hidden_size=hidden_size,
+                           intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+                           num_attention_heads=num_attention_heads,
                            max_position_embeddings=max_position_embeddings)
         self.embeddings = CLIPTextEmbeddings(vocab_size, hidden_size, max_position_embeddings)
-        layers = [CLIPEncoderLayer(hidden_size, num_attention_heads, intermediate_size) for _ in range(num_hidden_layers)]
-        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(layers)))  # transformers' key path encoder.layers.N
+        layers = [CLIPEncoderLayer(hidden_size, num_attention_heads, intermediate_size)
+                  for _ in range(num_hidden_layers)]
+        # transformers' key path: encoder.layers.N
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(layers)))
         self.final_layer_norm = nn.LayerNorm(hidden_size)
 
     def forward(self, input_ids):
@@ -220,43 +234,53 @@ class CLIPTextModel(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         x = self.final_layer_norm(x)
-        eot = (input_ids == EOT).int().argmax(dim=-1)  # first end-of-text position (0 if a row has none)
+        eot = (input_ids == EOT).int().argmax(dim=-1)  # first end-of-text position (0 if none)
         return x, x[torch.arange(x.shape[0], device=x.device), eot]
 
 
+# openai/clip-vit-large-patch14, its text half
 CLIP_VITL14 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=77)  # openai/clip-vit-large-patch14, text half
-CLIP_TINY = dict(CLIP_VITL14, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+                   num_attention_heads=12, max_position_embeddings=77)
+CLIP_TINY = dict(CLIP_VITL14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4)
 
 
 @torch.no_grad()
 def encode_text(model, prompts):
-    """(context (B, 77, D), pooled (B, D)) of a list of prompts: what SD's UNet and a text-conditioned DiT read."""
+    """(context (B, 77, D), pooled (B, D)) of a list of prompts: what SD's UNet and a
+    text-conditioned DiT read."""
     return model(tokenize(list(prompts)).to(model.final_layer_norm.weight.device))
+
+
+def caption_embeddings(text_encoder, captions):
+    """
+    What a text DiT (model_dit.TextEmbedder) reads as y: the pooled CLIP embeddings (N, text_dim)
+    of the captions, with an empty caption as the all-zero row, i.e. the null embedding. train.py
+    and sample.py both call this.
+    """
+    pooled = encode_text(text_encoder, captions)[1].float()
+    empty = torch.tensor([not c.strip() for c in captions], device=pooled.device)
+    return torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
 
 
 #################################################################################
 #                                Checkpoint Loading                             #
 #################################################################################
 
-_HF_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+_HF_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin",
+             "pytorch_model.fp16.bin")
 
 
 def clip_text_state_dict(path):
     """
-    The text encoder's weights in `path`, under this module's keys: a diffusers folder (text_encoder/model.safetensors
-    or pytorch_model.bin) or that text_encoder/ folder, an SD single file (cond_stage_model.transformer.[text_model.]*),
-    or a transformers file (text_model.*; a full CLIPModel file keeps only its text half). position_ids buffers
-    stored by older transformers are dropped.
+    The text encoder's weights in `path`, under this module's keys: a diffusers folder
+    (text_encoder/model.safetensors or pytorch_model.bin) or that text_encoder/ folder, an SD single
+    file (cond_stage_model.transformer.[text_model.]*), or a transformers file (text_model.*; a full
+    CLIPModel file keeps only its text half). position_ids buffers stored by older transformers are
+    dropped.
     """
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "text_encoder" if (path / "text_encoder").is_dir() else path
-        files = [folder / name for name in _HF_FILES if (folder / name).is_file()]
-        if not files:
-            raise CheckpointError(f"{path}: a folder without text_encoder/model.safetensors (or pytorch_model.bin), "
-                                  "so not a diffusers Stable Diffusion model")
-        path = files[0]
+    if Path(path).is_dir():
+        path = diffusers_file(path, "text_encoder", _HF_FILES)
     sd = read_state_dict(path)
     if isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -268,14 +292,16 @@ def clip_text_state_dict(path):
 
 def infer_clip_config(sd):
     """
-    The config a text encoder state dict's shapes imply, or None if it is not one. The head count is not in the
-    shapes: CLIP's heads are 64 wide (ViT-L/14: 12 of 768, ViT-H: 16 of 1024); tiny test encoders (under 64) have 4.
+    The config a text encoder state dict's shapes imply, or None if it is not one. The head count is
+    not in the shapes: CLIP's heads are 64 wide (ViT-L/14: 12 of 768, ViT-H: 16 of 1024); tiny test
+    encoders (under 64) have 4.
     """
     try:
         vocab, width = sd["embeddings.token_embedding.weight"].shape
-        return dict(vocab_size=vocab, hidden_size=width, intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                    num_hidden_layers=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")),
-                    num_attention_heads=width // 64 if width >= 64 else 4,
+        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+        return dict(vocab_size=vocab, hidden_size=width,
+                    intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                    num_hidden_layers=layers, num_attention_heads=width // 64 if width >= 64 else 4,
                     max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0])
     except (KeyError, ValueError, TypeError):
         return None
@@ -283,21 +309,12 @@ def infer_clip_config(sd):
 
 def load_clip_text(path, config=CLIP_VITL14, dtype=torch.float32):
     """
-    CLIPTextModel(**config) with the weights in `path` (see clip_text_state_dict), in `dtype`, built on the meta
-    device; config=None takes it from the shapes (infer_clip_config). A file that does not fit raises
-    CheckpointError naming the missing, unexpected and mis-shaped keys.
+    CLIPTextModel(**config) with the weights in `path` (see clip_text_state_dict), in `dtype`, built
+    on the meta device; config=None takes it from the shapes (infer_clip_config). A file that does
+    not fit raises CheckpointError naming the missing, unexpected and mis-shaped keys.
     """
     sd = clip_text_state_dict(path)
     config = config or infer_clip_config(sd) or CLIP_VITL14
     with torch.device("meta"):
         model = CLIPTextModel(**config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"{path} is not a CLIP text encoder of this config: {'; '.join(parts)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model
+    return load_strict(model, sd, path, "a CLIP text encoder of this config", dtype=dtype)

@@ -1,16 +1,16 @@
 """
-The Stable Diffusion 1.x UNet (Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models",
-2022) in plain PyTorch.
+The Stable Diffusion 1.x UNet (Rombach et al., "High-Resolution Image Synthesis with Latent
+Diffusion Models", 2022) in plain PyTorch.
 
-Same function and same parameter names as CompVis/stable-diffusion's `ldm.modules.diffusionmodules.openaimodel.
-UNetModel` with `use_spatial_transformer=True`, so the UNet of an original checkpoint (`model.diffusion_model.*`
-in `v1-5-pruned-emaonly.safetensors`) loads with strict=True once the prefix is stripped; a diffusers folder
-(`unet/diffusion_pytorch_model.safetensors`) is renamed to those names by a few rules (diffusers_to_ldm).
-Attention goes through F.scaled_dot_product_attention. One addition for dmp.py: `UNetModel.block_input`, called
-before every block, as `DiT.block_input` is in model_dit.py. One for memory:
-`UNetModel.set_checkpointing(True)`, activation checkpointing per block as in model_dit.py.
+Same function and same parameter names as CompVis/stable-diffusion's
+`ldm.modules.diffusionmodules.openaimodel.UNetModel` with `use_spatial_transformer=True`, so the
+UNet of an original checkpoint (`model.diffusion_model.*` in `v1-5-pruned-emaonly.safetensors`)
+loads with strict=True once the prefix is stripped; a diffusers folder
+(`unet/diffusion_pytorch_model.safetensors`) is renamed to those names by a few rules
+(diffusers_to_ldm). Attention goes through F.scaled_dot_product_attention. One addition for dmp.py:
+`UNetModel.block_input`, called before every block, as `DiT.block_input` is in model_dit.py. One for
+memory: `UNetModel.set_checkpointing(True)`, activation checkpointing per block as in model_dit.py.
 """
-import math
 import re
 from pathlib import Path
 
@@ -19,22 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoints import CheckpointError, read_state_dict, strip_prefix
+from checkpoints import diffusers_file, load_strict, model_weights, read_state_dict, strip_prefix
+from model_dit import TimestepEmbedder
 
-
-def timestep_embedding(timesteps, dim, max_period=10000):
-    """ldm's sinusoidal embedding: [cos(t * f_k), sin(t * f_k)], f_k = max_period^(-k / half) (diffusers: flip_sin_to_cos)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
-    return embedding
+# ldm's timestep_embedding, [cos(t f_k), sin(t f_k)] (diffusers: flip_sin_to_cos), is GLIDE's
+# sinusoidal embedding, the function DiT's TimestepEmbedder uses: one copy serves both.
+timestep_embedding = TimestepEmbedder.timestep_embedding
 
 
 def zero_module(module):
-    """ldm initialises the last layer of every residual branch to zero, so each block starts as the identity."""
+    """ldm initialises the last layer of every residual branch to zero, so each block starts as the
+    identity."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -46,7 +41,8 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(32, channels)
 
     def forward(self, x):
-        return F.group_norm(x.float(), 32, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+        out = F.group_norm(x.float(), 32, self.weight.float(), self.bias.float(), self.eps)
+        return out.type(x.dtype)
 
 
 #################################################################################
@@ -54,22 +50,33 @@ class GroupNorm32(nn.GroupNorm):
 #################################################################################
 
 class ResBlock(nn.Module):
-    """ldm's ResBlock: GroupNorm-SiLU-conv, plus a projection of the timestep embedding, GroupNorm-SiLU-conv, skip."""
+    """ldm's ResBlock: GroupNorm-SiLU-conv, plus a projection of the timestep embedding,
+    GroupNorm-SiLU-conv, skip."""
     def __init__(self, channels, emb_channels, out_channels):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        # nn.Identity() stands where ldm has Dropout (0 in SD), so that the conv keeps its key out_layers.3.
+        # nn.Identity() stands where ldm has Dropout (0 in SD), so that the conv keeps its key
+        # out_layers.3.
+        out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
-                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+                                        out_conv)
         # A 1x1 convolution when the width changes (ldm: use_conv=False), else the identity.
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
+
+# Downsample and Upsample as in ldm's openaimodel.py. model_vae.py has its own pair, as ldm's
+# model.py does (the same upsampling; an asymmetric pad and the key `conv` for downsampling): each
+# file mirrors its upstream, so the checkpoints' keys and the arithmetic stay the upstream's.
 
 class Downsample(nn.Module):
     """A stride-2 3x3 convolution (ldm: conv_resample=True)."""
@@ -104,18 +111,20 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim))  # ldm: (Linear, Dropout); key to_out.0
+        # ldm: (Linear, Dropout), so the key is to_out.0
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim))
 
     def forward(self, x, context=None):
         context = x if context is None else context
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(dim_head)) v, ldm's scale
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(dim_head)) v, as ldm
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
 class GEGLU(nn.Module):
-    """GELU-gated linear unit (Shazeer 2020): one projection to 2x the width, half of it gates the other half."""
+    """GELU-gated linear unit (Shazeer 2020): one projection to 2x the width, half of it gates the
+    other half."""
     def __init__(self, dim_in, dim_out):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
@@ -126,7 +135,8 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """ldm's FeedForward with glu=True: GEGLU to 4x the width, then back (net.1 is ldm's Dropout slot)."""
+    """ldm's FeedForward with glu=True: GEGLU to 4x the width, then back (net.1 is ldm's Dropout
+    slot)."""
     def __init__(self, dim, mult=4):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
@@ -136,10 +146,12 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention on the text, and GEGLU feed-forward, each with a residual."""
+    """Pre-norm self-attention, cross-attention on the text, and GEGLU feed-forward, each with a
+    residual."""
     def __init__(self, dim, n_heads, d_head, context_dim):
         super().__init__()
-        # Registered in ldm's order (attn1, ff, attn2, norms), so state_dict() lists keys as the checkpoints do.
+        # Registered in ldm's order (attn1, ff, attn2, norms), so state_dict() lists keys as the
+        # checkpoints do.
         self.attn1 = CrossAttention(dim, n_heads, d_head)
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, n_heads, d_head, context_dim=context_dim)
@@ -155,14 +167,14 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """
-    ldm's SpatialTransformer: GroupNorm, 1x1 conv in, (B, C, H, W) to H*W tokens, transformer blocks, back to an
-    image, 1x1 conv out, residual. SD 1.x uses convolutions for proj_in/out (SD 2.x and diffusers'
-    use_linear_projection use Linear layers).
+    ldm's SpatialTransformer: GroupNorm, 1x1 conv in, (B, C, H, W) to H*W tokens, transformer
+    blocks, back to an image, 1x1 conv out, residual. SD 1.x uses convolutions for proj_in/out (SD
+    2.x and diffusers' use_linear_projection use Linear layers).
     """
     def __init__(self, channels, n_heads, d_head, depth, context_dim):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)  # ldm's Normalize(): eps 1e-6, not GroupNorm32
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)  # ldm's Normalize(), not GroupNorm32
         self.proj_in = nn.Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner_dim, n_heads, d_head, context_dim) for _ in range(depth)])
@@ -178,7 +190,8 @@ class SpatialTransformer(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """ldm's container: hands the timestep embedding to ResBlocks and the text context to SpatialTransformers."""
+    """ldm's container: hands the timestep embedding to ResBlocks and the text context to
+    SpatialTransformers."""
     def forward(self, x, emb, context):
         for layer in self:
             if isinstance(layer, ResBlock):
@@ -196,29 +209,38 @@ class TimestepEmbedSequential(nn.Sequential):
 
 class UNetModel(nn.Module):
     """
-    ldm's UNetModel (SD 1.x: spatial transformers, text cross-attention, no class labels, no scale-shift norm).
+    ldm's UNetModel (SD 1.x: spatial transformers, text cross-attention, no class labels, no
+    scale-shift norm).
 
-    Blocks in execution order: input_blocks[0..L), middle_block, output_blocks[0..L) (SD 1.5: 12 + 1 + 12).
-    Each input block's output is kept and concatenated (channels) to the input of the mirrored output block.
-    `block_shapes[i]` = (channels, downsampling factor) of the tensor block i receives.
+    Blocks in execution order: input_blocks[0..L), middle_block, output_blocks[0..L) (SD 1.5: 12 + 1
+    + 12). Each input block's output is kept and concatenated (channels) to the input of the
+    mirrored output block. `block_shapes[i]` = (channels, downsampling factor) of the tensor block i
+    receives.
     """
-    def __init__(self, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=(4, 2, 1),
-                 num_res_blocks=2, channel_mult=(1, 2, 4, 4), num_heads=8, transformer_depth=1, context_dim=768):
+    def __init__(self, in_channels=4, out_channels=4, model_channels=320,
+                 attention_resolutions=(4, 2, 1), num_res_blocks=2, channel_mult=(1, 2, 4, 4),
+                 num_heads=8, transformer_depth=1, context_dim=768):
         super().__init__()
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-                           attention_resolutions=list(attention_resolutions), num_res_blocks=num_res_blocks,
-                           channel_mult=list(channel_mult), num_heads=num_heads,
-                           transformer_depth=transformer_depth, context_dim=context_dim)
+        self.config = dict(in_channels=in_channels, out_channels=out_channels,
+                           model_channels=model_channels,
+                           attention_resolutions=list(attention_resolutions),
+                           num_res_blocks=num_res_blocks, channel_mult=list(channel_mult),
+                           num_heads=num_heads, transformer_depth=transformer_depth,
+                           context_dim=context_dim)
         self.model_channels = model_channels
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
 
-        def attention(ch):  # SD 1.x fixes the number of heads (8); the head width grows with the channels
-            return SpatialTransformer(ch, num_heads, ch // num_heads, transformer_depth, context_dim)
+        def attention(ch):
+            """SD 1.x fixes the number of heads (8); the head width grows with the channels."""
+            head_width = ch // num_heads
+            return SpatialTransformer(ch, num_heads, head_width, transformer_depth, context_dim)
 
-        # Encoder: per level, num_res_blocks x (ResBlock [+ attention]), then a Downsample (except at the last level).
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        # Encoder: per level, num_res_blocks x (ResBlock [+ attention]), then a Downsample (except
+        # at the last level).
+        conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_in)])
         self.block_shapes = [(in_channels, 1)]
         skip_chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -240,7 +262,8 @@ class UNetModel(nn.Module):
         self.middle_block = TimestepEmbedSequential(ResBlock(ch, time_embed_dim, ch), attention(ch),
                                                     ResBlock(ch, time_embed_dim, ch))
 
-        # Decoder: per level (deepest first), num_res_blocks + 1 x (ResBlock on [h; skip] [+ attention]), Upsample.
+        # Decoder: per level (deepest first), num_res_blocks + 1 x (ResBlock on [h; skip] [+
+        # attention]), Upsample.
         self.output_blocks = nn.ModuleList()
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
@@ -255,8 +278,10 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
-        # dmp.py installs a module here: block_input(h, i, emb, context) returns the input of block i (DMP, Eq. 3).
+        conv_out = zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), conv_out)
+        # dmp.py installs a module here: block_input(h, i, emb, context) returns the input of block
+        # i (DMP, Eq. 3).
         self.block_input = None
         self.checkpointing = False  # set_checkpointing
 
@@ -272,18 +297,19 @@ class UNetModel(nn.Module):
 
     def forward(self, x, t, context):
         """
-        x: (N, C, H, W) noisy latents, t: (N,) or scalar timesteps, context: (N, 77, context_dim) CLIP text states.
-        Returns (N, out_channels, H, W), the noise prediction.
+        x: (N, C, H, W) noisy latents, t: (N,) or scalar timesteps, context: (N, 77, context_dim)
+        CLIP text states. Returns (N, out_channels, H, W), the noise prediction.
         """
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
+        t_freq = timestep_embedding(t, self.model_channels)
+        emb = self.time_embed(t_freq.to(self.time_embed[0].weight.dtype))
         blocks = [*self.input_blocks, self.middle_block, *self.output_blocks]
         n_in, skips, h = len(self.input_blocks), [], x
         for i, block in enumerate(blocks):
             if i > n_in:
-                h = torch.cat([h, skips.pop()], dim=1)  # decoder input: [h; the mirrored encoder output]
+                h = torch.cat([h, skips.pop()], dim=1)  # decoder: [h; the mirrored encoder output]
             if self.block_input is not None:
-                h = self.block_input(h, i, emb, context)  # DMP, Eq. (3): h_i + softmax(G([t; i])) * p_i
+                h = self.block_input(h, i, emb, context)  # DMP, Eq. (3), before every block
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, emb, context, use_reentrant=False)
             else:
@@ -293,9 +319,11 @@ class UNetModel(nn.Module):
         return self.out(h)
 
 
-SD15 = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1], num_res_blocks=2,
-            channel_mult=[1, 2, 4, 4], num_heads=8, transformer_depth=1, context_dim=768)  # v1-inference.yaml
-SD_TINY = dict(SD15, model_channels=32, channel_mult=[1, 1, 2, 2], context_dim=32)  # tests/golden/unet_tiny
+# SD 1.x's v1-inference.yaml; the tiny config of tests/golden/unet_tiny
+SD15 = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+            num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, transformer_depth=1,
+            context_dim=768)
+SD_TINY = dict(SD15, model_channels=32, channel_mult=[1, 1, 2, 2], context_dim=32)
 UNet_configs = {"sd15": SD15, "sd-tiny": SD_TINY}
 
 
@@ -303,8 +331,8 @@ UNet_configs = {"sd15": SD15, "sd-tiny": SD_TINY}
 #                      Checkpoint Loading (ldm and diffusers layouts)           #
 #################################################################################
 
-# diffusers' names for the layers of a ResBlock and for the layers outside the blocks; attention layers
-# (norm, proj_in, transformer_blocks.*, proj_out) have the same names in both layouts.
+# diffusers' names for the layers of a ResBlock and for the layers outside the blocks; attention
+# layers (norm, proj_in, transformer_blocks.*, proj_out) have the same names in both layouts.
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _OUTER = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -313,19 +341,23 @@ _OUTER = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": 
 
 def diffusers_to_ldm(state_dict, num_res_blocks=2):
     """
-    Rename a diffusers UNet2DConditionModel state dict to ldm keys. Level b of diffusers' down_blocks holds the
-    ResBlocks/attentions that ldm numbers input_blocks 1 + b*(n+1) + j (n = num_res_blocks), its downsampler
-    is input_blocks (b+1)*(n+1); up level b is output_blocks b*(n+1) + j, its upsampler sits in the last one,
-    after the attention when the level has one. A key that fits no rule is kept, to be reported as unexpected.
+    Rename a diffusers UNet2DConditionModel state dict to ldm keys. Level b of diffusers'
+    down_blocks holds the ResBlocks/attentions that ldm numbers input_blocks 1 + b*(n+1) + j (n =
+    num_res_blocks), its downsampler is input_blocks (b+1)*(n+1); up level b is output_blocks
+    b*(n+1) + j, its upsampler sits in the last one, after the attention when the level has one. A
+    key that fits no rule is kept, to be reported as unexpected.
     """
     n = num_res_blocks
-    up_with_attention = {k.split(".")[1] for k in state_dict if re.match(r"up_blocks\.\d+\.attentions\.", k)}
+    up_with_attention = {k.split(".")[1] for k in state_dict
+                         if re.match(r"up_blocks\.\d+\.attentions\.", k)}
     out = {}
     for key, value in state_dict.items():
         new = key
-        if m := re.fullmatch(r"(time_embedding\.linear_\d|conv_in|conv_norm_out|conv_out)\.(\w+)", key):
+        if m := re.fullmatch(r"(time_embedding\.linear_\d|conv_in|conv_norm_out|conv_out)\.(\w+)",
+                             key):
             new = f"{_OUTER[m[1]]}.{m[2]}"
-        elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key):
+        elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\."
+                               r"(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key):
             side, b, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
             if kind == "resnets":
                 first, _, tail = rest.partition(".")
@@ -348,31 +380,22 @@ def diffusers_to_ldm(state_dict, num_res_blocks=2):
     return out
 
 
-_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+_DIFFUSERS_FILES = ("diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
+                    "diffusion_pytorch_model.fp16.bin")
 
 
 def unet_state_dict(path, num_res_blocks=2):
     """
-    The UNet weights in `path`, under ldm keys: an SD single file (.safetensors/.ckpt, keys model.diffusion_model.*,
-    possibly under 'state_dict'), a diffusers model folder (with unet/) or its unet/ folder, a bare state dict
-    in either layout, or a checkpoint of train.py ({'model', 'ema', ...}).
+    The UNet weights in `path`, under ldm keys: an SD single file (.safetensors/.ckpt, keys
+    model.diffusion_model.*, possibly under 'state_dict'), a diffusers model folder (with unet/) or
+    its unet/ folder, a bare state dict in either layout, or a checkpoint of train.py ({'model',
+    'ema', ...}).
     """
-    path = Path(path)
-    if path.is_dir():
-        folder = path / "unet" if (path / "unet").is_dir() else path
-        files = [folder / name for name in _DIFFUSERS_FILES if (folder / name).is_file()]
-        if not files:
-            raise CheckpointError(f"{path}: a folder without unet/diffusion_pytorch_model.safetensors (or .bin), "
-                                  "so not a diffusers Stable Diffusion model")
-        return diffusers_to_ldm(read_state_dict(files[0]), num_res_blocks)
-    sd = read_state_dict(path)
-    for key in ("ema", "model", "state_dict"):  # a train.py checkpoint (EMA preferred), an SD .ckpt
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    for prefix in ("module.", "_orig_mod."):  # DDP and torch.compile wrappers
-        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    if Path(path).is_dir():
+        file = diffusers_file(path, "unet", _DIFFUSERS_FILES)
+        return diffusers_to_ldm(read_state_dict(file), num_res_blocks)
+    sd = model_weights(read_state_dict(path))  # a train.py checkpoint, an SD .ckpt or a bare file
     if any(k.startswith("model.diffusion_model.") for k in sd):
         return strip_prefix(sd, "model.diffusion_model.")
     if "conv_in.weight" in sd:  # a bare diffusers UNet file
@@ -382,23 +405,18 @@ def unet_state_dict(path, num_res_blocks=2):
 
 def load_unet(path, config=SD15, dtype=torch.float32):
     """
-    An SD 1.x UNetModel(**config) with the weights in `path` (see unet_state_dict), in `dtype`. The model is
-    built on the meta device and takes the file's tensors, so no random init of 860M parameters is paid for.
-    A file that does not fit raises CheckpointError naming the missing, unexpected and mis-shaped keys.
+    An SD 1.x UNetModel(**config) with the weights in `path` (see unet_state_dict), in `dtype`. The
+    model is built on the meta device and takes the file's tensors, so no random init of 860M
+    parameters is paid for. A file that does not fit raises CheckpointError naming the missing,
+    unexpected and mis-shaped keys.
     """
     sd = unet_state_dict(path, config["num_res_blocks"])
-    sd = {k: v for k, v in sd.items() if not k.startswith("block_input.")}  # a DMP patch is applied by dmp.py
     with torch.device("meta"):
         model = UNetModel(**config)
     expected = model.state_dict()
-    # diffusers files saved with use_linear_projection hold proj_in/out as Linear weights: (out, in) -> 1x1 conv.
-    sd = {k: v[..., None, None] if v.ndim == 2 and k in expected and expected[k].ndim == 4 else v for k, v in sd.items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"{path} is not an SD 1.x UNet of this config: {'; '.join(parts)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model
+    # diffusers files saved with use_linear_projection hold proj_in/out as Linear weights (out, in):
+    # as 1x1 convolutions here.
+    for k, v in sd.items():
+        if v.ndim == 2 and k in expected and expected[k].ndim == 4:
+            sd[k] = v[..., None, None]
+    return load_strict(model, sd, path, "an SD 1.x UNet of this config", dtype=dtype)

@@ -1,12 +1,14 @@
 """
-Stable Diffusion's KL-f8 autoencoder (Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion
-Models", 2022) in plain PyTorch: the image <-> latent map DiT and SD train in.
+Stable Diffusion's KL-f8 autoencoder (Rombach et al., "High-Resolution Image Synthesis with Latent
+Diffusion Models", 2022) in plain PyTorch: the image <-> latent map DiT and SD train in.
 
 The modules and their names follow CompVis `ldm` (ldm/modules/diffusionmodules/model.py and
-ldm/models/autoencoder.py), so SD checkpoints (`first_stage_model.*`) load with strict=True; diffusers
-`AutoencoderKL` files (the `sd-vae-ft-ema` / `sd-vae-ft-mse` DiT uses) are renamed to them on load.
+ldm/models/autoencoder.py), so SD checkpoints (`first_stage_model.*`) load with strict=True;
+diffusers `AutoencoderKL` files (the `sd-vae-ft-ema` / `sd-vae-ft-mse` DiT uses) are renamed to them
+on load.
 
-The scale factor is applied by the caller, never inside the model, as DiT's train.py and sample.py do:
+The scale factor is applied by the caller, never inside the model, as DiT's train.py and
+sample.py do:
     mean, std = vae.encode(x)                        # x in [-1, 1], unscaled posterior
     z = (mean + std * torch.randn_like(std)) * SCALE_FACTOR
     x = vae.decode(z / SCALE_FACTOR)
@@ -18,11 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, download, read_state_dict
+from checkpoints import CheckpointError, download, load_strict, read_state_dict, strip_prefix
 
 SCALE_FACTOR = 0.18215  # SD 1.x's latent scale (ldm configs: scale_factor), the one DiT uses
 
-# ldm's ddconfig of the SD 1.x / DiT VAE (configs/stable-diffusion/v1-inference.yaml, first_stage_config).
+# ldm's ddconfig of the SD 1.x / DiT VAE (configs/stable-diffusion/v1-inference.yaml,
+# first_stage_config).
 SD_VAE_CONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
                      ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[])
 
@@ -36,7 +39,8 @@ def Normalize(channels):
 
 
 class ResnetBlock(nn.Module):
-    """norm-swish-conv twice plus a skip (a 1x1 `nin_shortcut` when the width changes); no time embedding."""
+    """norm-swish-conv twice plus a skip (a 1x1 `nin_shortcut` when the width changes); no time
+    embedding."""
     def __init__(self, in_channels, out_channels):
         super().__init__()
         self.norm1 = Normalize(in_channels)
@@ -53,7 +57,8 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, q/k/v/proj_out as 1x1 convolutions (ldm's layout)."""
+    """Single-head self-attention over all pixels, q/k/v/proj_out as 1x1 convolutions (ldm's
+    layout)."""
     def __init__(self, channels):
         super().__init__()
         self.norm = Normalize(channels)
@@ -62,13 +67,19 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, as ldm's explicit bmm
+        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3)
+                   for conv in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, ldm's bmm
         return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
 
 
+# Downsample and Upsample as in ldm's model.py. model_unet.py has its own pair, as ldm's
+# openaimodel.py does (the same upsampling; a symmetric pad and the key `op` for downsampling):
+# each file mirrors its upstream, so the checkpoints' keys and the arithmetic stay the upstream's.
+
 class Downsample(nn.Module):
-    """Stride-2 3x3 convolution after padding right and bottom only (ldm's asymmetric (0, 1, 0, 1) pad)."""
+    """Stride-2 3x3 convolution after padding right and bottom only (ldm's asymmetric (0, 1, 0, 1)
+    pad)."""
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
@@ -92,6 +103,7 @@ class Upsample(nn.Module):
 #################################################################################
 
 def _mid(channels):
+    """ldm's middle of the encoder and decoder: ResnetBlock, AttnBlock, ResnetBlock."""
     mid = nn.Module()
     mid.block_1, mid.attn_1 = ResnetBlock(channels, channels), AttnBlock(channels)
     mid.block_2 = ResnetBlock(channels, channels)
@@ -99,9 +111,10 @@ def _mid(channels):
 
 
 class Encoder(nn.Module):
-    """Image to the moments of the posterior: levels of ResnetBlocks with a Downsample between, a res-attn-res mid."""
-    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, in_channels, resolution, z_channels,
-                 double_z=True, **ignored):
+    """Image to the moments of the posterior: levels of ResnetBlocks with a Downsample between, a
+    res-attn-res mid."""
+    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, in_channels, resolution,
+                 z_channels, double_z=True, **ignored):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down, block_in, res = nn.ModuleList(), ch, resolution
@@ -118,7 +131,8 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _mid(block_in)
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+        moments = 2 * z_channels if double_z else z_channels
+        self.conv_out = nn.Conv2d(block_in, moments, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -132,14 +146,17 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent to image: the Encoder mirrored, with num_res_blocks + 1 blocks per level and Upsample between."""
-    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, **ignored):
+    """Latent to image: the Encoder mirrored, with num_res_blocks + 1 blocks per level and Upsample
+    between."""
+    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resolution,
+                 z_channels, **ignored):
         super().__init__()
         block_in, res = ch * ch_mult[-1], resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = _mid(block_in)
         self.up = nn.ModuleList()
-        for i_level in reversed(range(len(ch_mult))):  # built from the bottom, stored as up[0] = full resolution
+        # built from the bottom, stored as up[0] = full resolution
+        for i_level in reversed(range(len(ch_mult))):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
@@ -164,7 +181,8 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """ldm's AutoencoderKL at inference: encode to the diagonal Gaussian posterior, decode a latent. No scaling."""
+    """ldm's AutoencoderKL at inference: encode to the diagonal Gaussian posterior, decode a latent.
+    No scaling."""
     def __init__(self, config=SD_VAE_CONFIG):
         super().__init__()
         self.config = dict(config)
@@ -180,7 +198,8 @@ class AutoencoderKL(nn.Module):
         return mean, torch.exp(0.5 * logvar)
 
     def decode(self, z):
-        """z: [B, z, h, w], unscaled (divide a model's latent by SCALE_FACTOR first) -> image in about [-1, 1]."""
+        """z: [B, z, h, w], unscaled (divide a model's latent by SCALE_FACTOR first) -> image in
+        about [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
 
@@ -193,16 +212,19 @@ OFFICIAL = {"ema": "sd-vae-ft-ema", "mse": "sd-vae-ft-mse"}  # DiT's --vae choic
 
 
 def diffusers_to_ldm(key, num_levels):
-    """A diffusers AutoencoderKL key as ldm names it (diffusers numbers decoder levels bottom-up, ldm top-down)."""
+    """A diffusers AutoencoderKL key as ldm names it (diffusers numbers decoder levels bottom-up,
+    ldm top-down)."""
+    last = num_levels - 1
     rules = [
         (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
         (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
-        (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{num_levels - 1 - int(m[1])}.block."),
-        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{num_levels - 1 - int(m[1])}.upsample."),
+        (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{last - int(m[1])}.block."),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{last - int(m[1])}.upsample."),
         (r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
         (r"mid_block\.attentions\.0\.", "mid.attn_1."),
         (r"attn_1\.group_norm\.", "attn_1.norm."),
-        (r"attn_1\.(to_q|query)\.", "attn_1.q."),  # three spellings: diffusers >= 0.14, older diffusers, ldm
+        # three spellings: diffusers >= 0.14, older diffusers, ldm
+        (r"attn_1\.(to_q|query)\.", "attn_1.q."),
         (r"attn_1\.(to_k|key)\.", "attn_1.k."),
         (r"attn_1\.(to_v|value)\.", "attn_1.v."),
         (r"attn_1\.(to_out\.0|proj_attn)\.", "attn_1.proj_out."),
@@ -215,36 +237,49 @@ def diffusers_to_ldm(key, num_levels):
 
 
 def vae_state_dict(sd):
-    """Any VAE layout (ldm, diffusers, an SD single-file checkpoint) as ldm keys without prefix, float32."""
+    """Any VAE layout (ldm, diffusers, an SD single-file checkpoint) as ldm keys without prefix,
+    float32."""
     if isinstance(sd.get("state_dict"), dict):  # ldm/Lightning .ckpt files
         sd = sd["state_dict"]
-    if any(k.startswith("first_stage_model.") for k in sd):  # an SD checkpoint: keep its VAE, drop UNet/CLIP
-        sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
-    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}  # ldm training leftovers
+    if any(k.startswith("first_stage_model.") for k in sd):  # an SD checkpoint: its VAE only
+        sd = strip_prefix(sd, "first_stage_model.")
+    # without ldm's training leftovers
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "model_ema."))}
     if any(".mid_block." in k for k in sd):
-        num_levels = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks.")), default=0)
+        up = [int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks.")]
+        num_levels = 1 + max(up, default=0)
         sd = {diffusers_to_ldm(k, num_levels): v for k, v in sd.items()}
-    # diffusers stores the attention projections as Linear [C, C]; ldm as 1x1 Conv [C, C, 1, 1].
-    return {k: (v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v).float()
-            for k, v in sd.items() if torch.is_tensor(v)}
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        # diffusers stores the attention projections as Linear [C, C]; ldm as 1x1 Conv [C, C, 1, 1].
+        if ".attn_1." in k and k.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[k] = v.float()
+    return out
 
 
 def infer_config(sd):
-    """The ddconfig an ldm-keyed state dict's shapes imply (attention only in the mid block, as in every SD VAE)."""
+    """The ddconfig an ldm-keyed state dict's shapes imply (attention only in the mid block, as in
+    every SD VAE)."""
     try:
         ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
         levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
         blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
-        widths = [sd[f"encoder.down.{i}.block.{blocks - 1}.conv2.weight"].shape[0] for i in range(levels)]
+        widths = [sd[f"encoder.down.{i}.block.{blocks - 1}.conv2.weight"].shape[0]
+                  for i in range(levels)]
         return dict(SD_VAE_CONFIG, ch=ch, in_channels=in_channels, num_res_blocks=blocks,
-                    ch_mult=[w // ch for w in widths], z_channels=sd["decoder.conv_in.weight"].shape[1],
+                    ch_mult=[w // ch for w in widths],
+                    z_channels=sd["decoder.conv_in.weight"].shape[1],
                     out_ch=sd["decoder.conv_out.weight"].shape[0])
     except (KeyError, ValueError, IndexError):
         return None
 
 
 def vae_path(name):
-    """'ema' / 'mse': the official diffusers file, downloaded once into the cache (.bin if .safetensors fails)."""
+    """'ema' / 'mse': the official diffusers file, downloaded once into the cache (.bin if
+    .safetensors fails)."""
     if name not in OFFICIAL:
         return name
     try:
@@ -258,10 +293,10 @@ def vae_path(name):
 
 def load_vae(name, device="cpu", config=None):
     """
-    The frozen VAE, in eval mode, for `name`: 'ema' or 'mse' (DiT's --vae choices), a local file in any layout
-    (diffusers, ldm, or an SD 1.x checkpoint .ckpt/.safetensors), or 'none' -> None (pixel-space data).
-    `config` fixes the architecture; otherwise the file's shapes give it. A file that does not fit raises a
-    CheckpointError naming the file and the missing / unexpected keys.
+    The frozen VAE, in eval mode, for `name`: 'ema' or 'mse' (DiT's --vae choices), a local file in
+    any layout (diffusers, ldm, or an SD 1.x checkpoint .ckpt/.safetensors), or 'none' -> None
+    (pixel-space data). `config` fixes the architecture; otherwise the file's shapes give it. A file
+    that does not fit raises a CheckpointError naming the file and the missing / unexpected keys.
     """
     if name is None or str(name).lower() == "none":
         return None
@@ -270,13 +305,5 @@ def load_vae(name, device="cpu", config=None):
     config = config or infer_config(sd) or SD_VAE_CONFIG
     with torch.device("meta"):
         model = AutoencoderKL(config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-        raise CheckpointError(f"{path} is not a KL-f8 VAE checkpoint of this shape: {'; '.join(parts)}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    load_strict(model, sd, path, "a KL-f8 VAE of this shape")
     return model.to(device).eval().requires_grad_(False)

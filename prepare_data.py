@@ -1,27 +1,35 @@
 """
-A folder or zip of images to training data: each image centre-cropped as ADM/DiT do, encoded once by the VAE,
-its posterior stored so train.py draws a fresh latent every step (as DiT's train.py does) without the VAE.
+A folder or zip of images to training data: each image centre-cropped as ADM/DiT do, encoded once by
+the VAE, its posterior stored so train.py draws a fresh latent every step (as DiT's train.py does)
+without the VAE.
 
-    python prepare_data.py ~/data/ffhq/images1024x1024 data/ffhq256                      # FFHQ, unconditional
-    python prepare_data.py ~/data/imagenet/train data/imagenet256 --labels folders       # ImageNet, 1000 classes
-    python prepare_data.py digits.zip data/digits32 --resolution 32 --vae none           # pixel space
-    python prepare_data.py ~/laion/shards data/laion512 --resolution 512 --vae v1-5-pruned-emaonly.safetensors \
-        --captions txt                          # img2dataset .tar shards (or a folder of image + .txt pairs)
-    python prepare_data.py ~/coco/train2014 data/coco256 --captions ~/coco/annotations/captions_train2014.json
+    # FFHQ, unconditional; ImageNet, 1000 classes; the digits in pixel space
+    python prepare_data.py ~/data/ffhq/images1024x1024 data/ffhq256
+    python prepare_data.py ~/data/imagenet/train data/imagenet256 --labels folders
+    python prepare_data.py digits.zip data/digits32 --resolution 32 --vae none
+    # img2dataset .tar shards (or a folder of image + .txt pairs); COCO's captions
+    python prepare_data.py ~/laion/shards data/laion512 --resolution 512 \
+        --vae v1-5-pruned-emaonly.safetensors --captions txt
+    python prepare_data.py ~/coco/train2014 data/coco256 \
+        --captions ~/coco/annotations/captions_train2014.json
 
-The output folder OUT (built in OUT.partial/, renamed when complete; rerun the same command to resume):
-    latents.npy   float16 [rows, 2, 2, z, h, w]: axis 1 the image / its horizontal mirror, axis 2 mean / std
-                  of the VAE posterior, unscaled  (--vae none: images.npy uint8 [rows, 3, H, W] instead,
-                  [rows, 1, H, W] with --grayscale)
-    labels.npy    int64 [rows]: 0 for every image, or with --labels folders the index of its top folder among
-                  the sorted folder names (= torchvision ImageFolder, the order DiT's labels use)
+The output folder OUT (built in OUT.partial/, renamed when complete; rerun the same command to
+resume):
+    latents.npy   float16 [rows, 2, 2, z, h, w]: axis 1 the image / its horizontal mirror, axis 2
+                  mean / std of the VAE posterior, unscaled (--vae none: images.npy uint8
+                  [rows, 3, H, W] instead, [rows, 1, H, W] with --grayscale)
+    labels.npy    int64 [rows]: 0 for every image, or with --labels folders the index of its top
+                  folder among the sorted folder names (= torchvision ImageFolder, the order DiT's
+                  labels use)
     files.txt     row i is this file (relative path)
-    manifest.json everything else: shapes, vae, scale factor, classes, skipped files and why, format version
-    captions.json with --captions: row i's captions, a JSON list of strings (COCO has five; train.py draws one
-                  per step). Only image files are rows then; an image without a caption is skipped.
-Rows of skipped files stay zero and PreparedData leaves them out. A source is a folder, a zip, a .tar, or a
-folder of .tar shards (webdataset, as img2dataset writes them: 000000001.jpg beside 000000001.txt); a file
-inside shard 00000.tar is listed as 00000.tar/000000001.jpg.
+    manifest.json everything else: shapes, vae, scale factor, classes, skipped files and why,
+                  format version
+    captions.json with --captions: row i's captions, a JSON list of strings (COCO has five;
+                  train.py draws one per step). Only image files are rows then; an image without a
+                  caption is skipped.
+Rows of skipped files stay zero and PreparedData leaves them out. A source is a folder, a zip, a
+.tar, or a folder of .tar shards (webdataset, as img2dataset writes them: 000000001.jpg beside
+000000001.txt); a file inside shard 00000.tar is listed as 00000.tar/000000001.jpg.
 """
 import argparse
 import errno
@@ -51,7 +59,8 @@ VERSION = 1
 
 
 class DataError(ValueError):
-    """Input or output that cannot be used; the message is one sentence naming the path and the problem."""
+    """Input or output that cannot be used; the message is one sentence naming the path and the
+    problem."""
 
 
 #################################################################################
@@ -61,14 +70,15 @@ class DataError(ValueError):
 def to_rgb(img):
     """
     Any PIL image as 8-bit RGB. Differences from DiT's plain img.convert('RGB'), each for a reason:
-    16-bit grayscale (I;16*, I) is scaled to 8 bits (PIL's convert clips everything above 255 to white), and
-    transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited on white instead of dropped
-    (dropping it shows whatever colour the transparent pixels happen to hold). CMYK, L, P and the rest go
-    through PIL's convert, ICC profiles ignored as in DiT. EXIF orientation is not applied, as in DiT/ADM.
+    16-bit grayscale (I;16*, I) is scaled to 8 bits (PIL's convert clips everything above 255 to
+    white), and transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited on
+    white instead of dropped (dropping it shows whatever colour the transparent pixels happen to
+    hold). CMYK, L, P and the rest go through PIL's convert, ICC profiles ignored as in DiT. EXIF
+    orientation is not applied, as in DiT/ADM.
     """
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit PNG/TIFF grayscale; "I" assumed 16-bit
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale ("I" assumed so)
         a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))  # round(v * 255 / 65535)
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))  # round(v 255 / 65535)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
@@ -76,11 +86,13 @@ def to_rgb(img):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM's centre crop, as in DiT's train.py: BOX-halve while large, BICUBIC to size, crop. Returns uint8 HWC."""
+    """ADM's centre crop, as in DiT's train.py: BOX-halve while large, BICUBIC to size, crop.
+    Returns uint8 HWC."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    size = tuple(round(x * scale) for x in pil_image.size)
+    pil_image = pil_image.resize(size, resample=Image.BICUBIC)
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
@@ -88,7 +100,8 @@ def center_crop_arr(pil_image, image_size):
 
 
 def to_model_input(x):
-    """uint8 [B, C, H, W] -> float32 in [-1, 1], exactly as DiT's ToTensor() then Normalize(0.5, 0.5)."""
+    """uint8 [B, C, H, W] -> float32 in [-1, 1], exactly as DiT's ToTensor() then Normalize(0.5,
+    0.5)."""
     return (x.float() / 255 - 0.5) / 0.5
 
 
@@ -105,7 +118,8 @@ def tar_names(path):
 
 
 def list_source(src, labels):
-    """Sorted relative paths of every file in `src` (hidden files and __MACOSX left out), their labels, class names."""
+    """Sorted relative paths of every file in `src` (hidden files and __MACOSX left out), their
+    labels, class names."""
     if zipfile.is_zipfile(src):
         with zipfile.ZipFile(src) as z:
             files = [n for n in z.namelist() if not n.endswith("/")]
@@ -114,30 +128,36 @@ def list_source(src, labels):
     elif src.is_dir():
         files = [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
                  for d, _, names in os.walk(src, followlinks=True) for f in names]
-        files = [m for f in files for m in ([f"{f}/{n}" for n in tar_names(src / f)] if f.endswith(".tar") else [f])]
+        files = [m for f in files
+                 for m in ([f"{f}/{n}" for n in tar_names(src / f)] if f.endswith(".tar") else [f])]
     else:
         raise DataError(f"{src}: not a folder, a zip or a tar file of images")
-    files = sorted(f for f in files if not any(p.startswith(".") or p == "__MACOSX" for p in f.split("/")))
+    files = sorted(f for f in files
+                   if not any(p.startswith(".") or p == "__MACOSX" for p in f.split("/")))
     if not files:
         raise DataError(f"{src}: holds no files")
     if labels == "none":
         return files, np.zeros(len(files), dtype=np.int64), []
-    # A zip whose entries all lie in one top folder with subfolders (a zipped train/): classes are one level down.
+    # A zip whose entries all lie in one top folder with subfolders (a zipped train/): classes are
+    # one level down.
     depth = int(zipfile.is_zipfile(src) and len({f.split("/")[0] for f in files}) == 1
                 and any(f.count("/") >= 2 for f in files))
     folder = [f.split("/")[depth] if f.count("/") > depth else None for f in files]
     class_names = sorted({c for c in folder if c is not None})
     if not class_names:
-        raise DataError(f"{src}: --labels folders needs one folder per class, and it has no folders")
+        raise DataError(f"{src}: --labels folders needs one folder per class, and it has no "
+                        f"folders")
     index = {name: i for i, name in enumerate(class_names)}
     y = [index[c] if c is not None else -1 for c in folder]  # -1: a file outside every class folder
     return files, np.array(y, dtype=np.int64), class_names
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Files `start:` of the source, each as (row, centre-cropped uint8 HWC image or None, why not)."""
+    """Files `start:` of the source, each as (row, centre-cropped uint8 HWC image or None, why
+    not)."""
     def __init__(self, src, files, labels, resolution, start, grayscale=False, captions=None):
-        self.src, self.files, self.labels, self.resolution, self.start = src, files, labels, resolution, start
+        self.src, self.files, self.labels = src, files, labels
+        self.resolution, self.start = resolution, start
         self.grayscale, self.captions = grayscale, captions
         self.zip, self.tars = None, {}  # opened lazily, once per DataLoader worker
 
@@ -152,7 +172,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def read(self, name):
         if self.src.is_dir():
             shard, tar, member = name.partition(".tar/")
-            return self.tar(self.src / (shard + ".tar")).extractfile(member).read() if tar else (self.src / name).read_bytes()
+            if tar:
+                return self.tar(self.src / (shard + ".tar")).extractfile(member).read()
+            return (self.src / name).read_bytes()
         if tarfile.is_tarfile(self.src) and not zipfile.is_zipfile(self.src):
             return self.tar(self.src).extractfile(name).read()
         self.zip = self.zip or zipfile.ZipFile(self.src)
@@ -167,18 +189,23 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(io.BytesIO(self.read(self.files[row]))) as img:
                 img.load()  # decodes the whole file: truncated data fails here
-                img = to_rgb(img).convert("L") if self.grayscale else to_rgb(img)  # L: ITU-R 601 luma
-                return row, center_crop_arr(img, self.resolution).reshape(self.resolution, self.resolution, -1), ""
+                img = to_rgb(img)
+                if self.grayscale:
+                    img = img.convert("L")  # ITU-R 601 luma
+                pixels = center_crop_arr(img, self.resolution)
+                return row, pixels.reshape(self.resolution, self.resolution, -1), ""
         except UnidentifiedImageError:
             return row, None, "not an image file PIL can read"
-        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
-            return row, None, (f"{type(e).__name__}: {str(e).strip()}".splitlines() or [""])[0][:200]
+        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
+            reason = f"{type(e).__name__}: {str(e).strip()}".splitlines() or [""]
+            return row, None, reason[0][:200]
 
 
 def read_captions(src, files, captions):
     """
-    The images among `files` and each one's list of captions: 'txt', the text file of the same name beside it
-    (a folder, zip or webdataset shard); or a COCO captions JSON (captions_train2014.json), matched by file name.
+    The images among `files` and each one's list of captions: 'txt', the text file of the same name
+    beside it (a folder, zip or webdataset shard); or a COCO captions JSON
+    (captions_train2014.json), matched by file name.
     """
     images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     if captions == "txt":
@@ -187,7 +214,9 @@ def read_captions(src, files, captions):
         found = []
         for f in tqdm(images, desc="reading captions", unit="img", leave=False):
             name = os.path.splitext(f)[0] + ".txt"
-            text = reader.read(name).decode("utf-8", errors="replace").strip() if name in texts else ""
+            text = ""
+            if name in texts:
+                text = reader.read(name).decode("utf-8", errors="replace").strip()
             found.append([text] if text else [])
         return images, found
     try:
@@ -197,8 +226,8 @@ def read_captions(src, files, captions):
         for a in coco["annotations"]:
             by_name.setdefault(names[a["image_id"]], []).append(a["caption"].strip())
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{captions}: not a COCO captions file (a JSON with images and annotations; "
-                        f"{type(e).__name__}), nor 'txt'") from None
+        raise DataError(f"{captions}: not a COCO captions file (a JSON with images and "
+                        f"annotations; {type(e).__name__}), nor 'txt'") from None
     return images, [by_name.get(f.rsplit("/", 1)[-1], []) for f in images]
 
 
@@ -217,8 +246,8 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None, workers=0,
-            grayscale=False, captions=None):
+def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None,
+            workers=0, grayscale=False, captions=None):
     """
     Encode every image of `src` into the folder `out` (see the module docstring). Returns the
     manifest. In a process group (torchrun: main joins it) the images are split over the
@@ -237,7 +266,8 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     texts = None
     if captions:
         if labels != "none":
-            raise DataError("--captions and --labels folders do not go together: a caption is the condition")
+            raise DataError("--captions and --labels folders do not go together: a caption is the "
+                            "condition")
         files, texts = read_captions(src, files, captions)
         y = np.zeros(len(files), dtype=np.int64)
         if not files:
@@ -249,15 +279,18 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         raise DataError("--grayscale stores one-channel pixels: it needs --vae none")
     if model is None:
         channels = 1 if grayscale else 3
-        name, shape, stored = "images.npy", (channels, resolution, resolution), (channels, resolution, resolution)
+        shape = stored = (channels, resolution, resolution)
+        name = "images.npy"
     else:
         f = 2 ** (len(model.config["ch_mult"]) - 1)
         if resolution % f:
-            raise DataError(f"--resolution {resolution} is not a multiple of the VAE's downsampling factor {f}")
+            raise DataError(f"--resolution {resolution} is not a multiple of the VAE's "
+                            f"downsampling factor {f}")
         name, shape = "latents.npy", (model.config["z_channels"], resolution // f, resolution // f)
         stored = (2, 2, *shape)
-    settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels, rows=len(files),
-                    grayscale=grayscale, caption_source=str(captions) if captions else None)
+    settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels,
+                    rows=len(files), grayscale=grayscale,
+                    caption_source=str(captions) if captions else None)
     listing = "".join(f + "\n" for f in files)
 
     progress_path = partial / "progress.json"
@@ -292,7 +325,8 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
             batch = next(loader) if start + rank < len(batches) else []
             ok = [(row, img) for row, img, _ in batch if img is not None]
             if ok:
-                rows, pixels = [r for r, _ in ok], torch.from_numpy(np.stack([img for _, img in ok]))
+                rows = [r for r, _ in ok]
+                pixels = torch.from_numpy(np.stack([img for _, img in ok]))
                 data[rows] = encode(model, pixels.permute(0, 3, 1, 2), device)
                 data.flush()
             skipped = [dict(row=r, file=files[r], reason=why)
@@ -423,7 +457,8 @@ def exit_with_parent(parent, worker_id):
 
 @torch.no_grad()
 def encode(model, pixels, device):
-    """uint8 [B, C, H, W] -> what is stored: the pixels themselves, or [B, 2, 2, z, h, w] float16 posteriors."""
+    """uint8 [B, C, H, W] -> what is stored: the pixels themselves, or [B, 2, 2, z, h, w] float16
+    posteriors."""
     if model is None:
         return pixels.numpy()
     x = to_model_input(pixels.to(device))
@@ -438,22 +473,25 @@ def encode(model, pixels, device):
 
 class PreparedData:
     """
-    A prepared folder, memory-mapped. batch(indices, flip, generator) -> (x, y): x float32 [B, *shape], for
-    latents a fresh sample (mean + std * randn) * scale_factor of the image or its mirror, for pixels the image
-    in [-1, 1]; y int64 [B]. Indices run over the usable images (skipped rows left out), 0 .. len - 1.
+    A prepared folder, memory-mapped. batch(indices, flip, generator) -> (x, y): x float32 [B,
+    *shape], for latents a fresh sample (mean + std * randn) * scale_factor of the image or its
+    mirror, for pixels the image in [-1, 1]; y int64 [B]. Indices run over the usable images
+    (skipped rows left out), 0 .. len - 1.
     """
     def __init__(self, path):
         path = Path(path).expanduser()
         try:
             m = json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError):
-            raise DataError(f"{path}: no readable manifest.json; run prepare_data.py first "
-                            f"(an unfinished run leaves {path.name}.partial, resumed by rerunning it)") from None
+            raise DataError(f"{path}: no readable manifest.json; run prepare_data.py first (an "
+                            f"unfinished run leaves {path.name}.partial, resumed by rerunning "
+                            f"it)") from None
         if m.get("format") != FORMAT or m.get("version", 0) > VERSION:
             raise DataError(f"{path}: not prepared data this code reads (format {m.get('format')}, "
                             f"version {m.get('version')})")
-        self.manifest, self.kind, self.vae, self.scale_factor = m, m["kind"], m["vae"], m["scale_factor"]
-        self.num_classes, self.class_names, self.shape = m["num_classes"], m["class_names"], tuple(m["shape"])
+        self.manifest, self.kind, self.vae = m, m["kind"], m["vae"]
+        self.scale_factor, self.num_classes = m["scale_factor"], m["num_classes"]
+        self.class_names, self.shape = m["class_names"], tuple(m["shape"])
         self.data = np.load(path / m["array"], mmap_mode="r")
         self.rows = np.setdiff1d(np.arange(m["stored_shape"][0]), [s["row"] for s in m["skipped"]])
         if not len(self.rows):
@@ -471,18 +509,20 @@ class PreparedData:
 
     def batch(self, indices, flip, generator=None, device="cpu", noise=None):
         """
-        `flip`: one bool per index (or one for all): take the mirror. The latents' noise is `noise` when given,
-        else drawn from `generator` on its own device (a CUDA generator avoids the CPU work); float16 -> float32
-        and the sum happen on `device`.
+        `flip`: one bool per index (or one for all): take the mirror. The latents' noise is `noise`
+        when given, else drawn from `generator` on its own device (a CUDA generator avoids the CPU
+        work); float16 -> float32 and the sum happen on `device`.
         """
         indices = np.asarray(indices, dtype=np.int64)
         rows, y = self.rows[indices], torch.from_numpy(self.labels[indices]).to(device)
         flip = np.broadcast_to(np.asarray(flip, dtype=bool), rows.shape)
         if self.kind == "pixels":
             x = torch.from_numpy(self.data[rows]).to(device)
-            x = torch.where(torch.from_numpy(flip.copy()).to(device)[:, None, None, None], x.flip(3), x)
+            mirrored = torch.from_numpy(flip.copy()).to(device)[:, None, None, None]
+            x = torch.where(mirrored, x.flip(3), x)
             return to_model_input(x), y
-        moments = torch.from_numpy(self.data[rows, flip.astype(np.int64)]).to(device).float()  # [B, 2, z, h, w]
+        moments = self.data[rows, flip.astype(np.int64)]  # [B, 2, z, h, w]
+        moments = torch.from_numpy(moments).to(device).float()
         mean, std = moments.unbind(1)
         if noise is None:
             noise_device = generator.device if generator is not None else device
@@ -495,24 +535,31 @@ class PreparedData:
 #################################################################################
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Images (a folder or a zip) to VAE latents for train.py.")
+    p = argparse.ArgumentParser(
+        description="Images (a folder or a zip) to VAE latents for train.py.")
     p.add_argument("src", help="folder (nested subfolders are fine) or zip of images")
     p.add_argument("out", help="output folder; built in OUT.partial and renamed when complete")
-    p.add_argument("--resolution", type=int, default=256, help="side of the ADM centre crop (DiT: 256 or 512)")
-    p.add_argument("--vae", default="ema", help="ema | mse (DiT's) | none (pixels) | a VAE or SD checkpoint file")
+    p.add_argument("--resolution", type=int, default=256,
+                   help="side of the ADM centre crop (DiT: 256 or 512)")
+    p.add_argument("--vae", default="ema",
+                   help="ema | mse (DiT's) | none (pixels) | a VAE or SD checkpoint file")
     p.add_argument("--labels", default="none", choices=["none", "folders"],
-                   help="none: every image label 0 (FFHQ); folders: one class per top folder, sorted (ImageNet)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE batch (each encoded with its mirror)")
-    p.add_argument("--grayscale", action="store_true", help="with --vae none: one-channel pixels (e.g. digits)")
-    p.add_argument("--captions", help="txt: the .txt beside each image (folders, zips, .tar shards); "
-                   "or a COCO captions JSON (captions_train2014.json)")
+                   help="none: every image label 0 (FFHQ); folders: one class per top folder, "
+                        "sorted (ImageNet)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per VAE batch (each encoded with its mirror)")
+    p.add_argument("--grayscale", action="store_true",
+                   help="with --vae none: one-channel pixels (e.g. digits)")
+    p.add_argument("--captions", help="txt: the .txt beside each image (folders, zips, .tar "
+                   "shards); or a COCO captions JSON (captions_train2014.json)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="image decoding processes")
     args = p.parse_args(argv)
     joined = join_processes()  # torchrun: the images split over its processes
     try:
-        prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size, args.device, args.workers,
-                args.grayscale, args.captions)
+        prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size,
+                args.device, args.workers, args.grayscale, args.captions)
     except (DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a write that failed (disk full): the rows written so far are kept

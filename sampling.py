@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import create_diffusion, sample, sd_guided_eps, sd_sample
+from diffusion import create_diffusion, dit_sample, sd_guided_eps, sd_sample
 from distributed import seed_of
-from model_clip import encode_text
-from model_dit import caption_embeddings
+from model_clip import caption_embeddings, encode_text
 from model_vae import SCALE_FACTOR, load_vae
 
 
@@ -144,7 +143,7 @@ def make_diffusion(sampler, steps, noise_schedule, learn_sigma=True):
     if sampler == "ddim":
         respacing = f"ddim{steps}"
     try:
-        return create_diffusion(respacing, noise_schedule, learn_sigma)
+        return create_diffusion(respacing, noise_schedule, learn_sigma=learn_sigma)
     except ValueError as e:
         raise SampleError(f"--steps {steps}: {e}") from None
 
@@ -176,8 +175,8 @@ def dit_batch(ks, model, diffusion, vae=None, seed=0, class_labels=None, cfg_sca
         """Each step's noise (diffusion.sample's noise_fn): image i's from its own generator."""
         return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = sample(model, diffusion, z, y, cfg_scale, eta=eta, noise_fn=step_noise,
-                   guide_channels=guide_channels)
+        x = dit_sample(model, diffusion, z, y, cfg_scale, eta=eta, noise_fn=step_noise,
+                       guide_channels=guide_channels)
         if vae is not None:
             x = decode(vae, x, decode_batch_size)
     return to_uint8(x)

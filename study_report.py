@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-import dmp
-
 README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
 METRIC_NAMES = dict(heldout_loss="held-out loss", bpd="bits/dim", fd_train="FD vs train",
@@ -44,11 +42,47 @@ def draw_curve(points, path, width=480, height=240, pad=36):
     image.save(path)
 
 
+def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
+    """
+    Fig. 5 as a PNG, from dmp.gate_weights' [blocks, timesteps, prompts]: one panel per block (rows:
+    timesteps from T-1 at the top to 0, columns: prompts), coloured from dark blue at the panel's
+    smallest weight to yellow at its largest (each panel scaled to its own range, so a nearly
+    uniform gate still shows its pattern; a constant panel is the middle colour), white gaps. Size:
+    columns*(N*cell)+(columns-1)*gap wide, rows*(T*cell)+(rows-1)*gap high, `columns` panels per
+    row (default: all blocks in one row).
+    """
+    from PIL import Image
+    weights = np.asarray(weights, np.float64)
+    L, T, N = weights.shape
+    columns = columns or L
+    rows = -(-L // columns)
+    height, width = T * cell + gap, N * cell + gap  # a panel and the gap after it
+    canvas = np.full((rows * height - gap, columns * width - gap, 3), 255, np.uint8)
+    for i, w in enumerate(weights):
+        w = w[::-1]  # t = T-1 at the top: generation runs downwards
+        span = w.max() - w.min()
+        v = (w - w.min()) / span if span > 0 else np.full_like(w, 0.5)
+        r, col = divmod(i, columns)
+        panel = colour(v).repeat(cell, 0).repeat(cell, 1)
+        canvas[r * height: r * height + T * cell, col * width: col * width + N * cell] = panel
+    Image.fromarray(canvas, mode="RGB").save(path)
+    return path
+
+
+def colour(v):
+    """Values in [0, 1] to RGB uint8 along viridis' dark blue, teal and yellow, linearly between."""
+    anchors = np.array([[68, 1, 84], [33, 145, 140], [253, 231, 37]], np.float64)
+    x = np.clip(v, 0, 1)[..., None] * 2
+    low = np.where(x < 1, anchors[0], anchors[1])
+    high = np.where(x < 1, anchors[1], anchors[2])
+    return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)
+
+
 def draw_figures(study, out):
     """pretraining_curve.png and Fig. 5 of each DMP row drawn (fig5_gate.png: the default's)."""
     draw_curve(study["pretraining"], out / "pretraining_curve.png")
     for key, weights in study.get("fig5", {}).items():
-        dmp.draw_gate_heatmap(np.array(weights), out / figure_name(key), cell=4, gap=8)
+        draw_gate_heatmap(np.array(weights), out / figure_name(key), cell=4, gap=8)
 
 
 def figure_name(key):
@@ -85,19 +119,16 @@ def render(study):
     w("## Reproducing the paper")
     w("")
     w(f"The paper's experiments in miniature, on the bundled digits (1,500 training and {n} "
-      f"held-out "
-      f"8×8 images) and the converged digits DiT of the demo (`assets/dit_digits.pt`, 0.33M "
-      f"parameters), with the control that separates DMP's gate from its learning rate. Produced "
-      f"by "
-      f"`{study['command']}` on {study['date']} (torch {study['torch']}, CPU); `python study.py "
-      f"--render` rewrites this section and its figures from `assets/study/study.json`, byte for "
-      f"byte. Every method further-trains the same base on its own pretraining data for {last:,} "
-      f"iterations (batch {st['batch_size']}, AdamW, no EMA, {seeds} seed{'s' * (seeds > 1)}) at "
-      f"one "
-      f"learning rate, {st['lr']:g} (the lr the base was pretrained with, as the paper "
-      f"further-trains "
-      f"every method at its pretraining lr), times only the multiplier a row names; every command "
-      f"is listed at the end of this section.")
+      f"held-out 8×8 images) and the converged digits DiT of the demo (`assets/dit_digits.pt`, "
+      f"0.33M parameters), with the control that separates DMP's gate from its learning rate. "
+      f"Produced by `{study['command']}` on {study['date']} (torch {study['torch']}, CPU); "
+      f"`python study.py --render` rewrites this section and its figures from "
+      f"`assets/study/study.json`, byte for byte. Every method further-trains the same base on "
+      f"its own pretraining data for {last:,} iterations (batch {st['batch_size']}, AdamW, no "
+      f"EMA, {seeds} seed{'s' * (seeds > 1)}) at one learning rate, {st['lr']:g} (the lr the base "
+      f"was pretrained with, as the paper further-trains every method at its pretraining lr), "
+      f"times only the multiplier a row names; every command is listed at the end of this "
+      f"section.")
     w("")
     sets = st["sample_sets"]
     w(f"Metrics. Likelihood, on fixed held-out images with fixed noise (every model sees the same "
@@ -124,10 +155,8 @@ def render(study):
           + ".")
         w("")
     w("**Pretraining** (the base; `assets/dit_digits.log.jsonl`): the held-out loss of the EMA "
-      "model "
-      "against the step (right: from a quarter of the run on, on its own scale); it stops "
-      "improving "
-      "at about 12K steps, and the base is the 16K-step model.")
+      "model against the step (right: from a quarter of the run on, on its own scale); it stops "
+      "improving at about 12K steps, and the base is the 16K-step model.")
     w("")
     w("![pretraining curve](assets/study/pretraining_curve.png)")
     w("")
@@ -146,8 +175,7 @@ def render(study):
     if "table5" in study:
         w(f"**Table 5: structural bias**: off-diagonal statistics between "
           f"{study['table5']['samples']:,} generated samples (DDPM {st['sample_steps']} steps, "
-          f"the same "
-          f"noise for both models), base against DMP (seed {st['seeds'][0]}).")
+          f"the same noise for both models), base against DMP (seed {st['seeds'][0]}).")
         w("")
         w("| model | metric | max | min | mean | std |")
         w("| --- | --- | --- | --- | --- | --- |")
@@ -160,27 +188,23 @@ def render(study):
     for key in study.get("fig5", {}):
         g = rows[key]["gate"][str(st["seeds"][0])]
         w(f"**Fig. 5: the trained gate** ({label(study, key)}, seed {st['seeds'][0]}): one panel "
-          f"per "
-          f"block, rows timesteps from 990 (top) to 0 in steps of 10, columns the "
-          f"{st['n_prompts']} "
-          f"prompts, each panel coloured from its smallest weight (dark blue) to its largest "
-          f"(yellow).")
+          f"per block, rows timesteps from 990 (top) to 0 in steps of 10, columns the "
+          f"{st['n_prompts']} prompts, each panel coloured from its smallest weight (dark blue) "
+          f"to its largest (yellow).")
         w("")
         w(f"![gate weights](assets/study/{figure_name(key)})")
         w("")
         w(f"The mixture's entropy relative to the uniform mixture's is {g['entropy_high_t']:.4f} "
-          f"at "
-          f"t ≥ 500 and {g['entropy_low_t']:.4f} at t < 500 (1 is uniform); the weights are at "
-          f"most "
-          f"{g['gate_dev_max']:.3f} of 1/{st['n_prompts']} away from it, and a block's mixture "
-          f"differs from its mean over timesteps by {g['gate_tv_t']:.4f} in total variation.")
+          f"at t ≥ 500 and {g['entropy_low_t']:.4f} at t < 500 (1 is uniform); the weights are at "
+          f"most {g['gate_dev_max']:.3f} of 1/{st['n_prompts']} away from it, and a block's "
+          f"mixture differs from its mean over timesteps by {g['gate_tv_t']:.4f} in total "
+          f"variation.")
         w("")
     w(commands(study))
     w("")
     w("¹ FID: not computed. fid.py needs pytorch-fid's Inception weights "
       "(`pt_inception-2015-12-05-6726825d.pth`, downloaded once into the cache), which could not "
-      "be "
-      "fetched where this study ran; and an FID between 8×8 digits upsampled to 299×299 says "
+      "be fetched where this study ran; and an FID between 8×8 digits upsampled to 299×299 says "
       "little. The digits classifier's FD and KID stand in for it.")
     w("")
     w(FULL_SCALE)
@@ -198,7 +222,7 @@ def render_rows(study, w):
       + f" | Δ bits/dim at +{int(last):,} | held-out loss at +{int(last):,} (base "
       f"{base['heldout_loss']:.5f}) | FID |")
     w("| --- | --- | " + " | ".join("---" for _ in counts) + " | --- | --- | --- |")
-    for key, e in rows.items():
+    for e in rows.values():
         runs = list(e["runs"].values())
         w(f"| {e['label']} | {e['trained']:,} ({100 * e['trained'] / e['total']:.2f}%) | "
           + " | ".join(fmt([r[str(c)]["bpd"] for r in runs]) for c in counts)
@@ -206,16 +230,15 @@ def render_rows(study, w):
           f"{fmt([r[last]['heldout_loss'] for r in runs], 5)} | n/a¹ |")
     w("")
     w(f"**Sample quality** at +{int(last):,} (digits-classifier features; mean ± std over seeds, "
-      f"in "
-      f"brackets the half-width of the bootstrap's 95% interval of the mean; KID's estimator is "
-      f"unbiased, so it can fall below zero)")
+      f"in brackets the half-width of the bootstrap's 95% interval of the mean; KID's estimator "
+      f"is unbiased, so it can fall below zero)")
     w("")
     w("| | " + " | ".join(METRIC_NAMES[m] for m in QUALITY) + " |")
     w("| --- | " + " | ".join("---" for _ in QUALITY) + " |")
     for name, e in (("held-out digits (the floor)", study["floor"]), ("base", base)):
         w(f"| {name} | " + " | ".join(quality_cell([e["quality"][m]], e["boot_sd"][m], m)
                                       for m in QUALITY) + " |")
-    for key, e in rows.items():
+    for e in rows.values():
         qs = list(e["quality"].values())
         w(f"| {e['label']} | " + " | ".join(quality_cell([q[m] for q in qs], e["boot_sd"][m], m)
                                             for m in QUALITY) + " |")
@@ -244,7 +267,7 @@ def render_rows(study, w):
       + " |")
     w("| --- | --- | " + " | ".join("---" for _ in range(10)) + " |")
     w("| base MSE | | " + " | ".join(f"{v:.4f}" for v in base["mse_bands"]) + " |")
-    for key, e in rows.items():
+    for e in rows.values():
         runs = list(e["runs"].values())
         for i, c in enumerate(counts):
             change = [fmt([100 * (r[str(c)]["mse_bands"][b] / base["mse_bands"][b] - 1)
@@ -327,10 +350,9 @@ def render_ablations(study, w):
     w("")
     w("Table 4e's rows marked = are not run again: Eq. 11's load loss counts gate values below "
       "zero, which a softmax never produces, so under soft selection it is zero and its "
-      "coefficient "
-      "multiplies nothing; a run with another LB is the run with the same IB to the last digit "
-      "(dmp.py computes Eq. 11 literally; hard selection uses Shazeer et al.'s smooth estimator "
-      "instead).")
+      "coefficient multiplies nothing; a run with another LB is the run with the same IB to the "
+      "last digit (dmp.py computes Eq. 11 literally; hard selection uses Shazeer et al.'s smooth "
+      "estimator instead).")
     w("")
 
 
@@ -371,11 +393,10 @@ def commands(study):
         L.append("# Table 6")
         L += [e["command"] for e in study["scratch"].values()]
     L.append("# every evaluation (CKPT: a run's checkpoints/NNNNNNN.pt, or the base; a run's "
-             "last one "
-             "samples)")
-    L.append(f"python study.py --evaluate CKPT --eval-out eval.json --bpd-images {st['bpd_images']} "
-             f"--sample-sets {st['sample_sets']} --sample-steps {st['sample_steps']} --replicates "
-             f"{st['replicates']}")
+             "last one samples)")
+    L.append(f"python study.py --evaluate CKPT --eval-out eval.json --bpd-images "
+             f"{st['bpd_images']} --sample-sets {st['sample_sets']} --sample-steps "
+             f"{st['sample_steps']} --replicates {st['replicates']}")
     L.append("```")
     return "\n".join(L)
 
@@ -561,7 +582,10 @@ python fid.py data/laion512-ref.npz samples/laion-dmp.npz
 
 
 def write_outputs(study, out, readme=None):
-    """study.md and the figures in the folder out, and the README section in readme, all from study (study.json)."""
+    """
+    study.md and the figures in the folder out, and the README section in readme, all from study
+    (study.json).
+    """
     out = Path(out)
     draw_figures(study, out)
     markdown = render(study)
@@ -575,9 +599,11 @@ def write_readme_section(path, markdown):
     """Replace what lies between the study markers of the README with the rendered markdown."""
     text = path.read_text()
     if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"error: {path} has no '{README_BEGIN}' ... '{README_END}' markers for the study section")
+        raise SystemExit(f"error: {path} has no '{README_BEGIN}' ... '{README_END}' markers for "
+                         f"the study section")
     head, rest = text.split(README_BEGIN, 1)
-    path.write_text(head + README_BEGIN + "\n" + markdown + README_END + rest.split(README_END, 1)[1])
+    tail = rest.split(README_END, 1)[1]
+    path.write_text(head + README_BEGIN + "\n" + markdown + README_END + tail)
 
 
 def readme_section(path):

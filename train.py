@@ -44,8 +44,8 @@ from checkpoints import CheckpointError, atomic_save, read_state_dict
 from diffusion import create_diffusion
 from distributed import seed_of
 from load import checkpoints
-from model_clip import encode_text
-from model_dit import CONFIGS, DiT, caption_embeddings
+from model_clip import caption_embeddings, encode_text
+from model_dit import CONFIGS, DiT
 from model_unet import UNet_configs
 from model_vae import load_vae
 from prepare_data import DataError, PreparedData
@@ -1037,7 +1037,7 @@ def run(argv, claimed):
     run_dir = run_folder(args, run_dir, rank, world, claimed)
     log = RunLog(run_dir, rank)
     # The model says whether it learns the variance (DiT's hybrid loss) or predicts the noise only.
-    diffusion = create_diffusion("", args.noise_schedule, getattr(raw, "learn_sigma", False))
+    diffusion = create_diffusion("", args.noise_schedule, learn_sigma=getattr(raw, "learn_sigma", False))
     model = data_parallel(raw, world, device)
     if args.compile:
         compile_blocks(raw)

@@ -12,6 +12,21 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def rel_err(out, ref):
+    """The largest absolute difference relative to the reference's largest value, in float64."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (the small UNets run several times faster on one thread
+    than on two contended ones), whatever OMP_NUM_THREADS says; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
     """train.main(--threads) sets torch's thread count for the process: give every test the suite's own."""

@@ -6,7 +6,8 @@ import zipfile
 import pytest
 import torch
 
-from checkpoints import CheckpointError, _reason, atomic_save, read_state_dict
+from checkpoints import (CheckpointError, _reason, atomic_save, load_strict, model_weights,
+                         read_state_dict)
 
 
 class _RunsCode:
@@ -59,3 +60,32 @@ def test_written_checkpoints_get_the_umask_mode(tmp_path):
     assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
     assert torch.equal(read_state_dict(tmp_path / "shared.pt")["x"], torch.zeros(1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["private.pt", "shared.pt"]
+
+
+def test_load_strict_names_the_file_and_the_first_offending_keys():
+    """The one strict loader of the four model files: exact keys and shapes, else one sentence."""
+    def meta_net():
+        with torch.device("meta"):
+            return torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(5)])
+    good = {k: torch.ones(v.shape, dtype=torch.float64) for k, v in meta_net().state_dict().items()}
+    net = load_strict(meta_net(), good, "net.pt", "a 5-layer net")
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" and (p == 1).all()
+               for p in net.state_dict().values())
+    bad = {k: v for k, v in good.items() if not k.endswith("bias")}  # 5 biases missing
+    bad["extra.weight"] = torch.zeros(1)
+    bad["0.weight"] = torch.zeros(3, 2)
+    with pytest.raises(CheckpointError) as e:
+        load_strict(meta_net(), bad, "net.pt", "a 5-layer net", fits="; its shapes fit nothing")
+    assert str(e.value) == ("net.pt does not fit a 5-layer net: missing 0.bias, 1.bias, 2.bias "
+                            "... (5); unexpected extra.weight (1); wrong shape 0.weight (1); its "
+                            "shapes fit nothing")
+
+
+def test_model_weights_unwraps_checkpoints():
+    """train.py's EMA before its model, an ldm .ckpt's state_dict; DDP/compile prefixes and
+    patches off."""
+    w = torch.zeros(1)
+    run = {"model": {"a": w}, "ema": {"module.a": w, "_orig_mod.b": w}}
+    assert model_weights(run) == {"a": w, "b": w}
+    assert model_weights({"state_dict": {"a": w}, "global_step": 3}) == {"a": w}
+    assert model_weights({"a": w, "block_input.prompts": w}) == {"a": w}

@@ -8,7 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import CheckpointError
+from conftest import rel_err
 from model_clip import CLIP_VITL14, EOT, SOT, CLIPTextModel, CLIPTokenizer, load_clip_text, tokenize
+
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -21,10 +23,6 @@ def golden():
     state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
     config = {k: v for k, v in json.loads(meta["config"]).items() if k in CLIP_VITL14}
     return tensors, state, config, json.loads(meta["prompts"])
-
-
-def rel_err(out, ref):
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def test_token_ids_equal_the_golden_ones(golden):
@@ -94,9 +92,8 @@ def test_wrong_file_is_one_clear_sentence(golden, tmp_path):
 
 
 def test_caption_embeddings_are_the_pooled_output_and_zero_for_no_caption(golden, tmp_path):
-    """A text DiT's y (model_dit.caption_embeddings): the pooled output (EOS state), all zeros for an empty caption."""
-    from model_dit import caption_embeddings
-    from model_clip import encode_text, infer_clip_config
+    """A text DiT's y (model_clip.caption_embeddings): the pooled output (EOS state), all zeros for an empty caption."""
+    from model_clip import caption_embeddings, encode_text, infer_clip_config
     g, state, config, prompts = golden
     assert infer_clip_config(state) == config and infer_clip_config({}) is None
     save_file({f"text_model.{k}": v for k, v in state.items()}, tmp_path / "model.safetensors")

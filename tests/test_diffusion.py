@@ -7,14 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffusion import create_diffusion, get_named_beta_schedule, sample, space_timesteps
+from conftest import rel_err
+from diffusion import create_diffusion, dit_sample, get_named_beta_schedule, space_timesteps
 from model_dit import DiT
 
+
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +74,18 @@ def test_guided_sampling_is_seeded_and_uses_the_null_class(setup):
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        runs.append(sample(model, diffusion, z, y, cfg_scale=4.0))
+        runs.append(dit_sample(model, diffusion, z, y, cfg_scale=4.0))
     assert torch.equal(runs[0], runs[1]) and runs[0].shape == z.shape
-    # With the null class as the label, guidance is the identity (cond == uncond): DDIM (eta 0) and DDPM with
-    # per-image noise give the unguided samples.
+    # With the null class as the label, guidance is the identity (cond == uncond): DDIM (eta 0) and
+    # DDPM with per-image noise give the unguided samples.
     null = torch.full((2,), 10)
-    per_image = lambda x: torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(i))  # noqa
-                                       for i in range(len(x))])
+
+    def per_image(x):
+        return torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(i))
+                            for i in range(len(x))])
     for eta, noise_fn in ((0.0, None), (None, per_image)):
-        guided = sample(model, diffusion, z, null, cfg_scale=4.0, eta=eta, noise_fn=noise_fn)
-        plain = sample(model, diffusion, z, null, cfg_scale=1.0, eta=eta, noise_fn=noise_fn)
+        guided = dit_sample(model, diffusion, z, null, cfg_scale=4.0, eta=eta, noise_fn=noise_fn)
+        plain = dit_sample(model, diffusion, z, null, cfg_scale=1.0, eta=eta, noise_fn=noise_fn)
         assert rel_err(guided, plain) <= 1e-5
 
 
@@ -118,9 +118,12 @@ def test_sd_schedulers_equal_diffusers_pndm_and_ddim():
     assert np.abs(alphas_cumprod / g["alphas_cumprod"].double().numpy() - 1).max() < 1e-5  # measured 1.5e-7
     with safe_open(GOLDEN / "unet_tiny.safetensors", "pt") as f:
         unet = UNetModel(**SD_TINY).eval()
-        unet.load_state_dict({k[len("ldm.model.diffusion_model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")})
+        prefix = "ldm.model.diffusion_model."
+        unet.load_state_dict({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")})
         context = f.get_tensor("context")
-    eps_fn = lambda x, t: unet(x, torch.full((len(x),), t, dtype=torch.long), context)  # noqa: E731
+
+    def eps_fn(x, t):
+        return unet(x, torch.full((len(x),), t, dtype=torch.long), context)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny UNet runs several times faster on one thread than on two contended ones
     for sampler in ("pndm", "ddim"):
@@ -129,3 +132,48 @@ def test_sd_schedulers_equal_diffusers_pndm_and_ddim():
         ref = g[f"{sampler}.final"]
         assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-5, sampler  # measured 5.3e-7 for both
     torch.set_num_threads(threads)
+
+
+def test_create_diffusion_keeps_dits_arguments_and_refuses_what_would_do_nothing(setup):
+    """
+    DiT's create_diffusion arguments: use_kl trains on the bound alone (times the steps), sigma_small
+    fixes the variance at beta_tilde_t, predict_xstart makes the output x_0, rescale_learned_sigmas
+    weights the vb term by steps / 1000; an argument that would be ignored is refused.
+    """
+    model, G = setup
+    x0, t, noise, kwargs = G["x0"], torch.tensor([0, 200, 499]), G["noise"], dict(y=G["y"])
+    with torch.no_grad():
+        losses = {}
+        for name, options in (("hybrid", {}), ("kl", dict(use_kl=True)),
+                              ("rescaled", dict(rescale_learned_sigmas=True))):
+            diffusion = create_diffusion("", diffusion_steps=500, **options)
+            losses[name] = diffusion.training_losses(model, x0, t, kwargs, noise)
+    hybrid, kl, rescaled = losses["hybrid"], losses["kl"], losses["rescaled"]
+    assert rel_err(kl["loss"], hybrid["vb"] * 500) <= 1e-6 and set(kl) == {"loss"}
+    assert rel_err(rescaled["vb"], hybrid["vb"] / 2) <= 1e-6
+    assert rel_err(rescaled["loss"], hybrid["mse"] + hybrid["vb"] / 2) <= 1e-6
+
+    out = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+
+    def fixed(x, t):  # a model whose output is known: `out` for any input
+        return out
+    steps = torch.tensor([0, 1, 500])
+    for sigma_small in (False, True):
+        d = create_diffusion("", sigma_small=sigma_small, learn_sigma=False)
+        p = d.p_mean_variance(fixed, x0, steps, clip_denoised=False)
+        post = torch.from_numpy(d.posterior_variance)[steps].float()
+        large = torch.from_numpy(np.append(d.posterior_variance[1], d.betas[1:]))[steps].float()
+        expected = post if sigma_small else large  # FIXED_SMALL: 0 at t = 0, its log clipped
+        assert torch.equal(p["variance"][:, 0, 0, 0], expected)
+        assert torch.allclose(p["log_variance"][:, 0, 0, 0], expected.clamp(min=post[1]).log())
+    xstart = create_diffusion("", predict_xstart=True, learn_sigma=False)
+    p = xstart.p_mean_variance(fixed, x0, steps, clip_denoised=False)
+    assert torch.equal(p["pred_xstart"], out)  # the output is x_0 itself
+    losses = xstart.training_losses(fixed, x0, steps, noise=noise)
+    assert rel_err(losses["mse"], ((out - x0) ** 2).mean(dim=(1, 2, 3))) <= 1e-6  # target x_0
+
+    with pytest.raises(ValueError, match="sigma_small .* needs learn_sigma=False"):
+        create_diffusion("", sigma_small=True)
+    for bad in (dict(learn_sigma=False), dict(use_kl=True)):
+        with pytest.raises(ValueError, match="rescale_learned_sigmas"):
+            create_diffusion("", rescale_learned_sigmas=True, **bad)

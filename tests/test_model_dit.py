@@ -11,13 +11,11 @@ import torch
 from safetensors import safe_open
 
 from checkpoints import CheckpointError
+from conftest import rel_err
 from model_dit import DiT, DiT_models, load_checkpoint
 
+
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,10 @@ def test_parameter_counts_of_all_configs():
     for key, expected in counts.items():
         name, res, kind = key.split(" ", 2)
         kwargs = dict(input_size=int(res) // 8)
-        kwargs.update(num_classes=1000) if kind == "classes=1000" else kwargs.update(num_classes=1, class_dropout_prob=0.0)
+        if kind == "classes=1000":
+            kwargs.update(num_classes=1000)
+        else:
+            kwargs.update(num_classes=1, class_dropout_prob=0.0)
         with torch.device("meta"):
             model = DiT_models[name](**kwargs)
         assert sum(p.numel() for p in model.parameters()) == expected, key
@@ -134,7 +135,8 @@ def test_text_dit_reads_pooled_embeddings_and_guides_against_the_null_embedding(
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16,
                 num_classes=1, class_dropout_prob=0.0).eval()  # (labels unused: as train.py builds one)
     for p in model.parameters():  # adaLN-Zero starts at the identity: give every weight a value
-        p.data.normal_(0, 0.3) if p.requires_grad else None
+        if p.requires_grad:
+            p.data.normal_(0, 0.3)
     assert "y_embedder.proj.weight" in model.state_dict() and "y_embedder.null_embedding" in model.state_dict()
     x, t, text = torch.randn(3, 4, 8, 8), torch.tensor([5, 500, 999]), torch.randn(3, 16)
     null = torch.zeros_like(text)

@@ -257,7 +257,8 @@ def test_captions_from_webdataset_shards_and_coco(tmp_path):
             captions=tmp_path / "captions_train2014.json")
     assert PreparedData(tmp_path / "coco").captions == [["a cat"], ["a dog.", "a brown dog"]]
     with pytest.raises(DataError, match="not a COCO captions file"):
-        prepare(tmp_path / "train2014", tmp_path / "bad", resolution=16, vae="none", captions=tmp_path / "shards" / "00000.tar")
+        prepare(tmp_path / "train2014", tmp_path / "bad", resolution=16, vae="none",
+                captions=tmp_path / "shards" / "00000.tar")
 
 
 def test_no_usable_image_is_an_error_and_nothing_is_written(tmp_path, folder, unchanged):

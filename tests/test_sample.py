@@ -16,7 +16,7 @@ import load
 import sample
 import sampling
 from diffusion import create_diffusion
-from diffusion import sample as diffusion_sample
+from diffusion import dit_sample
 from model_dit import DiT
 from model_vae import SCALE_FACTOR, AutoencoderKL, load_vae
 
@@ -182,8 +182,8 @@ def test_latent_model_decodes_with_the_vae(tmp_path):
         y = torch.randint(10, (1,), generator=g)
         z = torch.randn(1, 4, 4, 4, generator=g)
         with torch.no_grad():
-            latent = diffusion_sample(model, diffusion, z, y, 1.5, eta=1.0,
-                                      noise_fn=lambda x, g=g: torch.randn(x.shape, generator=g))
+            latent = dit_sample(model, diffusion, z, y, 1.5, eta=1.0,
+                                noise_fn=lambda x, g=g: torch.randn(x.shape, generator=g))
             x = vae.decode(latent / SCALE_FACTOR)
         expected = torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()[0]
         assert np.array_equal(images[k], expected)

@@ -8,7 +8,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from checkpoints import CheckpointError
+from conftest import rel_err
 from model_unet import SD15, SD_TINY, UNetModel, diffusers_to_ldm, load_unet
+
 
 GOLDEN = Path(__file__).parent / "golden"
 PREFIX = "model.diffusion_model."
@@ -25,10 +27,6 @@ def golden():
         meta = f.metadata()
     ldm = {k[len("ldm." + PREFIX):]: v for k, v in tensors.items() if k.startswith("ldm.")}
     return tensors, ldm, json.loads(meta["ldm_params"])
-
-
-def rel_err(out, ref):
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def same_weights(model, ldm):
@@ -65,7 +63,7 @@ def test_single_file_checkpoints_load(golden, tmp_path):
 def test_diffusers_folder_loads_and_matches(golden, tmp_path):
     g, ldm, _ = golden
     rows = read_tsv("unet_tiny.diffusers_to_ldm.tsv")[1:]
-    diffusers = {d: ldm[l[len(PREFIX):]].reshape(eval(ds)) for d, ds, l, _ in rows}
+    diffusers = {d: ldm[k[len(PREFIX):]].reshape(eval(ds)) for d, ds, k, _ in rows}
     (tmp_path / "unet").mkdir()
     save_file(diffusers, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
     for path in (tmp_path / "unet", tmp_path / "unet" / "diffusion_pytorch_model.safetensors"):
@@ -76,7 +74,7 @@ def test_diffusers_folder_loads_and_matches(golden, tmp_path):
 def test_diffusers_renaming_rule_reproduces_the_tsv():
     rows = read_tsv("unet_tiny.diffusers_to_ldm.tsv")[1:]
     renamed = diffusers_to_ldm({d: d for d, _, _, _ in rows})
-    assert {PREFIX + k: d for k, d in renamed.items()} == {l: d for d, _, l, _ in rows}
+    assert {PREFIX + k: d for k, d in renamed.items()} == {key: d for d, _, key, _ in rows}
 
 
 def test_sd15_keys_shapes_and_count_on_meta():

@@ -9,14 +9,12 @@ from safetensors.torch import save_file
 
 import model_vae
 from checkpoints import CheckpointError
+from conftest import rel_err
 from model_vae import SCALE_FACTOR, SD_VAE_CONFIG, AutoencoderKL, diffusers_to_ldm, load_vae, vae_state_dict
+
 
 GOLDEN = Path(__file__).parent / "golden"
 OLD_SPELLING = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def read_tsv(name):
