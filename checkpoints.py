@@ -66,14 +66,19 @@ def download(url, filename=None, sha256=None):
     return path
 
 
+def file_sha256(path):
+    """The SHA-256 hex digest of a file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def check_sha256(path, prefix, name=None):
     """Refuse, in one sentence naming the file (or `name`), a file whose SHA-256 does not begin
     with `prefix`."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    digest = digest.hexdigest()
+    digest = file_sha256(path)
     if not digest.startswith(prefix.lower()):
         raise CheckpointError(f"{name or path}: its SHA-256 begins {digest[:len(prefix)]}, not "
                               f"{prefix} as the official file's name says, so it is damaged or "

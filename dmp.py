@@ -15,13 +15,11 @@ Where the paper is silent or the authors' code (github.com/sangminwoo/DMP) diffe
 paper is the default and the authors' choice is an option; AUTHORS_CODE collects those options.
 """
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, atomic_save
 
 # The authors' code differs from the paper in four ways the paper does not mention: the gate reads
 # the timestep plus class embedding, the block index enters as a raw scalar, the gate learns at 10x
@@ -517,52 +515,6 @@ def trainable_state_dict(model):
     if getattr(model, "patch_options", {}).get("pos_scale", 1.0) != 1.0:
         names.add("pos_embed")  # DiffFit's rescaled positional table is part of the patch
     return {k: v.detach().clone() for k, v in state.items() if k in names}
-
-
-#################################################################################
-#                                  Patch Files                                  #
-#################################################################################
-
-def is_patch(entries):
-    """
-    Whether a weight file's entries are a patch: save_patch's file, or the checkpoint of a
-    further-training run, which holds the same entries.
-    """
-    return {"method", "state"} <= set(entries)
-
-
-def save_patch(model, path, base=None, **extra):
-    """
-    Write only what the method trained, with the method, its options and the base checkpoint
-    (base_record: its name, absolute path and sha256), atomically; `extra` entries (train.py
-    records noise_schedule and vae) are stored alongside. Returns (patch bytes, backbone bytes): a
-    DMP patch of DiT-L/2 is ~26 MB, the backbone it patches 1.8 GB, which is the paper's storage
-    argument.
-    """
-    from load import base_record  # where the base's name resolves to a file (load.py imports this one)
-    state = trainable_state_dict(model)
-    atomic_save(dict(method=model.patch_method, options=model.patch_options, base=base_record(base),
-                     config=getattr(model, "config", None), state=state, **extra), path)
-    backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
-                   if k not in state)
-    return Path(path).stat().st_size, backbone
-
-
-def apply_patch_entries(model, entries, name="the patch"):
-    """
-    Patch a base model in place with a patch file's entries (save_patch's): the method's modules
-    rebuilt, then its weights loaded. Entries that do not fit the model raise CheckpointError
-    naming the file (`name`). load.apply_patch reads the file and checks its base first.
-    """
-    patch(model, entries["method"], **entries.get("options", {}))
-    expected = set(trainable_state_dict(model))
-    got = set(entries["state"])
-    if expected != got:
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        raise CheckpointError(f"{name} does not fit this model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    model.load_state_dict(entries["state"], strict=False)
-    return model
 
 
 #################################################################################

@@ -5,20 +5,19 @@ sample.py, bench.py and study.py read it from.
     an official name   DiT-XL-2-256x256.pt: downloaded once into the cache (checkpoints.py)
     a checkpoint       a DiT file (the official layout or train.py's); with an SD config, an SD 1.x
                        single file or diffusers folder
-    a patch            dmp.save_patch's file, or the checkpoint of a further-training run: both
+    a patch            save_patch's file, or the checkpoint of a further-training run: both
                        name their base, by path and sha256, and are applied to it
     a run folder       train.py's runs/NNN-.../: its last checkpoint
 
 load_model(name, patch) gives the model; a patch on a base other than the one it was trained on
-is refused. Also here: what a patch records of its base (base_record), the settings train.py
-recorded with a model (noise schedule, VAE, text encoder), Stable Diffusion's three parts, and
-the frozen CLIP text encoders.
+is refused. Also here: patch files, written (save_patch: what the method trained, and the base by
+name, path and sha256) and read (apply_patch); the settings train.py recorded with a model (noise
+schedule, VAE, text encoder); Stable Diffusion's three parts; the frozen CLIP text encoders.
 """
-import hashlib
 from pathlib import Path
 
 import dmp
-from checkpoints import CheckpointError, cached, read_state_dict
+from checkpoints import CheckpointError, atomic_save, cached, file_sha256, read_state_dict
 from model_clip import CLIP_TINY, CLIP_VITL14, load_clip_text
 from model_dit import OFFICIAL, DiT, load_checkpoint
 from model_unet import UNet_configs, load_unet
@@ -51,15 +50,6 @@ def resolve(name):
 #                          A patch and the base it names                        #
 #################################################################################
 
-def file_sha256(path):
-    """The SHA-256 hex digest of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def base_file(base):
     """
     The file a base checkpoint's name loads from: the path itself, or for an official DiT name its
@@ -75,7 +65,7 @@ def base_file(base):
 
 def base_record(base):
     """
-    What a patch records of its base (dmp.save_patch): the name as given (an official name still
+    What a patch records of its base (save_patch): the name as given (an official name still
     resolves through the download cache), its absolute path (so the patch finds it from any working
     directory) and the file's sha256.
     """
@@ -97,7 +87,7 @@ def recorded_base(entries):
     path while it exists, else the name as given. None for a file that is not a patch or names no
     base.
     """
-    if not dmp.is_patch(entries):
+    if not is_patch(entries):
         return None
     base = entries.get("base") or {}
     if base.get("path") and Path(base["path"]).exists():
@@ -123,16 +113,56 @@ def check_base(entries, path, base, allow_base_mismatch=False):
     print(f"warning: {problem}; applied anyway (--allow-base-mismatch)")
 
 
+def is_patch(entries):
+    """
+    Whether a weight file's entries are a patch: save_patch's file, or the checkpoint of a
+    further-training run, which holds the same entries (the one test of it).
+    """
+    return {"method", "state"} <= set(entries)
+
+
+def patch_entries(model, base, **extra):
+    """
+    A patch's entries: what the method trained (dmp.trainable_state_dict), the method, its options,
+    the model's config and `base` (base_record's), with `extra` entries alongside (train.py records
+    its noise_schedule and vae). train.py's checkpoints of a further-training run hold these too.
+    """
+    return dict(method=model.patch_method, options=model.patch_options, base=base,
+                config=getattr(model, "config", None), state=dmp.trainable_state_dict(model),
+                **extra)
+
+
+def save_patch(model, path, base=None, **extra):
+    """
+    Write patch_entries atomically, `base` (a path or an official name) recorded by base_record.
+    Returns (patch bytes, backbone bytes): a DMP patch of DiT-L/2 is ~26 MB, the backbone it
+    patches 1.8 GB, which is the paper's storage argument.
+    """
+    entries = patch_entries(model, base_record(base), **extra)
+    atomic_save(entries, path)
+    backbone = sum(v.numel() * v.element_size() for k, v in model.state_dict().items()
+                   if k not in entries["state"])
+    return Path(path).stat().st_size, backbone
+
+
 def apply_patch(model, path, base=None, allow_base_mismatch=False):
     """
-    Patch a base model in place with a patch file (dmp.apply_patch_entries). If `base` is the file
-    the model came from and the patch recorded its base's sha256, they must agree (check_base).
+    Patch a base model in place with a patch file: the method's modules rebuilt (dmp.patch), then
+    its weights loaded. If `base` is the file the model came from and the patch recorded its base's
+    sha256, they must agree (check_base).
     """
     entries = read_state_dict(path)
-    if not dmp.is_patch(entries):
+    if not is_patch(entries):
         raise CheckpointError(f"{path}: not a patch file (no 'method' and 'state' entries)")
     check_base(entries, path, base, allow_base_mismatch)
-    return dmp.apply_patch_entries(model, entries, path)
+    dmp.patch(model, entries["method"], **entries.get("options", {}))
+    expected, got = set(dmp.trainable_state_dict(model)), set(entries["state"])
+    if expected != got:
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        raise CheckpointError(f"{path} does not fit this model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    model.load_state_dict(entries["state"], strict=False)
+    return model
 
 
 #################################################################################
@@ -152,7 +182,7 @@ def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_misma
     path = Path(str(name_or_path))
     if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # SD: read once
         entries = read_state_dict(name_or_path)
-        if dmp.is_patch(entries):
+        if is_patch(entries):
             return load_patched(name_or_path, entries, unet_config, allow_base_mismatch)
         if entries.get("method") and isinstance(entries.get("model"), dict):
             # DMP trained from scratch (Table 6): backbone and prompts in one state dict; the EMA

@@ -413,7 +413,7 @@ def test_patch_file_round_trip(tmp_path, method, options):
     for g in groups:
         for p in g["params"]:
             p.data.add_(torch.randn_like(p) * 0.1)  # as if trained
-    size, backbone = dmp.save_patch(model, tmp_path / "patch.pt", base=tmp_path / "base.pt")
+    size, backbone = load.save_patch(model, tmp_path / "patch.pt", base=tmp_path / "base.pt")
     assert 0 < size < backbone
     x, t, y = batch()
     restored = load.apply_patch(copy.deepcopy(base), tmp_path / "patch.pt", base=tmp_path / "base.pt")
@@ -435,7 +435,7 @@ def test_a_patch_on_an_official_base_records_its_cached_file(tmp_path, monkeypat
     dmp.patch(model, "dmp")
     with torch.no_grad():
         model.block_input.prompts.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
-    dmp.save_patch(model, tmp_path / "patch.pt", base="DiT-XL-2-256x256.pt")
+    load.save_patch(model, tmp_path / "patch.pt", base="DiT-XL-2-256x256.pt")
     recorded = torch.load(tmp_path / "patch.pt", weights_only=True)["base"]
     assert recorded == dict(name="DiT-XL-2-256x256.pt", path=str(cached),
                             sha256=load.file_sha256(cached))
@@ -443,7 +443,7 @@ def test_a_patch_on_an_official_base_records_its_cached_file(tmp_path, monkeypat
     with torch.no_grad():
         assert torch.equal(load.load_model(tmp_path / "patch.pt")(x, t, y), model(x, t, y))
         torch.save(tiny_dit(seed=5).state_dict(), cached)  # another model under the official name
-        with pytest.raises(dmp.CheckpointError, match="was trained on a base with sha256"):
+        with pytest.raises(load.CheckpointError, match="was trained on a base with sha256"):
             load.load_model(tmp_path / "patch.pt")
 
 
@@ -560,7 +560,7 @@ def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path, on
     assert torch.allclose(out, by_hand.repeat_interleave(2, 2).repeat_interleave(2, 3), atol=1e-6)
     with torch.no_grad():
         ref = model(x, t, context)
-    dmp.save_patch(model, tmp_path / "patch.pt")
+    load.save_patch(model, tmp_path / "patch.pt")
     fresh = load.apply_patch(tiny_unet(), tmp_path / "patch.pt")
     with torch.no_grad():
         assert torch.equal(fresh(x, t, context), ref)

@@ -138,14 +138,14 @@ def test_patches(ckpt, reference, tmp_path):
     model = load.load_model(ckpt)
     dmp.patch(model, "dmp")
     zero = tmp_path / "zero.pt"
-    dmp.save_patch(model, zero, base=ckpt, noise_schedule="cosine", vae="none")
+    load.save_patch(model, zero, base=ckpt, noise_schedule="cosine", vae="none")
     run("--ckpt", ckpt, "--patch", zero, "--num-samples", 3, "--out", tmp_path / "zero", *FAST)
     assert np.array_equal(npz(tmp_path / "zero.npz"), ref[:3])  # zero prompts change nothing; 3 = first 3 of N
 
     with torch.no_grad():
         model.block_input.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     trained = tmp_path / "trained.pt"
-    dmp.save_patch(model, trained, base=ckpt, noise_schedule="cosine", vae="none")
+    load.save_patch(model, trained, base=ckpt, noise_schedule="cosine", vae="none")
     run("--ckpt", trained, "--num-samples", 3, "--out", tmp_path / "alone", *FAST)  # the patch names its base
     run("--ckpt", ckpt, "--patch", trained, "--num-samples", 3, "--out", tmp_path / "both", *FAST)
     patched = npz(tmp_path / "alone.npz")
@@ -213,7 +213,7 @@ def test_bad_input_is_one_sentence(ckpt, tmp_path, capsys):
     latent = save_run(tiny_dit(in_channels=4, input_size=4), tmp_path / "latent.pt", vae="none")
     other = tiny_dit(hidden_size=64)
     dmp.patch(other, "dmp")
-    dmp.save_patch(other, tmp_path / "other.pt", base=ckpt)
+    load.save_patch(other, tmp_path / "other.pt", base=ckpt)
     cases = [
         (["--ckpt", tmp_path / "missing.pt"], "missing.pt: no such file"),
         (["--ckpt", ckpt, "--class-labels", 3, 10], "--class-labels 10 is out of range"),
@@ -257,7 +257,7 @@ def test_a_patch_finds_its_base_from_anywhere_and_refuses_another(tmp_path, monk
     dmp.patch(model, "dmp")
     with torch.no_grad():
         model.block_input.prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    dmp.save_patch(model, "patch.pt", base="base.pt", noise_schedule="cosine", vae="none")
+    load.save_patch(model, "patch.pt", base="base.pt", noise_schedule="cosine", vae="none")
     recorded = torch.load("patch.pt", weights_only=True)["base"]
     assert recorded["name"] == "base.pt" and recorded["path"] == str(tmp_path / "a" / "base.pt")
     monkeypatch.chdir(tmp_path / "b")  # the base's relative name means nothing here; its path does

@@ -103,7 +103,7 @@ def test_metrics_are_paired_and_a_zero_patch_measures_as_the_base(done):
     model = load.load_model(study.BASE)
     dmp.patch(model, "dmp")
     path = done / "zero.pt"
-    dmp.save_patch(model, path, base=study.BASE)
+    load.save_patch(model, path, base=study.BASE)
     zero = study.evaluate_checkpoint(str(path), bpd_images=2, sample_sets=1, sample_steps=2,
                                      replicates=20, keep_samples=True)
     assert zero["bpd"] == base["bpd"] and zero["heldout_loss"] == base["heldout_loss"]

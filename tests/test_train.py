@@ -252,7 +252,7 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
 
     unet, _, _ = load.load_sd(tmp_path / "sd-tiny.safetensors", "sd-tiny")
     dmp.patch(unet, "dmp", gate_cond="t+c")
-    dmp.save_patch(unet, tmp_path / "zero.pt", base=tmp_path / "sd-tiny.safetensors")
+    load.save_patch(unet, tmp_path / "zero.pt", base=tmp_path / "sd-tiny.safetensors")
     common = ["--model", "sd-tiny", "--prompt", "a photo of thing 1", "a red square", "--resolution", "32",
               "--steps", "5", "--seed", "3"]
     images = {}
@@ -312,7 +312,7 @@ def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_pr
 
     model = load.load_model(str(base))
     dmp.patch(model, "dmp", gate_cond="t+c")
-    dmp.save_patch(model, tmp_path / "zero.pt", base=str(base))
+    load.save_patch(model, tmp_path / "zero.pt", base=str(base))
     args = ["--prompt", "a photo of thing 1", "a red square", "--steps", "5", "--seed", "3"]
     images = {}
     zero = ["--ckpt", str(base), "--patch", str(tmp_path / "zero.pt")]
