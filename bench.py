@@ -8,10 +8,10 @@ Speed and memory of the real code paths, on whatever device this runs on.
     python bench.py --suite device        # every GPU figure of the README, in one command
 
 Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pretraining, full
-fine-tuning and DMP further-training (train.py's build_model, get_batch and train_step; dmp.patch);
-sampling with and without a DMP patch (sampling.dit_batch); VAE encode/decode
-(prepare_data.encode, AutoencoderKL.decode); FID features (fid.compute_features); reading stored
-latents (train.get_batch alone). Weights are random: speed does not depend on their values. Each
+fine-tuning and DMP further-training (training.get_batch and train_step; dmp.patch); sampling with
+and without a DMP patch (sampling.dit_batch); VAE encode/decode (dataset.encode,
+AutoencoderKL.decode); FID features (inception.compute_features); reading stored latents
+(training.get_batch alone). Weights are random: speed does not depend on their values. Each
 row runs in a process of its own, so its peak memory is its own: torch.cuda.max_memory_allocated
 on CUDA; on CPU the growth of the process's peak resident set (getrusage ru_maxrss) from just
 before the row's models and data are built, which includes the allocator's slack and the pages of
@@ -22,6 +22,7 @@ that other load on the machine falls on both alike. The memory estimate is memor
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import resource
@@ -38,14 +39,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import dataset
 import dmp
-import fid
+import inception
 import memory
-import prepare_data
 import sampling
-import train
+import training
+from dataset import FORMAT, VERSION, PreparedData
+from diffusion import create_diffusion
 from distributed import seed_of
-from model_dit import CONFIGS, DiT
+from model_dit import CONFIGS, DIGITS_MODEL, DiT
 from model_vae import SCALE_FACTOR, AutoencoderKL
 
 # Dense bf16 tensor-core peak (TFLOP/s) from the datasheets; MFU is reported against these.
@@ -204,7 +207,7 @@ def peak_memory_mb(device, baseline):
 #################################################################################
 
 def synthetic_latents(folder, rows, shape, num_classes):
-    """A prepare_data.py folder of random float16 posteriors, read by PreparedData as real ones."""
+    """A prepared folder of random float16 posteriors, read by PreparedData as real ones."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stored = (rows, 2, 2, *shape)
@@ -218,7 +221,7 @@ def synthetic_latents(folder, rows, shape, num_classes):
     array.flush()
     del array
     np.save(folder / "labels.npy", rng.integers(0, num_classes, rows))
-    manifest = dict(format=prepare_data.FORMAT, version=prepare_data.VERSION, kind="latents",
+    manifest = dict(format=FORMAT, version=VERSION, kind="latents",
                     vae="ema", scale_factor=SCALE_FACTOR, count=rows, shape=list(shape),
                     array="latents.npy", stored_shape=list(stored), dtype="float16",
                     num_classes=num_classes, class_names=[], skipped=[], captions=None)
@@ -226,57 +229,72 @@ def synthetic_latents(folder, rows, shape, num_classes):
     return folder
 
 
+# The settings of train.py --dataset imagenet that a step reads (training.get_batch, train_step,
+# optimizer), at their defaults: the paper's AdamW at lr 1e-4, flips, labels, both balancing losses.
+STEP_SETTINGS = dict(seed=0, flip=True, unconditional=False, text=False, caption_dropout=0.1,
+                     importance_coef=1.0, load_coef=1.0, lr=1e-4, weight_decay=0.0,
+                     noise_schedule="linear")
+
+
 @contextlib.contextmanager
-def synthetic_run(name, preset, precision):
+def synthetic_run(preset):
     """
-    (train.py's settings, data) of a training row: ImageNet-like latents of the preset's size
-    (synthetic_latents, in a temporary folder while inside), train.py's settings for model `name`
-    ('tiny': the digits DiT) at the preset's batch.
+    (the step's settings, data) of a training row: STEP_SETTINGS at the preset's batch, and
+    ImageNet-like latents of the preset's size (synthetic_latents, in a temporary folder while
+    inside).
     """
     with tempfile.TemporaryDirectory() as tmp:
         shape = (4, preset["input_size"], preset["input_size"])
-        data = prepare_data.PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
-        model = "digits" if name == "tiny" else name
-        args = train.parse_args(["--dataset", "imagenet", "--data", tmp, "--model", model,
-                                 "--batch-size", str(preset["batch"]), "--precision", precision])
-        yield args, data
+        data = PreparedData(synthetic_latents(tmp, preset["data_rows"], shape, 1000))
+        yield argparse.Namespace(**STEP_SETTINGS, batch_size=preset["batch"]), data
 
 
-def train_setup(mode, args, data, device, precision, compile=False, checkpointing=False,
+def train_model(name, mode, data, device):
+    """
+    (model, parameter groups) of a training row, on `device` with random weights (an XL/2 in
+    seconds), as train.py builds them for ImageNet: a fresh DiT `name` ('tiny': the digits DiT)
+    whose every weight but the fixed positional table trains (pretraining), or patched by dmp.patch
+    for full fine-tuning or DMP.
+    """
+    arch = DIGITS_MODEL if name == "tiny" else CONFIGS[name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
+                    num_classes=data.num_classes, class_dropout_prob=0.1, **arch)
+        if mode != "pretrain":
+            return model, dmp.patch(model, mode)  # as after --init
+    params = [p for n, p in model.named_parameters() if n != "pos_embed"]
+    return model, [dict(params=params, lr_scale=1.0, name="all")]
+
+
+def train_setup(name, mode, args, data, device, precision, compile=False, checkpointing=False,
                 grad_accum=1):
     """
-    A step function that runs one iteration of train.py's loop (get_batch, then train.train_step:
-    the micro-batches, autocast or fp16's scaler, AdamW, the EMA) for pretraining (fresh model,
-    EMA), full fine-tuning or DMP further-training (dmp.patch of the model, no EMA, as with
-    --init). The model is built on the device it runs on (random weights: an XL/2 in seconds).
-    Returns (step, model config).
+    A step function that runs one iteration of train.py's loop (training.get_batch, then
+    training.train_step: the micro-batches, autocast or fp16's scaler, AdamW, the EMA) on model
+    `name` for pretraining (an EMA, as train.py keeps by default), full fine-tuning or DMP
+    further-training (no EMA, as with --init). Returns (step, model config).
     """
-    args = copy.copy(args)
-    args.checkpointing, args.grad_accum = checkpointing, grad_accum
-    rows = np.arange(len(data))
-    torch.manual_seed(0)
-    args.method, args.init = None, None
-    with torch.device(device):
-        model, groups = train.build_model(args, data)  # pretraining: every weight trains
-        if mode != "pretrain":
-            args.method, args.ema = mode, 0.0
-            groups = dmp.patch(model, mode, **train.method_options(args))  # as after --init
+    ema_decay = 0.9999 if mode == "pretrain" else 0.0
+    args = argparse.Namespace(**vars(args), grad_accum=grad_accum, ema=ema_decay)
+    model, groups = train_model(name, mode, data, device)
     model.set_checkpointing(checkpointing).to(device).train()
-    opt = train.optimizer(groups, args)
+    opt = training.optimizer(groups, args)
     ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-    diffusion = train.create_diffusion("", args.noise_schedule)
+    diffusion = create_diffusion("", args.noise_schedule)
     if compile:
-        train.compile_blocks(model)
-    autocast, scaler = train.mixed_precision(precision, device)
-    pairs = train.ema_pairs(ema, model) if ema is not None else None
-    state = dict(step=0)
+        training.compile_blocks(model)
+    autocast, scaler = training.mixed_precision(precision, device)
+    train_step = functools.partial(training.train_step, model, model, diffusion, opt, args=args,
+                                   autocast=autocast, scaler=scaler,
+                                   ema=training.ema_pairs(ema, model))
+    rows, state = np.arange(len(data)), dict(step=0)
 
     def step():
-        """train.run's loop body, less its logging and checkpoints."""
+        """train.py's loop body, less its logging and checkpoints."""
         s = state["step"]
         torch.manual_seed(seed_of(args.seed, s, 0))
-        batch = train.get_batch(data, rows, s, args, device)
-        train.train_step(model, model, diffusion, opt, batch, args, autocast, scaler, ema=pairs)
+        train_step(training.get_batch(data, rows, s, args, device))
         state["step"] = s + 1
     return step, model.config
 
@@ -295,9 +313,9 @@ def row_train(name, mode, preset, device, precision, compile, peak, options=None
     warmup = preset["warmup"]
     if compile:
         warmup = preset.get("compile_warmup", warmup)
-    with synthetic_run(name, preset, precision) as (args, data):
+    with synthetic_run(preset) as (args, data):
         base = memory_baseline(device)
-        step, config = train_setup(mode, args, data, device, precision, compile, **options)
+        step, config = train_setup(name, mode, args, data, device, precision, compile, **options)
         (seconds,), _ = timed_rounds([step], dict(preset, warmup=warmup), device)
         memory_mb = peak_memory_mb(device, base)
     flops = dit_flops(config, preset["batch"], mode)
@@ -319,11 +337,11 @@ def train_row(name, mode, batch, seconds, flops, peak, memory_mb=None):
                 mfu=achieved / peak if peak else None, peak_mem_mb=memory_mb)
 
 
-def row_train_pair(name, preset, device, precision, compile, peak):
+def row_train_pair(name, preset, device, precision, compile):
     """Full fine-tuning and DMP of one model at one batch, timed interleaved: the time ratio."""
-    with synthetic_run(name, preset, precision) as (args, data):
-        full, _ = train_setup("full", args, data, device, precision, compile)
-        mop, _ = train_setup("dmp", args, data, device, precision, compile)
+    with synthetic_run(preset) as (args, data):
+        full, _ = train_setup(name, "full", args, data, device, precision, compile)
+        mop, _ = train_setup(name, "dmp", args, data, device, precision, compile)
         (t_full, t_dmp), rounds = timed_rounds([full, mop], preset, device)
     ratio = statistics.median(b / a for a, b in zip(*rounds, strict=True))  # same load per round
     return dict(row="ratio", model=name, mode="dmp/full time", batch=preset["batch"], value=ratio,
@@ -338,7 +356,7 @@ def row_sample(name, preset, device, precision, compile, peak):
     `sample_steps` steps (every DDPM step costs the same). --compile compiles each block, as in
     training (and warms up longer); MFU counts a forward pass per step against `peak`.
     """
-    arch = train.DIGITS_MODEL if name == "tiny" else CONFIGS[name]
+    arch = DIGITS_MODEL if name == "tiny" else CONFIGS[name]
     base = memory_baseline(device)
     torch.manual_seed(0)
     with torch.device(device):
@@ -348,7 +366,7 @@ def row_sample(name, preset, device, precision, compile, peak):
     with torch.no_grad():
         mop.prompts.normal_(0, 0.1)  # a trained patch is not zero (the speed is the same)
     if compile:
-        train.compile_blocks(model)
+        training.compile_blocks(model)
     sampler, steps = preset.get("sampler", "ddim"), preset["sample_steps"]
     B = preset["sample_batch"]
     diffusion = sampling.make_diffusion(sampler, steps, "linear")
@@ -391,7 +409,7 @@ def throughput_row(row, model, mode, batch, seconds, images, memory_mb):
 
 def row_vae(preset, device, precision):
     """
-    The KL-f8 VAE: prepare_data.encode (image and mirror, fp32 as prepare_data.py) and decode (as
+    The KL-f8 VAE: dataset.encode (image and mirror, fp32 as prepare_data.py) and decode (as
     sample.py).
     """
     base = memory_baseline(device)
@@ -402,7 +420,7 @@ def row_vae(preset, device, precision):
     bf16 = precision == "bf16"
 
     def encode():
-        prepare_data.encode(vae, pixels, device)
+        dataset.encode(vae, pixels, device)
 
     def decode():
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -413,30 +431,32 @@ def row_vae(preset, device, precision):
             for mode, t in (("encode+mirror", t_enc), ("decode", t_dec))]
 
 
-def row_fid(preset, device, precision):
-    """fid.compute_features on 256x256 uint8 images (resized to 299 inside, as pytorch-fid)."""
+def row_fid(preset, device):
+    """
+    inception.compute_features on 256x256 uint8 images (resized to 299 inside, as pytorch-fid).
+    """
     base = memory_baseline(device)
-    model = fid.FIDInceptionV3().eval().requires_grad_(False).to(device)
+    model = inception.FIDInceptionV3().eval().requires_grad_(False).to(device)
     n, B = preset["fid_images"], preset["fid_batch"]
     images = np.random.default_rng(0).integers(0, 256, (B, 256, 256, 3), dtype=np.uint8)
 
     def features():
         batches = (images[: min(B, n - i)] for i in range(0, n, B))
-        fid.compute_features(model, (n, batches), device, desc="bench")
+        inception.compute_features(model, (n, batches), device, desc="bench")
     (t,), _ = timed_rounds([features], dict(preset, steps=1), device)
     # t is the time of n images, B a batch: ms_per_step is per batch, steps_per_s batches per s
     return [throughput_row("fid", "Inception pool3", "features", B, t * B / n, B,
                            peak_memory_mb(device, base))]
 
 
-def row_data(preset, device, precision):
-    """train.get_batch alone: stored latents read, flipped, sampled and put on the device."""
-    with synthetic_run(preset["models"][0], preset, precision) as (args, data):
+def row_data(preset, device):
+    """training.get_batch alone: stored latents read, flipped, sampled and put on the device."""
+    with synthetic_run(preset) as (args, data):
         rows, state = np.arange(len(data)), dict(step=0)
         base = memory_baseline(device)
 
         def read():
-            train.get_batch(data, rows, state["step"], args, device)
+            training.get_batch(data, rows, state["step"], args, device)
             state["step"] += 1
         (t,), _ = timed_rounds([read], dict(preset, steps=10 * preset["steps"]), device)
         memory_mb = peak_memory_mb(device, base)
@@ -458,10 +478,14 @@ def run_row(spec, preset_name, device, precision, compile=False, peak=None, work
         name, mode, *options = rest
         return [row_train(name, mode, preset, device, precision, compile, peak, *options)]
     if kind == "pair":
-        return [row_train_pair(*rest, preset, device, precision, compile, peak)]
+        return [row_train_pair(*rest, preset, device, precision, compile)]
     if kind == "sample":
         return row_sample(*rest, preset, device, precision, compile, peak)
-    return dict(vae=row_vae, fid=row_fid, data=row_data)[kind](preset, device, precision)
+    if kind == "vae":
+        return row_vae(preset, device, precision)
+    if kind == "fid":
+        return row_fid(preset, device)
+    return row_data(preset, device)
 
 
 def specs(preset, rows):
@@ -980,7 +1004,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # train's
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    precision = args.precision or train.choose_precision(None, device)
+    precision = args.precision or training.choose_precision(None, device)
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -1028,7 +1052,7 @@ def main_suite(args):
     cuda = device.type != "cuda" or torch.cuda.is_available()
     precision = args.precision or "bf16"
     if cuda and not args.precision:
-        precision = train.choose_precision(None, device)
+        precision = training.choose_precision(None, device)
     unknown = sorted(set(args.only or []) - {key for key, *_ in DEVICE_SUITE})
     if unknown:
         sys.exit(f"error: --only {' '.join(unknown)}: no such row (bench.py --suite device "

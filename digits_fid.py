@@ -1,13 +1,13 @@
 """
 Sample quality on the bundled digits, with nothing to download: the Fréchet distance and the KID
-(fid.py's frechet_distance and kernel_distance) of the features of a small classifier trained on the
-training digits only, the MNIST-FID convention (FID's Inception never saw 8x8 digits, and its
-weights cannot always be fetched).
+(inception.py's frechet_distance and kernel_distance) of the features of a small classifier
+trained on the training digits only, the MNIST-FID convention (FID's Inception never saw 8x8
+digits, and its weights cannot always be fetched).
 
     python digits_fid.py --train      # the classifier, assets/digits_classifier.pt (deterministic)
     python digits_fid.py CKPT         # FD and KID of a digits model's samples, with intervals
 
-Every number is measured at a matched count: 297 images (the held-out set's size, train.split)
+Every number is measured at a matched count: 297 images (the held-out set's size, training.split)
 against a reference, the 1,500 training digits or the 297 held-out ones. A model's 1,485 samples are
 5 sets of 297, and each metric is the mean over the 5; the floor, what real digits score, is the
 held-out set against the training set, and 5 sets of 297 training digits against the held-out set.
@@ -29,13 +29,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import training
 from checkpoints import CheckpointError, atomic_save, read_state_dict
+from dataset import PreparedData
 from diffusion import create_diffusion, dit_sample
-from fid import frechet_distance, polynomial_kernel
+from inception import frechet_distance, polynomial_kernel
 
 ROOT = Path(__file__).resolve().parent
 CLASSIFIER = ROOT / "assets" / "digits_classifier.pt"
 DATA = ROOT / "assets" / "digits"
+HOLDOUT = 297  # the digits kept out of training (training.split; train.py's digits presets)
 CHUNKS = 5  # sample sets of the held-out size per model: 5 x 297 = 1,485 samples
 
 
@@ -146,10 +149,10 @@ def weighted_fd(x, w, ref_mu, ref_sigma):
 
 def weighted_kid(kxx, kyy, kxy, wx, wy):
     """
-    fid.kernel_distance's unbiased estimate for resampled sets, from the kernel matrices of the
-    originals: the rows of x taken wx times each, of y wy times, and the pairs of two copies of one
-    image left out, as the estimator leaves out an image paired with itself (counting them would add
-    sum_i wx_i (wx_i - 1) k(x_i, x_i), a bias).
+    inception.kernel_distance's unbiased estimate for resampled sets, from the kernel matrices of
+    the originals: the rows of x taken wx times each, of y wy times, and the pairs of two copies of
+    one image left out, as the estimator leaves out an image paired with itself (counting them would
+    add sum_i wx_i (wx_i - 1) k(x_i, x_i), a bias).
     """
     def within(k, w):
         return (w @ k @ w - (w * w) @ np.diag(k)) / (w.sum() ** 2 - (w * w).sum())
@@ -242,10 +245,8 @@ def half_width(replicates):
 
 def digits_split():
     """The bundled digits as model inputs: ((images, labels) for training, (...) held out)."""
-    from prepare_data import PreparedData
-    import train  # the one definition of the held-out split (here only: train.py imports this file)
     data = PreparedData(str(DATA))
-    train_rows, heldout_rows = train.split(data, train.PRESETS["digits"]["holdout"])
+    train_rows, heldout_rows = training.split(data, HOLDOUT)
     return [data.batch(rows, False) for rows in (train_rows, heldout_rows)]
 
 

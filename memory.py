@@ -1,7 +1,7 @@
 """
 Peak memory of a training step without a GPU: what `python bench.py --estimate-memory` prints.
 
-It runs train.py's step (train.train_step: hybrid loss and DMP's balancing losses under autocast,
+It runs train.py's step (training.train_step: hybrid loss and DMP's balancing losses under autocast,
 backward, AdamW, EMA when pretraining) on the full-size models with fake tensors
 (torch._subclasses.FakeTensorMode): every op computes shapes and dtypes only, nothing is
 allocated, and a dispatch mode (LiveBytes) adds up the bytes of the tensor storages alive after
@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from tqdm import tqdm
 
 import dmp
-import train
+import training
 from diffusion import create_diffusion
 from model_clip import CLIP_TINY, CLIP_VITL14, CLIPTextModel
 from model_dit import CONFIGS, DiT
@@ -279,7 +279,7 @@ def random_tensor(shape, dtype):
 def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, precision="bf16",
                     like_cuda=True, fake=True):
     """
-    Peak memory of a step of train.py's loop (train.train_step) for MEMORY_MODELS[name] and
+    Peak memory of a step of train.py's loop (training.train_step) for MEMORY_MODELS[name] and
     `method` ('pretrain' or one of dmp.METHODS), the global batch in micro-batches of micro_batch.
     like_cuda: as on CUDA (see above), else with CPU's kernels, autocast lists and sizes.
     fake=False runs it for real on CPU (the tests check the count against the allocator). Returns
@@ -319,7 +319,7 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
             for p in trained:
                 p.grad = torch.zeros_like(p)
         opt.step()
-        pairs = train.ema_pairs(ema, model) if ema is not None else None
+        pairs = training.ema_pairs(ema, model)
         if pairs is not None:
             torch._foreach_lerp_(*pairs, 1e-4)
         size = spec["input_size"] if spec["kind"] == "dit" else spec["latent_size"]
@@ -332,7 +332,8 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
                 y = dict(context=text(torch.randint(0, 49408, (batch, 77)))[0])
         diffusion = create_diffusion("", "linear", learn_sigma=spec["kind"] == "dit")
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        train.train_step(model, model, diffusion, opt, (x, y, t, noise), args, autocast, ema=pairs)
+        training.train_step(model, model, diffusion, opt, (x, y, t, noise), args, autocast,
+                            ema=pairs)
     gib = 2 ** 30
     return dict(row="memory", model=name, mode=method, batch=batch, micro_batch=micro,
                 checkpointing=checkpointing, precision=precision, peak_gib=tracker.peak / gib,

@@ -418,6 +418,10 @@ DiT_models = {
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
 }
 
+# Not an official config: a DiT small enough to pretrain on the bundled 8x8 digits on a CPU (16
+# tokens, 0.33M parameters; assets/dit_digits.pt, train.py --model digits).
+DIGITS_MODEL = dict(patch_size=2, hidden_size=64, depth=4, num_heads=4)
+
 
 #################################################################################
 #                               Checkpoint Loading                              #

@@ -17,8 +17,9 @@ Image k draws everything random from one generator seeded by (seed, k) (sampling
 gives the same images whatever the batch size and the number of processes, and the first N images
 of an FID set are the grid of N with the same seed. An FID set is resumable: images already in the
 folder are kept, each PNG is written under a temporary name and renamed, and the .npz is
-assembled by rank 0 once every image is there. The grid shows the samples pixel for pixel (the
-first images of the set); train.py's grids enlarge small images to be seen.
+assembled by rank 0 once every image is there. A grid (the first images of the set) shows images
+smaller than 64 pixels enlarged by nearest neighbour, each pixel a square, so that the digits' 8x8
+samples can be seen; the set keeps them as they are.
 """
 import argparse
 import hashlib

@@ -68,12 +68,16 @@ def save_png(image, path):
     os.replace(tmp, path)
 
 
-def save_grid(images, path, padding=2, min_side=0):
+# A grid is to be looked at: images smaller than this are shown enlarged (the digits' 8x8 as 64x64).
+GRID_MIN_SIDE = 64
+
+
+def save_grid(images, path, padding=2, min_side=GRID_MIN_SIDE):
     """
     torchvision's make_grid layout: ceil(sqrt(n)) columns, `padding` black pixels around every
     image. Images smaller than min_side pixels are enlarged first by the whole factor that brings
     them to at least that size, by nearest neighbour (each pixel a square: nothing is invented), so
-    the digits' 8x8 samples show as 64x64 with min_side=64.
+    the digits' 8x8 samples show as 64x64; larger images are shown as they are.
     """
     scale = max(1, math.ceil(min_side / min(images.shape[1:3])))
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -189,13 +193,13 @@ def decode(vae, latents, batch_size):
 
 def write_grid(model, path, noise_schedule="linear", vae="none", num=16, seed=0, steps=250,
                sampler="ddpm", eta=0.0, cfg_scale=None, class_labels=None, batch_size=32,
-               device=None, min_side=0, **options):
+               device=None, min_side=GRID_MIN_SIDE, **options):
     """
     A grid PNG of images 0..num-1 (the first images of the FID set of the same seed), each shown at
-    least min_side pixels wide (save_grid); what train.py draws every --sample-every steps. vae: a
-    name for load_vae or a loaded AutoencoderKL; cfg_scale None: the default rule; options:
-    dit_batch's guide_channels, decode_batch_size, bf16, and prompts, text_encoder for text.
-    Returns the path.
+    least min_side pixels wide (save_grid); what sample.py --grid writes and train.py draws every
+    --sample-every steps. vae: a name for load_vae or a loaded AutoencoderKL; cfg_scale None: the
+    default rule; options: dit_batch's guide_channels, decode_batch_size, bf16, and prompts,
+    text_encoder for text. Returns the path.
     """
     if isinstance(vae, (str, Path)):
         vae = load_vae(vae, device or model.pos_embed.device)
@@ -240,11 +244,12 @@ def sd_batch(ks, unet, text_encoder, vae, prompts, seed=0, cfg_scale=7.5, sample
     return to_uint8(x)
 
 
-def write_sd_grid(unet, text_encoder, vae, path, prompts, num=16, seed=0, batch_size=8, min_side=0,
-                  **options):
+def write_sd_grid(unet, text_encoder, vae, path, prompts, num=16, seed=0, batch_size=8,
+                  min_side=GRID_MIN_SIDE, **options):
     """
-    A grid PNG of images 0..num-1 (sd_batch's options; save_grid's min_side); what train.py draws
-    every --sample-every steps. vae: a name for load_vae or a loaded AutoencoderKL.
+    A grid PNG of images 0..num-1 (sd_batch's options; save_grid's min_side); what sample.py --grid
+    writes and train.py draws every --sample-every steps. vae: a name for load_vae or a loaded
+    AutoencoderKL.
     """
     if isinstance(vae, (str, Path)):
         vae = load_vae(vae, next(unet.parameters()).device)

@@ -10,7 +10,7 @@ the converged digits DiT (assets/dit_digits.pt), on CPU.
 Every run is the project's own command, `python train.py --dataset digits --init
 assets/dit_digits.pt --method ...` (study.md lists them), and every evaluation is `python study.py
 --evaluate CKPT`: the held-out loss, the exact variational bound in bits/dim (all 1000 steps,
-train.evaluate) and the noise MSE per band of 100 timesteps, on fixed held-out images with fixed
+heldout.evaluate) and the noise MSE per band of 100 timesteps, on fixed held-out images with fixed
 noise, so every model is measured on the same draws; the sample quality of samples from noise fixed
 per sample (digits_fid.py: FD and KID of a digits classifier's features against the training and
 the held-out digits, at matched counts, with paired bootstrap intervals); and, for DMP, how far its
@@ -55,17 +55,18 @@ from tqdm import tqdm
 
 import digits_fid
 import dmp
+import heldout
 import load
-import train
+import training
 from checkpoints import read_state_dict
 from diffusion import create_diffusion
-from prepare_data import PreparedData
+from dataset import PreparedData
 from study_report import write_outputs
 
 ROOT = Path(__file__).resolve().parent
 BASE = "assets/dit_digits.pt"  # paths relative to ROOT, where every command runs
 BASE_LOG = "assets/dit_digits.log.jsonl"
-DATA, HOLDOUT = "assets/digits", 297  # the digits preset's held-out split (train.split)
+DATA, HOLDOUT = "assets/digits", digits_fid.HOLDOUT  # the digits presets' held-out split
 N_PROMPTS = 16  # the digits DiT's tokens (8x8 pixels, 2x2 patches): DMP mixes 16 prompts a block
 
 # The main table: Tables 2, 3 and 7's methods at one learning rate (dmp.py's rule), the control,
@@ -176,23 +177,23 @@ def evaluate_checkpoint(ckpt, bpd_images, sample_sets=0, sample_steps=100, repli
                         keep_samples=False, floor=False):
     """
     Held-out loss (all 297 held-out digits, 4 fixed draws each), bits/dim and the noise MSE per band
-    of 100 timesteps (the first bpd_images of them, every timestep; train.evaluate); for a DMP
+    of 100 timesteps (the first bpd_images of them, every timestep; heldout.evaluate); for a DMP
     model, its gate at 100 timesteps summarised (gate_statistics); with sample_sets, FD and KID of
     sample_sets x 297 samples (digits_fid.SampleQuality) and their bootstrap replicates, the samples
     themselves with keep_samples (Table 5), the held-out digits' own FD and KID with floor. A dict.
     """
     model = load.load_model(ckpt).eval()
     data = PreparedData(DATA)
-    train_rows, heldout = train.split(data, HOLDOUT)
+    train_rows, heldout_rows = training.split(data, HOLDOUT)
     settings = argparse.Namespace(unconditional=True, bpd_images=bpd_images)
-    r = train.evaluate(model, create_diffusion("", "cosine"), data, heldout, settings,
-                       torch.device("cpu"), bpd=True)
+    r = heldout.evaluate(model, create_diffusion("", "cosine"), data, heldout_rows, settings,
+                         torch.device("cpu"), bpd=True)
     out = dict(heldout_loss=r["heldout_loss"], bpd=r["bpd"], mse_bands=r["mse_bands"])
     mop = model.block_input
     if isinstance(mop, dmp.MixtureOfPrompts) and mop.gate_type is not None:
         out["gate"] = gate_statistics(dmp.gate_weights(model, timesteps=GATE_TIMESTEPS))
     if sample_sets:
-        images = [data.batch(rows, False)[0] for rows in (train_rows, heldout)]
+        images = [data.batch(rows, False)[0] for rows in (train_rows, heldout_rows)]
         quality = digits_fid.SampleQuality(digits_fid.load_classifier(), *images, replicates,
                                            chunks=sample_sets)
         x = digits_fid.generate(model, sample_sets * HOLDOUT, sample_steps)
@@ -287,19 +288,26 @@ def run_job(job, args):
 
 
 def command(argv, args, log):
-    """`python argv` from the repository root: a process on one thread (--jobs > 1), or here."""
-    if args.jobs > 1:
+    """
+    `python argv` from the repository root. train.py is always a process of its own (the scripts do
+    not import each other): alone (--jobs 1) with its progress on the terminal, side by side on
+    one thread each with its output appended to `log`. study.py's own evaluation runs here when
+    alone.
+    """
+    if args.jobs == 1 and argv[0] == "study.py":
+        main(argv[1:])
+        return
+    if args.jobs == 1:
+        done, output = subprocess.run([sys.executable, *argv], cwd=ROOT), "above"
+    else:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         with open(log, "a") as f:
             done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, stdout=f,
                                   stderr=subprocess.STDOUT)
-        if done.returncode:
-            raise RuntimeError(f"`python {' '.join(argv)}` failed (exit {done.returncode}); "
-                               f"its output: {log}")
-    elif argv[0] == "train.py":
-        train.main(argv[1:])
-    else:
-        main(argv[1:])
+        output = f"in {log}"
+    if done.returncode:
+        raise RuntimeError(f"`python {' '.join(argv)}` failed (exit {done.returncode}); its "
+                           f"output is {output}")
 
 
 def jobs_of(args):

@@ -18,7 +18,6 @@ Reading order: the settings (parse_args), the data (get_batch), the step (train_
 (build_model and the functions after it), then run(), the loop.
 """
 import argparse
-import contextlib
 import copy
 import functools
 import json
@@ -30,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -38,20 +36,18 @@ from tqdm import tqdm
 import digits_fid
 import distributed
 import dmp
+import heldout
 import load
 import sampling
+import training
 from checkpoints import CheckpointError, atomic_save, read_state_dict
+from dataset import DataError, PreparedData
 from diffusion import create_diffusion
 from distributed import seed_of
 from load import checkpoints
-from model_clip import caption_embeddings, encode_text
-from model_dit import CONFIGS, DiT
+from model_dit import CONFIGS, DIGITS_MODEL, DiT
 from model_unet import UNet_configs
 from model_vae import load_vae
-from prepare_data import DataError, PreparedData
-
-# A DiT small enough to pretrain on the 8x8 digits on a CPU (16 tokens, 0.33M parameters).
-DIGITS_MODEL = dict(patch_size=2, hidden_size=64, depth=4, num_heads=4)
 
 # Dataset presets: the paper's settings (appendix) as defaults, each overridable by its flag.
 PRESETS = {
@@ -61,7 +57,7 @@ PRESETS = {
     # The bundled digits (assets/README.md): pretraining the tiny DiT, and the demo that patches
     # it. No flips: a mirrored digit is another shape.
     "digits": dict(data="assets/digits", noise_schedule="cosine", unconditional=True,
-                   model="digits", holdout=297, ema=0.999, no_flip=True, log_every=100,
+                   model="digits", holdout=digits_fid.HOLDOUT, ema=0.999, flip=False, log_every=100,
                    ckpt_every=2000, sample_every=2000, eval_every=1000, device="cpu", threads=1),
     # Text-to-image DiT on MS-COCO (Table 2): cosine schedule (appendix), the pooled CLIP ViT-L/14
     # caption through the class-label path (model_dit.TextEmbedder), the gate on t + text (Table 9).
@@ -73,7 +69,7 @@ PRESETS = {
     "laion": dict(data="data/laion512", noise_schedule="scaled_linear", unconditional=False,
                   model="sd15", text=True, sample_every=0),
     "demo": dict(data="assets/digits", noise_schedule="cosine", unconditional=True,
-                 init="assets/dit_digits.pt", method="dmp", holdout=297, no_flip=True,
+                 init="assets/dit_digits.pt", method="dmp", holdout=digits_fid.HOLDOUT, flip=False,
                  iterations=1500, log_every=50, ckpt_every=500, sample_every=1500, device="cpu",
                  eval_bpd=True, bpd_images=100, threads=1, eval_fd=True),
 }
@@ -122,7 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float,
                    help="EMA decay; default 0.9999 when pretraining, none when further-training")
-    p.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips (--no-flip: none, the digits presets' default)")
     p.add_argument("--importance-coef", type=float, default=1.0,
                    help="Table 4e: importance balancing (Eqs. 12-13)")
     p.add_argument("--load-coef", type=float, default=1.0, help="Table 4e: load balancing (Eq. 11)")
@@ -296,222 +293,17 @@ def lora_rank(value):
     return int(value)
 
 
-#################################################################################
-#                     Data: every draw a function of (seed, step)               #
-#################################################################################
-
-def split(data, holdout):
-    """Training and held-out indices: a fixed random `holdout` images (seed 0, whatever --seed)."""
-    perm = np.random.default_rng(0).permutation(len(data))
-    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(seed, epoch, n):
-    """The order of the training images in an epoch: a permutation seeded by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def get_batch(data, train_rows, step, args, device, rank=0, world=1):
-    """
-    This process's share of step `step`'s global batch: images (epoch after epoch, each a fresh
-    permutation), flips, timesteps and noise. The global draws are the same on every process and
-    each takes its slice, so the data a step sees does not depend on the number of processes.
-    """
-    G, start = args.batch_size, step * args.batch_size
-    epochs, positions = divmod(np.arange(start, start + G), len(train_rows))
-    idx = np.array([epoch_order(args.seed, e, len(train_rows))[i]
-                    for e, i in zip(epochs, positions, strict=True)])
-    rng = np.random.default_rng(seed_of(args.seed, step, 1))
-    flip = np.zeros(G, bool)
-    if not args.no_flip:
-        flip = rng.random(G) < 0.5
-    gen = torch.Generator(device).manual_seed(seed_of(args.seed, step))
-    t = torch.randint(0, 1000, (G,), generator=gen, device=device)
-    noise = torch.randn((G, *data.shape), generator=gen, device=device)
-    # latents: z = mean + std * posterior_noise
-    posterior_noise = torch.randn((G, *data.shape), generator=gen, device=device)
-    local = slice(rank * G // world, (rank + 1) * G // world)
-    x, y = data.batch(train_rows[idx[local]], flip[local], device=device,
-                      noise=posterior_noise[local])
-    if args.unconditional:
-        y = torch.zeros_like(y)
-    if args.text:  # one of the image's captions (COCO has five), or "" (caption dropout)
-        captions = [data.captions[train_rows[i]] for i in idx]
-        pick = [int(rng.integers(len(c))) for c in captions]
-        drop = rng.random(G) < args.caption_dropout
-        y = ["" if d else c[j] for c, j, d in zip(captions, pick, drop, strict=True)][local]
-    return x, y, t[local], noise[local]
-
-
-#################################################################################
-#            The training step: micro-batches, precision and memory             #
-#################################################################################
-
-LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
-
-
-def compute_loss(model, raw, diffusion, batch, args):
-    """
-    The hybrid diffusion loss plus DMP's balancing losses (zero for other methods); y in the batch
-    is the model's condition (a tensor, or a dict of the model's keyword arguments). Returns the
-    loss and the LOG_TERMS.
-    """
-    x, y, t, noise = batch
-    if not isinstance(y, dict):
-        y = dict(y=y)
-    terms = diffusion.training_losses(model, x, t, y, noise=noise)
-    importance, balance = dmp.balancing_losses(raw)  # Eqs. 12-13 and Eq. 11 ("load")
-    loss = terms["loss"].mean() + args.importance_coef * importance + args.load_coef * balance
-    vb = terms.get("vb", terms["mse"] * 0)
-    return loss, torch.stack([loss, terms["mse"].mean(), vb.mean(), importance, balance])
-
-
-def class_labels(y):
-    """Class labels (or the model's inputs, as a dict) condition the model as they are."""
-    return y
-
-
-def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
-               condition=class_labels, ema=None):
-    """
-    One optimisation step, what train.py's loop and bench.py run: this process's share of the
-    step's global batch (get_batch's) in args.grad_accum micro-batches whose gradients add up
-    before the optimizer's step, then the EMA (`ema`: ema_pairs). `condition` turns the batch's
-    y into the model's condition (conditioning's choice; class labels by default). Returns the
-    step's LOG_TERMS, means over the share, on the device (no host sync).
-
-    Each micro-batch's loss is divided by K, so the summed gradients are the whole share's to float
-    rounding. Every term is a mean over samples, hence additive: the diffusion loss, the importance
-    loss (the CV^2 across prompts of each sample's gate weights, averaged over the batch: Eqs.
-    12-13) and Eq. 11's load (a count per sample). Hard selection's load is the exception: Shazeer
-    et al.'s smooth estimator is, per block, the CV^2 of S, the sum over the batch of each sample's
-    probabilities of keeping each prompt. Each micro-batch (and under DDP each process, as before)
-    takes it of its own sum S_k, and the step's load is the mean over k of CV^2(S_k), where the
-    whole batch's is CV^2(sum_k S_k). With w_k = mean(S_k) / mean(S), CV^2(S) <= sum_k w_k
-    CV^2(S_k) (a standard deviation is a seminorm, and squaring is convex), and w_k is 1/K to
-    within how far each sample's probabilities are from summing to top_k: to that tolerance the
-    step's load is at least the batch's and pushes toward balance at least as hard
-    (tests/test_train.py checks the inequality; there w_k is 1/K to 4%). The draws inside the
-    forward pass (label dropout, the gate's noise) come from torch's generator, seeded per step
-    and process by the loop: like their split over processes, their split over micro-batches
-    changes which numbers are drawn, not their distribution; the data, timesteps and noise
-    (get_batch) are the same whatever the split.
-    """
-    K, size = args.grad_accum, len(batch[0])
-    # Before the forward: the last step's gradients are freed before the activations build up.
-    opt.zero_grad(set_to_none=True)
-    terms_sum = 0
-    for m in range(K):
-        micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
-        # DDP: gradients are averaged over processes once, after the last micro-batch
-        last = m == K - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if last else model.no_sync():
-            with autocast:
-                loss, terms = compute_loss(model, raw, diffusion, micro, args)
-            loss = loss / K
-            if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
-                loss = scaler.scale(loss)
-            loss.backward()
-        terms_sum = terms_sum + terms.detach().float() / K
-    if scaler is None:
-        opt.step()
-    else:  # fp16: skips the step if a gradient overflowed (the scale then halves), else unscales
-        scaler.step(opt)
-        scaler.update()
-    if ema is not None:
-        torch._foreach_lerp_(*ema, 1 - args.ema)  # ema += (1 - decay) (param - ema)
-    return terms_sum
-
-
-def micro_batch(batch, part, condition=class_labels):
-    """Slice `part` of a batch, its y made the model's condition (conditioning's function)."""
-    x, y, t, noise = batch
-    if isinstance(y, dict):
-        y = {k: v[part] for k, v in y.items()}
-    else:
-        y = y[part]
-    return x[part], condition(y), t[part], noise[part]
-
-
-def conditioning(model_name, text_encoder):
-    """
-    What turns a batch's y into the model's condition, chosen once before the loop: class labels
-    as they are; captions through the frozen text encoder on the fly, giving SD's UNet its context
-    or a DiT its pooled embedding ("": the null one).
-    """
-    if text_encoder is None:
-        return class_labels
-    if model_name in UNet_configs:
-        return functools.partial(unet_context, text_encoder)
-    return functools.partial(caption_embeddings, text_encoder)
-
-
-def unet_context(text_encoder, captions):
-    """SD's UNet's condition: the text encoder's last hidden states of the captions."""
-    return dict(context=encode_text(text_encoder, captions)[0])
-
-
-def ema_pairs(ema, raw):
-    """(EMA weights, live weights) of the trained weights: train_step's update (official DiT's)."""
-    return tuple(zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters(), strict=True)
-                       if p.requires_grad], strict=True))
-
-
-# --precision: what each choice runs, as printed at the start of a run.
-PRECISIONS = dict(fp32="fp32, no autocast", bf16="bf16 autocast",
-                  fp16="fp16 autocast with a gradient scaler")
-
-
 def device_and_precision(args):
-    """This process's device (TF32 matmuls on CUDA, as the official DiT) and its precision."""
+    """
+    This process's device (TF32 matmuls on CUDA, as the official DiT) and its precision; torch's
+    CPU threads set to --threads.
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = distributed.local_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, choose_precision(args.precision, device)
-
-
-def choose_precision(requested, device):
-    """
-    --precision, or the device's default: bf16 autocast on a GPU that computes in bf16 (Ampere and
-    later), fp16 autocast on one that does not (V100, T4: bf16 would be emulated, slowly), fp32 on
-    CPU.
-    """
-    if requested:
-        return requested
-    if device.type != "cuda":
-        return "fp32"
-    if torch.cuda.is_bf16_supported(including_emulation=False):
-        return "bf16"
-    return "fp16"
-
-
-def mixed_precision(precision, device):
-    """
-    (autocast context, gradient scaler or None). fp16 needs the scaler: the loss is multiplied
-    before the backward pass so that small gradients do not flush to zero in fp16, and a step whose
-    gradients overflow is skipped with the scale halved; bf16 has fp32's range and needs none.
-    """
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
-    if precision == "fp16":
-        return autocast, torch.amp.GradScaler(device.type)
-    return autocast, None
-
-
-def compile_blocks(model, **options):
-    """
-    --compile: torch.compile each block (regional compilation). Identical blocks share one compiled
-    graph, so a DiT compiles one block, not 28, in seconds rather than minutes; what runs between
-    blocks (DMP's prompts and gate, checkpointing) stays eager.
-    """
-    if hasattr(model, "blocks"):
-        blocks = model.blocks
-    else:  # SD's UNet
-        blocks = [*model.input_blocks, model.middle_block, *model.output_blocks]
-    for block in blocks:
-        block.compile(**options)
-    return model
+    return device, training.choose_precision(args.precision, device)
 
 
 def out_of_memory(args, step, rank, world, device):
@@ -530,97 +322,6 @@ def out_of_memory(args, step, rank, world, device):
             f"{'es' if args.grad_accum > 1 else ''} of {micro}) did not fit; "
             f"{', '.join(helps[:-1])} or {helps[-1]} would help "
             f"(python bench.py --estimate-memory estimates each)")
-
-
-#################################################################################
-#                       Held-out metrics and sample quality                     #
-#################################################################################
-
-@torch.no_grad()
-def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512):
-    """
-    Held-out metrics, with fixed noise: the training loss (4 draws of t and noise per image) and,
-    with bpd, on the first --bpd-images of them, the variational bound in bits/dim over all 1000
-    steps (calc_bpd_loop) and the noise MSE averaged over each band of 100 timesteps. (A respaced
-    chain would be cheaper, but with the cosine schedule its last step, beta near 1, amplifies
-    every error of the noise prediction: its bound is dominated by that one term.)
-    """
-    was_training = model.training
-    model.eval()
-    out, mse_t, total = dict(heldout_loss=0.0), 0.0, 0.0
-    bpd_rows = rows[:args.bpd_images]
-    for start in range(0, len(rows), batch_size):
-        gen = torch.Generator(device).manual_seed(start)
-        x, y = data.batch(rows[start: start + batch_size], False, gen, device)
-        if args.unconditional:
-            y = torch.zeros_like(y)
-        for draw in range(4):
-            gen = torch.Generator(device).manual_seed(10_000 * draw + start)
-            t = torch.randint(0, 1000, (len(x),), generator=gen, device=device)
-            noise = torch.randn(x.shape, generator=gen, device=device)
-            terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
-            out["heldout_loss"] += terms["loss"].sum().item() / (4 * len(rows))
-        n = max(0, min(len(x), len(bpd_rows) - start))
-        if bpd and n:
-            torch.manual_seed(start)  # the same noise before and after training: paired
-            r = diffusion.calc_bpd_loop(model, x[:n], clip_denoised=False,
-                                        model_kwargs=dict(y=y[:n]))
-            total += r["total_bpd"].sum().item()
-            mse_t = mse_t + r["mse"].sum(0).cpu()
-    if bpd:
-        out["bpd"] = total / len(bpd_rows)
-        # t in [0, 100), [100, 200), ...
-        out["mse_bands"] = (mse_t / len(bpd_rows)).view(10, 100).mean(1).tolist()
-    model.train(was_training)
-    return out
-
-
-def sample_quality(model, data, train_rows, heldout_rows, args, steps=100):
-    """
-    With --eval-fd: FD and KID (digits_fid) of 297 samples (DDPM, `steps` steps, fixed noise: the
-    same before and after) against the held-out digits, and the held-out digits' own (297 training
-    digits against them).
-    """
-    if not args.eval_fd:
-        return {}
-    if Path(args.data).resolve() != digits_fid.DATA:
-        raise DataError(f"--eval-fd measures the bundled digits ({digits_fid.DATA}), "
-                        f"not {args.data}")
-    images = [data.batch(rows, False)[0] for rows in (train_rows, heldout_rows)]
-    net = digits_fid.load_classifier()
-    quality = digits_fid.SampleQuality(net, *images, replicates=0, chunks=1)
-    samples = quality.of_samples(digits_fid.generate(model, quality.n, steps))
-    floor = quality.measure(quality.train_sets, refs=("heldout",))
-    return dict(fd_heldout=samples["fd_heldout"], kid_heldout=samples["kid_heldout"],
-                floor_fd=floor["fd_heldout"], floor_kid=floor["kid_heldout"])
-
-
-def measure(model, diffusion, data, train_rows, heldout_rows, args, device):
-    """--eval-bpd's numbers, before and after training: held-out bits/dim and sample quality."""
-    return dict(evaluate(model, diffusion, data, heldout_rows, args, device, bpd=True),
-                **sample_quality(model, data, train_rows, heldout_rows, args))
-
-
-def before_message(before, args, images):
-    """The line the demo prints before training: bits/dim (and sample FD/KID with --eval-fd)."""
-    line = f"held-out bits/dim ({images} images) before: {before['bpd']:.4f}"
-    if args.eval_fd:
-        line += (f"; sample FD {before['fd_heldout']:.3f}, KID {before['kid_heldout']:.4f} against "
-                 f"the held-out digits (297 training digits: FD {before['floor_fd']:.3f}, KID "
-                 f"{before['floor_kid']:.4f})")
-    return line
-
-
-def after_message(before, after, args, images, ema):
-    """What the demo prints after training: each number before and after."""
-    weights = " (EMA weights)" if ema else ""
-    lines = [f"held-out bits/dim ({images} images): {before['bpd']:.4f} before, "
-             f"{after['bpd']:.4f} after {args.method or 'training'}{weights}"]
-    if args.eval_fd:
-        lines.append(f"sample FD against the held-out digits: {before['fd_heldout']:.3f} before, "
-                     f"{after['fd_heldout']:.3f} after; KID {before['kid_heldout']:.4f} before, "
-                     f"{after['kid_heldout']:.4f} after")
-    return "\n".join(lines)
 
 
 #################################################################################
@@ -664,7 +365,7 @@ def training_data(args, world):
     if args.holdout >= len(data):
         raise DataError(f"--holdout {args.holdout} leaves no training images: {args.data} holds "
                         f"{len(data)}")
-    return (data, *split(data, args.holdout))
+    return (data, *training.split(data, args.holdout))
 
 
 def text_encoder_of(args, data, device):
@@ -705,8 +406,10 @@ def build_model(args, data, text_dim=None):
     """
     (model, parameter groups): a DiT from --init (load.load_model: an official name, a checkpoint
     or a run folder) or a fresh one of --model (text_dim: a text-to-image one), patched by
-    --method; or SD's UNet.
+    --method; or SD's UNet. Its initial weights (a new model, DiffFit's and LoRA's factors, the
+    prompts and gate) are drawn after seeding with --seed.
     """
+    torch.manual_seed(args.seed)
     if args.model in UNet_configs:
         if not args.init:
             raise CheckpointError(f"--model {args.model} further-trains Stable Diffusion: name its "
@@ -745,12 +448,6 @@ def build_model(args, data, text_dim=None):
         for p in backbone:
             p.requires_grad_(True)
     return model, groups
-
-
-def optimizer(groups, args):
-    """AdamW over the method's parameter groups, each at --lr times its lr_scale."""
-    return torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
-                             lr=args.lr, weight_decay=args.weight_decay)
 
 
 def base_of(args, resume, run_dir, rank):
@@ -835,24 +532,38 @@ def run_folder(args, run_dir, rank, world, claimed):
     return run_dir
 
 
-def data_parallel(raw, world, device):
-    """The model the loop calls: under torchrun with several processes, DDP around it."""
+def data_parallel(raw, args, world, device):
+    """
+    The model the loop calls: its blocks compiled with --compile (training.compile_blocks); under
+    torchrun with several processes, DDP around it.
+    """
+    if args.compile:
+        training.compile_blocks(raw)
     if world == 1:
         return raw
     ids = [device] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
 
 
-def start_message(args, data, train_rows, heldout_rows, raw, trained, run_dir):
-    """(the line a new run prints: data, what trains, the folder; the parameter counts it logs)."""
+def start(log, args, step, data, rows, raw, trained, run_dir, device, **setting):
+    """
+    What rank 0 says at the start: a new run prints its data, what trains and its folder, and logs
+    its settings and parameter counts; a resumed one logs where it resumes (`setting`: world,
+    backend, precision). Both print the precision and the device.
+    """
     n_trained, n_total = sum(p.numel() for p in trained), sum(p.numel() for p in raw.parameters())
     what = "pretraining"
     if args.init:
         what = f"further-training {args.init} with {args.method}"
-    message = (f"{args.dataset}: {len(train_rows)} training images {list(data.shape)}, "
-               f"{len(heldout_rows)} held out; {what}: {n_trained:,} of {n_total:,} parameters "
-               f"train ({100 * n_trained / n_total:.2f}%); run folder {run_dir}")
-    return message, dict(trained_parameters=n_trained, total_parameters=n_total)
+    if step == 0:
+        print(f"{args.dataset}: {len(rows[0])} training images {list(data.shape)}, "
+              f"{len(rows[1])} held out; {what}: {n_trained:,} of {n_total:,} parameters "
+              f"train ({100 * n_trained / n_total:.2f}%); run folder {run_dir}")
+        log(event="start", args=vars(args), trained_parameters=n_trained,
+            total_parameters=n_total, **setting)
+    else:
+        log(event="resume", step=step, world=setting["world"], precision=setting["precision"])
+    print(f"precision: {training.PRECISIONS[setting['precision']]} ({device})")
 
 
 def end_message(args, run_dir, step):
@@ -893,7 +604,7 @@ class LossMeter:
     checkpoint can come between two log lines: the mean divides by the steps it sums.)
     """
     def __init__(self, step, device):
-        self.sum, self.since = torch.zeros(len(LOG_TERMS), device=device), step
+        self.sum, self.since = torch.zeros(len(training.LOG_TERMS), device=device), step
         self.started = time.time()
 
     def add(self, terms):
@@ -904,7 +615,7 @@ class LossMeter:
         if world > 1:
             dist.all_reduce(self.sum)
         n = step - self.since
-        mean = dict(zip(LOG_TERMS, (self.sum / (n * world)).tolist(), strict=True))
+        mean = dict(zip(training.LOG_TERMS, (self.sum / (n * world)).tolist(), strict=True))
         speed = n / (time.time() - self.started)
         self.sum.zero_()
         self.since, self.started = step, time.time()
@@ -917,13 +628,13 @@ def stop_if_not_finite(mean, trained, step, last_ckpt, bar):
         return
     bar.close()
     sys.exit(f"error: the loss (mean {mean['loss']:.4g}) or the weights are no longer finite at "
-             f"step {step}; stopped without saving. The last good checkpoint: "
-             f"{last_ckpt or 'none written yet'}")
+             f"step {step}, so the run stopped without saving, its last good checkpoint being "
+             f"{last_ckpt or 'none (none was written yet)'}")
 
 
-def checkpoint_entries(raw, ema, opt, step, args, data, base, scaler=None):
+def checkpoint_entries(raw, ema, opt, args, data, base, scaler, step):
     """
-    A further-training run stores a patch (dmp.save_patch's entries, `base` its load.base_record)
+    A further-training run stores a patch (load.patch_entries, `base` its load.base_record)
     plus the optimizer (and fp16's gradient scaler); pretraining the model. `weights` says which
     weights load: with --ema the EMA, what the run's grids and held-out numbers measured; the raw
     ones are kept too (raw_state, model) so --resume is exact.
@@ -935,8 +646,8 @@ def checkpoint_entries(raw, ema, opt, step, args, data, base, scaler=None):
     if args.text_encoder:  # sample.py reads a text DiT's encoder from here
         entries["text_encoder"] = str(Path(args.text_encoder).resolve())
     if args.init:
-        state = dmp.trainable_state_dict(raw)
-        entries.update(method=raw.patch_method, options=raw.patch_options, state=state, base=base)
+        entries.update(load.patch_entries(raw, base))
+        state = entries["state"]
         if ema is not None:
             averaged = ema.state_dict()
             entries.update(state={k: averaged[k] for k in state}, raw_state=state)
@@ -946,24 +657,27 @@ def checkpoint_entries(raw, ema, opt, step, args, data, base, scaler=None):
     return entries
 
 
-def save_checkpoint(run_dir, step, entries, keep):
-    """checkpoints/NNNNNNN.pt, written atomically; all but the last `keep` deleted. Its path."""
-    path = run_dir / "checkpoints" / f"{step:07d}.pt"
-    atomic_save(entries, path)
-    for old in checkpoints(run_dir)[:-keep]:
-        old.unlink()
+def save_checkpoint(run_dir, step, entries_at, keep, rank, world):
+    """
+    checkpoints/NNNNNNN.pt (entries_at(step) its entries), written atomically by rank 0, every
+    process waiting for it; all but the last `keep` deleted. Its path (None on the other ranks).
+    """
+    path = None
+    if rank == 0:
+        path = run_dir / "checkpoints" / f"{step:07d}.pt"
+        atomic_save(entries_at(step), path)
+        for old in checkpoints(run_dir)[:-keep]:
+            old.unlink()
+    if world > 1:
+        dist.barrier()
     return path
-
-
-# The grid's images are shown at least this many pixels wide: the digits' 8x8 become 64x64.
-GRID_MIN_SIDE = 64
 
 
 def grid_writer(args, data, text_encoder, device):
     """
     writer(model, path): the sample grid the loop draws every --sample-every steps, chosen once.
     Fixed seeds, so successive grids are comparable; small images enlarged by nearest neighbour
-    to GRID_MIN_SIDE. A DiT: 16 images, DDIM 50 (a text DiT draws image k from the first caption
+    (sampling.save_grid). A DiT: 16 images, DDIM 50 (a text DiT draws image k from the first caption
     of image k); SD: the first 4 captions, PNDM 50 with guidance 7.5 (sampling.sd_batch's).
     """
     if args.model in UNet_configs:
@@ -974,8 +688,7 @@ def grid_writer(args, data, text_encoder, device):
     if text_encoder is not None:
         text = dict(prompts=[c[0] for c in data.captions[:16]], text_encoder=text_encoder)
     return functools.partial(sampling.write_grid, noise_schedule=args.noise_schedule, vae=data.vae,
-                             num=16, seed=0, steps=50, sampler="ddim", device=device,
-                             min_side=GRID_MIN_SIDE, **text)
+                             num=16, seed=0, steps=50, sampler="ddim", device=device, **text)
 
 
 def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size, device):
@@ -983,7 +696,7 @@ def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size, devi
     vae = load_vae(vae, device)
     resolution = latent_size * 2 ** (len(vae.config["ch_mult"]) - 1)
     return sampling.write_sd_grid(unet, text_encoder, vae, path, prompts, num=num,
-                                  resolution=resolution, min_side=GRID_MIN_SIDE)
+                                  resolution=resolution)
 
 
 #################################################################################
@@ -992,9 +705,8 @@ def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size, devi
 
 def main(argv=None):
     """
-    Train (the module docstring). A run that stops, whatever the reason, before it logged a
-    training step or wrote a checkpoint leaves no folder behind: there is nothing in it to keep or
-    to resume.
+    Train (the module docstring). A run that stops, whatever the reason, before it logged a step
+    or wrote a checkpoint leaves no folder behind: there is nothing in it to keep or to resume.
     """
     claimed = []  # the run folder this call made, until it holds something worth keeping
     try:
@@ -1015,51 +727,62 @@ def cli(argv=None):
         sys.exit(f"error: {e.filename or 'writing the run'}: {e.strerror or e}")
 
 
+def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, before=None):
+    """
+    --eval-bpd: the held-out numbers (heldout.measure) of `model` (its `weights`, raw or EMA),
+    logged, and printed with those measured `before` training when there are some. Returns them.
+    """
+    numbers = heldout.measure(model, diffusion, data, *rows, args, device)
+    log(event="eval", step=step, weights=weights, **numbers)
+    if step == 0:
+        print(heldout.before_message(numbers, args, rows[1]))
+    elif before is not None:
+        print(heldout.after_message(before, numbers, args, rows[1], weights == "ema"))
+    return numbers
+
+
+def due(every, step, last=False):
+    """Whether something done every `every` steps (0: never) is done after `step` (or the last)."""
+    return every > 0 and (step % every == 0 or last)
+
+
 def run(argv, claimed):
     """main's body: `claimed` gets the new run folder, and is emptied once the run wrote to it."""
     args, resume, run_dir = settings(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank, world, backend = distributed.setup()
     device, precision = device_and_precision(args)
-    data, train_rows, heldout_rows = training_data(args, world)
+    data, *rows = training_data(args, world)  # rows: the training and the held-out images
     text_encoder = text_encoder_of(args, data, device)
-    torch.manual_seed(args.seed)  # the initial weights (new models, DiffFit/LoRA factors, prompts)
     raw, groups = build_model(args, data, text_width(args, text_encoder))
     raw.set_checkpointing(args.checkpointing).to(device).train()
+    trained = [p for g in groups for p in g["params"]]
     base = base_of(args, resume, run_dir, rank)
-    opt = optimizer(groups, args)
+    opt = training.optimizer(groups, args)
     ema = copy.deepcopy(raw).requires_grad_(False) if args.ema else None
-    # Held-out numbers and grids measure the EMA if the run keeps one; losses the raw weights.
-    measured, weights = (raw, "raw") if ema is None else (ema, "ema")
-    autocast, scaler = mixed_precision(precision, device)
+    autocast, scaler = training.mixed_precision(precision, device)
     step = restore(resume, raw, ema, opt, scaler, args)
     run_dir = run_folder(args, run_dir, rank, world, claimed)
     log = RunLog(run_dir, rank)
     # The model says whether it learns the variance (DiT's hybrid loss) or predicts the noise only.
-    diffusion = create_diffusion("", args.noise_schedule, learn_sigma=getattr(raw, "learn_sigma", False))
-    model = data_parallel(raw, world, device)
-    if args.compile:
-        compile_blocks(raw)
-    trained = [p for g in groups for p in g["params"]]
-    pairs = ema_pairs(ema, raw) if ema is not None else None  # EMA of the trained weights
-    condition = conditioning(args.model, text_encoder)
+    diffusion = create_diffusion("", args.noise_schedule,
+                                 learn_sigma=getattr(raw, "learn_sigma", False))
+    # Chosen once: the step with its conditioning, what is measured (the EMA if there is one).
+    train_step = functools.partial(
+        training.train_step, data_parallel(raw, args, world, device), raw, diffusion, opt,
+        args=args, autocast=autocast, scaler=scaler, ema=training.ema_pairs(ema, raw),
+        condition=training.conditioning(args.model, text_encoder))
+    measured, weights = (raw, "raw") if ema is None else (ema, "ema")
+    entries_at = functools.partial(checkpoint_entries, raw, ema, opt, args, data, base, scaler)
     write_grid = grid_writer(args, data, text_encoder, device)
-    if rank == 0 and step == 0:
-        message, counts = start_message(args, data, train_rows, heldout_rows, raw, trained, run_dir)
-        print(message)
-        log(event="start", args=vars(args), **counts, world=world, backend=backend,
-            precision=precision)
+    eval_every = args.eval_every if rank == 0 and len(rows[1]) else 0
+    sample_every = args.sample_every if rank == 0 else 0
+    bpd = args.eval_bpd and len(rows[1]) and rank == 0
     if rank == 0:
-        print(f"precision: {PRECISIONS[precision]} ({device})")
-    if rank == 0 and step:
-        log(event="resume", step=step, world=world, precision=precision)
-    bpd = args.eval_bpd and len(heldout_rows) and rank == 0
-    before, bpd_images = None, len(heldout_rows[:args.bpd_images])
+        start(log, args, step, data, rows, raw, trained, run_dir, device, world=world,
+              backend=backend, precision=precision)
+    before = None
     if bpd and step == 0:
-        before = measure(raw, diffusion, data, train_rows, heldout_rows, args, device)
-        log(event="eval", step=0, weights="raw", **before)
-        print(before_message(before, args, bpd_images))
+        before = measure_bpd(args, log, raw, "raw", 0, diffusion, data, rows, device)
 
     losses, last_ckpt = LossMeter(step, device), None
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name,
@@ -1068,17 +791,16 @@ def run(argv, claimed):
         # Everything random in this step (label dropout, gate noise) is drawn after seeding with
         # (seed, step, rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
-        batch = get_batch(data, train_rows, step, args, device, rank, world)
+        batch = training.get_batch(data, rows[0], step, args, device, rank, world)
         try:
-            losses.add(train_step(model, raw, diffusion, opt, batch, args, autocast, scaler,
-                                  condition, pairs))
+            losses.add(train_step(batch))
         except torch.OutOfMemoryError:
             bar.close()
             sys.exit(out_of_memory(args, step, rank, world, device))
         step += 1
         bar.update(1)
         last = step == args.iterations
-        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
+        if due(args.log_every, step, last) or due(args.ckpt_every, step):
             mean, speed = losses.mean(step, world)
             stop_if_not_finite(mean, trained, step, last_ckpt, bar)
             # DMP: how far the gate has moved from uniform (a uniform gate is prompt tuning at lr/N)
@@ -1087,24 +809,18 @@ def run(argv, claimed):
             claimed.clear()  # the run folder now holds a record worth keeping
             bar.set_postfix(loss=f"{mean['loss']:.4f}", imp=f"{mean['importance']:.3g}",
                             load=f"{mean['load']:.3g}", it_s=f"{speed:.2f}")
-        if args.eval_every and step % args.eval_every == 0 and len(heldout_rows) and rank == 0:
+        if due(eval_every, step):
             log(event="eval", step=step, weights=weights,
-                **evaluate(measured, diffusion, data, heldout_rows, args, device))
-        if (step % args.ckpt_every == 0 or last) and rank == 0:
-            entries = checkpoint_entries(raw, ema, opt, step, args, data, base, scaler)
-            last_ckpt = save_checkpoint(run_dir, step, entries, args.keep)
-        if (step % args.ckpt_every == 0 or last) and world > 1:
-            dist.barrier()
-        if args.sample_every and (step % args.sample_every == 0 or last) and rank == 0:
+                **heldout.evaluate(measured, diffusion, data, rows[1], args, device))
+        if due(args.ckpt_every, step, last):
+            last_ckpt = save_checkpoint(run_dir, step, entries_at, args.keep, rank, world)
+        if due(sample_every, step, last):
             path = write_grid(measured, run_dir / "samples" / f"{step:07d}.png")
             log(event="samples", step=step, weights=weights, path=str(path))
     bar.close()
 
     if bpd:
-        after = measure(measured, diffusion, data, train_rows, heldout_rows, args, device)
-        log(event="eval", step=step, weights=weights, **after)
-        if before is not None:
-            print(after_message(before, after, args, bpd_images, ema is not None))
+        measure_bpd(args, log, measured, weights, step, diffusion, data, rows, device, before)
     if rank == 0:
         print(end_message(args, run_dir, step))
     distributed.teardown()  # torchrun, even with one process

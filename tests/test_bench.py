@@ -56,11 +56,11 @@ def test_dmp_step_needs_about_two_thirds_of_full_at_scale():
 def test_a_training_rows_flops_are_those_of_the_step_it_times(mode):
     """
     The FLOPs a training row reports (dit_flops of the model it built) against FlopCounterMode's
-    count of the very step it times: get_batch and train.train_step on the tiny preset's model.
+    count of the very step it times: get_batch and training.train_step on the tiny preset's model.
     """
     preset = bench.PRESETS["tiny"]
-    with bench.synthetic_run("tiny", preset, "fp32") as (args, data):
-        step, config = bench.train_setup(mode, args, data, torch.device("cpu"), "fp32")
+    with bench.synthetic_run(preset) as (args, data):
+        step, config = bench.train_setup("tiny", mode, args, data, torch.device("cpu"), "fp32")
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counted:
             step()
     reported = bench.dit_flops(config, preset["batch"], mode)["step"]

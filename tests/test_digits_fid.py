@@ -5,6 +5,7 @@ import torch
 
 import digits_fid
 import fid
+import inception
 from checkpoints import CheckpointError, read_state_dict
 
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
@@ -35,12 +36,12 @@ def test_weighted_metrics_equal_the_resampled_sets():
     wx[0] = 2
     repeated = np.repeat(x, wx.astype(int), axis=0)
     mu, sigma = fid.statistics(y)
-    expected = fid.frechet_distance(*fid.statistics(repeated), mu, sigma)
+    expected = inception.frechet_distance(*fid.statistics(repeated), mu, sigma)
     assert digits_fid.weighted_fd(x, wx, mu, sigma) == pytest.approx(expected, rel=1e-10)
-    kxx, kyy = fid.polynomial_kernel(x, x), fid.polynomial_kernel(y, y)
-    kxy = fid.polynomial_kernel(x, y)
+    kxx, kyy = inception.polynomial_kernel(x, x), inception.polynomial_kernel(y, y)
+    kxy = inception.polynomial_kernel(x, y)
     kid = digits_fid.weighted_kid(kxx, kyy, kxy, np.ones(12), wy)
-    assert kid == pytest.approx(fid.kernel_distance(x, y), rel=1e-12)
+    assert kid == pytest.approx(inception.kernel_distance(x, y), rel=1e-12)
     src = np.repeat(np.arange(12), wx.astype(int))  # the source image of each resampled row
     pairs = [(i, j) for i in range(len(src)) for j in range(len(src)) if src[i] != src[j]]
     within = np.mean([kxx[src[i], src[j]] for i, j in pairs])

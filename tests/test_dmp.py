@@ -10,7 +10,7 @@ import torch
 
 import dmp
 import load
-from model_dit import DiT, DiT_models, get_2d_sincos_pos_embed
+from model_dit import DIGITS_MODEL, DiT, DiT_models, get_2d_sincos_pos_embed
 
 
 def tiny_dit(seed=0, **kwargs):
@@ -208,9 +208,8 @@ def test_one_learning_rate_rule_with_explicit_multipliers():
 
 def test_lora_at_dmps_parameter_budget():
     """rank='dmp': the rank whose LoRA count is nearest DMP's (digits DiT: 4,096 a rank; 5,200)."""
-    import train
     model = DiT(input_size=8, in_channels=1, num_classes=1, class_dropout_prob=0.0,
-                **train.DIGITS_MODEL)
+                **DIGITS_MODEL)
     # 4 blocks x 16 prompts x 64 channels + the gate's (64 + 1) x 16 and 16 x 4 block columns
     assert dmp.dmp_parameter_count(model) == 5200
     groups = dmp.patch(model, "lora", rank="dmp")

@@ -30,8 +30,9 @@ from safetensors.torch import load_file
 from scipy.spatial.distance import cdist
 
 import fid
+import inception
 import sample
-from prepare_data import center_crop_arr
+from dataset import center_crop_arr
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def one_sentence_error(argv, *fragments):
 
 def test_keys_in_file_order():
     keys = [line.split("\t")[0] for line in open(os.path.join(GOLDEN, "pt_inception.keys.tsv"))]
-    assert list(fid.FIDInceptionV3().state_dict().keys()) == keys
+    assert list(inception.FIDInceptionV3().state_dict().keys()) == keys
 
 
 def test_pool3_matches_pytorch_fid_and_spatial_is_mixed_6d_conv(golden, model):
@@ -133,12 +134,12 @@ def test_frechet_distance_matches_pytorch_fid(golden):
 def test_frechet_distance_singular_offset_and_imaginary(monkeypatch, capsys):
     mu, sigma = np.zeros(3), np.diag([1.0, 2.0, 0.0])
     calls = []
-    real_sqrtm = fid.linalg.sqrtm
+    real_sqrtm = inception.linalg.sqrtm
 
     def sqrtm(m):  # the first call fails as a singular product does in older scipy
         calls.append(m)
         return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
-    monkeypatch.setattr(fid.linalg, "sqrtm", sqrtm)
+    monkeypatch.setattr(inception.linalg, "sqrtm", sqrtm)
     d = fid.frechet_distance(mu, sigma, mu, sigma)
     np.testing.assert_allclose(calls[1], (sigma + 1e-6 * np.eye(3)) @ (sigma + 1e-6 * np.eye(3)))
     assert d == pytest.approx(-2 * 3 * 1e-6, abs=1e-12)  # Tr(s) + Tr(s) - 2 Tr(s + eps I)
@@ -155,21 +156,21 @@ def test_kernel_distance_matches_clean_fid_and_is_unbiased():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 8))
     y = rng.normal(size=(40, 8)) * 1.2 + 0.3
-    assert fid.kernel_distance(x, y) == pytest.approx(golden["kid_xy"], rel=1e-12)
+    assert inception.kernel_distance(x, y) == pytest.approx(golden["kid_xy"], rel=1e-12)
     a, b = x[:7], y[:5]  # unequal sizes: every pair by hand, an image never paired with itself
     k = [[(u @ v / 8 + 1) ** 3 for v in b] for u in a]
     kaa = sum((a[i] @ a[j] / 8 + 1) ** 3 for i in range(7) for j in range(7) if i != j) / (7 * 6)
     kbb = sum((b[i] @ b[j] / 8 + 1) ** 3 for i in range(5) for j in range(5) if i != j) / (5 * 4)
-    assert fid.kernel_distance(a, b) == pytest.approx(kaa + kbb - 2 * np.mean(k), rel=1e-12)
+    assert inception.kernel_distance(a, b) == pytest.approx(kaa + kbb - 2 * np.mean(k), rel=1e-12)
     # one distribution, 30 images a set: the mean over 300 pairs of sets is 0 within its standard
     # error
-    draws = [fid.kernel_distance(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)))
+    draws = [inception.kernel_distance(rng.normal(size=(30, 4)), rng.normal(size=(30, 4)))
              for _ in range(300)]
     assert abs(np.mean(draws)) < 3 * np.std(draws) / np.sqrt(300)
-    subsets = fid.kernel_distance(x, y, num_subsets=20, subset_size=25, seed=1)
-    assert subsets != fid.kernel_distance(x, y) and abs(subsets - golden["kid_xy"]) < 0.2
+    subsets = inception.kernel_distance(x, y, num_subsets=20, subset_size=25, seed=1)
+    assert subsets != inception.kernel_distance(x, y) and abs(subsets - golden["kid_xy"]) < 0.2
     with pytest.raises(fid.FIDError, match="same width"):
-        fid.kernel_distance(x, y[:, :3])
+        inception.kernel_distance(x, y[:, :3])
 
 
 # ----------------------------------------------------------------------------- IS and precision/recall
@@ -283,7 +284,7 @@ def test_cli_adm_reference_batches_with_is_and_pr(tmp_path, golden, weights, mon
 def test_download_to_cache_then_skip(tmp_path, weights, monkeypatch):
     import checkpoints
     monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", "file://" + os.path.abspath(weights).replace(os.sep, "/"))
+    monkeypatch.setattr(inception, "FID_WEIGHTS_URL", "file://" + os.path.abspath(weights).replace(os.sep, "/"))
     fid.load_inception()
     cached = tmp_path / "cache" / os.path.basename(weights)
     assert cached.read_bytes() == open(weights, "rb").read()
@@ -295,7 +296,7 @@ def test_download_to_cache_then_skip(tmp_path, weights, monkeypatch):
     fid.load_inception()
     monkeypatch.undo()
     monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", "file:///nonexistent/pt_inception.pth")
+    monkeypatch.setattr(inception, "FID_WEIGHTS_URL", "file:///nonexistent/pt_inception.pth")
     with pytest.raises(fid.FIDError, match="could not download file:///nonexistent"):
         fid.load_inception()
     assert os.listdir(tmp_path / "cache") == [cached.name]
@@ -308,7 +309,7 @@ def test_inception_sha256_under_the_official_name(tmp_path, weights, monkeypatch
     official.parent.mkdir()
     shutil.copy(weights, official)
     digest = hashlib.sha256(official.read_bytes()).hexdigest()
-    assert not digest.startswith(fid.FID_WEIGHTS_SHA256)
+    assert not digest.startswith(inception.FID_WEIGHTS_SHA256)
     with pytest.raises(fid.FIDError) as e:
         fid.load_inception(str(official))
     assert str(e.value) == (f"{official}: its SHA-256 begins {digest[:8]}, not 6726825d as the "
@@ -320,7 +321,7 @@ def test_inception_sha256_under_the_official_name(tmp_path, weights, monkeypatch
     # Under another name (the `model` fixture's pt_inception-rule.pth) a file is taken as given.
     # Downloaded under the official name: refused before it enters the cache.
     monkeypatch.setenv("DMP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fid, "FID_WEIGHTS_URL", official.as_uri())
+    monkeypatch.setattr(inception, "FID_WEIGHTS_URL", official.as_uri())
     with pytest.raises(fid.FIDError, match=r"from file://.* \(not kept\): its SHA-256 begins"):
         fid.load_inception()
     assert os.listdir(tmp_path / "cache") == []
@@ -328,7 +329,7 @@ def test_inception_sha256_under_the_official_name(tmp_path, weights, monkeypatch
     shutil.copy(official, tmp_path / "cache" / fid.FID_WEIGHTS_NAME)
     with pytest.raises(fid.FIDError, match=r"\(delete it to download it again\): its SHA-256"):
         fid.load_inception()
-    monkeypatch.setattr(fid, "FID_WEIGHTS_SHA256", digest[:8])  # a file that keeps the promise
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", digest[:8])  # a file that keeps the promise
     assert fid.load_inception() is not None
 
 

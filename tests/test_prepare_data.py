@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 import prepare_data
 from model_vae import SCALE_FACTOR, load_vae
-from prepare_data import DataError, PreparedData, center_crop_arr, main, prepare, to_rgb
+from dataset import DataError, PreparedData, center_crop_arr, to_rgb
+from prepare_data import main, prepare
 
 GOLDEN = Path(__file__).parent / "golden"
 RES = 16
@@ -419,3 +420,29 @@ def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae,
             assert same, (out, name)
     counts = [json.loads((tmp_path / "counts" / f"{r}.json").read_text()) for r in (0, 1)]
     assert all(len(c) >= 2 for c in counts)  # both processes encoded batches, in both runs
+
+
+def test_a_zip_source_is_told_from_a_tar_once_not_per_image(tmp_path, monkeypatch):
+    """ImageFiles reads a zip's images without asking tarfile about the zip for every one of them."""
+    import tarfile
+
+    from dataset import ImageFiles, list_source
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(3)]
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as z:
+        for i, p in enumerate(pixels):
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(p).save(path)
+            z.write(path, f"{i}.png")
+    files, labels, _ = list_source(tmp_path / "images.zip", "none")
+    asked = []
+    is_tarfile = tarfile.is_tarfile
+
+    def counted(name):
+        asked.append(name)
+        return is_tarfile(name)
+    monkeypatch.setattr(tarfile, "is_tarfile", counted)
+    reader = ImageFiles(tmp_path / "images.zip", files, labels, 8, 0)
+    assert [reader[i][0] for i in range(3)] == [0, 1, 2] and asked == []
+    for i in range(3):
+        assert np.array_equal(reader[i][1], pixels[i])  # 8x8 at 8: the crop is the image itself

@@ -157,11 +157,13 @@ def test_grid_is_the_first_images_of_the_set(ckpt, reference, tmp_path):
     _, ref = reference
     run("--ckpt", ckpt, "--grid", 5, "--out", tmp_path / "grid.png", "--batch-size", 2, *FAST)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2, 3)  # 3 columns, 2 rows, 2-pixel borders
+    # 3 columns, 2 rows, 2-pixel borders; each 8x8 image shown 64x64, every pixel an 8x8 square
+    assert grid.shape == (2 * (64 + 2) + 2, 3 * (64 + 2) + 2, 3)
     for i in range(5):
         r, c = divmod(i, 3)
-        assert np.array_equal(grid[2 + 10 * r:10 + 10 * r, 2 + 10 * c:10 + 10 * c], ref[i])
-    assert grid[:2].max() == 0 and grid[-12:, -10:].max() == 0  # the border and the empty sixth cell
+        cell = grid[2 + 66 * r:66 + 66 * r, 2 + 66 * c:66 + 66 * c]
+        assert np.array_equal(cell, ref[i].repeat(8, 0).repeat(8, 1))
+    assert grid[:2].max() == 0 and grid[-68:, -66:].max() == 0  # the border and the empty sixth cell
 
 
 def test_latent_model_decodes_with_the_vae(tmp_path):
@@ -193,7 +195,7 @@ def test_latent_model_decodes_with_the_vae(tmp_path):
 def test_write_grid_as_train_py_calls_it_grayscale_to_rgb(tmp_path):
     model = tiny_dit(in_channels=1).train()  # a one-channel pixel-space model (the digits), mid-training
     path = sampling.write_grid(model, tmp_path / "g.png", noise_schedule="cosine", vae="none", num=4, seed=0,
-                               steps=5, sampler="ddim", device="cpu", min_side=64)
+                               steps=5, sampler="ddim", device="cpu")
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3) and model.training  # 8x8 images shown 64x64
     assert np.array_equal(grid[..., 0], grid[..., 1]) and np.array_equal(grid[..., 0], grid[..., 2])

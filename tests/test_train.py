@@ -15,9 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dmp
+import heldout
 import load
 import train
+import training
 from checkpoints import read_state_dict
+from dataset import PreparedData
+from diffusion import create_diffusion
 
 ROOT = Path(__file__).parents[1]
 FAST = ["--dataset", "digits", "--batch-size", "16", "--sample-every", "0", "--eval-every", "0", "--device", "cpu",
@@ -90,12 +94,13 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 import train
-real, count = train.compute_loss, [0]
+import training
+real, count = training.compute_loss, [0]
 def compute_loss(*args):
     loss, terms = real(*args)
     count[0] += 1
     return (loss * float("nan"), terms * float("nan")) if count[0] > 2 else (loss, terms)
-train.compute_loss = compute_loss
+training.compute_loss = compute_loss
 train.main({FAST + ["--results-dir", str(tmp_path / "runs"), "--iterations", "6", "--ckpt-every", "2"]!r})
 """
     out = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, capture_output=True, text=True)
@@ -167,15 +172,15 @@ def _ddp_worker(rank, world, port, base, out):
 def _gradients(base, rank=0, world=1):
     """The gradient of one DMP training step's loss, computed on this process's share of the batch."""
     args = train.parse_args(FAST + ["--init", str(base), "--method", "dmp", "--batch-size", "8"])
-    data = train.PreparedData(args.data)
-    rows, _ = train.split(data, args.holdout)
+    data = PreparedData(args.data)
+    rows, _ = training.split(data, args.holdout)
     model, groups = train.build_model(args, data)
     with torch.no_grad():  # non-zero prompts (the same on every process): the gate gets a gradient too
         prompts = model.block_input.prompts
         prompts.copy_(torch.randn(prompts.shape, generator=torch.Generator().manual_seed(0)))
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    batch = train.get_batch(data, rows, 5, args, torch.device("cpu"), rank, world)
-    loss, _ = train.compute_loss(wrapped, model, train.create_diffusion("", args.noise_schedule), batch, args)
+    batch = training.get_batch(data, rows, 5, args, torch.device("cpu"), rank, world)
+    loss, _ = training.compute_loss(wrapped, model, create_diffusion("", args.noise_schedule), batch, args)
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -260,7 +265,8 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
         ckpt_arg = str(ckpt) if name == "dmp" else str(tmp_path / "sd-tiny.safetensors")
         sample.main(common + ["--ckpt", ckpt_arg, "--out", str(tmp_path / f"{name}.png"), *extra])
         images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
-    assert images["base"].shape == (2 + 34, 2 * 34 + 2, 3) and images["base"].std() > 5
+    # two 32x32 images, shown 64x64 in the grid (sampling.save_grid), 2-pixel borders
+    assert images["base"].shape == (2 + 66, 2 * 66 + 2, 3) and images["base"].std() > 5
     assert np.array_equal(images["zero"], images["base"])  # a zero-initialised patch changes nothing
     assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does (weights 1/256: a little)
 
@@ -320,7 +326,7 @@ def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_pr
                         ("cfg1", ["--ckpt", str(base), "--cfg-scale", "1"])):
         sample.main(args + extra + ["--out", str(tmp_path / f"{name}.png")])
         images[name] = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(int)
-    assert images["base"].shape == (2 + 10, 2 * 10 + 2, 3) and images["base"].std() > 5
+    assert images["base"].shape == (2 + 66, 2 * 66 + 2, 3) and images["base"].std() > 5  # 8x8 as 64x64
     assert np.array_equal(images["zero"], images["base"])  # a zero-initialised patch changes nothing
     assert np.abs(images["dmp"] - images["base"]).max() >= 1  # the trained one does
     assert np.abs(images["cfg1"] - images["base"]).max() >= 1  # the default 1.5 guides against the null embedding
@@ -367,7 +373,7 @@ def test_a_run_folder_is_claimed_never_reused_nor_left_empty(tmp_path, unchanged
 
     def broken(*args):
         raise RuntimeError("a fault before the first log line")
-    monkeypatch.setattr(train, "compute_loss", broken)
+    monkeypatch.setattr(training, "compute_loss", broken)
     with pytest.raises(RuntimeError, match="before the first log line"):
         train.main(common + ["--seed", "4"])
     assert sorted(p.name for p in runs.iterdir()) == ["001-digits-pretrain", "002-digits-pretrain"]
@@ -408,11 +414,11 @@ def test_init_checkpoint_holds_the_ema_it_measured_and_resume_restores_it(tmp_pa
     assert all(e["weights"] == "raw" for e in log_of(whole) if "loss" in e)
     # What the run reported is what the saved file gives when measured again.
     args = train.parse_args(FAST + ["--init", str(base_checkpoint)])
-    data = train.PreparedData(args.data)
-    _, heldout = train.split(data, args.holdout)
+    data = PreparedData(args.data)
+    _, heldout_rows = training.split(data, args.holdout)
     model = load.load_model(str(train.checkpoints(whole)[-1]))
-    diffusion = train.create_diffusion("", "cosine")
-    again = train.evaluate(model, diffusion, data, heldout, args, torch.device("cpu"))
+    diffusion = create_diffusion("", "cosine")
+    again = heldout.evaluate(model, diffusion, data, heldout_rows, args, torch.device("cpu"))
     assert again["heldout_loss"] == pytest.approx(logged[0]["heldout_loss"], rel=1e-6)
 
 
@@ -445,10 +451,10 @@ def test_the_logged_mean_covers_exactly_the_steps_since_the_last_log(tmp_path):
 
 
 def test_init_from_a_dit_without_learned_variance(tmp_path):
-    from model_dit import DiT
+    from model_dit import DIGITS_MODEL, DiT
     torch.manual_seed(0)
     model = DiT(input_size=8, in_channels=1, learn_sigma=False, num_classes=1,
-                class_dropout_prob=0.0, **train.DIGITS_MODEL)
+                class_dropout_prob=0.0, **DIGITS_MODEL)
     torch.save(dict(model=model.state_dict(), config=model.config, noise_schedule="cosine",
                     vae="none"), tmp_path / "eps_only.pt")
     run_dir = run(tmp_path, "--init", str(tmp_path / "eps_only.pt"), "--iterations", "2",
@@ -543,7 +549,7 @@ def test_grad_accum_equals_one_batch_and_resumes_bit_identically(tmp_path):
         assert max((a[key][k] - b[key][k]).abs().max() for k in a[key]) < 1e-5
     assert max(v.abs().max() for v in b["raw_state"].values()) > 1e-2  # the prompts and gate moved
     for x, y in zip(*[[e for e in log_of(d) if "loss" in e] for d in (one, four)], strict=True):
-        assert [x[k] for k in train.LOG_TERMS] == pytest.approx([y[k] for k in train.LOG_TERMS],
+        assert [x[k] for k in training.LOG_TERMS] == pytest.approx([y[k] for k in training.LOG_TERMS],
                                                                 rel=1e-5, abs=1e-9)
     part = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "2", "--ckpt-every", "2",
                name="part")
@@ -570,8 +576,8 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
     for selection in ("soft", "hard"):
         args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp",
                                         "--selection", selection])
-        data = train.PreparedData(args.data)
-        rows, _ = train.split(data, args.holdout)
+        data = PreparedData(args.data)
+        rows, _ = training.split(data, args.holdout)
         model, _ = train.build_model(args, data)
         mop = model.train().block_input
         gen = torch.Generator().manual_seed(0)
@@ -587,19 +593,19 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
             taken[0] += len(like)
             return out
         monkeypatch.setattr(torch, "randn_like", gate_noise)
-        batch = train.get_batch(data, rows, 3, args, cpu)
-        diffusion = train.create_diffusion("", args.noise_schedule)
-        whole = train.compute_loss(model, model, diffusion, batch, args)[1]
+        batch = training.get_batch(data, rows, 3, args, cpu)
+        diffusion = create_diffusion("", args.noise_schedule)
+        whole = training.compute_loss(model, model, diffusion, batch, args)[1]
         sums = [mop.load]
         taken[0] = 0
         parts = []
         for i in range(0, 16, 4):
-            micro = train.micro_batch(batch, slice(i, i + 4))
-            parts.append(train.compute_loss(model, model, diffusion, micro, args)[1])
+            micro = training.micro_batch(batch, slice(i, i + 4))
+            parts.append(training.compute_loss(model, model, diffusion, micro, args)[1])
             sums.append(mop.load)
         monkeypatch.undo()
         means = zip(whole.tolist(), torch.stack(parts).mean(0).tolist(), strict=True)
-        losses[selection] = dict(zip(train.LOG_TERMS, means, strict=True))
+        losses[selection] = dict(zip(training.LOG_TERMS, means, strict=True))
     soft, hard = losses["soft"], losses["hard"]
     assert soft["importance"][0] > 1e-3 and hard["importance"][0] > 1e-3
     for terms in (soft, hard):
@@ -643,23 +649,23 @@ def test_fp16_with_a_gradient_scaler_on_cpu(tmp_path, monkeypatch):
     assert [e["precision"] for e in log_of(part) if e.get("event") == "resume"] == ["fp16"]
 
     args = train.parse_args(FAST + ["--precision", "fp16"])
-    data = train.PreparedData(args.data)
-    rows, _ = train.split(data, args.holdout)
+    data = PreparedData(args.data)
+    rows, _ = training.split(data, args.holdout)
     model, groups = train.build_model(args, data)
     opt = torch.optim.AdamW(groups[0]["params"], lr=1e-3)
-    autocast, scaler = train.mixed_precision("fp16", torch.device("cpu"))
+    autocast, scaler = training.mixed_precision("fp16", torch.device("cpu"))
     scaler.load_state_dict(dict(scaler.state_dict(), scale=1.0))  # this model's gradients fit fp16
-    diffusion = train.create_diffusion("", args.noise_schedule)
-    real = train.compute_loss
+    diffusion = create_diffusion("", args.noise_schedule)
+    real = training.compute_loss
 
     def overflowing(*a):
         loss, terms = real(*a)
         return loss * float("inf"), terms
     for overflow in (True, False):
         before = [p.detach().clone() for p in model.parameters()]
-        monkeypatch.setattr(train, "compute_loss", overflowing if overflow else real)
-        batch = train.get_batch(data, rows, 0, args, torch.device("cpu"))
-        train.train_step(model, model, diffusion, opt, batch, args, autocast, scaler)
+        monkeypatch.setattr(training, "compute_loss", overflowing if overflow else real)
+        batch = training.get_batch(data, rows, 0, args, torch.device("cpu"))
+        training.train_step(model, model, diffusion, opt, batch, args, autocast, scaler)
         changed = [not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True)]
         assert scaler.get_scale() == 0.5  # halved by the overflow, then kept
         assert any(changed) != overflow
@@ -671,7 +677,7 @@ def test_an_out_of_memory_error_is_one_sentence_and_keeps_the_run(tmp_path, unch
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(train, "compute_loss", out_of_memory)
+    monkeypatch.setattr(training, "compute_loss", out_of_memory)
     code, text = cli("--resume", first, "--iterations", "2", "--grad-accum", "2")
     assert code == 1 and "\n" not in text
     assert text.startswith("error: out of memory on cpu at step 2: a global batch of 16 (16 on "
@@ -692,10 +698,10 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
     """
     from torch._dynamo.utils import counters
     args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp"])
-    data = train.PreparedData(args.data)
-    rows, _ = train.split(data, args.holdout)
-    diffusion = train.create_diffusion("", args.noise_schedule)
-    batch = train.get_batch(data, rows, 0, args, torch.device("cpu"))
+    data = PreparedData(args.data)
+    rows, _ = training.split(data, args.holdout)
+    diffusion = create_diffusion("", args.noise_schedule)
+    batch = training.get_batch(data, rows, 0, args, torch.device("cpu"))
     grads = []
     for compiled in (False, True):
         model, _ = train.build_model(args, data)
@@ -705,10 +711,28 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
         if compiled:
             torch._dynamo.reset()
             counters.clear()
-            train.compile_blocks(model, backend="aot_eager")
-        loss, _ = train.compute_loss(model, model, diffusion, batch, args)
+            training.compile_blocks(model, backend="aot_eager")
+        loss, _ = training.compute_loss(model, model, diffusion, batch, args)
         loss.backward()
         grads.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
     assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["total"] == 1
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_flips_are_a_switch_the_digits_presets_turn_off_and_the_command_line_back_on():
+    assert train.parse_args(["--dataset", "digits"]).flip is False
+    assert train.parse_args(["--dataset", "demo"]).flip is False
+    assert train.parse_args(["--dataset", "ffhq"]).flip is True
+    assert train.parse_args(["--dataset", "ffhq", "--no-flip"]).flip is False
+    args = train.parse_args(["--dataset", "digits", "--flip", "--batch-size", "16"])
+    assert args.flip is True
+    data = PreparedData(args.data)
+    rows, _ = training.split(data, args.holdout)
+    flipped = training.get_batch(data, rows, 0, args, torch.device("cpu"))[0]
+    args.flip = False
+    plain = training.get_batch(data, rows, 0, args, torch.device("cpu"))[0]
+    mirrored = [i for i in range(16) if not torch.equal(flipped[i], plain[i])]
+    assert 0 < len(mirrored) < 16  # each image flipped with probability 1/2
+    for i in mirrored:
+        assert torch.equal(flipped[i], plain[i].flip(-1))

@@ -1,0 +1,283 @@
+"""
+The data: source images and the prepared folders train.py reads.
+
+    source images   a folder, a zip, a .tar or a folder of .tar shards (webdataset, as img2dataset
+                    writes them), listed (list_source), read and centre-cropped as ADM/DiT do
+                    (ImageFiles), with their captions (read_captions)
+    prepared data   what prepare_data.py stores of each image (encode: the pixels, or the VAE
+                    posterior of the image and its mirror) and what train.py draws from it
+                    (PreparedData: a fresh latent every step, as DiT's train.py)
+
+prepare_data.py writes prepared folders from sources, fid.py reads sources for its reference sets,
+train.py, study.py and bench.py read prepared folders. The layout of a prepared folder is in
+prepare_data.py's docstring.
+"""
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+FORMAT = "dmp-prepared-data"
+VERSION = 1
+
+
+class DataError(ValueError):
+    """Input or output that cannot be used; the message is one sentence naming the path and the
+    problem."""
+
+
+#################################################################################
+#                   Images: RGB conversion and the ADM centre crop              #
+#################################################################################
+
+def to_rgb(img):
+    """
+    Any PIL image as 8-bit RGB. Differences from DiT's plain img.convert('RGB'), each for a reason:
+    16-bit grayscale (I;16*, I) is scaled to 8 bits (PIL's convert clips everything above 255 to
+    white), and transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited on
+    white instead of dropped (dropping it shows whatever colour the transparent pixels happen to
+    hold). CMYK, L, P and the rest go through PIL's convert, ICC profiles ignored as in DiT. EXIF
+    orientation is not applied, as in DiT/ADM.
+    """
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale ("I" assumed so)
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))  # round(v 255 / 65535)
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's centre crop, as in DiT's train.py: BOX-halve while large, BICUBIC to size, crop.
+    Returns uint8 HWC."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    size = tuple(round(x * scale) for x in pil_image.size)
+    pil_image = pil_image.resize(size, resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+
+
+def to_model_input(x):
+    """uint8 [B, C, H, W] -> float32 in [-1, 1], exactly as DiT's ToTensor() then Normalize(0.5,
+    0.5)."""
+    return (x.float() / 255 - 0.5) / 0.5
+
+
+#################################################################################
+#                      Sources: a folder or a zip, and labels                   #
+#################################################################################
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def tar_names(path):
+    with tarfile.open(path) as t:
+        return [m.name for m in t.getmembers() if m.isfile()]
+
+
+def list_source(src, labels):
+    """Sorted relative paths of every file in `src` (hidden files and __MACOSX left out), their
+    labels, class names."""
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
+            files = [n for n in z.namelist() if not n.endswith("/")]
+    elif src.is_file() and tarfile.is_tarfile(src):
+        files = tar_names(src)
+    elif src.is_dir():
+        files = [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
+                 for d, _, names in os.walk(src, followlinks=True) for f in names]
+        files = [m for f in files
+                 for m in ([f"{f}/{n}" for n in tar_names(src / f)] if f.endswith(".tar") else [f])]
+    else:
+        raise DataError(f"{src}: not a folder, a zip or a tar file of images")
+    files = sorted(f for f in files
+                   if not any(p.startswith(".") or p == "__MACOSX" for p in f.split("/")))
+    if not files:
+        raise DataError(f"{src}: holds no files")
+    if labels == "none":
+        return files, np.zeros(len(files), dtype=np.int64), []
+    # A zip whose entries all lie in one top folder with subfolders (a zipped train/): classes are
+    # one level down.
+    depth = int(zipfile.is_zipfile(src) and len({f.split("/")[0] for f in files}) == 1
+                and any(f.count("/") >= 2 for f in files))
+    folder = [f.split("/")[depth] if f.count("/") > depth else None for f in files]
+    class_names = sorted({c for c in folder if c is not None})
+    if not class_names:
+        raise DataError(f"{src}: --labels folders needs one folder per class, and it has no "
+                        f"folders")
+    index = {name: i for i, name in enumerate(class_names)}
+    y = [index[c] if c is not None else -1 for c in folder]  # -1: a file outside every class folder
+    return files, np.array(y, dtype=np.int64), class_names
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Files `start:` of the source, each as (row, centre-cropped uint8 HWC image or None, why
+    not)."""
+    def __init__(self, src, files, labels, resolution, start, grayscale=False, captions=None):
+        self.src, self.files, self.labels = src, files, labels
+        self.resolution, self.start = resolution, start
+        self.grayscale, self.captions = grayscale, captions
+        # What the source is, found once (list_source's order: a zip, else a tar; or a folder)
+        self.kind = "folder"
+        if not src.is_dir():
+            self.kind = "zip" if zipfile.is_zipfile(src) else "tar"
+        self.zip, self.tars = None, {}  # opened lazily, once per DataLoader worker
+
+    def __len__(self):
+        return len(self.files) - self.start
+
+    def tar(self, path):
+        if path not in self.tars:
+            self.tars[path] = tarfile.open(path)
+        return self.tars[path]
+
+    def read(self, name):
+        """The bytes of file `name` of the source (a shard's file: shard.tar/member)."""
+        if self.kind == "folder":
+            shard, tar, member = name.partition(".tar/")
+            if tar:
+                return self.tar(self.src / (shard + ".tar")).extractfile(member).read()
+            return (self.src / name).read_bytes()
+        if self.kind == "tar":
+            return self.tar(self.src).extractfile(name).read()
+        if self.zip is None:
+            self.zip = zipfile.ZipFile(self.src)
+        return self.zip.read(name)
+
+    def __getitem__(self, i):
+        row = self.start + i
+        if self.labels[row] < 0:
+            return row, None, "not inside a class folder"
+        if self.captions is not None and not self.captions[row]:
+            return row, None, "no caption"
+        try:
+            with Image.open(io.BytesIO(self.read(self.files[row]))) as img:
+                img.load()  # decodes the whole file: truncated data fails here
+                img = to_rgb(img)
+                if self.grayscale:
+                    img = img.convert("L")  # ITU-R 601 luma
+                pixels = center_crop_arr(img, self.resolution)
+                return row, pixels.reshape(self.resolution, self.resolution, -1), ""
+        except UnidentifiedImageError:
+            return row, None, "not an image file PIL can read"
+        except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
+            reason = f"{type(e).__name__}: {str(e).strip()}".splitlines() or [""]
+            return row, None, reason[0][:200]
+
+
+def read_captions(src, files, captions):
+    """
+    The images among `files` and each one's list of captions: 'txt', the text file of the same name
+    beside it (a folder, zip or webdataset shard); or a COCO captions JSON
+    (captions_train2014.json), matched by file name.
+    """
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if captions == "txt":
+        texts = {f for f in files if f.endswith(".txt")}
+        reader = ImageFiles(src, files, None, 0, 0)
+        found = []
+        for f in tqdm(images, desc="reading captions", unit="img", leave=False):
+            name = os.path.splitext(f)[0] + ".txt"
+            text = ""
+            if name in texts:
+                text = reader.read(name).decode("utf-8", errors="replace").strip()
+            found.append([text] if text else [])
+        return images, found
+    try:
+        coco = json.loads(Path(captions).expanduser().read_text())
+        names = {im["id"]: im["file_name"] for im in coco["images"]}
+        by_name = {}
+        for a in coco["annotations"]:
+            by_name.setdefault(names[a["image_id"]], []).append(a["caption"].strip())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{captions}: not a COCO captions file (a JSON with images and "
+                        f"annotations; {type(e).__name__}), nor 'txt'") from None
+    return images, [by_name.get(f.rsplit("/", 1)[-1], []) for f in images]
+
+
+#################################################################################
+#          Prepared data: what prepare_data.py stores, what train.py reads       #
+#################################################################################
+
+@torch.no_grad()
+def encode(model, pixels, device):
+    """uint8 [B, C, H, W] -> what is stored: the pixels themselves, or [B, 2, 2, z, h, w] float16
+    posteriors."""
+    if model is None:
+        return pixels.numpy()
+    x = to_model_input(pixels.to(device))
+    mean, std = model.encode(torch.cat([x, x.flip(3)]))  # image and mirror in one batch
+    moments = torch.stack([mean, std], dim=1)  # [2B, 2, z, h, w]
+    return torch.stack(moments.chunk(2), dim=1).half().cpu().numpy()  # [B, mirror, moment, z, h, w]
+
+
+
+class PreparedData:
+    """
+    A prepared folder, memory-mapped. batch(indices, flip, generator) -> (x, y): x float32 [B,
+    *shape], for latents a fresh sample (mean + std * randn) * scale_factor of the image or its
+    mirror, for pixels the image in [-1, 1]; y int64 [B]. Indices run over the usable images
+    (skipped rows left out), 0 .. len - 1.
+    """
+    def __init__(self, path):
+        path = Path(path).expanduser()
+        try:
+            m = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError):
+            raise DataError(f"{path}: no readable manifest.json; run prepare_data.py first (an "
+                            f"unfinished run leaves {path.name}.partial, resumed by rerunning "
+                            f"it)") from None
+        if m.get("format") != FORMAT or m.get("version", 0) > VERSION:
+            raise DataError(f"{path}: not prepared data this code reads (format {m.get('format')}, "
+                            f"version {m.get('version')})")
+        self.manifest, self.kind, self.vae = m, m["kind"], m["vae"]
+        self.scale_factor, self.num_classes = m["scale_factor"], m["num_classes"]
+        self.class_names, self.shape = m["class_names"], tuple(m["shape"])
+        self.data = np.load(path / m["array"], mmap_mode="r")
+        self.rows = np.setdiff1d(np.arange(m["stored_shape"][0]), [s["row"] for s in m["skipped"]])
+        if not len(self.rows):
+            raise DataError(f"{path}: holds no usable image (every file was skipped; manifest.json "
+                            f"says why)")
+        self.labels = np.load(path / "labels.npy")[self.rows]
+        # Text-to-image data: each usable image's list of captions (train.py draws one per step).
+        self.captions = None
+        if m.get("captions"):
+            every = json.loads((path / m["captions"]).read_text())
+            self.captions = [every[r] for r in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, indices, flip, generator=None, device="cpu", noise=None):
+        """
+        `flip`: one bool per index (or one for all): take the mirror. The latents' noise is `noise`
+        when given, else drawn from `generator` on its own device (a CUDA generator avoids the CPU
+        work); float16 -> float32 and the sum happen on `device`.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        rows, y = self.rows[indices], torch.from_numpy(self.labels[indices]).to(device)
+        flip = np.broadcast_to(np.asarray(flip, dtype=bool), rows.shape)
+        if self.kind == "pixels":
+            x = torch.from_numpy(self.data[rows]).to(device)
+            mirrored = torch.from_numpy(flip.copy()).to(device)[:, None, None, None]
+            x = torch.where(mirrored, x.flip(3), x)
+            return to_model_input(x), y
+        moments = self.data[rows, flip.astype(np.int64)]  # [B, 2, z, h, w]
+        moments = torch.from_numpy(moments).to(device).float()
+        mean, std = moments.unbind(1)
+        if noise is None:
+            noise_device = generator.device if generator is not None else device
+            noise = torch.randn(mean.shape, generator=generator, device=noise_device)
+        return (mean + std * noise.to(device)) * self.scale_factor, y

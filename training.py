@@ -1,0 +1,243 @@
+"""
+One training step, what train.py's loop runs and bench.py and memory.py time and measure: the batch
+of a step, every draw in it a function of (seed, step) so that a resumed run draws what an
+uninterrupted one drew; the loss (the hybrid diffusion loss plus DMP's balancing losses);
+micro-batches, mixed precision and the EMA; the optimizer and compiled blocks.
+
+`args` is train.py's settings (parse_args); each function reads the few it names.
+"""
+import contextlib
+import functools
+
+import numpy as np
+import torch
+
+import dmp
+from distributed import seed_of
+from model_clip import caption_embeddings, encode_text
+from model_unet import UNet_configs
+
+
+#################################################################################
+#                     Data: every draw a function of (seed, step)               #
+#################################################################################
+
+def split(data, holdout):
+    """Training and held-out indices: a fixed random `holdout` images (seed 0, whatever --seed)."""
+    perm = np.random.default_rng(0).permutation(len(data))
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed, epoch, n):
+    """The order of the training images in an epoch: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def get_batch(data, train_rows, step, args, device, rank=0, world=1):
+    """
+    This process's share of step `step`'s global batch: images (epoch after epoch, each a fresh
+    permutation), flips, timesteps and noise. The global draws are the same on every process and
+    each takes its slice, so the data a step sees does not depend on the number of processes.
+    """
+    G, start = args.batch_size, step * args.batch_size
+    epochs, positions = divmod(np.arange(start, start + G), len(train_rows))
+    idx = np.array([epoch_order(args.seed, e, len(train_rows))[i]
+                    for e, i in zip(epochs, positions, strict=True)])
+    rng = np.random.default_rng(seed_of(args.seed, step, 1))
+    flip = np.zeros(G, bool)
+    if args.flip:
+        flip = rng.random(G) < 0.5
+    gen = torch.Generator(device).manual_seed(seed_of(args.seed, step))
+    t = torch.randint(0, 1000, (G,), generator=gen, device=device)
+    noise = torch.randn((G, *data.shape), generator=gen, device=device)
+    # latents: z = mean + std * posterior_noise
+    posterior_noise = torch.randn((G, *data.shape), generator=gen, device=device)
+    local = slice(rank * G // world, (rank + 1) * G // world)
+    x, y = data.batch(train_rows[idx[local]], flip[local], device=device,
+                      noise=posterior_noise[local])
+    if args.unconditional:
+        y = torch.zeros_like(y)
+    if args.text:  # one of the image's captions (COCO has five), or "" (caption dropout)
+        captions = [data.captions[train_rows[i]] for i in idx]
+        pick = [int(rng.integers(len(c))) for c in captions]
+        drop = rng.random(G) < args.caption_dropout
+        y = ["" if d else c[j] for c, j, d in zip(captions, pick, drop, strict=True)][local]
+    return x, y, t[local], noise[local]
+
+
+#################################################################################
+#            The training step: micro-batches, precision and memory             #
+#################################################################################
+
+LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
+
+
+def compute_loss(model, raw, diffusion, batch, args):
+    """
+    The hybrid diffusion loss plus DMP's balancing losses (zero for other methods); y in the batch
+    is the model's condition (a tensor, or a dict of the model's keyword arguments). Returns the
+    loss and the LOG_TERMS.
+    """
+    x, y, t, noise = batch
+    if not isinstance(y, dict):
+        y = dict(y=y)
+    terms = diffusion.training_losses(model, x, t, y, noise=noise)
+    importance, balance = dmp.balancing_losses(raw)  # Eqs. 12-13 and Eq. 11 ("load")
+    loss = terms["loss"].mean() + args.importance_coef * importance + args.load_coef * balance
+    vb = terms.get("vb", terms["mse"] * 0)
+    return loss, torch.stack([loss, terms["mse"].mean(), vb.mean(), importance, balance])
+
+
+def class_labels(y):
+    """Class labels (or the model's inputs, as a dict) condition the model as they are."""
+    return y
+
+
+def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
+               condition=class_labels, ema=None):
+    """
+    One optimisation step, what train.py's loop and bench.py run: this process's share of the
+    step's global batch (get_batch's) in args.grad_accum micro-batches whose gradients add up
+    before the optimizer's step, then the EMA (`ema`: ema_pairs). `condition` turns the batch's
+    y into the model's condition (conditioning's choice; class labels by default). Returns the
+    step's LOG_TERMS, means over the share, on the device (no host sync).
+
+    Each micro-batch's loss is divided by K, so the summed gradients are the whole share's to float
+    rounding. Every term is a mean over samples, hence additive: the diffusion loss, the importance
+    loss (the CV^2 across prompts of each sample's gate weights, averaged over the batch: Eqs.
+    12-13) and Eq. 11's load (a count per sample). Hard selection's load is the exception: Shazeer
+    et al.'s smooth estimator is, per block, the CV^2 of S, the sum over the batch of each sample's
+    probabilities of keeping each prompt. Each micro-batch (and under DDP each process, as before)
+    takes it of its own sum S_k, and the step's load is the mean over k of CV^2(S_k), where the
+    whole batch's is CV^2(sum_k S_k). With w_k = mean(S_k) / mean(S), CV^2(S) <= sum_k w_k
+    CV^2(S_k) (a standard deviation is a seminorm, and squaring is convex), and w_k is 1/K to
+    within how far each sample's probabilities are from summing to top_k: to that tolerance the
+    step's load is at least the batch's and pushes toward balance at least as hard
+    (tests/test_train.py checks the inequality; there w_k is 1/K to 4%). The draws inside the
+    forward pass (label dropout, the gate's noise) come from torch's generator, seeded per step
+    and process by the loop: like their split over processes, their split over micro-batches
+    changes which numbers are drawn, not their distribution; the data, timesteps and noise
+    (get_batch) are the same whatever the split.
+    """
+    K, size = args.grad_accum, len(batch[0])
+    # Before the forward: the last step's gradients are freed before the activations build up.
+    opt.zero_grad(set_to_none=True)
+    terms_sum = 0
+    for m in range(K):
+        micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
+        # DDP: gradients are averaged over processes once, after the last micro-batch
+        last = m == K - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if last else model.no_sync():
+            with autocast:
+                loss, terms = compute_loss(model, raw, diffusion, micro, args)
+            loss = loss / K
+            if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
+                loss = scaler.scale(loss)
+            loss.backward()
+        terms_sum = terms_sum + terms.detach().float() / K
+    if scaler is None:
+        opt.step()
+    else:  # fp16: skips the step if a gradient overflowed (the scale then halves), else unscales
+        scaler.step(opt)
+        scaler.update()
+    if ema is not None:
+        torch._foreach_lerp_(*ema, 1 - args.ema)  # ema += (1 - decay) (param - ema)
+    return terms_sum
+
+
+def micro_batch(batch, part, condition=class_labels):
+    """Slice `part` of a batch, its y made the model's condition (conditioning's function)."""
+    x, y, t, noise = batch
+    if isinstance(y, dict):
+        y = {k: v[part] for k, v in y.items()}
+    else:
+        y = y[part]
+    return x[part], condition(y), t[part], noise[part]
+
+
+def conditioning(model_name, text_encoder):
+    """
+    What turns a batch's y into the model's condition, chosen once before the loop: class labels
+    as they are; captions through the frozen text encoder on the fly, giving SD's UNet its context
+    or a DiT its pooled embedding ("": the null one).
+    """
+    if text_encoder is None:
+        return class_labels
+    if model_name in UNet_configs:
+        return functools.partial(unet_context, text_encoder)
+    return functools.partial(caption_embeddings, text_encoder)
+
+
+def unet_context(text_encoder, captions):
+    """SD's UNet's condition: the text encoder's last hidden states of the captions."""
+    return dict(context=encode_text(text_encoder, captions)[0])
+
+
+def ema_pairs(ema, raw):
+    """
+    (EMA weights, live weights) of the trained weights: train_step's update (official DiT's); None
+    for a run that keeps no EMA.
+    """
+    if ema is None:
+        return None
+    return tuple(zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters(), strict=True)
+                       if p.requires_grad], strict=True))
+
+
+#################################################################################
+#                    The optimizer, precision, compiled blocks                  #
+#################################################################################
+
+def optimizer(groups, args):
+    """AdamW over the method's parameter groups, each at --lr times its lr_scale."""
+    return torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
+                             lr=args.lr, weight_decay=args.weight_decay)
+
+
+# --precision: what each choice runs, as printed at the start of a run.
+PRECISIONS = dict(fp32="fp32, no autocast", bf16="bf16 autocast",
+                  fp16="fp16 autocast with a gradient scaler")
+
+
+def choose_precision(requested, device):
+    """
+    --precision, or the device's default: bf16 autocast on a GPU that computes in bf16 (Ampere and
+    later), fp16 autocast on one that does not (V100, T4: bf16 would be emulated, slowly), fp32 on
+    CPU.
+    """
+    if requested:
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp16"
+
+
+def mixed_precision(precision, device):
+    """
+    (autocast context, gradient scaler or None). fp16 needs the scaler: the loss is multiplied
+    before the backward pass so that small gradients do not flush to zero in fp16, and a step whose
+    gradients overflow is skipped with the scale halved; bf16 has fp32's range and needs none.
+    """
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+    if precision == "fp16":
+        return autocast, torch.amp.GradScaler(device.type)
+    return autocast, None
+
+
+def compile_blocks(model, **options):
+    """
+    --compile: torch.compile each block (regional compilation). Identical blocks share one compiled
+    graph, so a DiT compiles one block, not 28, in seconds rather than minutes; what runs between
+    blocks (DMP's prompts and gate, checkpointing) stays eager.
+    """
+    if hasattr(model, "blocks"):
+        blocks = model.blocks
+    else:  # SD's UNet
+        blocks = [*model.input_blocks, model.middle_block, *model.output_blocks]
+    for block in blocks:
+        block.compile(**options)
+    return model
