@@ -1,10 +1,12 @@
 """sample.py: the same images whatever the processes and batch size, resuming, patches, the VAE path, the grid,
 bf16 on CPU, and one-sentence errors. Tiny random models, DDIM with eta = 1 (every step draws noise, as DDPM does;
 an untrained pixel-space model under DDPM without x0 clipping saturates every pixel, which would hide a mismatch)."""
+import errno
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +319,17 @@ def test_errors_are_one_line_and_a_full_disk_keeps_the_images(ckpt, reference, t
     assert not (tmp_path / ".set.npz.tmp").exists() and not (tmp_path / "set.npz").exists()
     run("--ckpt", ckpt, "--num-samples", N, "--out", tmp_path / "set", *FAST)  # writes the .npz
     assert np.array_equal(npz(tmp_path / "set.npz"), reference[1])
+
+
+def test_a_settings_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while settings.json is written: one sentence, nothing sampled, no .tmp left."""
+    def full_disk(path, text, *args, **kwargs):
+        with open(path, "w") as f:
+            f.write(text[:5])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    batches = []
+    message = r"settings.json: could not be written \(No space left on device\); nothing was sampled"
+    with pytest.raises(sample.SampleError, match=message):
+        sample.write_samples(2, batches.append, tmp_path / "set", 1, dict(seed=0))
+    assert os.listdir(tmp_path / "set") == [] and batches == []
