@@ -41,15 +41,55 @@ def test_step_flops_match_flop_counter(mode):
     assert analytic["input_grad"] + analytic["weight_grad"] == pytest.approx(whole.get_total_flops(), rel=0.02)
 
 
-def test_dmp_step_needs_about_two_thirds_of_full_at_scale():
-    config = dict(input_size=32, in_channels=4, **CONFIGS["DiT-L/2"])
-    full, mop = bench.dit_flops(config, 128, "full"), bench.dit_flops(config, 128, "dmp")
-    assert full["forward"] == pytest.approx(mop["forward"], rel=1e-3)
-    assert full["step"] == pytest.approx(3 * full["forward"], rel=0.01)
-    # DMP: forward + input gradients, attention's counted twice (both operands are activations): 0.68x of full.
-    assert mop["step"] == pytest.approx(mop["forward"] + mop["input_grad"], rel=1e-5)
-    assert mop["step"] / full["step"] == pytest.approx(0.68, abs=0.005)
-    assert mop["weight_grad"] < 1e-4 * mop["step"]
+def test_flops_of_a_tiny_dit_worked_by_hand():
+    """
+    One image, 4x4 pixels, 1 channel, patch 2 (N = 4 tokens), width D = 4, one block, MLP H = 16,
+    learned sigma (F = 2 * 2 * 2 = 8 outputs a token); every figure is 2 x multiply-adds:
+      patch embedding 2*4*(1*4)*4 = 128; timestep MLP 2*256*4 = 2048 and 2*4*4 = 32
+      block: adaLN 2*4*24 = 192, qkv 2*4*4*12 = 384, scores 2*4*4*4 = 128, values 128,
+             proj 2*4*4*4 = 128, MLP 2*4*4*16 = 512 twice                              = 1984
+      final adaLN 2*4*8 = 64, final linear 2*4*4*8 = 256                   forward     = 4512
+    Full fine-tuning: input gradients of all but the patch embedding and the timestep MLP's first
+    layer (32 + 192 + 384 + 2*128 + 2*128 + 128 + 2*512 + 64 + 256 = 2592), weight gradients of
+    every layer with weights (4512 - 2*128 = 4256). DMP: the gate adds 2*4*4 = 32 (on c) and
+    2*1*1*4 = 8 (the block index) to the forward and is all that trains (40); the tokens' matmuls
+    still need input gradients (384 + 2*128 + 2*128 + 128 + 2*512 + 256 = 2304), c's none.
+    """
+    config = dict(input_size=4, patch_size=2, in_channels=1, hidden_size=4, depth=1, num_heads=1,
+                  learn_sigma=True)
+    assert bench.dit_flops(config, 1, "full") == dict(forward=4512, input_grad=2592,
+                                                      weight_grad=4256, step=11360)
+    assert bench.dit_flops(config, 1, "dmp") == dict(forward=4552, input_grad=2304,
+                                                     weight_grad=40, step=6896)
+    assert bench.dit_flops(config, 3, "full")["step"] == 3 * 11360  # every term is linear in B
+    # The figure the README and bench.py's comment quote: DMP's step is 0.68x full's on DiT-L/2.
+    large = dict(input_size=32, in_channels=4, **CONFIGS["DiT-L/2"])
+    ratio = bench.dit_flops(large, 128, "dmp")["step"] / bench.dit_flops(large, 128, "full")["step"]
+    assert ratio == pytest.approx(0.68, abs=0.005)
+
+
+def test_a_rows_speed_and_mfu_from_its_seconds():
+    """3 TFLOP a step in half a second, batch 4, on a 100 TFLOP/s card: 6 TFLOP/s, 6% MFU."""
+    row = bench.train_row("m", "dmp", 4, 0.5, dict(step=3e12), 100.0, memory_mb=12.5)
+    assert row == dict(row="train", model="m", mode="dmp", batch=4, ms_per_step=500.0,
+                       steps_per_s=2.0, images_per_s=8.0, tflop_per_step=3.0,
+                       achieved_tflops=6.0, mfu=0.06, peak_mem_mb=12.5)
+    assert bench.train_row("m", "dmp", 4, 0.5, dict(step=3e12), None)["mfu"] is None  # a CPU
+
+
+def test_sampling_rows_compile_when_asked(monkeypatch):
+    """--compile reaches the sampling rows: each block of the model they time is compiled."""
+    compiled = []
+
+    def compile_blocks(model, **options):
+        compiled.append(len(model.blocks))
+        return model
+    monkeypatch.setattr(bench.training, "compile_blocks", compile_blocks)
+    preset = bench.PRESETS["tiny"]
+    rows = bench.row_sample("tiny", preset, torch.device("cpu"), "fp32", True, 100.0)
+    assert compiled == [4] and all(r["compiled"] for r in rows)
+    bench.row_sample("tiny", preset, torch.device("cpu"), "fp32", False, None)
+    assert compiled == [4]
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
@@ -90,7 +130,7 @@ def test_every_row_has_every_field(tiny_rows):
         for field in ("batch", "ms_per_step", "steps_per_s", "images_per_s", "peak_mem_mb"):
             assert r[field] is not None and r[field] >= 0, (r, field)
         if r["row"] in ("train", "sample"):  # the peak given (100 TFLOP/s) reaches every MFU
-            assert r["tflop_per_step"] > 0 and r["mfu"] == pytest.approx(r["achieved_tflops"] / 100.0)
+            assert r["tflop_per_step"] > 0 and r["mfu"] > 0
     table = bench.format_table(tiny_rows)
     assert len(table.splitlines()) == 2 + sum(r["row"] != "ratio" for r in tiny_rows)
     named = [what for what, _, _ in bench.targets(tiny_rows)]
