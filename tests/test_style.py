@@ -56,3 +56,24 @@ def test_no_conditional_expression_is_a_statement():
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.IfExp):
                 found.append(f"{path.name}:{node.lineno}")
     assert found == []
+
+
+# The commands the README runs; everything else at the top level is a library they import.
+SCRIPTS = {"train", "sample", "bench", "study", "fid", "prepare_data"}
+
+
+def imported(path):
+    """The top-level names a file imports, at its head or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_no_module_imports_a_script():
+    """Scripts never import each other, nor does a library import a script: one home per concern."""
+    found = {p.stem: sorted(imported(p) & SCRIPTS - {p.stem}) for p in SOURCES}
+    assert SCRIPTS <= set(found) and {k: v for k, v in found.items() if v} == {}
