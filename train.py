@@ -14,8 +14,10 @@ RUN_DIR continues a run exactly: data order and every random draw are functions 
 so an interrupted run ends bit-identical to an uninterrupted one (on CPU; GPU kernels are not all
 deterministic).
 
-Reading order: the settings (parse_args), the data (get_batch), the step (train_step), the set-up
-(build_model and the functions after it), then run(), the loop.
+Reading order: the settings (parse_args), the set-up (settings() and the functions after it: data,
+model, optimizer, resume, run folder), what a run says and writes, then run(), the loop. One
+training step is training.py's (bench.py times the same function); the held-out numbers are
+heldout.py's.
 """
 import argparse
 import copy
@@ -293,37 +295,6 @@ def lora_rank(value):
     return int(value)
 
 
-def device_and_precision(args):
-    """
-    This process's device (TF32 matmuls on CUDA, as the official DiT) and its precision; torch's
-    CPU threads set to --threads.
-    """
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = distributed.local_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, training.choose_precision(args.precision, device)
-
-
-def out_of_memory(args, step, rank, world, device):
-    """The sentence an out-of-memory error becomes: the batch that failed and what would help."""
-    share = args.batch_size // world
-    micro = share // args.grad_accum
-    helps = []
-    if micro > 1:
-        helps.append(f"--grad-accum {2 * args.grad_accum} (micro-batches of {micro // 2})")
-    if not args.checkpointing:
-        helps.append("--checkpointing (each block recomputed in the backward pass)")
-    helps.append("a smaller --batch-size")
-    where = f"process {rank} of {world} ({device})" if world > 1 else str(device)
-    return (f"error: out of memory on {where} at step {step + 1}: a global batch of "
-            f"{args.batch_size} ({share} on this process in {args.grad_accum} micro-batch"
-            f"{'es' if args.grad_accum > 1 else ''} of {micro}) did not fit; "
-            f"{', '.join(helps[:-1])} or {helps[-1]} would help "
-            f"(python bench.py --estimate-memory estimates each)")
-
-
 #################################################################################
 #              Set-up: settings, data, model, optimizer, run folder             #
 #################################################################################
@@ -366,6 +337,19 @@ def training_data(args, world):
         raise DataError(f"--holdout {args.holdout} leaves no training images: {args.data} holds "
                         f"{len(data)}")
     return (data, *training.split(data, args.holdout))
+
+
+def device_and_precision(args):
+    """
+    This process's device (TF32 matmuls on CUDA, as the official DiT) and its precision; torch's
+    CPU threads set to --threads.
+    """
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = distributed.local_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, training.choose_precision(args.precision, device)
 
 
 def text_encoder_of(args, data, device):
@@ -545,6 +529,10 @@ def data_parallel(raw, args, world, device):
     return torch.nn.parallel.DistributedDataParallel(raw, device_ids=ids)
 
 
+#################################################################################
+#           What a run says and writes: log, checkpoints, grids, errors          #
+#################################################################################
+
 def start(log, args, step, data, rows, raw, trained, run_dir, device, **setting):
     """
     What rank 0 says at the start: a new run prints its data, what trains and its folder, and logs
@@ -564,6 +552,20 @@ def start(log, args, step, data, rows, raw, trained, run_dir, device, **setting)
     else:
         log(event="resume", step=step, world=setting["world"], precision=setting["precision"])
     print(f"precision: {training.PRECISIONS[setting['precision']]} ({device})")
+
+
+def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, before=None):
+    """
+    --eval-bpd: the held-out numbers (heldout.measure) of `model` (its `weights`, raw or EMA),
+    logged, and printed with those measured `before` training when there are some. Returns them.
+    """
+    numbers = heldout.measure(model, diffusion, data, *rows, args, device)
+    log(event="eval", step=step, weights=weights, **numbers)
+    if step == 0:
+        print(heldout.before_message(numbers, args, rows[1]))
+    elif before is not None:
+        print(heldout.after_message(before, numbers, args, rows[1], weights == "ema"))
+    return numbers
 
 
 def end_message(args, run_dir, step):
@@ -699,6 +701,24 @@ def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size, devi
                                   resolution=resolution)
 
 
+def out_of_memory(args, step, rank, world, device):
+    """The sentence an out-of-memory error becomes: the batch that failed and what would help."""
+    share = args.batch_size // world
+    micro = share // args.grad_accum
+    helps = []
+    if micro > 1:
+        helps.append(f"--grad-accum {2 * args.grad_accum} (micro-batches of {micro // 2})")
+    if not args.checkpointing:
+        helps.append("--checkpointing (each block recomputed in the backward pass)")
+    helps.append("a smaller --batch-size")
+    where = f"process {rank} of {world} ({device})" if world > 1 else str(device)
+    return (f"error: out of memory on {where} at step {step + 1}: a global batch of "
+            f"{args.batch_size} ({share} on this process in {args.grad_accum} micro-batch"
+            f"{'es' if args.grad_accum > 1 else ''} of {micro}) did not fit; "
+            f"{', '.join(helps[:-1])} or {helps[-1]} would help "
+            f"(python bench.py --estimate-memory estimates each)")
+
+
 #################################################################################
 #                                 Training Loop                                 #
 #################################################################################
@@ -725,20 +745,6 @@ def cli(argv=None):
         sys.exit(f"error: {e}")
     except OSError as e:  # a write that failed (disk full, permissions): what was written is kept
         sys.exit(f"error: {e.filename or 'writing the run'}: {e.strerror or e}")
-
-
-def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, before=None):
-    """
-    --eval-bpd: the held-out numbers (heldout.measure) of `model` (its `weights`, raw or EMA),
-    logged, and printed with those measured `before` training when there are some. Returns them.
-    """
-    numbers = heldout.measure(model, diffusion, data, *rows, args, device)
-    log(event="eval", step=step, weights=weights, **numbers)
-    if step == 0:
-        print(heldout.before_message(numbers, args, rows[1]))
-    elif before is not None:
-        print(heldout.after_message(before, numbers, args, rows[1], weights == "ema"))
-    return numbers
 
 
 def due(every, step, last=False):
