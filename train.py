@@ -254,7 +254,9 @@ def resumed_args(args, given, saved, run_dir):
     parse_args). Another setting given with a value other than the run's is refused: the run would
     silently go on without it.
     """
-    typed = vars(args)
+    typed, saved = vars(args), dict(saved)
+    if "no_flip" in saved:  # a run started when the flag was --no-flip alone keeps its flips
+        saved["flip"] = not saved.pop("no_flip")
     changed = sorted(k for k in given - RESUMABLE if k in saved and saved[k] != typed[k])
     if changed:
         flags = ", ".join(f"--{k.replace('_', '-')} {typed[k]} (the run's: {saved[k]})"

@@ -736,3 +736,14 @@ def test_flips_are_a_switch_the_digits_presets_turn_off_and_the_command_line_bac
     assert 0 < len(mirrored) < 16  # each image flipped with probability 1/2
     for i in mirrored:
         assert torch.equal(flipped[i], plain[i].flip(-1))
+
+
+def test_a_run_saved_with_the_old_no_flip_setting_resumes_without_flips(tmp_path):
+    """Runs started before --flip/--no-flip recorded no_flip: a resumed one keeps what it drew."""
+    saved = vars(train.parse_args(["--dataset", "ffhq"]))
+    del saved["flip"], saved["given"]
+    for no_flip in (True, False):
+        args = train.parse_args(["--resume", str(tmp_path)])
+        given = set(vars(args).pop("given"))
+        resumed = train.resumed_args(args, given, dict(saved, no_flip=no_flip), tmp_path)
+        assert resumed.flip is not no_flip and not hasattr(resumed, "no_flip")
