@@ -353,7 +353,8 @@ def test_bad_input_is_one_clear_sentence(tmp_path):
     Image.fromarray(uint8_images(1, 8, 0)[0]).save(os.path.join(folder, "000002.png"))
     with pytest.raises(fid.FIDError, match=r"000002.png is 8x8 but .*000000.png is 16x16"):
         list(fid.open_set(folder)["images"][1])
-    with pytest.raises(fid.FIDError, match="is not pytorch-fid's Inception weights"):
+    with pytest.raises(fid.FIDError, match=r"w.pth does not fit the FID Inception \(pytorch-fid's "
+                       r"weights\): missing .* \(565\); wrong shape fc.weight \(1\)"):
         torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "w.pth")
         fid.load_inception(str(tmp_path / "w.pth"))
 
