@@ -5,7 +5,7 @@ Speed and memory of the real code paths, on whatever device this runs on.
     python bench.py --compile --json bench.json
     python bench.py --preset cpu --rows train sample
     python bench.py --estimate-memory     # no GPU: peak memory of training steps, on fake tensors
-    python bench.py --suite device        # every GPU figure of the README, in one command
+    python bench.py --suite device        # every GPU figure of docs/speed-and-memory.md
 
 Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pretraining, full
 fine-tuning and DMP further-training (training.get_batch and train_step; dmp.patch); sampling with
@@ -617,8 +617,8 @@ def describe(device, precision, compile):
 #################################################################################
 #        The device suite: every figure a GPU can give, in one command          #
 #################################################################################
-# `python bench.py --suite device --json bench-gpu.json` measures, on one CUDA GPU, what the
-# README's speed table and the first run on CUDA (issue 19) need: training steps/s, MFU and peak
+# `python bench.py --suite device --json bench-gpu.json` measures, on one CUDA GPU, what the speed
+# table of docs/speed-and-memory.md and the first run on CUDA need: training steps/s, MFU and peak
 # memory, eager and with --compile; DiT-XL/2 DMP's peak with --checkpointing and with --grad-accum
 # 4; DDPM-250 sampling with and without a patch; VAE encoding; train.py and sample.py end to end on
 # the digits (train, SIGKILL, --resume, a grid, an FID set) and under torchrun (NCCL). How it stays
@@ -919,7 +919,7 @@ def write_json(path, obj):
 
 
 def setup_line(device, precision):
-    """The GPU (or CPU), torch, CUDA and NCCL versions and the date: what the README's rows cite."""
+    """The GPU (or CPU), torch, CUDA and NCCL versions and the date: what each row cites."""
     line = describe(device, precision, False)
     if device.type == "cuda":
         try:
@@ -969,9 +969,9 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the results here (atomically)")
     p.add_argument("--estimate-memory", nargs="*", metavar="MODEL:METHOD:BATCH[:MICRO][:ckpt]",
                    help="no GPU needed: estimate a training step's peak memory on fake tensors, "
-                   "for the README's rows or the ones given (e.g. DiT-XL/2:dmp:128:32:ckpt)")
+                   "for the documented rows or the ones given (e.g. DiT-XL/2:dmp:128:32:ckpt)")
     p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, "
-                   f"within {SUITE_BUDGET_S // 60} minutes on one H100 (the README's speed table)")
+                   f"within {SUITE_BUDGET_S // 60} minutes on one H100 (docs/speed-and-memory.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --suite: list its rows, commands and estimates")
     p.add_argument("--only", nargs="+", metavar="ROW",

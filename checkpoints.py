@@ -218,7 +218,9 @@ def load_strict(model, state_dict, path, what, fits="", dtype=torch.float32):
                                     ("wrong shape", wrong)) if keys]
     if problems:
         raise CheckpointError(f"{path} does not fit {what}: {'; '.join(problems)}{fits}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True, assign=True)
+    # Floating tensors in dtype; integer buffers (BatchNorm's num_batches_tracked) keep their own.
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 

@@ -19,7 +19,7 @@ from scipy import linalg
 from scipy.special import log_softmax, logsumexp
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, check_sha256, download
+from checkpoints import CheckpointError, check_sha256, download, load_strict, read_state_dict
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -257,22 +257,11 @@ def load_inception(path=None, device="cpu"):
         raise FIDError(f"{e}.") from None
     if not os.path.isfile(path):
         raise FIDError(f"{path} does not exist (expected pt_inception-2015-12-05-6726825d.pth).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises a variety of errors for a file that is no checkpoint
-        raise FIDError(f"{path} is not a weights file that torch.load(weights_only=True) can read "
-                       f"({type(e).__name__}).") from None
-    model = FIDInceptionV3()
-    keys = model.state_dict().keys()
-    if not isinstance(state, dict) or state.keys() != keys:
-        got = state.keys() if isinstance(state, dict) else set()
-        raise FIDError(f"{path} is not pytorch-fid's Inception weights ({len(keys - got)} keys "
-                       f"missing, {len(got - keys)} unexpected).")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        reason = " ".join(str(e).split())[:200]
-        raise FIDError(f"{path} does not fit the FID Inception ({reason}).") from None
+    try:  # checkpoints' one strict loader: keys and shapes exactly the network's, or one sentence
+        model = load_strict(FIDInceptionV3(), read_state_dict(path), path,
+                            "the FID Inception (pytorch-fid's weights)")
+    except CheckpointError as e:
+        raise FIDError(f"{e}.") from None
     return model.eval().requires_grad_(False).to(device)
 
 

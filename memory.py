@@ -65,7 +65,7 @@ MEMORY_MODELS = {
                                              channel_mult=[1, 2], num_heads=8, transformer_depth=1,
                                              context_dim=32), latent_size=8, text="tiny"),
 }
-# The README's table: (model, method, global batch, micro-batch, checkpointing).
+# docs/speed-and-memory.md's table: (model, method, global batch, micro-batch, checkpointing).
 MEMORY_ROWS = [(name, method, 128, 128, False) for name in ("DiT-B/2", "DiT-L/2", "DiT-XL/2")
                for method in ("pretrain", "full", "dmp")] + [
     ("DiT-XL/2", "dmp", 128, 128, True), ("DiT-XL/2", "dmp", 128, 32, False),
@@ -363,7 +363,7 @@ def fits(row):
 
 
 def format_memory_table(rows):
-    """The memory rows as a Markdown table (the README's), each row marked as an estimate."""
+    """The memory rows as a Markdown table (docs/speed-and-memory.md's), each an estimate."""
     lines = ["| model | method | batch | micro-batch | checkpointing | peak GiB | weights | "
              "gradients | AdamW | activations | fits | source |", "| --- " * 12 + "|"]
     attention = dict(bf16="FlashAttention", fp32="memory-efficient attention")

@@ -5,7 +5,7 @@ the converged digits DiT (assets/dit_digits.pt), on CPU.
 
     python study.py             # the whole study: 83 minutes on 2 cores
     python study.py --quick     # the same tables from 1 seed, 200 iterations, fewer images: 7 min
-    python study.py --render    # study.md, the figures, the README section again from study.json
+    python study.py --render    # docs/study.md and the figures again from study.json
 
 Every run is the project's own command, `python train.py --dataset digits --init
 assets/dit_digits.pt --method ...` (study.md lists them), and every evaluation is `python study.py
@@ -36,8 +36,9 @@ method helps only where a difference that counts is an improvement; anything els
 difference.
 
 Runs live in --runs-dir; running the study again skips what is finished and resumes what was
-interrupted. Results: --out/study.json, and from it (study_report.py) study.md, the figures and the
-README section between the two study markers, which is study.md byte for byte.
+interrupted. Results: --out/study.json, and from it (study_report.py) the figures and study.md in
+--out and, for the default --out, the section of docs/study.md between its two study markers (the
+same text, its figure links relative to docs/).
 """
 import argparse
 import datetime
@@ -67,6 +68,7 @@ ROOT = Path(__file__).resolve().parent
 BASE = "assets/dit_digits.pt"  # paths relative to ROOT, where every command runs
 BASE_LOG = "assets/dit_digits.log.jsonl"
 DATA, HOLDOUT = "assets/digits", digits_fid.HOLDOUT  # the digits presets' held-out split
+OUT, DOC = "assets/study", "docs/study.md"  # the committed results, and the page that shows them
 N_PROMPTS = 16  # the digits DiT's tokens (8x8 pixels, 2x2 patches): DMP mixes 16 prompts a block
 
 # The main table: Tables 2, 3 and 7's methods at one learning rate (dmp.py's rule), the control,
@@ -112,7 +114,7 @@ TABLE_4E = {"4e: IB 0, LB 0": "dmp-ib0", "4e: IB 0, LB 1": "dmp-ib0", "4e: IB 1,
 LIKELIHOOD = ("heldout_loss", "bpd")
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
 GATE_TIMESTEPS = list(range(0, 1000, 10))
-# The rule as this docstring states it (one copy): study.json and the README carry it.
+# The rule as this docstring states it (one copy): study.json and docs/study.md carry it.
 RULE = " ".join(__doc__.split("When a difference counts, fixed before any number of this study was "
                               "seen: ")[1].split("\n\n")[0].split())
 
@@ -129,11 +131,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 200 iterations, fewer images: a check in minutes")
     p.add_argument("--render", action="store_true",
-                   help="only rewrite study.md, the figures and the README section from study.json")
-    p.add_argument("--out", default="assets/study", help="study.json, study.md and the figures")
+                   help="only rewrite study.md, the figures and docs/study.md from study.json")
+    p.add_argument("--out", default=OUT, help="study.json, study.md and the figures")
     p.add_argument("--runs-dir", default="runs/study", help="the runs and their evaluations")
-    p.add_argument("--readme", default="README.md",
-                   help="the file whose study section is rewritten ('' for none)")
+    p.add_argument("--doc", default=None,
+                   help="the file whose study section is rewritten ('' for none; default: "
+                        f"{DOC} when --out is {OUT}, none otherwise)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs at a time, each a process on one thread; 1 runs everything here")
     p.add_argument("--lr", type=float, default=1e-3,
@@ -161,6 +164,9 @@ def parse_args(argv=None):
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
+    if args.doc is None:  # a --quick or trial run elsewhere leaves the committed page alone
+        committed = Path(args.out).resolve() == (ROOT / OUT).resolve()
+        args.doc = str(ROOT / DOC) if committed else ""
     return args
 
 
@@ -518,8 +524,8 @@ def main(argv=None):
     out = Path(args.out)
     if args.render:
         study = json.loads((out / "study.json").read_text())
-        write_outputs(study, out, args.readme)
-        print(f"rewrote {out / 'study.md'}" + (f" and {args.readme}" if args.readme else ""))
+        write_outputs(study, out, args.doc)
+        print(f"rewrote {out / 'study.md'}" + (f" and {args.doc}" if args.doc else ""))
         return
     reused = len(list(Path(args.runs_dir).glob("*/eval-*.json")))  # done by an earlier invocation
     start = time.time()
@@ -528,7 +534,7 @@ def main(argv=None):
     tmp = out / "study.json.tmp"
     tmp.write_text(json.dumps(study, indent=1) + "\n")
     os.replace(tmp, out / "study.json")
-    print(write_outputs(study, out, args.readme))
+    print(write_outputs(study, out, args.doc))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """
-The report of study.py: study.json to the markdown of the README's "Reproducing the paper" section
-(and study.md, the same text), its figures, and the commands for every full-scale row of the paper.
-Everything here is a function of study.json alone, so `python study.py --render` rewrites it
-byte for byte.
+The report of study.py: study.json to the markdown of docs/study.md (between its two study markers)
+and of study.md beside the figures, the figures themselves, and the commands for every full-scale
+row of the paper. Everything here is a function of study.json alone, so `python study.py --render`
+rewrites it byte for byte.
 """
+import os
+import posixpath
 from pathlib import Path
 
 import numpy as np
 
-README_BEGIN, README_END = "<!-- study:begin -->", "<!-- study:end -->"
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
 METRIC_NAMES = dict(heldout_loss="held-out loss", bpd="bits/dim", fd_train="FD vs train",
                     kid_train="KID vs train", fd_heldout="FD vs held-out",
@@ -110,13 +112,16 @@ def label(study, key, bold=True):
     return name if bold else name.strip("*")
 
 
-def render(study):
-    """The markdown of study.md and of the README section: a function of study.json alone."""
+def render(study, figures=""):
+    """
+    The markdown of the study: a function of study.json alone. `figures` is the folder of the
+    figures relative to the file the markdown goes into ("" beside them, "../assets/study" in docs/).
+    """
     st, rows = study["settings"], study["rows"]
     last, seeds, n = st["iterations"], len(st["seeds"]), st["heldout_images"]
     L = []
     w = L.append
-    w("## Reproducing the paper")
+    w("# Reproducing the paper in miniature")
     w("")
     w(f"The paper's experiments in miniature, on the bundled digits (1,500 training and {n} "
       f"held-out 8×8 images) and the converged digits DiT of the demo (`assets/dit_digits.pt`, "
@@ -158,7 +163,7 @@ def render(study):
       "model against the step (right: from a quarter of the run on, on its own scale); it stops "
       "improving at about 12K steps, and the base is the 16K-step model.")
     w("")
-    w("![pretraining curve](assets/study/pretraining_curve.png)")
+    w(f"![pretraining curve]({posixpath.join(figures, 'pretraining_curve.png')})")
     w("")
     curve = dict(study["pretraining"])
     marks = [s for s in sorted(curve) if s % 2000 == 0]
@@ -192,7 +197,7 @@ def render(study):
           f"{st['n_prompts']} prompts, each panel coloured from its smallest weight (dark blue) "
           f"to its largest (yellow).")
         w("")
-        w(f"![gate weights](assets/study/{figure_name(key)})")
+        w(f"![gate weights]({posixpath.join(figures, figure_name(key))})")
         w("")
         w(f"The mixture's entropy relative to the uniform mixture's is {g['entropy_high_t']:.4f} "
           f"at t ≥ 500 and {g['entropy_low_t']:.4f} at t < 500 (1 is uniform); the weights are at "
@@ -202,10 +207,9 @@ def render(study):
         w("")
     w(commands(study))
     w("")
-    w("¹ FID: not computed. fid.py needs pytorch-fid's Inception weights "
-      "(`pt_inception-2015-12-05-6726825d.pth`, downloaded once into the cache), which could not "
-      "be fetched where this study ran; and an FID between 8×8 digits upsampled to 299×299 says "
-      "little. The digits classifier's FD and KID stand in for it.")
+    w("¹ FID: not computed. An Inception FID of 8×8 digits upsampled to 299×299 measures the "
+      "upsampling more than the digits, and needs pytorch-fid's weights (a download); the digits "
+      "classifier's FD and KID, trained on these very images, stand in for it.")
     w("")
     w(FULL_SCALE)
     return "\n".join(L) + "\n"
@@ -496,17 +500,17 @@ python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp \\
     --gate-lr-scale 10 --noisy-gate
 python sample.py --ckpt runs/001-ffhq-prompt/checkpoints/0030000.pt --num-samples 50000 \\
     --out samples/control
-python fid.py data/ffhq256-ref.npz samples/control.npz          # the reference: "Evaluation"; same for DMP
+python fid.py data/ffhq256-ref.npz samples/control.npz          # the reference: docs/evaluation.md; same for DMP
 ```"""
 
 
-FULL_SCALE = """### At full scale: every row of the paper
+FULL_SCALE = """## At full scale: every row of the paper
 
 Each block below is the complete path from images to the paper's number, with the project's commands (the paper's
 settings are the presets' defaults: batch 128, AdamW lr 1e-4, no EMA when further-training, DDPM 250 steps,
 guidance 1.5 where the model is conditional). A run folder is `runs/NNN-<dataset>-<method>`; substitute the
 numbers your runs get. The reference sets, how they are built and what each FID command prints
-are in "Evaluation" below.
+are in `docs/evaluation.md`.
 
 **FFHQ 256, DiT-B/2** (Tables 2, 4, 7, Fig. 4; pretrained 600K, further-trained 30K): base 6.27; fine-tuning
 6.57, prompt tuning 6.81, LoRA 7.11, DMP 5.87. Table 4's rows add `--gate attention` (6.41), `--selection hard`
@@ -581,32 +585,33 @@ python fid.py data/laion512-ref.npz samples/laion-dmp.npz
 ```"""
 
 
-def write_outputs(study, out, readme=None):
+def write_outputs(study, out, doc=None):
     """
-    study.md and the figures in the folder out, and the README section in readme, all from study
-    (study.json).
+    The figures and study.md in the folder out, and the study section of doc (docs/study.md), all
+    from study (study.json).
     """
     out = Path(out)
     draw_figures(study, out)
     markdown = render(study)
     (out / "study.md").write_text(markdown)
-    if readme:
-        write_readme_section(Path(readme), markdown)
+    if doc:
+        doc = Path(doc)
+        figures = Path(os.path.relpath(out.resolve(), doc.resolve().parent)).as_posix()
+        write_section(doc, render(study, figures))
     return markdown
 
 
-def write_readme_section(path, markdown):
-    """Replace what lies between the study markers of the README with the rendered markdown."""
+def write_section(path, markdown):
+    """Replace what lies between the study markers of path with the rendered markdown."""
     text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(f"error: {path} has no '{README_BEGIN}' ... '{README_END}' markers for "
-                         f"the study section")
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    path.write_text(head + README_BEGIN + "\n" + markdown + README_END + tail)
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: {path} has no '{BEGIN}' ... '{END}' markers for the study")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(head + BEGIN + "\n" + markdown + END + tail)
 
 
-def readme_section(path):
-    """The README's study section as rendered (what write_readme_section put there)."""
+def section(path):
+    """The study section of path as rendered (what write_section put there)."""
     text = Path(path).read_text()
-    return text.split(README_BEGIN + "\n", 1)[1].split(README_END, 1)[0]
+    return text.split(BEGIN + "\n", 1)[1].split(END, 1)[0]

@@ -165,7 +165,7 @@ def parse_args(argv=None):
                    "fp16 autocast with a gradient scaler on one that does not (V100, T4), fp32 on "
                    "CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each block of the model")
-    # memory (README, "Memory: what fits your card"); neither changes what a step computes
+    # memory (docs/speed-and-memory.md); neither changes what a step computes
     p.add_argument("--grad-accum", type=int, default=1,
                    help="each step's batch in K micro-batches whose gradients add up before the "
                    "optimizer's step: the activations of 1/K of the batch")

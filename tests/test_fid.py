@@ -1,6 +1,7 @@
 """
 fid.py against pytorch-fid's reference figures (tests/golden/inception_fid.safetensors), on tiny
-image sets, and the README's evaluation commands on tiny stand-ins of the real dataset layouts.
+image sets, and the evaluation commands of docs/evaluation.md on tiny stand-ins of the real dataset
+layouts.
 
 Two networks: the FID Inception itself with the seeded weights of tests/golden/README.md (`model`,
 `weights`), where a test checks what the network computes; and PixelNet, a deterministic stand-in
@@ -353,7 +354,8 @@ def test_bad_input_is_one_clear_sentence(tmp_path):
     Image.fromarray(uint8_images(1, 8, 0)[0]).save(os.path.join(folder, "000002.png"))
     with pytest.raises(fid.FIDError, match=r"000002.png is 8x8 but .*000000.png is 16x16"):
         list(fid.open_set(folder)["images"][1])
-    with pytest.raises(fid.FIDError, match="is not pytorch-fid's Inception weights"):
+    with pytest.raises(fid.FIDError, match=r"w.pth does not fit the FID Inception \(pytorch-fid's "
+                       r"weights\): missing .* \(565\); wrong shape fc.weight \(1\)"):
         torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "w.pth")
         fid.load_inception(str(tmp_path / "w.pth"))
 
@@ -586,24 +588,28 @@ def test_adm_reference_batch_statistics_are_recomputed_by_default(tmp_path, pixe
     assert f"FID: {fid.frechet_distance(*other, *mine)}" in out
 
 
-# ---------------------------------------------------------------------------- the README's commands
+# ------------------------------------------------------------------- the documentation's commands
 
-EVALUATION = "Evaluation: the FID of each table"
+EVALUATION = "docs/evaluation.md"
+DOCUMENTS = ("README.md", EVALUATION, "docs/study.md", "docs/speed-and-memory.md", "docs/code.md")
 
 
-def readme_commands():
-    """(section, command) for every line of the README's bash blocks, continuation lines joined."""
-    section, in_bash, command, out = None, False, "", []
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("```"):
-            in_bash = not in_bash and line.strip() == "```bash"
-        elif not in_bash:
-            section = line[3:] if line.startswith("## ") else section
-        elif line.endswith("\\"):
-            command += line[:-1]
-        else:
-            out.append((section, command + line))
-            command = ""
+def documented_commands():
+    """(file, command) for every line of the bash blocks of the README and docs/, continuation
+    lines joined."""
+    out = []
+    for name in DOCUMENTS:
+        in_bash, command = False, ""
+        for line in (ROOT / name).read_text().splitlines():
+            if line.startswith("```"):
+                in_bash = not in_bash and line.strip() == "```bash"
+            elif not in_bash:
+                continue
+            elif line.endswith("\\"):
+                command += line[:-1]
+            else:
+                out.append((name, command + line))
+                command = ""
     return out
 
 
@@ -613,13 +619,13 @@ def normalized(command):
     return " ".join("samples/X.npz" if a.startswith("samples/") else a for a in argv)
 
 
-def test_readme_evaluation_commands_run_as_written(tmp_path, pixelnet, monkeypatch, capsys):
-    """Every command of the README's evaluation section, run on tiny stand-ins of the real layouts
+def test_documented_evaluation_commands_run_as_written(tmp_path, pixelnet, monkeypatch, capsys):
+    """Every command of docs/evaluation.md, run on tiny stand-ins of the real layouts
     (HOME is a temporary folder holding ~/data/ffhq/images1024x1024/00000/...,
     ~/data/imagenet/train/n01440764/..., ~/coco/val2014 with its captions JSON and
     ~/laion/shards/*.tar); sample.py's commands are stood in for by random sample sets at their
-    --out, curl's by an ADM batch in miniature. Every other fid.py command of the README is one of
-    these, up to the name of its sample set."""
+    --out, curl's by an ADM batch in miniature. Every other fid.py command of the README and docs/
+    is one of these, up to the name of its sample set."""
     home, work = tmp_path / "home", tmp_path / "work"
     ffhq_like(str(home / "data/ffhq/images1024x1024"))
     imagenet_like(str(home / "data/imagenet/train"))
@@ -632,7 +638,7 @@ def test_readme_evaluation_commands_run_as_written(tmp_path, pixelnet, monkeypat
     other = fid.statistics(rng.normal(size=(20, 6)))  # statistics of "another network"
     np.savez("fid_stats_mscoco256_val.npz", mu=other[0], sigma=other[1])  # U-ViT's: mu, sigma
     outputs = {}
-    for section, command in readme_commands():
+    for section, command in documented_commands():
         argv = shlex.split(command, comments=True)
         if section != EVALUATION or not argv:
             continue
@@ -649,8 +655,8 @@ def test_readme_evaluation_commands_run_as_written(tmp_path, pixelnet, monkeypat
             out.parent.mkdir(parents=True, exist_ok=True)
             np.savez(f"{out}.npz", arr_0=uint8_images(10, 24, seed=8))  # sample.py writes DIR.npz
         elif argv[:2] != ["python", "evaluator.py"]:  # ADM's own TensorFlow evaluator is not run
-            pytest.fail(f"the README's evaluation section has a command this test cannot stand "
-                        f"in for: {command}")
+            pytest.fail(f"docs/evaluation.md has a command this test cannot stand in for: "
+                        f"{command}")
     assert len(outputs) == 11
     compared = {c: out for c, out in outputs.items() if "--resolution" not in c}
     for c, out in compared.items():
@@ -672,6 +678,6 @@ def test_readme_evaluation_commands_run_as_written(tmp_path, pixelnet, monkeypat
     for name in ("ffhq256-ref", "imagenet256-train-ref", "coco256-val-ref", "laion512-ref"):
         with np.load(f"data/{name}.npz") as f:
             assert sorted(f.files) == ["mu", "mu_s", "sigma", "sigma_s"]
-    elsewhere = [normalized(c) for s, c in readme_commands()
+    elsewhere = [normalized(c) for s, c in documented_commands()
                  if s != EVALUATION and c.startswith("python fid.py")]
     assert len(elsewhere) >= 8 and set(elsewhere) <= set(outputs), set(elsewhere) - set(outputs)

@@ -1,6 +1,7 @@
 """study.py and study_report.py: the miniature study end to end on a tiny budget, its resuming, its
-statistics and its rule, and the README."""
+statistics and its rule, and docs/study.md."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,14 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(tmp_path, jobs=1):
-    readme = tmp_path / "README.md"
-    if not readme.exists():
-        readme.write_text(f"# x\n\nbefore\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\nafter\n")
+    doc = tmp_path / "docs" / "study.md"
+    if not doc.exists():
+        doc.parent.mkdir()
+        doc.write_text(f"# x\n\nbefore\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
     return ["--iterations", "4", "--eval-at", "2,4", "--seeds", "0,1", "--bpd-images", "2",
             "--sample-sets", "1", "--sample-steps", "2", "--replicates", "20",
             "--scratch-iterations", "3", "--rows", "dmp,prompt-lr/N",
             "--ablations", "4c: uniform (no block index)", "--out", str(tmp_path / "out"),
-            "--runs-dir", str(tmp_path / "runs"), "--readme", str(readme), "--jobs", str(jobs)]
+            "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc), "--jobs", str(jobs)]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,16 @@ def done(tmp_path_factory):
     return tmp
 
 
-def test_tables_and_readme_are_rendered_from_the_json(done):
+def test_tables_and_the_doc_are_rendered_from_the_json(done):
     data = json.loads((done / "out" / "study.json").read_text())
     markdown = report.render(data)
     assert (done / "out" / "study.md").read_text() == markdown
-    readme = (done / "README.md").read_text()
-    assert report.readme_section(done / "README.md") == markdown
-    assert readme.startswith("# x\n\nbefore\n\n")
-    assert readme.endswith(f"{report.README_END}\n\nafter\n")
+    assert "![pretraining curve](pretraining_curve.png)" in markdown  # beside the figures
+    doc = (done / "docs" / "study.md").read_text()
+    assert report.section(done / "docs" / "study.md") == report.render(data, "../out")
+    assert "![pretraining curve](../out/pretraining_curve.png)" in doc  # links from docs/ to out/
+    assert doc.startswith("# x\n\nbefore\n\n")
+    assert doc.endswith(f"{report.END}\n\nafter\n")
     rows = data["rows"]
     assert list(rows) == ["dmp", "prompt-lr/N"] and set(rows["dmp"]["runs"]) == {"0", "1"}
     assert set(rows["dmp"]["runs"]["0"]) == {"2", "4"} and len(data["base"]["mse_bands"]) == 10
@@ -152,17 +156,20 @@ def test_structural_bias_and_gate_statistics_on_known_inputs():
     assert g["gate_dev_max"] == pytest.approx(4 * 0.97 - 1) and g["gate_tv_t"] > 0.3
 
 
-def test_the_readme_section_is_the_committed_json_rendered(tmp_path):
+def test_the_doc_is_the_committed_json_rendered(tmp_path):
     """
-    The acceptance of the study: README's tables and figures are study_report's rendering of
-    assets/study/study.json.
+    The acceptance of the study: docs/study.md's tables and figures are study_report's rendering of
+    assets/study/study.json, and every figure it links exists.
     """
     data = json.loads((ROOT / "assets" / "study" / "study.json").read_text())
     report.draw_figures(data, tmp_path)
     for name in ["pretraining_curve.png"] + [report.figure_name(key) for key in data["fig5"]]:
         drawn, committed = (np.asarray(Image.open(d / name)) for d in (tmp_path, ROOT / "assets" / "study"))
         assert np.array_equal(drawn, committed)
-    assert report.readme_section(ROOT / "README.md") == report.render(data)
+    doc = report.section(ROOT / "docs" / "study.md")
+    assert doc == report.render(data, "../assets/study")
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", doc):
+        assert (ROOT / "docs" / link).is_file(), link
     assert (ROOT / "assets" / "study" / "study.md").read_text() == report.render(data)
     assert data["command"] == "python study.py" and data["settings"]["seeds"] == [0, 1, 2]
     # the acceptance of issue 15: the lr/N control, every DMP gate's movement, FD/KID with spreads
@@ -172,3 +179,21 @@ def test_the_readme_section_is_the_committed_json_rendered(tmp_path):
     assert all(len(e["quality"]) == 3 and set(e["boot_sd"]) == set(report.QUALITY)
                for e in rows.values())
     assert data["floor"]["quality"] and data["settings"]["sample_sets"] == 5
+
+
+def test_the_readmes_results_in_brief_are_the_studys():
+    """Every number of the README's "Results in brief" on the study is one docs/study.md shows."""
+    readme = (ROOT / "README.md").read_text()
+    brief = readme.split("## Results in brief", 1)[1].split("**Memory**", 1)[0]
+    doc = (ROOT / "docs" / "study.md").read_text()
+    numbers = re.findall(r"\d+\.\d+", brief)
+    assert len(numbers) >= 15
+    for number in numbers:
+        assert number in doc, number
+
+
+def test_only_the_committed_study_rewrites_the_doc(tmp_path):
+    """A --quick or trial run into another --out leaves docs/study.md alone."""
+    assert study.parse_args([]).doc == str(ROOT / "docs" / "study.md")
+    assert study.parse_args(["--quick", "--out", str(tmp_path)]).doc == ""
+    assert study.parse_args(["--out", str(tmp_path), "--doc", "x.md"]).doc == "x.md"
