@@ -363,13 +363,13 @@ def test_workers_end_with_a_killed_prepare_data(folder, tmp_path):
     assert not any(_alive(pid) for pid in workers)
 
 
-def _prepare_worker(rank, world, port, jobs, counts):
-    """One of torchrun's processes, as torchrun would start it (gloo on CPU)."""
+def _prepare_worker(rank, world, store, jobs, counts):
+    """One of torchrun's processes, as torchrun would start it (gloo on CPU), its group joined
+    through a file store (no TCP port another process could take first)."""
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     calls = []
 
     def counting(model, pixels, device, _encode=prepare_data.encode):
@@ -388,7 +388,6 @@ def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae,
     Under torchrun the batches alternate between the processes and the output is byte for byte
     the one-process output, from scratch and when resuming a one-process run that was stopped.
     """
-    import socket
     import torch.multiprocessing as mp
     d, _, _ = folder
     options = dict(resolution=RES, vae=str(tiny_vae), batch_size=3, device="cpu")
@@ -405,12 +404,9 @@ def test_two_processes_write_the_one_process_output_and_resume(folder, tiny_vae,
         prepare(d, tmp_path / "resumed", **options)
     monkeypatch.undo()
     assert json.loads((tmp_path / "resumed.partial" / "progress.json").read_text())["done"] == 3
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     jobs = [(d, tmp_path / "two", options), (d, tmp_path / "resumed", options)]
     (tmp_path / "counts").mkdir()
-    mp.spawn(_prepare_worker, args=(2, port, jobs, tmp_path / "counts"), nprocs=2)
+    mp.spawn(_prepare_worker, args=(2, tmp_path / "store", jobs, tmp_path / "counts"), nprocs=2)
     names = sorted(os.listdir(tmp_path / "one"))
     assert names == ["files.txt", "labels.npy", "latents.npy", "manifest.json"]
     for out in ("two", "resumed"):

@@ -3,7 +3,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,9 +159,9 @@ def test_dmp_from_scratch_trains_backbone_and_prompts(tmp_path):
     assert isinstance(model.block_input, dmp.MixtureOfPrompts) and model.block_input.prompts.abs().sum() > 0
 
 
-def _ddp_worker(rank, world, port, base, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store, base, out):
+    # A file store, not a TCP port: no other process can take it between choosing it and binding it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     grads = _gradients(base, rank, world)
     if rank == 0:
         torch.save(grads, out)
@@ -186,12 +185,9 @@ def _gradients(base, rank=0, world=1):
 
 
 def test_ddp_with_two_cpu_processes_matches_the_single_process_gradient(tmp_path, base_checkpoint):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     torch.manual_seed(0)
     single = _gradients(base_checkpoint)
-    mp.spawn(_ddp_worker, args=(2, port, base_checkpoint, tmp_path / "g.pt"), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, tmp_path / "store", base_checkpoint, tmp_path / "g.pt"), nprocs=2)
     ddp = torch.load(tmp_path / "g.pt")
     assert single.keys() == ddp.keys()
     for name in single:
