@@ -46,6 +46,7 @@ import memory
 import sampling
 import training
 from dataset import FORMAT, VERSION, PreparedData
+from checkpoints import write_json
 from diffusion import create_diffusion
 from distributed import seed_of
 from model_dit import CONFIGS, DIGITS_MODEL, DiT
@@ -908,14 +909,6 @@ def suite_report(rows, setup, budget):
     return dict(setup=setup, budget_s=budget, seconds=sum(r["seconds"] for r in rows), rows=rows,
                 results=results, targets=[dict(target=w, value=v, met=m)
                                           for w, v, m in targets(results)])
-
-
-def write_json(path, obj):
-    """Atomically: the file is the old one or the new one, never half of either."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def setup_line(device, precision):

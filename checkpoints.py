@@ -7,6 +7,7 @@ read_state_dict() and fills its model through load_strict(); everything that mat
 through atomic_save().
 """
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -124,6 +125,22 @@ def read_state_dict(path):
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def write_json(path, obj, indent=1):
+    """
+    A JSON file written under a temporary name, then renamed: a reader, or a rerun after kill -9,
+    sees the old file or the new one, never half of either; a failed write (disk full) leaves no
+    temporary file and raises the OSError.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def atomic_save(obj, path):

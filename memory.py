@@ -30,13 +30,10 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
-import os
 import sys
 import time
 import warnings
 import weakref
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -47,6 +44,7 @@ from tqdm import tqdm
 
 import dmp
 import training
+from checkpoints import write_json
 from diffusion import create_diffusion
 from model_clip import CLIP_TINY, CLIP_VITL14, CLIPTextModel
 from model_dit import CONFIGS, DiT
@@ -397,8 +395,5 @@ def run_memory_estimates(specs, precision, json_path=None):
     print(MEMORY_NOTE + "\n")
     print(format_memory_table(rows))
     if json_path:
-        tmp = Path(f"{json_path}.tmp")
-        tmp.write_text(json.dumps(dict(note=MEMORY_NOTE, torch=torch.__version__, results=rows),
-                                  indent=1))
-        os.replace(tmp, json_path)
+        write_json(json_path, dict(note=MEMORY_NOTE, torch=torch.__version__, results=rows))
     return rows

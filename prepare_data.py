@@ -48,7 +48,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import distributed
-from checkpoints import CheckpointError
+from checkpoints import CheckpointError, write_json
 from dataset import (FORMAT, IMAGE_EXTENSIONS, VERSION, DataError, ImageFiles, encode, list_source,
                      read_captions)
 from model_vae import SCALE_FACTOR, load_vae
@@ -57,16 +57,6 @@ from model_vae import SCALE_FACTOR, load_vae
 #################################################################################
 #                   Preparing: batched, resumable, atomic at the end            #
 #################################################################################
-
-def _write_json(path, obj):
-    """Atomically: a reader (or a rerun after kill -9) sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, device=None,
@@ -161,7 +151,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
             if rank == 0:  # after the flush: a kill never marks unwritten rows done
                 progress["skipped"] += skipped
                 progress["done"] = done
-                _write_json(progress_path, progress)
+                write_json(progress_path, progress)
             bar.update(done - bar.n)
     del data
 
@@ -206,7 +196,7 @@ def start_partial(partial, settings, listing, y, texts, array):
     (partial / "files.txt").write_text(listing)
     np.save(partial / "labels.npy", y)
     if texts is not None:
-        _write_json(partial / "captions.json", texts)
+        write_json(partial / "captions.json", texts)
     name, dtype, shape = array
     np.lib.format.open_memmap(partial / name, mode="w+", dtype=dtype, shape=shape).flush()
     # Reserve the disk space now: a full disk fails here, with a message, not later as a SIGBUS
@@ -219,7 +209,7 @@ def start_partial(partial, settings, listing, y, texts, array):
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
     progress = dict(settings=settings, done=0, skipped=[])
-    _write_json(progress_path, progress)  # written last: the commit point of the initialisation
+    write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
 
 def finish(src, out, partial, manifest, rows):
@@ -230,7 +220,7 @@ def finish(src, out, partial, manifest, rows):
         first = skipped[0]
         raise DataError(f"{src}: none of its {rows} files is a usable image (first: "
                         f"{first['file']}, {first['reason']}); nothing was written")
-    _write_json(partial / "manifest.json", manifest)
+    write_json(partial / "manifest.json", manifest)
     os.replace(partial, out)  # the finished folder appears at once
     (out / "progress.json").unlink()
     print(f"{out}: {manifest['count']} of {rows} files prepared as {manifest['kind']} "

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import distributed
 import load
-from checkpoints import CheckpointError
+from checkpoints import CheckpointError, write_json
 from model_vae import load_vae
 from sampling import (SampleError, check_dit, default_cfg_scale, dit_batch, make_diffusion,
                       save_png, sd_batch, write_grid, write_sd_grid)
@@ -121,14 +121,11 @@ def write_samples(n, make_batch, out_dir, batch_size, settings):
             raise SampleError(f"{out_dir} holds samples of other settings ({', '.join(differ)} "
                               f"differ from {recorded}): use another --out or delete it")
     if rank == 0 and not recorded.is_file():
-        tmp = recorded.with_name(".settings.json.tmp")
         try:
-            tmp.write_text(json.dumps(settings, indent=1))
-        except OSError as e:  # disk full: no half file, under either name
-            tmp.unlink(missing_ok=True)
+            write_json(recorded, settings)  # disk full: no half file, under either name
+        except OSError as e:
             raise SampleError(f"{recorded}: could not be written ({e.strerror or e}); nothing "
                               f"was sampled") from None
-        os.replace(tmp, recorded)
     # Each process checks its residue class, then all agree on the list of missing images and
     # split it.
     todo = [k for k in range(rank, n, world) if not is_done(out_dir / f"{k:06d}.png")]

@@ -59,7 +59,7 @@ import dmp
 import heldout
 import load
 import training
-from checkpoints import read_state_dict
+from checkpoints import read_state_dict, write_json
 from diffusion import create_diffusion
 from dataset import PreparedData
 from study_report import write_outputs
@@ -517,9 +517,7 @@ def main(argv=None):
         result = evaluate_checkpoint(args.evaluate, args.bpd_images, args.sample_sets,
                                      args.sample_steps, args.replicates, args.keep_samples,
                                      args.floor)
-        tmp = Path(f"{args.eval_out}.tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, args.eval_out)
+        write_json(args.eval_out, result, indent=None)
         return
     out = Path(args.out)
     if args.render:
@@ -531,9 +529,7 @@ def main(argv=None):
     start = time.time()
     jobs, results = run_all(args)
     study = collect(args, jobs, results, round((time.time() - start) / 60, 1), reused)
-    tmp = out / "study.json.tmp"
-    tmp.write_text(json.dumps(study, indent=1) + "\n")
-    os.replace(tmp, out / "study.json")
+    write_json(out / "study.json", study)
     print(write_outputs(study, out, args.doc))
 
 

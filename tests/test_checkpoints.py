@@ -1,13 +1,16 @@
 """checkpoints.py: files that are not checkpoints get one whole sentence; written files get the umask's mode."""
+import errno
+import json
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoints import (CheckpointError, _reason, atomic_save, load_strict, model_weights,
-                         read_state_dict)
+                         read_state_dict, write_json)
 
 
 class _RunsCode:
@@ -89,3 +92,20 @@ def test_model_weights_unwraps_checkpoints():
     assert model_weights(run) == {"a": w, "b": w}
     assert model_weights({"state_dict": {"a": w}, "global_step": 3}) == {"a": w}
     assert model_weights({"a": w, "block_input.prompts": w}) == {"a": w}
+
+
+def test_write_json_is_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    """A full disk mid-write leaves the old file as it was and no temporary file."""
+    path = tmp_path / "progress.json"
+    write_json(path, {"done": 3})
+    assert json.loads(path.read_text()) == {"done": 3} and os.listdir(tmp_path) == ["progress.json"]
+
+    def full_disk(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:4])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"done": 6})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"done": 3} and os.listdir(tmp_path) == ["progress.json"]

@@ -144,12 +144,12 @@ def test_latents_tiny_vae_mean_std_and_mirror(folder, tiny_vae, tmp_path):
 KILL_ON_THIRD_COMMIT = """
 import os, signal, sys, prepare_data
 calls = [0]
-def write_json(path, obj, _orig=prepare_data._write_json):
+def write_json(path, obj, _orig=prepare_data.write_json):
     calls[0] += 1
     if calls[0] == 3:  # batch 2 is written and flushed, not yet recorded: the worst moment to die
         os.kill(os.getpid(), signal.SIGKILL)
     _orig(path, obj)
-prepare_data._write_json = write_json
+prepare_data.write_json = write_json
 prepare_data.main(sys.argv[1:])
 """
 
