@@ -100,6 +100,7 @@ def official_call(config):
 
 def export_dit(src, out, patch=None, num_heads=None):
     """A DiT (load.load_model of `src`, `patch`) written to `out` as a plain state dict."""
+    refuse_existing(out)
     model = load.load_model(src, patch, num_heads=num_heads)
     if model.text_dim:
         raise CheckpointError(f"{src} is a text-to-image DiT, which the official DiT (labels only) "
@@ -149,25 +150,27 @@ def export_sd(src, out, model="sd15", patch=None, fmt="ldm"):
     folder (the base must be one)."""
     from safetensors.torch import save_file
     config = load.SD_MODELS[model]["unet"]
-    base = load.sd_base(src)
-    unet = load.load_model(src, patch, config)
-    state = merged_state_dict(unet)
+    base = src if patch else load.sd_base(src)  # where the VAE and text encoder come from
     out = Path(out)
-    if fmt == "ldm":
-        entries = {k: v.contiguous() for k, v in ldm_entries(base, state).items()}
-        if out.suffix == ".safetensors":
-            tmp = out.with_name(out.name + ".tmp")
-            save_file(entries, tmp)
-            os.replace(tmp, out)
-        else:
-            atomic_save(dict(state_dict=entries), out)
-        return
-    if not Path(str(base)).is_dir():
+    refuse_existing(out)
+    if fmt == "diffusers" and not Path(str(base)).is_dir():
         raise CheckpointError(f"{base} is a single file: a diffusers folder is written from a "
                               f"diffusers base (its configs, tokenizer and scheduler), so export "
                               f"--format ldm, or give a diffusers base")
-    if out.exists():
-        raise CheckpointError(f"{out} exists: give a new folder")
+    state = merged_state_dict(load.load_model(src, patch, config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "ldm":
+        entries = {k: v.contiguous() for k, v in ldm_entries(base, state).items()}
+        if out.suffix != ".safetensors":
+            atomic_save(dict(state_dict=entries), out)
+            return
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            save_file(entries, tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + "."))
     try:
         shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
@@ -180,6 +183,12 @@ def export_sd(src, out, model="sd15", patch=None, fmt="ldm"):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_existing(out):
+    """Nothing is overwritten: an `out` that exists is refused in one sentence."""
+    if Path(out).exists():
+        raise CheckpointError(f"{out} exists: export to a new name (nothing is overwritten)")
 
 
 #################################################################################

@@ -109,6 +109,10 @@ def test_a_state_dict_without_config_loads_only_where_its_head_count_is_known(tm
     inputs = dit_inputs(TINY)
     loaded = load.load_model(tmp_path / "plain.pt", num_heads=4)
     assert loaded.config == digits.config and torch.equal(out(loaded, inputs), out(digits, inputs))
+    with pytest.raises(SystemExit, match="--num-heads"):  # the commands say it in one sentence too
+        export.main([str(tmp_path / "plain.pt"), "--out", str(tmp_path / "out.pt")])
+    export.main([str(tmp_path / "plain.pt"), "--num-heads", "4", "--out", str(tmp_path / "out.pt")])
+    assert torch.equal(out(official_dit(tmp_path / "out.pt", digits.config), inputs), out(digits, inputs))
     # the old guess, hidden // 64 = 1 head, is another model
     assert (out(load.load_model(tmp_path / "plain.pt", num_heads=1), inputs) - out(digits, inputs)).abs().max() > 1e-2
     # an official width (DiT-S: 384, 6 heads) needs no flag
@@ -218,9 +222,9 @@ def test_sd_lora_exports_as_an_ldm_file_and_a_diffusers_folder(sd_bases, tmp_pat
     # under model.diffusion_model. in a UNetModel of SD's config (here: the golden tiny ldm one), from either base
     golden = load_file(single)
     for base, name in ((single, "sd.ckpt"), (folder, "sd.safetensors")):
-        patched = lora_patch(base, tmp_path / "patch.pt")
-        want = out(patched, inputs)
-        export.main([str(tmp_path / "patch.pt"), "--model", "sd-tiny", "--out", str(tmp_path / name)])
+        patch = tmp_path / f"{'folder' if base == folder else 'file'}.patch.pt"
+        want = out(lora_patch(base, patch), inputs)
+        export.main([str(patch), "--model", "sd-tiny", "--out", str(tmp_path / name)])
         sd = load_file(tmp_path / name) if name.endswith("safetensors") else torch.load(
             tmp_path / name, weights_only=True)["state_dict"]
         unet = UNetModel(**SD_TINY)
@@ -231,7 +235,7 @@ def test_sd_lora_exports_as_an_ldm_file_and_a_diffusers_folder(sd_bases, tmp_pat
     assert rel_err(out(load.load_model(single, unet_config=SD_TINY), inputs), want) > 100 * tol
     # diffusers (UNet2DConditionModel.from_pretrained): unet/diffusion_pytorch_model.safetensors under its own
     # names, which the golden map (made by diffusers' conversion) takes to ldm's
-    export.main([str(tmp_path / "patch.pt"), "--model", "sd-tiny", "--format", "diffusers",
+    export.main([str(tmp_path / "folder.patch.pt"), "--model", "sd-tiny", "--format", "diffusers",
                  "--out", str(tmp_path / "merged")])
     rows = read_tsv("unet_tiny.diffusers_to_ldm.tsv")
     written = load_file(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -242,10 +246,11 @@ def test_sd_lora_exports_as_an_ldm_file_and_a_diffusers_folder(sd_bases, tmp_pat
     for f in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "model_index.json",
               "unet/config.json"):
         assert (tmp_path / "merged" / f).read_bytes() == (folder / f).read_bytes()
-    lora_patch(single, tmp_path / "single.pt")
     with pytest.raises(SystemExit, match="from a diffusers base"):  # an ldm base has no configs to copy
-        export.main([str(tmp_path / "single.pt"), "--model", "sd-tiny", "--format", "diffusers",
+        export.main([str(tmp_path / "file.patch.pt"), "--model", "sd-tiny", "--format", "diffusers",
                      "--out", str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="exists"):  # nothing is overwritten
+        export.main([str(tmp_path / "folder.patch.pt"), "--model", "sd-tiny", "--out", str(tmp_path / "sd.ckpt")])
 
 
 def test_a_patch_on_a_diffusers_folder_checks_the_folder_weights(sd_bases, tmp_path):
