@@ -3,6 +3,7 @@ Files other tools open: train.py's checkpoints in the official DiT's find_model,
 (official DiT layout, ldm single file, diffusers folder) loaded the way that code loads them, with the
 output this project computes; a state dict whose head count is unknown; a diffusers base's hash.
 """
+import copy
 import shutil
 from pathlib import Path
 
@@ -251,6 +252,26 @@ def test_sd_lora_exports_as_an_ldm_file_and_a_diffusers_folder(sd_bases, tmp_pat
                      "--out", str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="exists"):  # nothing is overwritten
         export.main([str(tmp_path / "folder.patch.pt"), "--model", "sd-tiny", "--out", str(tmp_path / "sd.ckpt")])
+
+
+@pytest.mark.parametrize("method", ["difffit", "bitfit"])
+def test_difffit_and_bitfit_merge_into_the_sd_unet(method):
+    """The UNet's DiffFit gammas (self-, cross-attention, feed-forward) and BitFit's biases, merged in memory."""
+    with safe_open(GOLDEN / "unet_tiny.safetensors", "pt") as f:
+        ldm = {k[len("ldm." + PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith("ldm.")}
+    with torch.device("meta"):
+        base = UNetModel(**SD_TINY)
+    base.load_state_dict(ldm, assign=True)
+    patched, merged = copy.deepcopy(base), copy.deepcopy(base)
+    dmp.patch(patched, method)
+    with torch.no_grad():
+        for p in (p for p in patched.parameters() if p.requires_grad):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    merged.load_state_dict(export.merged_state_dict(patched))  # strict: the base's keys exactly
+    inputs = unet_inputs()
+    want = out(patched, inputs)
+    tol = 9 * 64 * U32 * 40  # as for LoRA above
+    assert rel_err(out(merged, inputs), want) < tol and rel_err(out(base, inputs), want) > 100 * tol
 
 
 def test_a_patch_on_a_diffusers_folder_checks_the_folder_weights(sd_bases, tmp_path):
