@@ -213,7 +213,11 @@ def main(argv=None):
             print(f"wrote {args.out} ({args.format})")
         else:
             config = export_dit(args.ckpt, args.out, args.patch, args.num_heads)
-            print(f"wrote {args.out}: the official DiT loads it with {official_call(config)}")
+            call = official_call(config)
+            again = "" if call.startswith("DiT_models") else (
+                f"; this project, with --num-heads {config['num_heads']} (a plain state dict does "
+                f"not record it)")
+            print(f"wrote {args.out}: the official DiT loads it with {call}{again}")
     except CheckpointError as e:
         sys.exit(f"error: {e}")
 
