@@ -73,11 +73,16 @@ FAST = ["--dataset", "digits", "--batch-size", "16", "--sample-every", "0", "--e
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A pretraining run without EMA and a --method full run from it: their last checkpoints."""
+    """
+    A pretraining run without EMA and a --method full run from it, exported as a plain state dict (the digits
+    DiT's width is no official one: --num-heads): their last checkpoints.
+    """
     tmp = tmp_path_factory.mktemp("runs")
     train.main(FAST + ["--ema", "0", "--results-dir", str(tmp / "base")])
     base = train.checkpoints(next((tmp / "base").iterdir()))[-1]
-    train.main(FAST + ["--init", str(base), "--method", "full", "--results-dir", str(tmp / "full")])
+    export.main([str(base), "--out", str(tmp / "plain.pt")])
+    train.main(FAST + ["--init", str(tmp / "plain.pt"), "--num-heads", "4", "--method", "full",
+                       "--results-dir", str(tmp / "full")])
     return base, train.checkpoints(next((tmp / "full").iterdir()))[-1]
 
 
@@ -94,6 +99,8 @@ def test_checkpoints_without_ema_and_of_full_fine_tuning_open_in_the_official_fi
         assert all(plain["ema"][k].data_ptr() == v.data_ptr() for k, v in beside.items())
     base, full = runs
     assert read_state_dict(base)["weights"] == "raw" and "pos_embed" in read_state_dict(full)["ema"]
+    # the run recorded the head count its plain base lacks: its checkpoint loads without --num-heads
+    assert read_state_dict(full)["config"]["num_heads"] == 4
     # the full run moved the weights: its file is not its base's
     assert not torch.equal(out(load.load_model(full), inputs), out(load.load_model(base), inputs))
     export.main([str(full.parents[1]), "--out", str(tmp_path / "full.pt")])  # a run folder
