@@ -76,6 +76,29 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def folder_sha256(path):
+    """
+    The SHA-256 of what a model folder's weights are (a diffusers folder has no one file to hash):
+    its weight files (WEIGHT_SUFFIXES, at any depth) in the sorted order of their paths relative to
+    the folder, each path then its bytes, so a renamed, added, removed or changed file changes it.
+    None for a folder that holds no weight file.
+    """
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def check_sha256(path, prefix, name=None):
     """Refuse, in one sentence naming the file (or `name`), a file whose SHA-256 does not begin
     with `prefix`."""

@@ -17,7 +17,8 @@ schedule, VAE, text encoder); Stable Diffusion's three parts; the frozen CLIP te
 from pathlib import Path
 
 import dmp
-from checkpoints import CheckpointError, atomic_save, cached, file_sha256, read_state_dict
+from checkpoints import (CheckpointError, atomic_save, cached, file_sha256, folder_sha256,
+                         read_state_dict)
 from model_clip import CLIP_TINY, CLIP_VITL14, load_clip_text
 from model_dit import OFFICIAL, DiT, load_checkpoint
 from model_unet import UNet_configs, load_unet
@@ -67,7 +68,7 @@ def base_record(base):
     """
     What a patch records of its base (save_patch): the name as given (an official name still
     resolves through the download cache), its absolute path (so the patch finds it from any working
-    directory) and the file's sha256.
+    directory) and its sha256 (base_sha256).
     """
     if not base:
         return dict(name=None, path=None, sha256=None)
@@ -77,8 +78,20 @@ def base_record(base):
     if file:
         record.update(path=str(file.resolve()), sha256=file_sha256(file))
     elif path.exists():
-        record.update(path=str(path.resolve()))
+        record.update(path=str(path.resolve()), sha256=base_sha256(path))
     return record
+
+
+def base_sha256(base):
+    """
+    The sha256 a base is recorded and checked by: its file's, or for a folder (a diffusers SD base)
+    checkpoints.folder_sha256, the hash of its weight files. None for a name that is not there.
+    """
+    file = base_file(base)
+    if file:
+        return file_sha256(file)
+    path = Path(str(base)).expanduser()
+    return folder_sha256(path) if path.is_dir() else None
 
 
 def recorded_base(entries):
@@ -98,11 +111,11 @@ def recorded_base(entries):
 def check_base(entries, path, base, allow_base_mismatch=False):
     """
     A patch (`entries`, read from `path`) that recorded its base's sha256 applied to `base`: the
-    two files must agree, else CheckpointError, or with allow_base_mismatch a warning.
+    two (files, or folders' weights) must agree, else CheckpointError, or with allow_base_mismatch
+    a warning.
     """
     recorded = (entries.get("base") or {}).get("sha256")
-    file = base_file(base) if base and recorded else None
-    actual = file_sha256(file) if file else recorded
+    actual = (base_sha256(base) if base and recorded else None) or recorded
     if actual == recorded:
         return
     problem = (f"{path} was trained on a base with sha256 {recorded[:12]}..., and {base} is "
@@ -169,21 +182,24 @@ def apply_patch(model, path, base=None, allow_base_mismatch=False):
 #                              Any name to a model                              #
 #################################################################################
 
-def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False):
+def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False,
+               num_heads=None):
     """
     The model sample.py, train.py --init, study.py and digits_fid.py use: an official name or a DiT
     checkpoint (model_dit.load_checkpoint); a patch file or a train.py checkpoint of a
     further-training run (it records its base and the trained weights), applied to the base it
     names; a train.py run folder (its last checkpoint); or a base plus `patch_path`. With
     unet_config (model_unet's UNet_configs), the base is an SD UNet in any layout
-    model_unet.load_unet reads; a patch of a UNet records its config, so it needs none.
+    model_unet.load_unet reads; a patch of a UNet records its config, so it needs none. num_heads:
+    the head count of a DiT state dict that records no config and has no official width.
     """
     name_or_path = resolve(name_or_path)
     path = Path(str(name_or_path))
     if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # SD: read once
         entries = read_state_dict(name_or_path)
         if is_patch(entries):
-            return load_patched(name_or_path, entries, unet_config, allow_base_mismatch)
+            return load_patched(name_or_path, entries, unet_config, allow_base_mismatch,
+                                num_heads)
         if entries.get("method") and isinstance(entries.get("model"), dict):
             # DMP trained from scratch (Table 6): backbone and prompts in one state dict; the EMA
             model = DiT(**entries["config"])
@@ -193,13 +209,13 @@ def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_misma
     if unet_config is not None:
         model = load_unet(name_or_path, unet_config)
     else:
-        model = load_checkpoint(name_or_path)
+        model = load_checkpoint(name_or_path, **({"num_heads": num_heads} if num_heads else {}))
     if patch_path:
         model = apply_patch(model, patch_path, name_or_path, allow_base_mismatch)
     return model
 
 
-def load_patched(path, entries, unet_config=None, allow_base_mismatch=False):
+def load_patched(path, entries, unet_config=None, allow_base_mismatch=False, num_heads=None):
     """load_model of a patch file (its `entries`): its recorded base, loaded, with it applied."""
     base = recorded_base(entries)
     if not base:
@@ -213,7 +229,9 @@ def load_patched(path, entries, unet_config=None, allow_base_mismatch=False):
         where = f" (nor at {where})" if where and where != name else ""
         raise CheckpointError(f"{path} was trained on {name}, which is not there{where}: pass "
                               f"that base as the checkpoint and this file as the patch")
-    return apply_patch(load_model(base, unet_config=unet_config), path, base=base,
+    # the patch records the patched model's config: the head count of a base that records none
+    model = load_model(base, unet_config=unet_config, num_heads=num_heads or config.get("num_heads"))
+    return apply_patch(model, path, base=base,
                        allow_base_mismatch=allow_base_mismatch)
 
 

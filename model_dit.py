@@ -433,8 +433,10 @@ OFFICIAL = {name: f"https://dl.fbaipublicfiles.com/DiT/models/{name}"
 
 def infer_config(state_dict):
     """
-    The constructor arguments a DiT state dict's shapes imply (num_heads from the official config
-    of that width), or None if it is not a DiT's.
+    The constructor arguments a DiT state dict's shapes imply, or None if it is not a DiT's.
+    num_heads is the official config's of that width (S 6, B 12, L and XL 16), else None: the
+    weights of a multi-head attention are the same shapes for any head count, so no other width
+    tells it.
     """
     try:
         hidden, in_channels, p, _ = state_dict["x_embedder.proj.weight"].shape
@@ -449,7 +451,7 @@ def infer_config(state_dict):
     # 1001 rows: 1000 classes + the null class (label dropout); 1 row: the unconditional model.
     num_classes = rows - 1 if rows > 1 else 1
     heads = [a["num_heads"] for a in _SIZES.values() if a["hidden_size"] == hidden]
-    heads = heads[0] if heads else max(1, hidden // 64)
+    heads = heads[0] if heads else None
     config = dict(input_size=int(round(tokens ** 0.5)) * p, patch_size=p, in_channels=in_channels,
                   hidden_size=hidden, depth=depth, num_heads=heads,
                   mlp_ratio=mlp / hidden, class_dropout_prob=0.1 if rows > 1 else 0.0,
@@ -485,9 +487,10 @@ def load_checkpoint(name_or_path, model=None, **overrides):
     """
     A DiT with the weights of `name_or_path`: 'DiT-XL-2-256x256.pt' or 'DiT-XL-2-512x512.pt'
     (downloaded once into the cache), or a local file. `model` ('DiT-L/2', ...) fixes the
-    architecture; otherwise it comes from the config train.py recorded, or from the shapes.
-    `overrides` are constructor arguments (num_classes=...). A file that does not fit raises
-    CheckpointError saying which keys are missing or unexpected and which config its shapes fit.
+    architecture; otherwise it comes from the config train.py recorded, or from the shapes (the
+    head count only for an official width). `overrides` are constructor arguments (num_heads=...).
+    A file that does not fit raises CheckpointError saying which keys are missing or unexpected
+    and which config its shapes fit.
     """
     sd, config = dit_state_dict(name_or_path)
     found = infer_config(sd)
@@ -495,10 +498,19 @@ def load_checkpoint(name_or_path, model=None, **overrides):
         raise CheckpointError(f"{name_or_path}: not a DiT checkpoint (no x_embedder/pos_embed/"
                               f"blocks keys found; its first keys are {', '.join(list(sd)[:4])})")
     kwargs = {**(config or found or {}), **overrides}
+    heads_unknown = kwargs.get("num_heads") is None and not model
+    if heads_unknown:  # a stand-in, so that a file that does not fit says so first
+        kwargs["num_heads"] = 1
     with torch.device("meta"):  # shapes only: the weights come from the file
         if model:
             net = DiT_models[model](**{k: v for k, v in kwargs.items() if k not in CONFIGS[model]})
         else:
             net = DiT(**kwargs)
     fits = f"its shapes fit {config_name(found)}" if found else "its shapes fit no DiT"
-    return load_strict(net, sd, name_or_path, config_name(net.config), fits=f"; {fits}")
+    net = load_strict(net, sd, name_or_path, config_name(net.config), fits=f"; {fits}")
+    if heads_unknown:
+        raise CheckpointError(f"{name_or_path}: a DiT {kwargs['hidden_size']} wide with no recorded "
+                              f"config, whose head count its weights cannot tell (no official DiT "
+                              f"has that width): give it, e.g. --num-heads 4 (sample.py, "
+                              f"train.py --init, export.py)")
+    return net

@@ -190,7 +190,7 @@ def read_prompts(path):
 
 # What decides a set's images (not batch sizes, precision or TF32): settings.json records these.
 DIT_SETTINGS = ("ckpt", "patch", "seed", "class_labels", "cfg_scale", "guide_all_channels",
-                "sampler", "steps", "eta", "noise_schedule", "vae", "text_encoder")
+                "sampler", "steps", "eta", "noise_schedule", "vae", "text_encoder", "num_heads")
 SD_SETTINGS = ("ckpt", "patch", "model", "seed", "cfg_scale", "sampler", "steps", "resolution")
 
 
@@ -235,7 +235,8 @@ def write_set(args, make_batch, settings, rank):
 def dit_main(args, rank, device):
     """A DiT (official, trained, patched): a grid, or an FID set."""
     try:
-        model = load.load_model(args.ckpt, args.patch, None, args.allow_base_mismatch)
+        model = load.load_model(args.ckpt, args.patch, None, args.allow_base_mismatch,
+                                args.num_heads)
     except RuntimeError as e:  # load_state_dict's size mismatch: a patch made for another model
         raise SampleError(f"{args.patch or args.ckpt} does not fit its base: "
                           f"{str(e).splitlines()[-1].strip()}") from None
@@ -342,6 +343,8 @@ def parse_args(argv=None):
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply a patch to a base other than the one it was trained on (its "
                    "recorded sha256 differs), warning")
+    p.add_argument("--num-heads", type=positive, help="a DiT state dict that records no config "
+                   "and has no official width: its head count")
     p.add_argument("--grid", type=positive,
                    help="images in the grid PNG (default: one per --class-labels, else 16)")
     p.add_argument("--num-samples", type=positive,

@@ -92,6 +92,8 @@ def parse_args(argv=None):
                    "pretraining; sd15 (or sd-tiny) for Stable Diffusion with --init")
     p.add_argument("--init", help="none: pretrain from scratch; an official name, a checkpoint or "
                    "a run folder to further-train")
+    p.add_argument("--num-heads", type=int, help="the head count of an --init DiT state dict "
+                   "that records no config and has no official width")
     p.add_argument("--method", choices=dmp.METHODS, help="further-training method (default dmp "
                    "with --init; with no --init, dmp trains backbone and prompts together: Table "
                    "6)")
@@ -406,7 +408,7 @@ def build_model(args, data, text_dim=None):
                             f"{model.config['in_channels']} channels")
         return model, dmp.patch(model, args.method, **method_options(args))
     if args.init:
-        model = load.load_model(args.init)
+        model = load.load_model(args.init, num_heads=args.num_heads)
         if getattr(model, "patch_method", None):
             raise CheckpointError(f"{args.init} is already patched ({model.patch_method}): "
                                   f"further-train its base")
@@ -641,7 +643,10 @@ def checkpoint_entries(raw, ema, opt, args, data, base, scaler, step):
     A further-training run stores a patch (load.patch_entries, `base` its load.base_record)
     plus the optimizer (and fp16's gradient scaler); pretraining the model. `weights` says which
     weights load: with --ema the EMA, what the run's grids and held-out numbers measured; the raw
-    ones are kept too (raw_state, model) so --resume is exact.
+    ones are kept too (raw_state, model) so --resume is exact. `ema` always holds the whole model
+    that loads (the raw weights without --ema; --method full on a DiT too): the official DiT's
+    find_model returns checkpoint["ema"] where there is one, else the whole dict, which no DiT
+    loads. It shares its tensors with model/state, so torch.save writes them once.
     """
     entries = dict(step=step, args=vars(args), opt=opt.state_dict(), config=raw.config,
                    scaler=scaler.state_dict() if scaler is not None else None,
@@ -652,11 +657,14 @@ def checkpoint_entries(raw, ema, opt, args, data, base, scaler, step):
     if args.init:
         entries.update(load.patch_entries(raw, base))
         state = entries["state"]
+        whole = (raw if ema is None else ema).state_dict()
         if ema is not None:
-            averaged = ema.state_dict()
-            entries.update(state={k: averaged[k] for k in state}, raw_state=state)
+            entries.update(state={k: whole[k] for k in state}, raw_state=state)
+        if args.method == "full" and args.model not in UNet_configs:
+            entries.update(state={k: whole[k] for k in state}, ema=whole)
     else:
-        entries.update(model=raw.state_dict(), ema=ema.state_dict() if ema is not None else None,
+        model = raw.state_dict()
+        entries.update(model=model, ema=ema.state_dict() if ema is not None else model,
                        method=args.method, options=getattr(raw, "patch_options", None))
     return entries
 

@@ -59,7 +59,7 @@ def test_no_conditional_expression_is_a_statement():
 
 
 # The commands the README runs; everything else at the top level is a library they import.
-SCRIPTS = {"train", "sample", "bench", "study", "fid", "prepare_data"}
+SCRIPTS = {"train", "sample", "bench", "study", "fid", "prepare_data", "export"}
 
 
 def imported(path):
