@@ -94,6 +94,10 @@ def read_state_dict(path):
     on the CPU.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give the weights file in "
+                              f"it (a diffusers folder's vae/diffusion_pytorch_model.safetensors, "
+                              f"a train.py run's checkpoints/NNNNNNN.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":

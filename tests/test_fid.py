@@ -767,7 +767,7 @@ def test_a_build_in_progress_is_held_by_one_process(tmp_path, pixelnet, unchange
     root = imagenet_like(str(tmp_path / "train"))
     partial = tmp_path / "ref.npz.partial"
     partial.mkdir()
-    holder = subprocess.Popen(["flock", str(partial / ".lock"), "sleep", "30"])
+    holder = subprocess.Popen(["flock", "--no-fork", str(partial / ".lock"), "sleep", "30"])
     try:
         for _ in range(100):  # until flock holds it
             if subprocess.run(["flock", "-n", str(partial / ".lock"), "true"]).returncode:

@@ -527,7 +527,7 @@ def test_one_process_at_a_time_prepares_a_folder(tmp_path, unchanged, capsys):
     src = small_source(tmp_path / "src", 2)
     (tmp_path / "out.partial").mkdir()
     lock = str(tmp_path / "out.partial" / ".lock")
-    holder = subprocess.Popen(["flock", lock, "sleep", "30"])
+    holder = subprocess.Popen(["flock", "--no-fork", lock, "sleep", "30"])
     try:
         while not subprocess.run(["flock", "-n", lock, "true"]).returncode:
             pass  # until the other process holds it
