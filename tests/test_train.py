@@ -536,19 +536,34 @@ def test_the_demo_bits_per_dim_can_be_turned_off():
 #################################################################################
 
 def test_grad_accum_equals_one_batch_and_resumes_bit_identically(tmp_path):
-    """K=4 micro-batches of 4 give the step of one batch of 16, and a resumed K=4 run is exact."""
+    """
+    K=4 micro-batches of 4 give the gradient of one batch of 16, and a resumed K=4 run is exact.
+    The gradients are compared through Adam's first moment after one step, (1 - beta1) g, which is
+    linear in them: the weights would not do, since Adam divides each gradient by its own size, so
+    a component that is rounding noise (1e-11 against eps 1e-8) moves by a fraction of lr either way
+    (1.2e-5 was measured on one x86 CPU, under 1e-5 on another). The two sums differ in order only:
+    float32 rounding (2^-24 = 6e-8 per addition, over the 16 images and the tokens) puts them
+    within 1e-4 of the largest component (8e-8 measured), and 1e-3 leaves room for cancellation;
+    a micro-batch lost or counted twice, or a missing 1/K, moves them by 1/16 = 6e-2 or more.
+    """
     common = ["--init", str(ROOT / "assets" / "dit_digits.pt"), "--method", "dmp", "--lr", "1e-2"]
-    one = run(tmp_path, *common, "--iterations", "4", "--ckpt-every", "4", name="one")
+    one = run(tmp_path, *common, "--iterations", "1", "--ckpt-every", "1", name="one")
+    four_1 = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "1", "--ckpt-every", "1",
+                 name="four_1")
+    a, b = (read_state_dict(train.checkpoints(d)[-1])["opt"]["state"] for d in (one, four_1))
+    assert a.keys() == b.keys() and len(a) > 0
+    worst = max(((a[i]["exp_avg"] - b[i]["exp_avg"]).abs().max() / a[i]["exp_avg"].abs().max()).item()
+                for i in a)
+    assert worst < 1e-3, worst
+    # The losses of the first step (the same weights): means of 16 positive terms in two orders,
+    # within 16 roundings (1e-6) of each other.
+    x, y = ([e for e in log_of(d) if "loss" in e][0] for d in (one, four_1))
+    assert [x[k] for k in training.LOG_TERMS] == pytest.approx([y[k] for k in training.LOG_TERMS],
+                                                            rel=1e-5, abs=1e-9)
     four = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "4", "--ckpt-every", "2",
                name="four")
-    a, b = (read_state_dict(train.checkpoints(d)[-1]) for d in (one, four))
-    for key in ("raw_state", "state"):  # the trained weights, and their EMA (the digits preset's)
-        assert a[key].keys() == b[key].keys()
-        assert max((a[key][k] - b[key][k]).abs().max() for k in a[key]) < 1e-5
+    b = read_state_dict(train.checkpoints(four)[-1])
     assert max(v.abs().max() for v in b["raw_state"].values()) > 1e-2  # the prompts and gate moved
-    for x, y in zip(*[[e for e in log_of(d) if "loss" in e] for d in (one, four)], strict=True):
-        assert [x[k] for k in training.LOG_TERMS] == pytest.approx([y[k] for k in training.LOG_TERMS],
-                                                                rel=1e-5, abs=1e-9)
     part = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "2", "--ckpt-every", "2",
                name="part")
     train.main(["--resume", str(part), "--iterations", "4"])
