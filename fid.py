@@ -323,8 +323,12 @@ def _write_atomic(path, write, new=True):
     """
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+        except OSError as e:  # a full disk: numpy's and zipfile's errors name no file
+            e.filename = e.filename or str(path)
+            raise
         if not new:
             os.replace(tmp, path)
         else:
@@ -424,10 +428,14 @@ def _build(src, files, texts, outputs, stats_path, batch_path, prompts_path, mod
     else:
         (partial / "files.txt").write_text(listing)
         shape = (capacity, resolution, resolution, 3)
-        images = np.lib.format.open_memmap(partial / "batch.npy", mode="w+", dtype=np.uint8,
-                                           shape=shape) if batch_path else None
-        if images is not None:
-            reserve(partial / "batch.npy")
+        try:
+            images = np.lib.format.open_memmap(partial / "batch.npy", mode="w+", dtype=np.uint8,
+                                               shape=shape) if batch_path else None
+            if images is not None:
+                reserve(partial / "batch.npy")
+        except OSError as e:  # a full disk: numpy's error names no file
+            e.filename = e.filename or str(partial / "batch.npy")
+            raise
         # Written last: the commit point of the initialisation.
         (partial / "settings.json").write_text(json.dumps(settings))
 
