@@ -391,6 +391,9 @@ def test_nan_weights_and_a_stray_text_encoder_are_refused(tmp_path, unchanged, c
     line = sample_exit(["--ckpt", save_run(tiny_dit(), tmp_path / "ok.pt"), "--text-encoder", "clip.pt", *FAST],
                        capsys)
     assert "--text-encoder is for a text-conditioned DiT" in line
+    (tmp_path / "vae-folder").mkdir()  # a diffusers folder, say
+    line = sample_exit(["--ckpt", tmp_path / "ok.pt", "--vae", tmp_path / "vae-folder", *FAST], capsys)
+    assert "vae-folder is a folder, not a checkpoint file" in line
     kept()
     assert not (tmp_path / "set").exists() and not (tmp_path / "set.npz").exists()
 
