@@ -416,7 +416,7 @@ def build_model(args, data, text_dim=None):
         if model.text_dim != text_dim:
             raise CheckpointError(f"{args.init} takes {takes(model.text_dim)} but this run gives "
                                   f"{takes(text_dim)}")
-        classes = model.y_embedder.num_classes if model.y_embedder is not None else 0
+        classes = getattr(model.y_embedder, "num_classes", 0)  # (a text DiT: a TextEmbedder)
         if not (args.unconditional or text_dim) and data.num_classes > classes:
             # Label `classes` is the model's guidance "null" class: a real class there is wrong.
             raise DataError(f"{args.data} has {data.num_classes} classes and {args.init} knows "

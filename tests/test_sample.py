@@ -286,7 +286,6 @@ FULL_DISK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_FSIZE, (1500, resource.RLIM_INFINITY))  # ulimit -f 1.5 kB
 import sample
-from conftest import error_line
 sample.main(sys.argv[1:])
 """
 
