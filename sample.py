@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import distributed
 import load
-from checkpoints import CheckpointError, file_sha256, write_json
+from checkpoints import CheckpointError, file_sha256, hold, write_json
 from model_vae import load_vae
 from sampling import (SampleError, check_dit, default_cfg_scale, dit_batch, make_diffusion,
                       save_png, sd_batch, write_grid, write_sd_grid)
@@ -145,9 +145,23 @@ def write_samples(n, make_batch, out_dir, batch_size, settings):
     recorded = out_dir / "settings.json"
     if not recorded.is_file() and [f for f in os.listdir(out_dir) if not f.startswith(".")]:
         # Not a set this script started (it writes settings.json before any image): the user's own
-        # images are neither counted as samples nor joined by ours.
+        # images are neither counted as samples nor joined by ours, nor is anything written there.
         raise SampleError(f"{out_dir} holds files and is not a sample set (it has no settings.json): "
                           f"use another --out for the set")
+    # Rank 0 holds the set while it is written: a second sample.py into it at once is refused. The
+    # lock file goes at the end (a set holds its images and settings only).
+    held = hold(out_dir, "sample.py writing this set") if rank == 0 else None
+    try:
+        _write_samples(n, make_batch, out_dir, batch_size, settings, rank, world)
+    finally:
+        if held is not None:
+            (out_dir / ".lock").unlink(missing_ok=True)
+            os.close(held)
+
+
+def _write_samples(n, make_batch, out_dir, batch_size, settings, rank, world):
+    """write_samples' work, the folder held."""
+    recorded = out_dir / "settings.json"
     if recorded.is_file():
         try:
             before = json.loads(recorded.read_text())

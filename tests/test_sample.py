@@ -397,6 +397,24 @@ def test_nan_weights_and_a_stray_text_encoder_are_refused(tmp_path, unchanged, c
     assert not (tmp_path / "set").exists() and not (tmp_path / "set.npz").exists()
 
 
+def test_a_sample_set_is_written_by_one_command_at_a_time(ckpt, tmp_path, unchanged, capsys):
+    """Two sample.py into one set at once: the second is refused while the first holds it."""
+    (tmp_path / "set").mkdir()
+    lock = str(tmp_path / "set" / ".lock")
+    holder = subprocess.Popen(["flock", "--no-fork", lock, "sleep", "30"])
+    try:
+        while not subprocess.run(["flock", "-n", lock, "true"]).returncode:
+            pass  # until the other process holds it
+        kept = unchanged(tmp_path)
+        line = sample_exit(["--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "set", *FAST], capsys)
+        assert "set is in use by another process (sample.py writing this set)" in line
+        kept()
+        assert os.listdir(tmp_path / "set") == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_prompt_lines_end_at_newlines_only(tmp_path):
     """Item 13: a prompt file was split at U+2028 (and \\x0c, \\x1c ...), moving later prompts to
     other images."""
