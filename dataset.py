@@ -184,6 +184,15 @@ class ImageFiles(torch.utils.data.Dataset):
             self.zip = zipfile.ZipFile(self.src)
         return self.zip.read(name)
 
+    def close(self):
+        """Close the archives opened so far (before DataLoader workers fork: they must open their
+        own, as a shared file offset would mix their reads)."""
+        for t in self.tars.values():
+            t.close()
+        if self.zip is not None:
+            self.zip.close()
+        self.zip, self.tars = None, {}
+
     def content(self, row):
         """(the bytes of file `row`, their sha256), or (None, "") for a row that is never read."""
         if (self.labels is not None and self.labels[row] < 0) or \
@@ -241,7 +250,11 @@ def check_consumed(reader, done, recorded, partial):
     (sha256 runs at ~1 GB/s, far faster than decoding them). Raises DataError naming the first
     change.
     """
-    if chain("", (reader.content(r)[1] for r in range(done))) == recorded:
+    try:
+        same = chain("", (reader.content(r)[1] for r in range(done))) == recorded
+    finally:
+        reader.close()
+    if same:
         return
     raise DataError(f"the source's files changed since {partial} was started (the {done} files "
                     f"already read no longer hold the same bytes): delete {partial} to start again "
