@@ -6,6 +6,7 @@ Every loader in the project (DiT, VAE, UNet, CLIP; fid.py reads its Inception it
 read_state_dict() and fills its model through load_strict(); everything that matters is written
 through atomic_save().
 """
+import fcntl
 import hashlib
 import json
 import os
@@ -116,6 +117,10 @@ def read_state_dict(path):
     on the CPU.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give the weights file in "
+                              f"it (a diffusers folder's vae/diffusion_pytorch_model.safetensors, "
+                              f"a train.py run's checkpoints/NNNNNNN.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -164,6 +169,23 @@ def write_json(path, obj, indent=1):
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def hold(folder, what="it"):
+    """
+    Hold `folder` (a run folder, an unfinished build) for this process: an exclusive flock on
+    folder/.lock, which the OS releases when the process ends however it ends (kill -9 too), so a
+    stale lock never blocks a rerun. Returns the open file descriptor (close it to let go); a folder
+    another process holds raises CheckpointError.
+    """
+    fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise CheckpointError(f"{folder} is in use by another process ({what}); wait for it to "
+                              f"end, or stop it") from None
+    return fd
 
 
 def atomic_save(obj, path):

@@ -12,6 +12,7 @@ prepare_data.py writes prepared folders from sources, fid.py reads sources for i
 train.py, study.py and bench.py read prepared folders. The layout of a prepared folder is in
 prepare_data.py's docstring.
 """
+import hashlib
 import io
 import json
 import os
@@ -46,13 +47,21 @@ def to_rgb(img):
     hold). CMYK, L, P and the rest go through PIL's convert, ICC profiles ignored as in DiT. EXIF
     orientation is not applied, as in DiT/ADM.
     """
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale ("I" assumed so)
-        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))  # round(v 255 / 65535)
+    img = to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA"))
     return img.convert("RGB")
+
+
+def to_8bit(img):
+    """16-bit grayscale (I;16*, I: assumed 16-bit) scaled to 8 bits, round(v 255 / 65535), where
+    PIL's convert clips everything above 255 to white; any other image as it is. fid.py's two modes
+    (comparing sets, building a reference) both convert through it, so a 16-bit PNG is one image."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))
+    return img
 
 
 def center_crop_arr(pil_image, image_size):
@@ -83,8 +92,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def tar_names(path):
-    with tarfile.open(path) as t:
-        return [m.name for m in t.getmembers() if m.isfile()]
+    try:
+        with tarfile.open(path) as t:
+            return [m.name for m in t.getmembers() if m.isfile()]
+    except (tarfile.TarError, EOFError, OSError) as e:  # a truncated or damaged archive
+        raise DataError(f"{path}: not a readable tar file, truncated or damaged ({e})") from None
+
+
+def walk_files(src):
+    """
+    Every file under the folder `src`, relative, following links to folders (a dataset assembled
+    from links) but refusing a link back to a folder already listed: os.walk(followlinks=True)
+    would go round a loop until the path grew too long, listing each image again on every lap.
+    """
+    seen, files = set(), []
+    for d, _, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            raise DataError(f"{d}: a link to the folder {real}, which is already read (a loop or "
+                            f"a second path to the same images); remove the link")
+        seen.add(real)
+        files += [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for f in names]
+    return files
 
 
 def list_source(src, labels):
@@ -96,8 +125,7 @@ def list_source(src, labels):
     elif src.is_file() and tarfile.is_tarfile(src):
         files = tar_names(src)
     elif src.is_dir():
-        files = [os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
-                 for d, _, names in os.walk(src, followlinks=True) for f in names]
+        files = walk_files(src)
         files = [m for f in files
                  for m in ([f"{f}/{n}" for n in tar_names(src / f)] if f.endswith(".tar") else [f])]
     else:
@@ -156,25 +184,81 @@ class ImageFiles(torch.utils.data.Dataset):
             self.zip = zipfile.ZipFile(self.src)
         return self.zip.read(name)
 
+    def close(self):
+        """Close the archives opened so far (before DataLoader workers fork: they must open their
+        own, as a shared file offset would mix their reads)."""
+        for t in self.tars.values():
+            t.close()
+        if self.zip is not None:
+            self.zip.close()
+        self.zip, self.tars = None, {}
+
+    def content(self, row):
+        """(the bytes of file `row`, their sha256), or (None, "") for a row that is never read."""
+        if (self.labels is not None and self.labels[row] < 0) or \
+                (self.captions is not None and not self.captions[row]):
+            return None, ""
+        data = self.read(self.files[row])
+        return data, hashlib.sha256(data).hexdigest()
+
     def __getitem__(self, i):
+        """(row, its centre-cropped uint8 HWC image or None, why not, the sha256 of its bytes)."""
         row = self.start + i
-        if self.labels[row] < 0:
-            return row, None, "not inside a class folder"
-        if self.captions is not None and not self.captions[row]:
-            return row, None, "no caption"
         try:
-            with Image.open(io.BytesIO(self.read(self.files[row]))) as img:
+            data, digest = self.content(row)
+        except Exception as e:  # a member of a damaged archive, a file gone: skipped, said why
+            return row, None, f"unreadable ({type(e).__name__}: {e})"[:200], ""
+        if data is None:
+            why = "no caption" if self.captions is not None and not self.captions[row] else \
+                "not inside a class folder"
+            return row, None, why, ""
+        return (row, *self.decode(data), digest)
+
+    def decode(self, data):
+        """(pixels, "") or (None, why not)."""
+        try:
+            with Image.open(io.BytesIO(data)) as img:
                 img.load()  # decodes the whole file: truncated data fails here
                 img = to_rgb(img)
                 if self.grayscale:
                     img = img.convert("L")  # ITU-R 601 luma
                 pixels = center_crop_arr(img, self.resolution)
-                return row, pixels.reshape(self.resolution, self.resolution, -1), ""
+                return pixels.reshape(self.resolution, self.resolution, -1), ""
         except UnidentifiedImageError:
-            return row, None, "not an image file PIL can read"
+            return None, "not an image file PIL can read"
         except Exception as e:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
             reason = f"{type(e).__name__}: {str(e).strip()}".splitlines() or [""]
-            return row, None, reason[0][:200]
+            return None, reason[0][:200]
+
+
+def chain(running, digests):
+    """
+    The running hash of a source's files in row order: sha256(running + digest) for each file's
+    digest in turn ("" to start). What a resumable job records with its progress, so a rerun after
+    a kill can tell that the files it already consumed still hold the same bytes (not only the same
+    names).
+    """
+    for digest in digests:
+        running = hashlib.sha256((running + digest).encode()).hexdigest()
+    return running
+
+
+def check_consumed(reader, done, recorded, partial):
+    """
+    Resuming: rehash the first `done` files of `reader` (an ImageFiles) and compare their chain
+    with the one `recorded` when they were consumed. The cost is reading those files once more
+    (sha256 runs at ~1 GB/s, far faster than decoding them). Raises DataError naming the first
+    change.
+    """
+    try:
+        same = chain("", (reader.content(r)[1] for r in range(done))) == recorded
+    finally:
+        reader.close()
+    if same:
+        return
+    raise DataError(f"the source's files changed since {partial} was started (the {done} files "
+                    f"already read no longer hold the same bytes): delete {partial} to start again "
+                    f"from the files as they are now")
 
 
 def read_captions(src, files, captions):
@@ -200,8 +284,16 @@ def read_captions(src, files, captions):
         names = {im["id"]: im["file_name"] for im in coco["images"]}
         by_name = {}
         for a in coco["annotations"]:
+            if a["image_id"] not in names:
+                raise DataError(f"{captions}: annotation {a.get('id')} is of image_id "
+                                f"{a['image_id']!r}, which is not among its images")
+            if not isinstance(a["caption"], str):
+                raise DataError(f"{captions}: annotation {a.get('id')} has the caption "
+                                f"{a['caption']!r}, not a string")
             by_name.setdefault(names[a["image_id"]], []).append(a["caption"].strip())
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{captions}: not a COCO captions file (a JSON with images and "
                         f"annotations; {type(e).__name__}), nor 'txt'") from None
     return images, [by_name.get(f.rsplit("/", 1)[-1], []) for f in images]
@@ -242,7 +334,7 @@ class PreparedData:
         if m.get("format") != FORMAT or m.get("version", 0) > VERSION:
             raise DataError(f"{path}: not prepared data this code reads (format {m.get('format')}, "
                             f"version {m.get('version')})")
-        self.manifest, self.kind, self.vae = m, m["kind"], m["vae"]
+        self.path, self.manifest, self.kind, self.vae = path, m, m["kind"], m["vae"]
         self.scale_factor, self.num_classes = m["scale_factor"], m["num_classes"]
         self.class_names, self.shape = m["class_names"], tuple(m["shape"])
         self.data = np.load(path / m["array"], mmap_mode="r")
@@ -259,6 +351,25 @@ class PreparedData:
 
     def __len__(self):
         return len(self.rows)
+
+    def fingerprint(self, rows=1024):
+        """
+        A sha256 of what the folder holds, which a training run records and a resumed one checks
+        (the same path may hold other data by then): manifest.json (the source, settings, counts,
+        skipped files), labels, captions, and the bytes of `rows` rows spread evenly over the array
+        (all of them for a smaller set). Cheap for any size: ImageNet's latents are 32 KiB a row,
+        so 32 MiB are read, not its 42 GB.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            for name in ("manifest.json", "labels.npy", self.manifest.get("captions")):
+                if name:
+                    h.update(name.encode() + b"\0" + (self.path / name).read_bytes())
+            total = len(self.data)
+            for r in np.unique(np.linspace(0, total - 1, min(rows, total)).round().astype(np.int64)):
+                h.update(np.ascontiguousarray(self.data[r]).tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def batch(self, indices, flip, generator=None, device="cpu", noise=None):
         """

@@ -274,8 +274,14 @@ def main(argv=None):
     if not args.ckpt:
         p.error("give a checkpoint, or --train")
     import load
+    model = load.load_model(args.ckpt)
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in model.state_dict().values()
+              if t.is_floating_point())
+    if bad:  # its samples would be NaN, and their covariance has no square root (LinAlgError)
+        sys.exit(f"error: {args.ckpt}: {bad} of its weights are not finite (NaN or inf); it is a "
+                 f"diverged or damaged checkpoint")
     quality = SampleQuality(load_classifier(args.classifier), train_x, held_x, args.replicates)
-    samples = generate(load.load_model(args.ckpt), CHUNKS * quality.n, args.steps)
+    samples = generate(model, CHUNKS * quality.n, args.steps)
     for name, r in (("samples", quality.of_samples(samples)), ("held-out digits", quality.floor())):
         print(f"{name}: " + ", ".join(f"{k} {v:.4f} ± {half_width(r[k + '_boot']):.4f}"
                                       for k, v in r.items() if not k.endswith("_boot")))

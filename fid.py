@@ -17,11 +17,15 @@ from ADM's evaluator" in inception.py lists every difference.
         # as the training images were
 """
 import argparse
+import errno
+import functools
+import hashlib
 import io
 import json
 import os
 import shutil
 import sys
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,9 +36,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import IMAGE_EXTENSIONS as DATASET_EXTENSIONS
-from dataset import DataError, ImageFiles, list_source, read_captions
-from inception import (FID_WEIGHTS_NAME, FIDError, compute_features, frechet_distance,
-                       inception_features, inception_score, load_inception, precision_recall)
+from checkpoints import CheckpointError, cached, file_sha256, hold
+from dataset import (DataError, ImageFiles, chain, check_consumed, list_source, read_captions,
+                     to_8bit)
+from inception import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDError, compute_features,
+                       frechet_distance, inception_features, inception_score, load_inception, precision_recall)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -64,13 +70,13 @@ def _file_batches(path, batch_size, workers):
         where = f"{path}:{name}" if zf else os.path.join(path, name)
         try:
             with Image.open(io.BytesIO(zf.read(name)) if zf else where) as im:
-                return where, np.asarray(im.convert("RGB"))
-        except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+                return where, np.asarray(to_8bit(im).convert("RGB"))  # 16-bit: as the builder
+        except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: an OSError
             raise FIDError(f"{where} is not a readable image ({e}).") from None
 
     def batches():
         first = None
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # --num-workers 0: one thread
             ahead = pool.map(load, names[:batch_size])
             for i in range(0, len(names), batch_size):
                 current, ahead = ahead, pool.map(load, names[i + batch_size:i + 2 * batch_size])
@@ -82,7 +88,12 @@ def _file_batches(path, batch_size, workers):
                                        f"{first[1][1]}x{first[1][0]}: all images of a set must "
                                        f"have the same size.")
                 yield np.stack([im for _, im in loaded])
-    return len(names), batches()
+    try:
+        with Image.open(io.BytesIO(zf.read(names[0])) if zf else os.path.join(path, names[0])) as im:
+            size = im.size
+    except (OSError, Image.DecompressionBombError):
+        size = None  # the batches say what is wrong with it
+    return len(names), batches(), size
 
 
 def _open_arr_0(path):
@@ -119,7 +130,7 @@ def _npz_batches(path, batch_size):
                 if len(data) != k * shape[1] * shape[2] * 3:
                     raise FIDError(f"{path}: arr_0 is truncated after image {i}.")
                 yield np.frombuffer(data, np.uint8).reshape(k, *shape[1:])
-    return shape[0], batches()
+    return shape[0], batches(), (shape[2], shape[1])
 
 
 def _spatial_statistics(path, f):
@@ -130,6 +141,7 @@ def _spatial_statistics(path, f):
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise FIDError(f"{path}: 'mu_s' {mu.shape} and 'sigma_s' {sigma.shape} are not a d vector "
                        f"and a d x d matrix.")
+    check_statistics(path, mu, sigma, ("mu_s", "sigma_s"))
     return mu, sigma
 
 
@@ -143,7 +155,7 @@ def open_set(path, batch_size=50, workers=8):
     if os.path.isdir(path) or path.lower().endswith(".zip"):
         try:
             images = _file_batches(path, batch_size, workers)
-            return {"stats": None, "spatial": None, "images": images}
+            return {"stats": None, "spatial": None, "images": images[:2], "size": images[2]}
         except zipfile.BadZipFile as e:
             raise FIDError(f"{path} is not a readable zip file ({e}).") from None
     if not path.lower().endswith(".npz"):
@@ -157,8 +169,9 @@ def open_set(path, batch_size=50, workers=8):
             spatial = _spatial_statistics(path, f) if stats is not None else None
         if stats is None and "arr_0" not in files:
             raise FIDError(f"{path} has neither statistics ('mu', 'sigma') nor images ('arr_0').")
-        return {"stats": stats, "spatial": spatial,
-                "images": _npz_batches(path, batch_size) if "arr_0" in files else None}
+        images = _npz_batches(path, batch_size) if "arr_0" in files else None
+        return {"stats": stats, "spatial": spatial, "images": images[:2] if images else None,
+                "size": images[2] if images else None}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise FIDError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}).") from None
 
@@ -173,6 +186,9 @@ def statistics(feats, name="the set"):
     if len(feats) < 2:
         raise FIDError(f"{name} has {len(feats)} image(s); statistics need at least 2.")
     feats = feats.astype(np.float64)
+    if not np.isfinite(feats).all():  # a network with NaN weights, images of NaN
+        raise FIDError(f"{name}: its features are not finite (NaN or inf), so are not statistics; "
+                       f"is the Inception file damaged?")
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
@@ -187,7 +203,19 @@ def load_statistics(path, f=None):
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise FIDError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not a d vector and "
                        f"a d x d matrix.")
+    check_statistics(path, mu, sigma)
     return mu, sigma
+
+
+def check_statistics(name, mu, sigma, what=("mu", "sigma")):
+    """Refuse statistics that are not floating point (integers: rounded or not statistics at all;
+    strings) or not finite (NaN: the FID would be nan, and scipy's sqrtm can hang on it)."""
+    for key, a in zip(what, (mu, sigma)):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise FIDError(f"{name}: '{key}' is {a.dtype}, not floating-point statistics.")
+        if not np.isfinite(a).all():
+            raise FIDError(f"{name}: '{key}' holds {np.count_nonzero(~np.isfinite(a))} values that "
+                           f"are not finite (NaN or inf); statistics of images are finite.")
 
 
 def save_statistics(path, mu, sigma, spatial=None):
@@ -197,10 +225,7 @@ def save_statistics(path, mu, sigma, spatial=None):
     file renamed into place.
     """
     extra = {} if spatial is None else {"mu_s": spatial[0], "sigma_s": spatial[1]}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, path)
+    _write_atomic(path, functools.partial(np.savez, mu=mu, sigma=sigma, **extra))
 
 
 class Moments:
@@ -257,18 +282,61 @@ class Moments:
 # is reproducible; the work is resumable from OUT.partial/ (rerun the same command), which holds the
 # running sums and the images so far.
 
+def text_sha256(texts):
+    """The sha256 of a set's captions (None without), what a resumed build must find again."""
+    return None if texts is None else hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+
+
+def inception_sha256(path=None):
+    """The sha256 of the network's file (--inception, else the downloaded one), or its name where
+    there is no file to read."""
+    path = path or cached(FID_WEIGHTS_URL)
+    return file_sha256(path) if os.path.isfile(path) else FID_WEIGHTS_NAME
+
+
+def reserve(path):
+    """
+    Reserve the disk space of a file written through a memory map, so that a full disk fails here,
+    as an OSError with a message, and not later as a SIGBUS while rows are written (a filesystem
+    that cannot reserve space: as before).
+    """
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+
+
 def partial_folder(stats_path=None, batch_path=None):
     """Where an unfinished reference set keeps its state: next to its first output."""
     return Path(str(stats_path or batch_path) + ".partial")
 
 
-def _write_atomic(path, write):
-    """Call write(file) on a temp file in path's folder, then rename it to path."""
+def _write_atomic(path, write, new=True):
+    """
+    Call write(file) on a temp file in path's folder, then move it to path: with `new` (an output)
+    only where nothing is (a hard link, which fails if path exists, even one made a moment ago by
+    another process), else replacing what is there (the state of a build). The temp file never
+    stays.
+    """
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+        except OSError as e:  # a full disk: numpy's and zipfile's errors name no file
+            e.filename = e.filename or str(path)
+            raise
+        if not new:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FIDError(f"{path} already exists (it appeared while this ran); it is left as "
+                               f"it is, use another name.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -316,57 +384,81 @@ def build_reference(src, resolution, stats_path=None, batch_path=None, prompts_p
     if not files:
         raise FIDError(f"{src} holds no image files ({', '.join(DATASET_EXTENSIONS)}).")
     capacity = min(len(files), max_images or len(files))
-    weights = os.path.abspath(inception) if inception else FID_WEIGHTS_NAME
-    settings = dict(source=str(src.resolve()), resolution=resolution, max_images=max_images,
-                    captions=str(captions) if captions else None, stats=bool(stats_path),
-                    batch=bool(batch_path), prompts=bool(prompts_path),
-                    inception=weights if stats_path else None)
-    listing = "".join(f + "\n" for f in files)
-
     model = load_inception(inception, device) if stats_path else None  # fails before any write
+    # What the set is made of, by content: the network's bytes (a file replaced under the same path
+    # after a kill would mix two networks' features) and the captions; the images themselves are
+    # hashed as they are read (dataset.chain), and the listing is files.txt.
+    settings = dict(source=str(src.resolve()), resolution=resolution, max_images=max_images,
+                    captions_sha256=text_sha256(texts), stats=bool(stats_path),
+                    batch=bool(batch_path), prompts=bool(prompts_path),
+                    inception_sha256=inception_sha256(inception) if stats_path else None)
     partial = partial_folder(stats_path, batch_path)
-    pool, spatial, done, count, skipped = Moments(), Moments(), 0, 0, []
+    partial.mkdir(parents=True, exist_ok=True)
+    held = hold(partial, "fid.py building this reference set")  # until this call returns
+    try:
+        return _build(src, files, texts, outputs, stats_path, batch_path, prompts_path, model,
+                      device, batch_size, workers, checkpoint_every, capacity, settings, partial)
+    finally:
+        os.close(held)
+
+
+def _build(src, files, texts, outputs, stats_path, batch_path, prompts_path, model, device,
+           batch_size, workers, checkpoint_every, capacity, settings, partial):
+    """build_reference's work, in `partial` (held): resume or start it, read, write the outputs."""
+    resolution = settings["resolution"]
+    listing = "".join(f + "\n" for f in files)
+    labels = np.zeros(len(files), np.int64)
+    dataset = ImageFiles(src, files, labels, resolution, start=0, captions=texts)
+    pool, spatial, done, count, skipped, running = Moments(), Moments(), 0, 0, [], ""
     if (partial / "settings.json").exists():  # resume: the sums and the batch hold rows < done
         if json.loads((partial / "settings.json").read_text()) != settings or \
                 (partial / "files.txt").read_text() != listing:
-            raise FIDError(f"{partial} was started by another command or on other files; rerun "
-                           f"that command or delete {partial}.")
+            raise FIDError(f"{partial} was started by another command, on other files or with "
+                           f"another network (by content); rerun that command or delete "
+                           f"{partial}.")
         if (partial / "state.npz").exists():
             with np.load(partial / "state.npz") as f:
-                done, count = int(f["done"]), int(f["count"])
+                done, count, running = int(f["done"]), int(f["count"]), str(f["source_sha256"])
                 skipped = json.loads(str(f["skipped"]))
                 pool.load(f, "pool_"), spatial.load(f, "spatial_")
-        print(f"resuming {partial}: {done} of {len(files)} files read, {count} images kept")
+        check_consumed(dataset, done, running, partial)
+        print(f"resuming {partial}: {done} of {len(files)} files read (their bytes unchanged), "
+              f"{count} images kept")
         images = np.load(partial / "batch.npy", mmap_mode="r+") if batch_path else None
     else:
-        partial.mkdir(parents=True, exist_ok=True)
         (partial / "files.txt").write_text(listing)
         shape = (capacity, resolution, resolution, 3)
-        images = np.lib.format.open_memmap(partial / "batch.npy", mode="w+", dtype=np.uint8,
-                                           shape=shape) if batch_path else None
+        try:
+            images = np.lib.format.open_memmap(partial / "batch.npy", mode="w+", dtype=np.uint8,
+                                               shape=shape) if batch_path else None
+            if images is not None:
+                reserve(partial / "batch.npy")
+        except OSError as e:  # a full disk: numpy's error names no file
+            e.filename = e.filename or str(partial / "batch.npy")
+            raise
         # Written last: the commit point of the initialisation.
         (partial / "settings.json").write_text(json.dumps(settings))
 
     def commit():
         if images is not None:
             images.flush()  # before the state that counts these rows as done
-        state = dict(done=np.int64(done), count=np.int64(count),
+        state = dict(done=np.int64(done), count=np.int64(count), source_sha256=np.array(running),
                      skipped=np.array(json.dumps(skipped)), **pool.state("pool_"),
                      **spatial.state("spatial_"))
-        _write_atomic(partial / "state.npz", lambda f: np.savez(f, **state))
+        _write_atomic(partial / "state.npz", lambda f: np.savez(f, **state), new=False)
 
-    labels = np.zeros(len(files), np.int64)
-    dataset = ImageFiles(src, files, labels, resolution, start=done, captions=texts)
+    dataset.start = done
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     last_commit = done
     desc = f"reference {src.name} at {resolution}"
     with tqdm(total=capacity, initial=count, unit="img", desc=desc) as bar:
         for batch in loader if count < capacity else []:
-            kept = [(row, img) for row, img, _ in batch if img is not None][:capacity - count]
+            kept = [(row, img) for row, img, _, _ in batch if img is not None][:capacity - count]
             end = kept[-1][0] + 1 if count + len(kept) == capacity else batch[-1][0] + 1
             skipped += [dict(row=r, file=files[r], reason=why)
-                        for r, img, why in batch if img is None and r < end]
+                        for r, img, why, _ in batch if img is None and r < end]
+            running = chain(running, [digest for r, _, _, digest in batch if r < end])
             if kept:
                 pixels = np.stack([img for _, img in kept])
                 if model is not None:
@@ -386,9 +478,12 @@ def build_reference(src, resolution, stats_path=None, batch_path=None, prompts_p
 
     if count < (2 if stats_path else 1):
         why = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        images = None
+        shutil.rmtree(partial)  # every file was read: a rerun would end the same way
         raise FIDError(f"{src}: only {count} of its {len(files)} image files could be used"
                        + (f" ({why})" if why else "")
-                       + (", and statistics need at least 2" if stats_path else "") + ".")
+                       + (", and statistics need at least 2" if stats_path else "")
+                       + "; nothing was written.")
     for out in outputs:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if stats_path:
@@ -452,7 +547,13 @@ def main(argv=None):
         out = getattr(args, flag)
         if out is not None and not out.endswith(".npz"):
             p.error(f"--{flag.replace('_', '-')} {out}: the file must end in .npz")
+    if args.batch_size < 1 or args.num_workers < 0:
+        p.error(f"--batch-size must be at least 1 and --num-workers at least 0, not "
+                f"{args.batch_size} and {args.num_workers}")
     torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions (Ampere's default is TF32)
+    # An image over PIL's pixel limit is read (one twice over it is refused, DecompressionBombError)
+    # without a warning printed into the middle of the progress bar.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     if args.resolution is not None:
         return build_main(p, args)
     if any(x is not None for x in (args.save_batch, args.max_images, args.captions,
@@ -466,14 +567,27 @@ def main(argv=None):
         p.error("--pr needs two inputs, REF and SAMPLES")
     try:
         compare(args)
-    except FIDError as e:
-        sys.exit(f"fid.py: error: {e}")
+    except (FIDError, CheckpointError, DataError) as e:
+        sys.exit(f"fid.py: error: {str(e).rstrip('.')}.")
+    except OSError as e:  # a full disk while --save-stats is written: no temporary file is left
+        sys.exit(f"fid.py: error: {e.filename or args.save_stats}: could not be written "
+                 f"({e.strerror or e}); nothing else was changed.")
 
 
 def compare(args):
     """fid.py REF SAMPLES (or one set with --save-stats / --is): print the statistics' sources and
     the metrics."""
+    out = args.save_stats
+    if out is not None and os.path.lexists(out):  # never over anything, an input least of all
+        raise FIDError(f"--save-stats {out}: the file already exists (" + (
+            "it is the input itself" if os.path.abspath(out) == os.path.abspath(args.paths[0])
+            else "statistics are written only where nothing is") + "); give a new name.")
     sets = [open_set(path, args.batch_size, args.num_workers) for path in args.paths]
+    sizes = [s["size"] for s in sets]
+    if len(sets) == 2 and None not in sizes and sizes[0] != sizes[1]:
+        print(f"note: {args.paths[0]} holds {sizes[0][0]}x{sizes[0][1]} images and "
+              f"{args.paths[1]} {sizes[1][0]}x{sizes[1][1]}: the Inception resizes both to 299x299, "
+              f"so the FID measures the difference in resolution too")
     # Images are needed for --pr (both inputs), --is (SAMPLES, the last input) and for statistics
     # not taken from the file: an .npz with images and statistics (an ADM reference batch) is
     # measured again with this network unless --npz-stats file.
@@ -547,8 +661,11 @@ def build_main(p, args):
         build_reference(args.paths[0], args.resolution, args.save_stats, args.save_batch,
                         args.save_prompts, args.captions, args.max_images, args.inception,
                         args.device, args.batch_size, args.num_workers)
-    except FIDError as e:
-        sys.exit(f"fid.py: error: {e}")
+    except (FIDError, CheckpointError, DataError) as e:
+        sys.exit(f"fid.py: error: {str(e).rstrip('.')}.")
+    except OSError as e:  # a full disk: the state committed so far is kept
+        sys.exit(f"fid.py: error: {e.filename or 'writing the set'}: {e.strerror or e}; rerun the "
+                 f"same command to resume from {partial_folder(args.save_stats, args.save_batch)}.")
     except KeyboardInterrupt:
         sys.exit(f"fid.py: interrupted; rerun the same command to resume from "
                  f"{partial_folder(args.save_stats, args.save_batch)}")

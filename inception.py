@@ -308,6 +308,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FIDError(f"the two statistics have different dimensions ({mu1.shape[0]} and "
                        f"{mu2.shape[0]}).")
+    for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(a).all():  # sqrtm of a NaN matrix can run for minutes, to give NaN
+            raise FIDError(f"{name} holds values that are not finite (NaN or inf): no distance.")
     diff = mu1 - mu2
     # The product might be almost singular. (pytorch-fid passes disp=False, deprecated in scipy
     # 1.16.)

@@ -34,23 +34,26 @@ Rows of skipped files stay zero and PreparedData leaves them out. A source is a 
 import argparse
 import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
 import distributed
-from checkpoints import CheckpointError, write_json
-from dataset import (FORMAT, IMAGE_EXTENSIONS, VERSION, DataError, ImageFiles, encode, list_source,
-                     read_captions)
+from checkpoints import CheckpointError, hold, write_json
+from dataset import (FORMAT, IMAGE_EXTENSIONS, VERSION, DataError, ImageFiles, chain,
+                     check_consumed, encode, list_source, read_captions)
 from model_vae import SCALE_FACTOR, load_vae
 
 
@@ -73,6 +76,9 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
         raise DataError(f"{out} already exists; delete it to prepare it again")
     if labels not in ("none", "folders"):
         raise DataError(f"--labels must be none or folders, not {labels}")
+    if resolution < 1 or batch_size < 1 or workers < 0:
+        raise DataError(f"--resolution and --batch-size must be at least 1 and --workers at least "
+                        f"0, not {resolution}, {batch_size} and {workers}; nothing was written")
     if not src.exists():
         raise DataError(f"{src}: no such folder or zip file")
     files, y, class_names = list_source(src, labels)
@@ -100,19 +106,37 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
                             f"downsampling factor {f}")
         name, shape = "latents.npy", (model.config["z_channels"], resolution // f, resolution // f)
         stored = (2, 2, *shape)
+    # The captions by content (a COCO file rewritten under its name gives other rows); the images
+    # are hashed as they are read (dataset.chain, progress["source_sha256"]).
     settings = dict(source=str(src.resolve()), resolution=resolution, vae=str(vae), labels=labels,
                     rows=len(files), grayscale=grayscale,
-                    caption_source=str(captions) if captions else None)
+                    caption_source=str(captions) if captions else None,
+                    captions_sha256=None if texts is None else
+                    hashlib.sha256(json.dumps(texts).encode()).hexdigest())
     listing = "".join(f + "\n" for f in files)
 
-    progress_path = partial / "progress.json"
-    error = None
+    error, held = None, None
+    dataset = ImageFiles(src, files, y, resolution, start=0, grayscale=grayscale, captions=texts)
     if rank == 0:  # the one process that starts or checks OUT.partial; the others wait for it
         try:
+            partial.mkdir(parents=True, exist_ok=True)
+            held = hold(partial, "prepare_data.py preparing it")  # released when prepare returns
             array = (name, np.uint8 if model is None else np.float16, (len(files), *stored))
-            start_partial(partial, settings, listing, y, texts, array)
-        except (DataError, OSError) as e:
+            start_partial(partial, settings, listing, y, texts, array, dataset)
+        except (DataError, OSError, CheckpointError) as e:
             error = e
+    try:
+        return encode_all(dataset, model, device, partial, name, batch_size, workers, out, src,
+                          settings, shape, stored, class_names, texts, error, rank, world)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def encode_all(dataset, model, device, partial, name, batch_size, workers, out, src, settings,
+               shape, stored, class_names, texts, error, rank, world):
+    """prepare's work once OUT.partial is started or checked (`error`: rank 0's, if it failed)."""
+    files, progress_path = dataset.files, partial / "progress.json"
     error = shared(error, world)
     if error is not None:
         raise error
@@ -122,8 +146,7 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     # Batches of batch_size files from the first not done; under torchrun process r encodes batches
     # r, r + world, ... (the batches one process encodes, so the bytes are the same). After each
     # round of `world` batches, once every process has flushed its rows, rank 0 records it done.
-    dataset = ImageFiles(src, files, y, resolution, start=progress["done"], grayscale=grayscale,
-                         captions=texts)
+    dataset.start = progress["done"]
     first, n = progress["done"], len(dataset)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     watchdog = functools.partial(exit_with_parent, os.getpid())
@@ -135,21 +158,25 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     with bar:
         for start in range(0, len(batches), world):
             batch = next(loader) if start + rank < len(batches) else []
-            ok = [(row, img) for row, img, _ in batch if img is not None]
+            ok = [(row, img) for row, img, _, _ in batch if img is not None]
             if ok:
                 rows = [r for r, _ in ok]
                 pixels = torch.from_numpy(np.stack([img for _, img in ok]))
                 data[rows] = encode(model, pixels.permute(0, 3, 1, 2), device)
                 data.flush()
             skipped = [dict(row=r, file=files[r], reason=why)
-                       for r, img, why in batch if img is None]
+                       for r, img, why, _ in batch if img is None]
+            digests = [(r, digest) for r, _, _, digest in batch]
             if world > 1:  # also the barrier: every process has flushed this round's rows
                 every = [None] * world
-                dist.all_gather_object(every, skipped)
-                skipped = sorted((s for part in every for s in part), key=lambda s: s["row"])
+                dist.all_gather_object(every, (skipped, digests))
+                skipped = sorted((s for part in every for s in part[0]), key=lambda s: s["row"])
+                digests = sorted(d for part in every for d in part[1])
             done = first + min(n, (start + world) * batch_size)
             if rank == 0:  # after the flush: a kill never marks unwritten rows done
                 progress["skipped"] += skipped
+                progress["source_sha256"] = chain(progress["source_sha256"],
+                                                  [d for _, d in digests])
                 progress["done"] = done
                 write_json(progress_path, progress)
             bar.update(done - bar.n)
@@ -180,19 +207,20 @@ def prepare(src, out, resolution=256, vae="ema", labels="none", batch_size=32, d
     return manifest
 
 
-def start_partial(partial, settings, listing, y, texts, array):
+def start_partial(partial, settings, listing, y, texts, array, dataset):
     """
     OUT.partial started (its listing, labels, captions, the array (name, dtype, shape) with its
-    space reserved), or checked to resume.
+    space reserved), or checked to resume: the same settings, listing and captions, and the files
+    already encoded still holding the same bytes (`dataset` rereads them: check_consumed).
     """
     progress_path = partial / "progress.json"
     if progress_path.exists():  # resume: the arrays hold every row before progress["done"]
         progress = json.loads(progress_path.read_text())
         if progress["settings"] != settings or (partial / "files.txt").read_text() != listing:
-            raise DataError(f"{partial} was started by another command ({progress['settings']}); "
-                            f"rerun that command or delete {partial}")
+            raise DataError(f"{partial} was started by another command or on other files "
+                            f"({progress['settings']}); rerun that command or delete {partial}")
+        check_consumed(dataset, progress["done"], progress["source_sha256"], partial)
         return
-    partial.mkdir(parents=True, exist_ok=True)
     (partial / "files.txt").write_text(listing)
     np.save(partial / "labels.npy", y)
     if texts is not None:
@@ -208,7 +236,7 @@ def start_partial(partial, settings, listing, y, texts, array):
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                     raise
-    progress = dict(settings=settings, done=0, skipped=[])
+    progress = dict(settings=settings, done=0, skipped=[], source_sha256="")
     write_json(progress_path, progress)  # written last: the commit point of the initialisation
 
 
@@ -221,6 +249,7 @@ def finish(src, out, partial, manifest, rows):
         raise DataError(f"{src}: none of its {rows} files is a usable image (first: "
                         f"{first['file']}, {first['reason']}); nothing was written")
     write_json(partial / "manifest.json", manifest)
+    (partial / ".lock").unlink(missing_ok=True)  # (still held through its descriptor until the end)
     os.replace(partial, out)  # the finished folder appears at once
     (out / "progress.json").unlink()
     print(f"{out}: {manifest['count']} of {rows} files prepared as {manifest['kind']} "
@@ -280,6 +309,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="image decoding processes")
     args = p.parse_args(argv)
+    # An image over PIL's pixel limit is read (one twice over it is skipped, saying why) without a
+    # warning printed into the middle of the progress bar.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     distributed.setup()  # under torchrun, the images are split over its processes
     try:
         prepare(args.src, args.out, args.resolution, args.vae, args.labels, args.batch_size,

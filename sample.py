@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import distributed
 import load
-from checkpoints import CheckpointError, write_json
+from checkpoints import CheckpointError, file_sha256, hold, write_json
 from model_vae import load_vae
 from sampling import (SampleError, check_dit, default_cfg_scale, dit_batch, make_diffusion,
                       save_png, sd_batch, write_grid, write_sd_grid)
@@ -73,11 +73,30 @@ def check_out(path):
             return
 
 
+def check_new(path, what):
+    """Refuse, before any sampling, an output path where something already is: nothing is written
+    over a file, whatever its name says it holds."""
+    if os.path.lexists(path):
+        raise SampleError(f"{path} already exists ({what} is written only where nothing is): use "
+                          f"another --out, or move it")
+
+
+def npz_is_this_sets(out_dir, npz_path):
+    """Whether npz_path is the .npz this set wrote: its sha256 is the one out_dir/npz.json recorded
+    (a file put there by hand or by another set is not)."""
+    try:
+        recorded = json.loads((out_dir / "npz.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return file_sha256(npz_path) == recorded
+
+
 def write_npz(out_dir, n, npz_path):
     """
     Images 0..n-1 of out_dir as one .npz (arr_0: uint8 N x H x W x 3, what np.savez writes and
     ADM's evaluator and fid.py read), streamed into the zip one image at a time so 50K images need
-    not fit in memory, then renamed.
+    not fit in memory. Its sha256 is recorded in out_dir/npz.json, then it is linked into place,
+    which fails if anything is there: never over another file.
     """
     paths = [out_dir / f"{k:06d}.png" for k in range(n)]
     shape = read_rgb(paths[0]).shape
@@ -101,7 +120,17 @@ def write_npz(out_dir, n, npz_path):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, npz_path)
+    try:
+        write_json(out_dir / "npz.json", dict(sha256=file_sha256(tmp)))
+        os.link(tmp, npz_path)
+    except FileExistsError:
+        raise SampleError(f"{npz_path} appeared while the set was written; it is left as it is, "
+                          f"and the set's PNGs are kept") from None
+    except OSError as e:
+        raise SampleError(f"{npz_path}: could not be written ({e.strerror or e}); the {n} PNGs are "
+                          f"kept, and rerunning the same command writes it") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_samples(n, make_batch, out_dir, batch_size, settings):
@@ -114,8 +143,33 @@ def write_samples(n, make_batch, out_dir, batch_size, settings):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     recorded = out_dir / "settings.json"
+    if not recorded.is_file() and [f for f in os.listdir(out_dir) if not f.startswith(".")]:
+        # Not a set this script started (it writes settings.json before any image): the user's own
+        # images are neither counted as samples nor joined by ours, nor is anything written there.
+        raise SampleError(f"{out_dir} holds files and is not a sample set (it has no settings.json): "
+                          f"use another --out for the set")
+    # Rank 0 holds the set while it is written: a second sample.py into it at once is refused. The
+    # lock file goes at the end (a set holds its images and settings only).
+    held = hold(out_dir, "sample.py writing this set") if rank == 0 else None
+    try:
+        _write_samples(n, make_batch, out_dir, batch_size, settings, rank, world)
+    finally:
+        if held is not None:
+            (out_dir / ".lock").unlink(missing_ok=True)
+            os.close(held)
+
+
+def _write_samples(n, make_batch, out_dir, batch_size, settings, rank, world):
+    """write_samples' work, the folder held."""
+    recorded = out_dir / "settings.json"
     if recorded.is_file():
-        before = json.loads(recorded.read_text())
+        try:
+            before = json.loads(recorded.read_text())
+        except ValueError:
+            before = None
+        if not isinstance(before, dict):
+            raise SampleError(f"{recorded} is not the settings.json of a sample set: use another "
+                              f"--out")
         differ = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
         if differ:
             raise SampleError(f"{out_dir} holds samples of other settings ({', '.join(differ)} "
@@ -161,6 +215,18 @@ def weights_sha256(*modules):
     return h.hexdigest()
 
 
+def check_finite(name, *modules):
+    """Refuse weights that are not finite: NaN weights sample black images that look like a set."""
+    for module in modules:
+        if module is None or isinstance(module, str):
+            continue
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in module.state_dict().values()
+                  if t.is_floating_point())
+        if bad:
+            raise SampleError(f"{name}: {bad} of its weights are not finite (NaN or inf), so every "
+                              f"sample would be noise or black; it is a diverged or damaged checkpoint")
+
+
 def prompts_of(args):
     """The prompts of --prompt-file (one a line) or --prompt, None if neither (SD, text DiT)."""
     if args.prompt_file:
@@ -174,7 +240,9 @@ def read_prompts(path):
     mod n.
     """
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        # Lines end at \n alone: splitlines() would also split at U+2028, \x0c, \x1c..., which a
+        # caption may hold, and shift every later prompt to another image.
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise SampleError(f"{path}: not a readable UTF-8 text file of prompts "
                           f"({type(e).__name__})") from None
@@ -225,9 +293,14 @@ def grid_size(args):
 def write_set(args, make_batch, settings, rank):
     """The FID set: --num-samples PNGs (write_samples, every process), then rank 0's .npz."""
     out_dir = Path(args.out or f"samples/{output_name(args)}")
+    npz_path = out_dir.with_name(out_dir.name + ".npz")
+    done = npz_path.exists() and npz_is_this_sets(out_dir, npz_path)
+    if not done:  # an .npz this set did not write (another set's, a reference batch) is never replaced
+        check_new(npz_path, f"the set's .npz, {npz_path.name},")
     write_samples(args.num_samples, make_batch, out_dir, args.batch_size, settings)
-    if rank == 0:
-        npz_path = out_dir.with_name(out_dir.name + ".npz")
+    if rank == 0 and done:
+        print(f"{npz_path} is already this set's ({args.num_samples} images)")
+    elif rank == 0:
         write_npz(out_dir, args.num_samples, npz_path)
         print(f"wrote {npz_path} ({args.num_samples} images)")
 
@@ -258,16 +331,20 @@ def dit_main(args, rank, device):
         if not args.text_encoder:
             args.text_encoder = found.get("text_encoder")
         text_encoder = load.load_text_encoder(args.text_encoder, device)
-    else:
-        args.text_encoder = None
+    elif args.text_encoder:
+        raise SampleError(f"--text-encoder is for a text-conditioned DiT, and {args.ckpt} is not one "
+                          f"(it is class-conditional or unconditional)")
+    check_finite(args.ckpt, model)
     options = dict(class_labels=args.class_labels, cfg_scale=args.cfg_scale,
                    decode_batch_size=args.decode_batch_size, bf16=args.precision == "bf16",
                    guide_channels=None if args.guide_all_channels else 3, prompts=prompts,
                    text_encoder=text_encoder)
     vae = load_vae(args.vae, device)
+    check_finite(args.vae, vae)
     check_dit(model, vae, args.cfg_scale, args.class_labels, args.ckpt, prompts)
     if args.num_samples is None:
         path = args.out or f"samples/{output_name(args)}.png"
+        check_new(path, "a grid")
         path = write_grid(model, path, args.noise_schedule, vae, grid_size(args), args.seed,
                           args.steps, args.sampler, args.eta, batch_size=args.batch_size, **options)
         print(f"wrote {path}")
@@ -296,11 +373,13 @@ def sd_main(args, rank, device):
     unet, text_encoder, vae = load.load_sd(args.ckpt, args.model, args.patch, device,
                                            args.allow_base_mismatch)
     unet.eval()
+    check_finite(args.ckpt, unet, text_encoder, vae)
     options = dict(cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.steps,
                    resolution=args.resolution, decode_batch_size=args.decode_batch_size,
                    bf16=args.precision == "bf16")
     if args.num_samples is None:
         path = args.out or f"samples/{output_name(args)}.png"
+        check_new(path, "a grid")
         path = write_sd_grid(unet, text_encoder, vae, path, prompts, args.grid or len(prompts),
                              args.seed, args.batch_size, **options)
         print(f"wrote {path}")

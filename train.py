@@ -24,10 +24,13 @@ import copy
 import functools
 import json
 import math
+import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +45,7 @@ import heldout
 import load
 import sampling
 import training
-from checkpoints import CheckpointError, atomic_save, read_state_dict
+from checkpoints import CheckpointError, atomic_save, hold, read_state_dict
 from dataset import DataError, PreparedData
 from diffusion import create_diffusion
 from distributed import seed_of
@@ -415,6 +418,12 @@ def build_model(args, data, text_dim=None):
         if model.text_dim != text_dim:
             raise CheckpointError(f"{args.init} takes {takes(model.text_dim)} but this run gives "
                                   f"{takes(text_dim)}")
+        classes = getattr(model.y_embedder, "num_classes", 0)  # (a text DiT: a TextEmbedder)
+        if not (args.unconditional or text_dim) and data.num_classes > classes:
+            # Label `classes` is the model's guidance "null" class: a real class there is wrong.
+            raise DataError(f"{args.data} has {data.num_classes} classes and {args.init} knows "
+                            f"{classes} (label {classes} is its guidance null class): further-train "
+                            f"on data of at most {classes} classes, or with --unconditional")
     else:
         arch = DIGITS_MODEL if args.model == "digits" else CONFIGS[args.model]
         labels = not (args.unconditional or text_dim)
@@ -501,10 +510,10 @@ def claim_run_dir(results, name):
         time.sleep(random.random() / 10)  # two that both gave up try again at different moments
 
 
-def run_folder(args, run_dir, rank, world, claimed):
+def run_folder(args, run_dir, rank, world, claimed, held):
     """
     The run's folder: a resumed run's own (`run_dir`), else one rank 0 claims (claim_run_dir; it
-    joins `claimed`) and every process writes into.
+    joins `claimed`) and every process writes into; rank 0 holds it (its lock joins `held`).
     """
     if run_dir is None and rank == 0:
         name = f"{args.dataset}-{args.method or 'pretrain'}"
@@ -515,6 +524,9 @@ def run_folder(args, run_dir, rank, world, claimed):
         dist.broadcast_object_list(box)
         run_dir = Path(box[0])
     if rank == 0:
+        # One process at a time writes a run (two resumes of it at once would both log every step
+        # and both write checkpoints); the OS lets go when the process ends, however it ends.
+        held.append(hold(run_dir, "a train.py run"))
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
     return run_dir
@@ -592,8 +604,11 @@ class RunLog:
     def __call__(self, **entry):
         if not self.writes:
             return
-        with open(self.path, "ab", buffering=0) as f:
-            end, rest = f.tell(), memoryview((json.dumps(entry) + "\n").encode())
+        with open(self.path, "a+b", buffering=0) as f:
+            end, line = f.tell(), (json.dumps(entry) + "\n").encode()
+            if end and os.pread(f.fileno(), 1, end - 1) != b"\n":  # a hand edit lost the last newline
+                line = b"\n" + line  # so this entry is a line of its own, and the last one parses
+            rest = memoryview(line)
             try:
                 while rest:
                     rest = rest[f.write(rest):]
@@ -651,7 +666,7 @@ def checkpoint_entries(raw, ema, opt, args, data, base, scaler, step):
     entries = dict(step=step, args=vars(args), opt=opt.state_dict(), config=raw.config,
                    scaler=scaler.state_dict() if scaler is not None else None,
                    noise_schedule=args.noise_schedule, vae=data.vae,
-                   weights="ema" if ema is not None else "raw")
+                   weights="ema" if ema is not None else "raw", data_sha256=data.fingerprint())
     if args.text_encoder:  # sample.py reads a text DiT's encoder from here
         entries["text_encoder"] = str(Path(args.text_encoder).resolve())
     if args.init:
@@ -739,12 +754,19 @@ def main(argv=None):
     or wrote a checkpoint leaves no folder behind: there is nothing in it to keep or to resume.
     """
     claimed = []  # the run folder this call made, until it holds something worth keeping
+    held = []  # the lock on the run folder, let go when this call ends
+    ctrl_c = signal.getsignal(signal.SIGINT)  # run() catches Ctrl-C in its loop; restored after
     try:
-        run(argv, claimed)
+        run(argv, claimed, held)
     except BaseException:
         for run_dir in claimed:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        for fd in held:
+            os.close(fd)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ctrl_c)
 
 
 def cli(argv=None):
@@ -755,6 +777,25 @@ def cli(argv=None):
         sys.exit(f"error: {e}")
     except OSError as e:  # a write that failed (disk full, permissions): what was written is kept
         sys.exit(f"error: {e.filename or 'writing the run'}: {e.strerror or e}")
+    except KeyboardInterrupt:  # before the loop (in it, run() saves and says so): nothing to keep
+        sys.exit("error: interrupted (Ctrl-C) before the first step; a new run leaves no folder")
+
+
+def catch_ctrl_c(world):
+    """
+    A list that Ctrl-C (SIGINT) appends to instead of raising KeyboardInterrupt mid-step (an
+    optimizer half-way through its update, a checkpoint missing); a second Ctrl-C raises as usual.
+    One process only: under torchrun the processes would stop at different steps.
+    """
+    caught = []
+    if world > 1 or threading.current_thread() is not threading.main_thread():
+        return caught
+
+    def handler(signum, frame):
+        caught.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, handler)
+    return caught
 
 
 def due(every, step, last=False):
@@ -762,12 +803,18 @@ def due(every, step, last=False):
     return every > 0 and (step % every == 0 or last)
 
 
-def run(argv, claimed):
-    """main's body: `claimed` gets the new run folder, and is emptied once the run wrote to it."""
+def run(argv, claimed, held):
+    """main's body: `claimed` gets the new run folder, and is emptied once the run wrote to it;
+    `held`, the lock on the run folder."""
     args, resume, run_dir = settings(argv)
     rank, world, backend = distributed.setup()
     device, precision = device_and_precision(args)
     data, *rows = training_data(args, world)  # rows: the training and the held-out images
+    recorded = (resume or {}).get("data_sha256")
+    if recorded is not None and recorded != data.fingerprint():
+        raise DataError(f"{args.data} now holds other prepared data than {run_dir} was trained on "
+                        f"(its fingerprint is {data.fingerprint()[:12]}..., the run recorded "
+                        f"{recorded[:12]}...): put that data back, or start a new run")
     text_encoder = text_encoder_of(args, data, device)
     raw, groups = build_model(args, data, text_width(args, text_encoder))
     raw.set_checkpointing(args.checkpointing).to(device).train()
@@ -777,7 +824,7 @@ def run(argv, claimed):
     ema = copy.deepcopy(raw).requires_grad_(False) if args.ema else None
     autocast, scaler = training.mixed_precision(precision, device)
     step = restore(resume, raw, ema, opt, scaler, args)
-    run_dir = run_folder(args, run_dir, rank, world, claimed)
+    run_dir = run_folder(args, run_dir, rank, world, claimed, held)
     log = RunLog(run_dir, rank)
     # The model says whether it learns the variance (DiT's hybrid loss) or predicts the noise only.
     diffusion = create_diffusion("", args.noise_schedule,
@@ -803,7 +850,14 @@ def run(argv, claimed):
     losses, last_ckpt = LossMeter(step, device), None
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name,
                dynamic_ncols=True)
+    interrupted = catch_ctrl_c(world)
     while step < args.iterations:
+        if interrupted:  # Ctrl-C: the step it came in is complete; save it, so --resume goes on
+            bar.close()
+            path = save_checkpoint(run_dir, step, entries_at, args.keep, rank, world)
+            claimed.clear()
+            sys.exit(f"error: interrupted (Ctrl-C) at step {step}; the run is saved in {path}, and "
+                     f"--resume {run_dir} continues it")
         # Everything random in this step (label dropout, gate noise) is drawn after seeding with
         # (seed, step, rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))

@@ -1,4 +1,6 @@
 """digits_fid.py: the committed feature net, the bootstrap's weighted FD and KID, matched counts."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import digits_fid
 import fid
 import inception
 from checkpoints import CheckpointError, read_state_dict
+from conftest import error_line
 
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
 
@@ -75,3 +78,16 @@ def test_sample_quality_is_measured_at_matched_counts_with_fixed_draws(digits):
 def test_a_missing_classifier_is_one_clear_sentence(tmp_path):
     with pytest.raises(CheckpointError, match="python digits_fid.py --train"):
         digits_fid.load_classifier(tmp_path / "none.pt")
+
+
+def test_a_checkpoint_with_nan_weights_is_one_sentence(tmp_path, unchanged):
+    """Issue 24, item 14: a NaN checkpoint ended in scipy's LinAlgError, a traceback."""
+    entries = read_state_dict(Path(digits_fid.__file__).parent / "assets" / "dit_digits.pt")
+    entries["ema"]["final_layer.linear.bias"][0] = float("nan")
+    torch.save(entries, tmp_path / "nan.pt")
+    kept = unchanged(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        digits_fid.main([str(tmp_path / "nan.pt")])
+    assert error_line(str(e.value.code)).endswith("nan.pt: 1 of its weights are not finite (NaN or inf); it is a "
+                                                  "diverged or damaged checkpoint")
+    kept()

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from safetensors.torch import load_file
 from scipy.spatial.distance import cdist
 
 import fid
+from conftest import error_line
 import inception
 import sample
 from dataset import center_crop_arr
@@ -681,3 +683,246 @@ def test_documented_evaluation_commands_run_as_written(tmp_path, pixelnet, monke
     elsewhere = [normalized(c) for s, c in documented_commands()
                  if s != EVALUATION and c.startswith("python fid.py")]
     assert len(elsewhere) >= 8 and set(elsewhere) <= set(outputs), set(elsewhere) - set(outputs)
+
+
+# ------------------------------------------------- nothing lost, nothing mixed (issue 24: fid.py)
+
+def fid_exit(argv, capsys, status=1):
+    """fid.main(argv) must end with `status` and one sentence (error_line); returns it."""
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    err = capsys.readouterr().err + (str(e.value.code) if not isinstance(e.value.code, int) else "")
+    assert (e.value.code if isinstance(e.value.code, int) else 1) == status, err
+    return error_line(err)
+
+
+def test_save_stats_never_overwrites_its_input_or_any_file(tmp_path, pixelnet, unchanged, capsys):
+    """Item 1: `fid.py batch.npz --save-stats batch.npz` replaced the images by mu/sigma, exit 0."""
+    np.savez(tmp_path / "batch.npz", arr_0=uint8_images(4, 8, 0))
+    (tmp_path / "other.npz").write_bytes(b"the user's file")
+    kept = unchanged(tmp_path)
+    line = fid_exit([str(tmp_path / "batch.npz"), "--save-stats", str(tmp_path / "batch.npz")], capsys)
+    assert "batch.npz: the file already exists (it is the input itself)" in line
+    line = fid_exit([str(tmp_path / "batch.npz"), "--save-stats", str(tmp_path / "other.npz")], capsys)
+    assert "other.npz: the file already exists" in line
+    kept()
+    assert sorted(os.listdir(tmp_path)) == ["batch.npz", "other.npz"]
+
+
+def interrupt_after(monkeypatch, calls):
+    """Moments.update raises KeyboardInterrupt (Ctrl-C) at its `calls`-th call."""
+    seen, update = [], fid.Moments.update
+
+    def interrupted(self, feats):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        update(self, feats)
+    monkeypatch.setattr(fid.Moments, "update", interrupted)
+
+
+def test_a_resumed_build_refuses_another_network_under_the_same_path(tmp_path, pixelnet, monkeypatch,
+                                                                    unchanged, capsys):
+    """Item 4: the Inception file replaced after a kill gave statistics from two networks."""
+    root = imagenet_like(str(tmp_path / "train"))
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"network one")  # load_inception is the PixelNet stand-in: only the bytes count
+    argv = [root, "--resolution", "12", "--save-stats", str(tmp_path / "ref.npz"), "--inception",
+            str(weights), "--num-workers", "0", "--batch-size", "1"]
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(SystemExit, match="interrupted; rerun the same command"):
+        fid.main(argv)
+    monkeypatch.undo()
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: pixelnet)
+    weights.write_bytes(b"network two")
+    kept = unchanged(tmp_path)
+    line = fid_exit(argv, capsys)
+    assert "ref.npz.partial was started by another command, on other files or with another network" in line
+    kept()
+    weights.write_bytes(b"network one")  # the network it was started with: it finishes
+    fid.main(argv)
+    assert (tmp_path / "ref.npz").exists() and not (tmp_path / "ref.npz.partial").exists()
+
+
+def test_a_resumed_build_refuses_images_rewritten_under_the_same_names(tmp_path, pixelnet, monkeypatch,
+                                                                       unchanged, capsys):
+    """Item 5: images rewritten after a kill were mixed, old pixels before the kill point, new after."""
+    root = imagenet_like(str(tmp_path / "train"))
+    parts = dict(stats_path=str(tmp_path / "ref.npz"), batch_path=str(tmp_path / "batch.npz"))
+    interrupt_after(monkeypatch, 3)  # two images committed (checkpoint_every=1), then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        fid.build_reference(root, 12, batch_size=1, checkpoint_every=1, **parts)
+    monkeypatch.undo()
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: pixelnet)
+    first = sorted(Path(root).rglob("*.JPEG"))[0]  # read before the kill
+    save_image(str(first), (50, 40), seed=99, fmt="JPEG")
+    kept = unchanged(tmp_path)
+    line = fid_exit([root, "--resolution", "12", "--save-stats", parts["stats_path"], "--save-batch",
+                     parts["batch_path"], "--num-workers", "0", "--batch-size", "1"], capsys)
+    assert "the source's files changed since" in line and "ref.npz.partial" in line
+    kept()
+
+
+def test_a_build_in_progress_is_held_by_one_process(tmp_path, pixelnet, unchanged, capsys):
+    """Two builds of the same set at once: the second is refused while the first holds the folder."""
+    root = imagenet_like(str(tmp_path / "train"))
+    partial = tmp_path / "ref.npz.partial"
+    partial.mkdir()
+    holder = subprocess.Popen(["flock", "--no-fork", str(partial / ".lock"), "sleep", "30"])
+    try:
+        for _ in range(100):  # until flock holds it
+            if subprocess.run(["flock", "-n", str(partial / ".lock"), "true"]).returncode:
+                break
+        kept = unchanged(tmp_path)
+        line = fid_exit([root, "--resolution", "12", "--save-stats", str(tmp_path / "ref.npz"),
+                         "--num-workers", "0"], capsys)
+        assert "ref.npz.partial is in use by another process" in line
+        kept()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+FULL_DISK = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))  # ulimit -f 1 kB
+import fid
+for argv in json.loads(sys.argv[1]):  # one interpreter for several commands: torch imports once
+    try:
+        fid.main(argv)
+    except SystemExit as e:
+        print(e.code, file=sys.stderr)
+        print(f"exit {1 if isinstance(e.code, str) else e.code}", file=sys.stderr)
+"""
+
+
+def test_a_full_disk_is_one_sentence(tmp_path, unchanged):
+    """Items 8 and 14: the batch's memory map on a full disk died of SIGBUS (or a traceback); compare
+    --save-stats left a 2 MB OUT.npz.PID.tmp and a traceback."""
+    root = imagenet_like(str(tmp_path / "train"))
+    np.savez(tmp_path / "in.npz", mu=np.zeros(64), sigma=np.eye(64))  # 32 kB of sigma, over 1 kB
+    commands = [[root, "--resolution", "32", "--save-batch", str(tmp_path / "b.npz"), "--num-workers", "0"],
+                [str(tmp_path / "in.npz"), "--save-stats", str(tmp_path / "out.npz")]]
+    kept = unchanged(tmp_path)
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, json.dumps(commands)], cwd=ROOT, capture_output=True,
+                         text=True)
+    parts = run.stderr.split("exit ")
+    assert [p.split("\n")[0] for p in parts[1:]] == ["1", "1"], run.stderr
+    assert "b.npz.partial/batch.npy: File too large" in error_line(parts[0])
+    assert "out.npz: could not be written (File too large)" in error_line(parts[1])
+    kept()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_symlink_loop_is_refused_not_followed(tmp_path, pixelnet, unchanged, capsys):
+    """Item 9: os.walk(followlinks=True) went round a loop: 2 real images became 82."""
+    src = tmp_path / "src"
+    save_image(str(src / "a" / "0.png"), (16, 16), 0)
+    save_image(str(src / "a" / "1.png"), (16, 16), 1)
+    os.symlink("..", src / "a" / "loop")
+    kept = unchanged(tmp_path)
+    line = fid_exit([str(src), "--resolution", "8", "--save-batch", str(tmp_path / "b.npz"),
+                     "--num-workers", "0"], capsys)
+    assert "loop: a link to the folder" in line and "already read" in line
+    kept()
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_statistics_that_are_not_finite_floats_are_refused(tmp_path, capsys):
+    """Items 11, 13, 14: NaN mu and inf sigma printed `FID: nan`; one NaN in sigma hung sqrtm past
+    500 s; integer statistics were taken as they were; strings ended in a traceback."""
+    np.savez(tmp_path / "good.npz", mu=np.zeros(4), sigma=np.eye(4))
+    nan_sigma = np.eye(4)
+    nan_sigma[1, 2] = np.nan
+    cases = {"nan-mu": (np.full(4, np.nan), np.eye(4), "'mu' holds 4 values that are not finite"),
+             "inf-sigma": (np.zeros(4), np.full((4, 4), np.inf), "'sigma' holds 16 values that are not finite"),
+             "nan-sigma": (np.zeros(4), nan_sigma, "'sigma' holds 1 values that are not finite"),
+             "int": (np.zeros(4, np.int64), np.eye(4, dtype=np.int64), "'mu' is int64, not floating-point"),
+             "str": (np.array(["a"] * 4), np.full((4, 4), "b"), "'mu' is <U1, not floating-point")}
+    for name, (mu, sigma, want) in cases.items():
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+        assert want in fid_exit([str(tmp_path / "good.npz"), str(tmp_path / f"{name}.npz")], capsys)
+    with pytest.raises(fid.FIDError, match="sigma2 holds values that are not finite"):
+        fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(4), nan_sigma)  # at once, not sqrtm's 500 s
+
+
+def test_sixteen_bit_images_are_one_image_in_both_modes(tmp_path, pixelnet, capsys):
+    """Item 12: compare mode clipped 16-bit PNGs to white, the builder scaled them: a folder scored
+    FID 204 against its own reference batch."""
+    folder = tmp_path / "s16"
+    folder.mkdir()
+    for i in range(3):
+        a = (np.random.default_rng(i).integers(0, 65536, (8, 8))).astype(np.uint16)
+        Image.fromarray(a).save(folder / f"{i}.png")  # a 16-bit grayscale PNG (mode I;16)
+    fid.main([str(folder), "--resolution", "8", "--save-batch", str(tmp_path / "ref.npz"),
+              "--num-workers", "0"])
+    compared = np.concatenate(list(fid.open_set(str(folder))["images"][1]))
+    built = read_batch(tmp_path / "ref.npz")
+    assert built.max() > 0 and built.min() < 255
+    # The builder's crop at the image's own size is the identity, so the two modes read equal pixels.
+    np.testing.assert_array_equal(compared, built)
+
+
+def test_sets_of_different_sizes_are_compared_with_a_note(tmp_path, pixelnet, capsys):
+    """Item 13: REF and SAMPLES of different image sizes were compared without a note."""
+    np.savez(tmp_path / "a.npz", arr_0=uint8_images(4, 16, 0))
+    np.savez(tmp_path / "b.npz", arr_0=uint8_images(4, 8, 1))
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    assert "note: " + str(tmp_path / "a.npz") + " holds 16x16 images and " in capsys.readouterr().out
+
+
+def test_bad_sources_and_flags_are_one_sentence(tmp_path, pixelnet, unchanged, capsys, monkeypatch):
+    """Items 14 and 15: a truncated tar, a null or numeric COCO caption, a dangling image_id, a
+    decompression bomb, --batch-size 0 were tracebacks; --num-workers 0 in compare mode too; a
+    build that found no usable image left OUT.npz.partial, refusing the fixed rerun."""
+    imagenet_like(str(tmp_path / "train"))
+    with tarfile.open(tmp_path / "whole.tar", "w") as t:
+        t.add(tmp_path / "train", "train")
+    data = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2 + 100])
+    images = coco_like(str(tmp_path / "val2014"), str(tmp_path / "coco.json"))
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    for name, change in (("null", dict(caption=None)), ("number", dict(caption=7)),
+                         ("dangling", dict(image_id=5))):
+        bad = dict(coco, annotations=[dict(coco["annotations"][1], id=3, **change)])
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+    np.savez(tmp_path / "a.npz", arr_0=uint8_images(3, 8, 0))
+    out = str(tmp_path / "o.npz")
+    kept = unchanged(tmp_path)
+    build = ["--resolution", "8", "--save-stats", out, "--num-workers", "0"]
+    assert "cut.tar: not a readable tar file, truncated or damaged" in fid_exit(
+        [str(tmp_path / "cut.tar"), *build], capsys)
+    for name, want in (("null", "annotation 3 has the caption None, not a string"),
+                       ("number", "annotation 3 has the caption 7, not a string"),
+                       ("dangling", "annotation 3 is of image_id 5, which is not among its images")):
+        line = fid_exit([images, *build, "--captions", str(tmp_path / f"{name}.json"), "--save-prompts",
+                         str(tmp_path / "p.txt")], capsys)
+        assert want in line, line
+    for flag in (["--batch-size", "0"], ["--num-workers", "-1"]):
+        assert "--batch-size must be at least 1" in fid_exit([str(tmp_path / "a.npz"), *build, *flag], capsys, 2)
+        assert "--batch-size must be at least 1" in fid_exit([str(tmp_path / "a.npz"), "--save-stats", out, *flag],
+                                                             capsys, 2)
+    # No caption matches: one sentence, and no OUT.npz.partial to block the rerun with a fixed file.
+    none = dict(coco, annotations=[])
+    (tmp_path / "none.json").write_text(json.dumps(none))
+    line = fid_exit([images, *build, "--captions", str(tmp_path / "none.json"), "--save-prompts",
+                     str(tmp_path / "p.txt")], capsys)
+    assert "only 0 of its 4 image files could be used" in line and "nothing was written" in line
+    assert not (tmp_path / "o.npz.partial").exists()
+    # A decompression bomb in compare mode (over twice PIL's limit): one sentence.
+    bomb = tmp_path / "bomb"
+    save_image(str(bomb / "0.png"), (64, 64), 0)
+    save_image(str(bomb / "1.png"), (64, 64), 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)
+    line = fid_exit([str(bomb), "--save-stats", out, "--num-workers", "0"], capsys)
+    assert "0.png is not a readable image" in line and "decompression bomb" in line
+    # Over the limit but under twice it: read, without PIL's warning printed into the progress bar.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fid.main([str(bomb), str(bomb), "--num-workers", "0"])
+    assert [w for w in caught if w.category is Image.DecompressionBombWarning] == []
+    kept()
+    # --num-workers 0 in compare mode reads in one thread.
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "a.npz"), "--num-workers", "0"])
+    assert "FID: " in capsys.readouterr().out

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import prepare_data
+from conftest import error_line
 from model_vae import SCALE_FACTOR, load_vae
 from dataset import DataError, PreparedData, center_crop_arr, to_rgb
 from prepare_data import main, prepare
@@ -442,3 +444,97 @@ def test_a_zip_source_is_told_from_a_tar_once_not_per_image(tmp_path, monkeypatc
     assert [reader[i][0] for i in range(3)] == [0, 1, 2] and asked == []
     for i in range(3):
         assert np.array_equal(reader[i][1], pixels[i])  # 8x8 at 8: the crop is the image itself
+
+
+# -------------------------------------------- nothing lost, nothing mixed (issue 24: prepare_data.py)
+
+def exit_line(argv, capsys):
+    """main(argv) must end with exit status 1 and one sentence (error_line); returns it."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str), e.value.code  # sys.exit(message): status 1
+    return error_line(capsys.readouterr().err + e.value.code)
+
+
+def small_source(root, n=4):
+    root.mkdir()
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 12, 3), np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_a_resume_refuses_images_rewritten_under_the_same_names(tmp_path, monkeypatch, unchanged, capsys):
+    """Item 5: images rewritten under their names after a kill ended up mixed in the prepared data."""
+    src = small_source(tmp_path / "src")
+    args = [str(src), str(tmp_path / "out"), "--resolution", "8", "--vae", "none", "--batch-size", "2",
+            "--workers", "0"]
+    calls, encode = [], prepare_data.encode
+
+    def interrupted(model, pixels, device):
+        calls.append(1)
+        if len(calls) == 2:  # the first batch committed, then Ctrl-C
+            raise KeyboardInterrupt
+        return encode(model, pixels, device)
+    monkeypatch.setattr(prepare_data, "encode", interrupted)
+    with pytest.raises(SystemExit, match="interrupted: rerun the same command"):
+        main(args)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "out.partial" / "progress.json").read_text())["done"] == 2
+    before = (src / "0.png").read_bytes()
+    Image.new("RGB", (12, 12), RGB).save(src / "0.png")  # rewritten under the same name
+    kept = unchanged(tmp_path)
+    line = exit_line(args, capsys)
+    assert "the source's files changed since" in line and "out.partial" in line
+    kept()
+    (src / "0.png").write_bytes(before)  # back as it was; a file not read yet may change freely
+    Image.new("RGB", (12, 12), RGB).save(src / "3.png")
+    main(args)
+    pixels = np.load(tmp_path / "out" / "images.npy")
+    assert (pixels[3] == np.array(RGB, np.uint8)[:, None, None]).all()
+
+
+def test_a_symlink_loop_and_a_truncated_tar_are_one_sentence(tmp_path, unchanged, capsys):
+    """Items 9 and 14: a link loop multiplied 2 images into 82; a truncated tar was a traceback."""
+    src = small_source(tmp_path / "src", 2)
+    os.symlink(".", src / "loop")  # src/loop/loop/... is src again
+    with tarfile.open(tmp_path / "whole.tar", "w") as t:
+        t.add(src / "0.png", "0.png")
+        t.add(src / "1.png", "1.png")
+    data = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:1600])  # inside the second file
+    kept = unchanged(tmp_path)
+    line = exit_line([str(src), str(tmp_path / "out"), "--vae", "none", "--workers", "0"], capsys)
+    assert "loop: a link to the folder" in line
+    line = exit_line([str(tmp_path / "cut.tar"), str(tmp_path / "out"), "--vae", "none", "--workers", "0"], capsys)
+    assert "cut.tar: not a readable tar file, truncated or damaged" in line
+    kept()
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, unchanged, capsys):
+    """Item 14: --batch-size 0 and --resolution -8 were tracebacks that left OUT.partial."""
+    src = small_source(tmp_path / "src", 2)
+    kept = unchanged(tmp_path)
+    for flag in (["--batch-size", "0"], ["--resolution", "-8"], ["--workers", "-1"]):
+        line = exit_line([str(src), str(tmp_path / "out"), "--vae", "none", *flag], capsys)
+        assert "must be at least 1" in line and "nothing was written" in line
+    kept()
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_one_process_at_a_time_prepares_a_folder(tmp_path, unchanged, capsys):
+    """Two prepare_data.py of the same output at once: the second is refused, the first's work kept."""
+    src = small_source(tmp_path / "src", 2)
+    (tmp_path / "out.partial").mkdir()
+    lock = str(tmp_path / "out.partial" / ".lock")
+    holder = subprocess.Popen(["flock", "--no-fork", lock, "sleep", "30"])
+    try:
+        while not subprocess.run(["flock", "-n", lock, "true"]).returncode:
+            pass  # until the other process holds it
+        kept = unchanged(tmp_path)
+        line = exit_line([str(src), str(tmp_path / "out"), "--vae", "none", "--workers", "0"], capsys)
+        assert "out.partial is in use by another process" in line
+        kept()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -17,6 +17,7 @@ import dmp
 import load
 import sample
 import sampling
+from conftest import error_line
 from diffusion import create_diffusion
 from diffusion import dit_sample
 from model_dit import DiT
@@ -333,3 +334,89 @@ def test_a_settings_file_that_cannot_be_written_leaves_no_temporary_file(tmp_pat
     with pytest.raises(sample.SampleError, match=message):
         sample.write_samples(2, batches.append, tmp_path / "set", 1, dict(seed=0))
     assert os.listdir(tmp_path / "set") == [] and batches == []
+
+
+# ----------------------------------------------- nothing lost, nothing mixed (issue 24: sample.py)
+
+def sample_exit(argv, capsys):
+    """sample.main(argv) must end with exit status 2 and one sentence (error_line); returns it."""
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert e.value.code == 2
+    return error_line(capsys.readouterr().err)
+
+
+def test_an_existing_npz_or_file_is_never_replaced(ckpt, tmp_path, unchanged, capsys):
+    """Item 2: `--out DIR` replaced an existing DIR.npz (a 12-image reference batch became 3
+    samples); `--grid 2 --out X.npz` wrote a PNG over an .npz."""
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((12, 8, 8, 3), np.uint8))
+    kept = unchanged(tmp_path)
+    line = sample_exit(["--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "ref", *FAST], capsys)
+    assert "ref.npz already exists (the set's .npz, ref.npz, is written only where nothing is)" in line
+    line = sample_exit(["--ckpt", ckpt, "--grid", 2, "--out", tmp_path / "ref.npz", *FAST], capsys)
+    assert "ref.npz already exists (a grid is written only where nothing is)" in line
+    kept()
+    assert sorted(os.listdir(tmp_path)) == ["ref.npz"]  # nothing sampled, no folder made
+
+
+def test_a_folder_that_is_not_a_sample_set_is_not_adopted(ckpt, tmp_path, unchanged, capsys):
+    """Item 3: the user's own 000000.png... were counted as done and went into DIR.npz, and a
+    settings.json was written into their folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(mine / f"{k:06d}.png")
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "settings.json").write_text("[1, 2]")
+    kept = unchanged(tmp_path)
+    line = sample_exit(["--ckpt", ckpt, "--num-samples", 3, "--out", mine, *FAST], capsys)
+    assert "mine holds files and is not a sample set (it has no settings.json)" in line
+    line = sample_exit(["--ckpt", ckpt, "--num-samples", 3, "--out", tmp_path / "json", *FAST], capsys)
+    assert "settings.json is not the settings.json of a sample set" in line
+    kept()
+    assert sorted(os.listdir(mine)) == ["000000.png", "000001.png", "000002.png"]
+
+
+def test_nan_weights_and_a_stray_text_encoder_are_refused(tmp_path, unchanged, capsys):
+    """Items 11 and 15: NaN weights gave all-black samples and a valid-looking .npz, exit 0;
+    --text-encoder was silently ignored for a class model."""
+    model = tiny_dit()
+    with torch.no_grad():
+        model.final_layer.linear.weight[0, 0] = float("nan")
+    bad = save_run(model, tmp_path / "nan.pt")
+    kept = unchanged(tmp_path)
+    line = sample_exit(["--ckpt", bad, "--num-samples", 2, "--out", tmp_path / "set", *FAST], capsys)
+    assert "nan.pt: 1 of its weights are not finite (NaN or inf)" in line
+    line = sample_exit(["--ckpt", save_run(tiny_dit(), tmp_path / "ok.pt"), "--text-encoder", "clip.pt", *FAST],
+                       capsys)
+    assert "--text-encoder is for a text-conditioned DiT" in line
+    (tmp_path / "vae-folder").mkdir()  # a diffusers folder, say
+    line = sample_exit(["--ckpt", tmp_path / "ok.pt", "--vae", tmp_path / "vae-folder", *FAST], capsys)
+    assert "vae-folder is a folder, not a checkpoint file" in line
+    kept()
+    assert not (tmp_path / "set").exists() and not (tmp_path / "set.npz").exists()
+
+
+def test_a_sample_set_is_written_by_one_command_at_a_time(ckpt, tmp_path, unchanged, capsys):
+    """Two sample.py into one set at once: the second is refused while the first holds it."""
+    (tmp_path / "set").mkdir()
+    lock = str(tmp_path / "set" / ".lock")
+    holder = subprocess.Popen(["flock", "--no-fork", lock, "sleep", "30"])
+    try:
+        while not subprocess.run(["flock", "-n", lock, "true"]).returncode:
+            pass  # until the other process holds it
+        kept = unchanged(tmp_path)
+        line = sample_exit(["--ckpt", ckpt, "--num-samples", 2, "--out", tmp_path / "set", *FAST], capsys)
+        assert "set is in use by another process (sample.py writing this set)" in line
+        kept()
+        assert os.listdir(tmp_path / "set") == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_prompt_lines_end_at_newlines_only(tmp_path):
+    """Item 13: a prompt file was split at U+2028 (and \\x0c, \\x1c ...), moving later prompts to
+    other images."""
+    (tmp_path / "p.txt").write_text("a cat\u2028on a sofa\nform\x0cfeed\r\n\nlast", encoding="utf-8")
+    assert sample.read_prompts(tmp_path / "p.txt") == ["a cat\u2028on a sofa", "form\x0cfeed", "last"]
