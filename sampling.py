@@ -165,8 +165,9 @@ def dit_batch(ks, model, diffusion, vae=None, seed=0, class_labels=None, cfg_sca
     device = model.pos_embed.device
     gens = [image_generator(seed, k) for k in ks]
     size, channels = model.config["input_size"], model.in_channels
-    if model.text_dim:
-        y = caption_embeddings(text_encoder, [prompts[k % len(prompts)] for k in ks]).to(device)
+    if model.text_dim:  # the text encoder in the sampling precision
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = caption_embeddings(text_encoder, [prompts[k % len(prompts)] for k in ks]).to(device)
     else:
         # The label is drawn even when given, so an image's noise does not depend on --class-labels.
         y = [int(torch.randint(model.y_embedder.num_classes, (), generator=g)) for g in gens]

@@ -20,7 +20,6 @@ training step is training.py's (bench.py times the same function); the held-out 
 heldout.py's.
 """
 import argparse
-import copy
 import functools
 import json
 import math
@@ -349,9 +348,19 @@ def device_and_precision(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.local_device(args.device)
+    cuda_settings(device, args.model)
+    return device, training.choose_precision(args.precision, device)
+
+
+def cuda_settings(device, model):
+    """
+    On CUDA: TF32 matmuls (as the official DiT), and for SD's UNet cuDNN's benchmark mode, which
+    times the convolution kernels once per input shape and keeps the fastest (the shapes of a run
+    are fixed). Nothing on other devices.
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, training.choose_precision(args.precision, device)
+        torch.backends.cudnn.benchmark = model in UNet_configs
 
 
 def text_encoder_of(args, data, device):
@@ -682,22 +691,29 @@ def grid_writer(args, data, text_encoder, device):
     writer(model, path): the sample grid the loop draws every --sample-every steps, chosen once.
     Fixed seeds, so successive grids are comparable; small images enlarged by nearest neighbour
     (sampling.save_grid). A DiT: 16 images, DDIM 50 (a text DiT draws image k from the first caption
-    of image k); SD: the first 4 captions, PNDM 50 with guidance 7.5 (sampling.sd_batch's).
+    of image k); SD: the first 4 captions, PNDM 50 with guidance 7.5 (sampling.sd_batch's). The VAE
+    is read at the first grid and kept for the run.
     """
+    vae = functools.cache(functools.partial(load_vae, data.vae, device))
     if args.model in UNet_configs:
-        return functools.partial(write_sd_grid, text_encoder=text_encoder, vae=data.vae,
+        return functools.partial(write_sd_grid, text_encoder=text_encoder, vae=vae,
                                  prompts=[c[0] for c in data.captions[:4]], num=4,
-                                 latent_size=data.shape[-1], device=device)
+                                 latent_size=data.shape[-1])
     text = {}
     if text_encoder is not None:
         text = dict(prompts=[c[0] for c in data.captions[:16]], text_encoder=text_encoder)
-    return functools.partial(sampling.write_grid, noise_schedule=args.noise_schedule, vae=data.vae,
-                             num=16, seed=0, steps=50, sampler="ddim", device=device, **text)
+    return functools.partial(write_dit_grid, vae=vae, noise_schedule=args.noise_schedule, num=16,
+                             seed=0, steps=50, sampler="ddim", device=device, **text)
 
 
-def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size, device):
+def write_dit_grid(model, path, vae, **options):
+    """A DiT's grid (sampling.write_grid's `options`), `vae()` the run's VAE."""
+    return sampling.write_grid(model, path, vae=vae(), **options)
+
+
+def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size):
     """SD's grid of `prompts` at the data's resolution (the VAE's factor times the latents')."""
-    vae = load_vae(vae, device)
+    vae = vae()
     resolution = latent_size * 2 ** (len(vae.config["ch_mult"]) - 1)
     return sampling.write_sd_grid(unet, text_encoder, vae, path, prompts, num=num,
                                   resolution=resolution)
@@ -766,7 +782,7 @@ def run(argv, claimed):
     trained = [p for g in groups for p in g["params"]]
     base = base_of(args, resume, run_dir, rank)
     opt = training.optimizer(groups, args)
-    ema = copy.deepcopy(raw).requires_grad_(False) if args.ema else None
+    ema = training.ema_model(raw) if args.ema else None
     autocast, scaler = training.mixed_precision(precision, device)
     step = restore(resume, raw, ema, opt, scaler, args)
     run_dir = run_folder(args, run_dir, rank, world, claimed)

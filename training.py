@@ -7,6 +7,7 @@ micro-batches, mixed precision and the EMA; the optimizer and compiled blocks.
 `args` is train.py's settings (parse_args); each function reads the few it names.
 """
 import contextlib
+import copy
 import functools
 
 import numpy as np
@@ -125,11 +126,11 @@ def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
     opt.zero_grad(set_to_none=True)
     terms_sum = 0
     for m in range(K):
-        micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
         # DDP: gradients are averaged over processes once, after the last micro-batch
         last = m == K - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
-            with autocast:
+            with autocast:  # the frozen text encoder too: CLIP ViT-L/14 in bf16, not fp32
+                micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
                 loss, terms = compute_loss(model, raw, diffusion, micro, args)
             loss = loss / K
             if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
@@ -172,6 +173,17 @@ def conditioning(model_name, text_encoder):
 def unet_context(text_encoder, captions):
     """SD's UNet's condition: the text encoder's last hidden states of the captions."""
     return dict(context=encode_text(text_encoder, captions)[0])
+
+
+def ema_model(raw):
+    """
+    The EMA of `raw` (its weights, the copy frozen): a model that shares raw's frozen parameters
+    and copies only the trained ones and the buffers, so further-training a frozen backbone with
+    --ema costs the memory of its patch, not of a second backbone. Its state dict is a whole
+    model's, as before.
+    """
+    shared = {id(p): p for p in raw.parameters() if not p.requires_grad}
+    return copy.deepcopy(raw, memo=shared).requires_grad_(False)
 
 
 def ema_pairs(ema, raw):
