@@ -565,13 +565,17 @@ def start(log, args, step, data, rows, raw, trained, run_dir, device, **setting)
     print(f"precision: {training.PRECISIONS[setting['precision']]} ({device})")
 
 
-def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, before=None):
+def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, rank, world,
+                before=None):
     """
-    --eval-bpd: the held-out numbers (heldout.measure) of `model` (its `weights`, raw or EMA),
-    logged, and printed with those measured `before` training when there are some. Returns them.
+    --eval-bpd: the held-out numbers (heldout.measure, every process its share) of `model` (its
+    `weights`, raw or EMA), logged, and printed by rank 0 with those measured `before` training
+    when there are some. Returns them.
     """
-    numbers = heldout.measure(model, diffusion, data, *rows, args, device)
+    numbers = heldout.measure(model, diffusion, data, *rows, args, device, rank, world)
     log(event="eval", step=step, weights=weights, **numbers)
+    if rank != 0:
+        return numbers
     if step == 0:
         print(heldout.before_message(numbers, args, rows[1]))
     elif before is not None:
@@ -798,15 +802,16 @@ def run(argv, claimed):
     measured, weights = (raw, "raw") if ema is None else (ema, "ema")
     entries_at = functools.partial(checkpoint_entries, raw, ema, opt, args, data, base, scaler)
     write_grid = grid_writer(args, data, text_encoder, device)
-    eval_every = args.eval_every if rank == 0 and len(rows[1]) else 0
+    # Every process evaluates its share of the held-out images (none waits in a collective).
+    eval_every = args.eval_every if len(rows[1]) else 0
     sample_every = args.sample_every if rank == 0 else 0
-    bpd = args.eval_bpd and len(rows[1]) and rank == 0
+    bpd = args.eval_bpd and len(rows[1])
     if rank == 0:
         start(log, args, step, data, rows, raw, trained, run_dir, device, world=world,
               backend=backend, precision=precision)
     before = None
     if bpd and step == 0:
-        before = measure_bpd(args, log, raw, "raw", 0, diffusion, data, rows, device)
+        before = measure_bpd(args, log, raw, "raw", 0, diffusion, data, rows, device, rank, world)
 
     losses, last_ckpt = LossMeter(step, device), None
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name,
@@ -835,7 +840,8 @@ def run(argv, claimed):
                             load=f"{mean['load']:.3g}", it_s=f"{speed:.2f}")
         if due(eval_every, step):
             log(event="eval", step=step, weights=weights,
-                **heldout.evaluate(measured, diffusion, data, rows[1], args, device))
+                **heldout.evaluate(measured, diffusion, data, rows[1], args, device, rank=rank,
+                                   world=world))
         if due(args.ckpt_every, step, last):
             last_ckpt = save_checkpoint(run_dir, step, entries_at, args.keep, rank, world)
         if due(sample_every, step, last):
@@ -844,7 +850,8 @@ def run(argv, claimed):
     bar.close()
 
     if bpd:
-        measure_bpd(args, log, measured, weights, step, diffusion, data, rows, device, before)
+        measure_bpd(args, log, measured, weights, step, diffusion, data, rows, device, rank, world,
+                    before)
     if rank == 0:
         print(end_message(args, run_dir, step))
     distributed.teardown()  # torchrun, even with one process

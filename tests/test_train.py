@@ -199,12 +199,14 @@ def test_ddp_with_two_cpu_processes_matches_the_single_process_gradient(tmp_path
 def test_torchrun_runs_the_loop_with_two_processes(tmp_path, base_checkpoint):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train.py", *FAST, "--init", str(base_checkpoint), "--iterations", "2", "--ckpt-every", "2",
-           "--results-dir", str(tmp_path / "runs")]
+           "--eval-every", "2", "--results-dir", str(tmp_path / "runs")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     run_dir = next((tmp_path / "runs").iterdir())
     assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
     assert next(e for e in log_of(run_dir) if e.get("event") == "start")["world"] == 2
+    evaluation = [e for e in log_of(run_dir) if e.get("event") == "eval"]  # both processes took part
+    assert len(evaluation) == 1 and evaluation[0]["step"] == 2 and evaluation[0]["heldout_loss"] > 0
 
 
 def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(tmp_path):
