@@ -21,7 +21,6 @@ that other load on the machine falls on both alike. The memory estimate is memor
 """
 import argparse
 import contextlib
-import copy
 import functools
 import json
 import os
@@ -271,7 +270,7 @@ def train_model(name, mode, data, device):
 def train_setup(name, mode, args, data, device, precision, compile=False, checkpointing=False,
                 grad_accum=1):
     """
-    A step function that runs one iteration of train.py's loop (training.get_batch, then
+    A step function that runs one iteration of train.py's loop (training.Prefetcher's batch, then
     training.train_step: the micro-batches, autocast or fp16's scaler, AdamW, the EMA) on model
     `name` for pretraining (an EMA, as train.py keeps by default), full fine-tuning or DMP
     further-training (no EMA, as with --init). Returns (step, model config).
@@ -281,7 +280,7 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
     model, groups = train_model(name, mode, data, device)
     model.set_checkpointing(checkpointing).to(device).train()
     opt = training.optimizer(groups, args)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    ema = training.ema_model(model) if args.ema else None
     diffusion = create_diffusion("", args.noise_schedule)
     if compile:
         training.compile_blocks(model)
@@ -289,13 +288,13 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
     train_step = functools.partial(training.train_step, model, model, diffusion, opt, args=args,
                                    autocast=autocast, scaler=scaler,
                                    ema=training.ema_pairs(ema, model))
-    rows, state = np.arange(len(data)), dict(step=0)
+    batches, state = training.Prefetcher(data, np.arange(len(data)), args, device), dict(step=0)
 
     def step():
         """train.py's loop body, less its logging and checkpoints."""
         s = state["step"]
         torch.manual_seed(seed_of(args.seed, s, 0))
-        train_step(training.get_batch(data, rows, s, args, device))
+        train_step(batches.get(s))
         state["step"] = s + 1
     return step, model.config
 

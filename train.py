@@ -814,13 +814,14 @@ def run(argv, claimed):
         before = measure_bpd(args, log, raw, "raw", 0, diffusion, data, rows, device, rank, world)
 
     losses, last_ckpt = LossMeter(step, device), None
+    batches = training.Prefetcher(data, rows[0], args, device, rank, world)  # get_batch's batches
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name,
                dynamic_ncols=True)
     while step < args.iterations:
         # Everything random in this step (label dropout, gate noise) is drawn after seeding with
         # (seed, step, rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
-        batch = training.get_batch(data, rows[0], step, args, device, rank, world)
+        batch = batches.get(step)
         try:
             losses.add(train_step(batch))
         except torch.OutOfMemoryError:
@@ -848,6 +849,7 @@ def run(argv, claimed):
             path = write_grid(measured, run_dir / "samples" / f"{step:07d}.png")
             log(event="samples", step=step, weights=weights, path=str(path))
     bar.close()
+    batches.close()
 
     if bpd:
         measure_bpd(args, log, measured, weights, step, diffusion, data, rows, device, rank, world,

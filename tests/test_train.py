@@ -579,6 +579,42 @@ def test_the_text_encoder_runs_under_the_steps_autocast():
         seen.clear()
 
 
+def test_the_prefetched_batches_are_get_batchs_and_pinned_only_for_cuda(monkeypatch):
+    """
+    train.py's loop reads the next step's rows in a thread (training.Prefetcher): the same batches
+    as get_batch, in the same order, after a jump (a resume) too, for stored latents (bench's) and
+    pixels with captions. Page-locked memory only when the device is CUDA (a CPU-only torch has
+    none): on the CPU nothing is pinned; for CUDA, every host tensor of a batch is.
+    """
+    import bench
+    pinned = []
+
+    def pin_memory(tensor):
+        pinned.append(tensor.dtype)
+        return tensor
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    cpu = torch.device("cpu")
+    with bench.synthetic_run(bench.PRESETS["tiny"]) as (stored, latents):
+        digits = train.parse_args(["--dataset", "digits", "--batch-size", "6"])
+        pixels = PreparedData(digits.data)
+        pixels.captions = [[f"digit {i}", f"a {i}"] for i in range(len(pixels))]
+        digits.text = True
+        for data, args in ((latents, stored), (pixels, digits)):
+            rows = np.arange(len(data))
+            for rank, world in ((0, 1), (1, 2)):
+                batches = training.Prefetcher(data, rows, args, cpu, rank, world)
+                for step in (0, 1, 2, 7, 8):
+                    got, want = batches.get(step), training.get_batch(data, rows, step, args, cpu, rank, world)
+                    assert all(g == w if isinstance(g, list) else torch.equal(g, w)
+                               for g, w in zip(got, want, strict=True))
+                batches.close()
+        assert pinned == []
+        assert training.Prefetcher(latents, rows, stored, torch.device("cuda", 0)).read.keywords["pin"]
+        training.host_batch(latents, np.arange(len(latents)), 3, stored, pin=True)
+        training.host_batch(pixels, np.arange(len(pixels)), 3, digits, pin=True)
+    assert pinned == [torch.float16, torch.int64, torch.uint8, torch.int64, torch.bool]
+
+
 def test_cudnn_benchmark_for_the_unet_on_cuda_only(monkeypatch):
     """cuDNN times its convolution kernels for SD's UNet on CUDA (fixed shapes); a DiT (no
     convolutions but its patch embedding) and the CPU leave the setting alone."""
