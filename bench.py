@@ -21,7 +21,6 @@ that other load on the machine falls on both alike. The memory estimate is memor
 """
 import argparse
 import contextlib
-import copy
 import functools
 import json
 import os
@@ -49,7 +48,9 @@ from dataset import FORMAT, VERSION, PreparedData
 from checkpoints import write_json
 from diffusion import create_diffusion
 from distributed import seed_of
+from model_clip import CLIP_TINY, CLIP_VITL14, CLIPTextModel
 from model_dit import CONFIGS, DIGITS_MODEL, DiT
+from model_unet import UNet_configs, UNetModel
 from model_vae import SCALE_FACTOR, AutoencoderKL
 
 # Dense bf16 tensor-core peak (TFLOP/s) from the datasheets; MFU is reported against these.
@@ -66,18 +67,19 @@ PRESETS = {
     "cpu": dict(models=["DiT-S/2"], input_size=16, batch=4, warmup=1, rounds=3, steps=1,
                 sample_models=["DiT-S/2"], sample_batch=4, sample_steps=2, sample_rounds=7,
                 vae_size=64, vae_batch=1, fid_batch=4, fid_images=4, data_rows=256),
-    # --suite device: the gpu preset's rows with fewer timed steps (the suite's 8 minutes), DDPM
-    # sampling timed on 10 steps of a 250-step chain, and the digits runs of issue 19.
+    # --suite device: the gpu preset's rows with fewer timed steps (the suite's 6 minutes), DDPM
+    # sampling timed on 10 steps of a 250-step chain, and the digits runs (issues 19 and 23).
     "device": dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2,
                    compile_warmup=3, rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64,
                    sampler="ddpm", sample_steps=10, chain=250, sample_rounds=3, vae_size=256,
                    vae_batch=16, fid_batch=100, fid_images=500, data_rows=1024,
-                   digits_iterations=300, digits_samples=256, torchrun_samples=64),
+                   digits_iterations=150, digits_samples=256, torchrun_samples=64,
+                   demo_iterations=100, demo_bpd_images=20),
     # For the tests: train.py's digits DiT (4 blocks, 64 wide) on 8x8 latents.
     "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1,
                  sample_models=["tiny"], sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1,
                  fid_batch=1, fid_images=1, data_rows=16, digits_iterations=6, digits_samples=8,
-                 torchrun_samples=4),
+                 torchrun_samples=4, demo_iterations=2, demo_bpd_images=2),
 }
 MODES = ("pretrain", "full", "dmp")
 ROWS = ("train", "sample", "vae", "fid", "data")
@@ -250,52 +252,70 @@ def synthetic_run(preset):
         yield argparse.Namespace(**STEP_SETTINGS, batch_size=preset["batch"]), data
 
 
-def train_model(name, mode, data, device):
+def train_model(name, mode, data, device, text_dim=None, **options):
     """
     (model, parameter groups) of a training row, on `device` with random weights (an XL/2 in
-    seconds), as train.py builds them for ImageNet: a fresh DiT `name` ('tiny': the digits DiT)
-    whose every weight but the fixed positional table trains (pretraining), or patched by dmp.patch
-    for full fine-tuning or DMP.
+    seconds), as train.py builds them for ImageNet: a fresh DiT `name` ('tiny': the digits DiT;
+    text_dim: a text DiT) whose every weight but the fixed positional table trains (pretraining),
+    or patched by dmp.patch (with `options`, e.g. selection='hard') for full fine-tuning or DMP;
+    or SD's UNet `name` (sd15, sd-tiny), patched.
     """
-    arch = DIGITS_MODEL if name == "tiny" else CONFIGS[name]
     torch.manual_seed(0)
     with torch.device(device):
+        if name in UNet_configs:
+            model = UNetModel(**UNet_configs[name])
+            return model, dmp.patch(model, mode, **options)
+        arch = DIGITS_MODEL if name == "tiny" else CONFIGS[name]
         model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
-                    num_classes=data.num_classes, class_dropout_prob=0.1, **arch)
+                    num_classes=data.num_classes, class_dropout_prob=0.1, text_dim=text_dim,
+                    **arch)
         if mode != "pretrain":
-            return model, dmp.patch(model, mode)  # as after --init
+            return model, dmp.patch(model, mode, **options)  # as after --init
     params = [p for n, p in model.named_parameters() if n != "pos_embed"]
     return model, [dict(params=params, lr_scale=1.0, name="all")]
 
 
 def train_setup(name, mode, args, data, device, precision, compile=False, checkpointing=False,
-                grad_accum=1):
+                grad_accum=1, text=False, **options):
     """
-    A step function that runs one iteration of train.py's loop (training.get_batch, then
+    A step function that runs one iteration of train.py's loop (training.Prefetcher's batch, then
     training.train_step: the micro-batches, autocast or fp16's scaler, AdamW, the EMA) on model
     `name` for pretraining (an EMA, as train.py keeps by default), full fine-tuning or DMP
-    further-training (no EMA, as with --init). Returns (step, model config).
+    further-training (no EMA, as with --init). text: on captions, through a CLIP text encoder with
+    random weights (ViT-L/14's; for sd-tiny the tiny one of its width), in the step as train.py
+    runs it (SD's UNet always reads text). Returns (step, model config).
     """
     ema_decay = 0.9999 if mode == "pretrain" else 0.0
-    args = argparse.Namespace(**vars(args), grad_accum=grad_accum, ema=ema_decay)
-    model, groups = train_model(name, mode, data, device)
+    text = text or name in UNet_configs
+    args = argparse.Namespace(**{**vars(args), "text": text}, grad_accum=grad_accum, ema=ema_decay)
+    encoder = None
+    if text:
+        data.captions = [[f"a photo of thing {i}", ""] for i in range(len(data))]
+        clip = CLIP_TINY if name == "sd-tiny" else CLIP_VITL14  # SD 1.5's is ViT-L/14's
+        torch.manual_seed(0)
+        with torch.device(device):
+            encoder = CLIPTextModel(**clip).eval().requires_grad_(False)
+    dim = encoder.config["hidden_size"] if encoder is not None and name not in UNet_configs else None
+    model, groups = train_model(name, mode, data, device, dim, **options)
     model.set_checkpointing(checkpointing).to(device).train()
     opt = training.optimizer(groups, args)
-    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
-    diffusion = create_diffusion("", args.noise_schedule)
+    ema = training.ema_model(model) if args.ema else None
+    diffusion = create_diffusion("", args.noise_schedule,
+                                 learn_sigma=getattr(model, "learn_sigma", False))
     if compile:
         training.compile_blocks(model)
     autocast, scaler = training.mixed_precision(precision, device)
     train_step = functools.partial(training.train_step, model, model, diffusion, opt, args=args,
                                    autocast=autocast, scaler=scaler,
-                                   ema=training.ema_pairs(ema, model))
-    rows, state = np.arange(len(data)), dict(step=0)
+                                   ema=training.ema_pairs(ema, model),
+                                   condition=training.conditioning(name, encoder))
+    batches, state = training.Prefetcher(data, np.arange(len(data)), args, device), dict(step=0)
 
     def step():
         """train.py's loop body, less its logging and checkpoints."""
         s = state["step"]
         torch.manual_seed(seed_of(args.seed, s, 0))
-        train_step(training.get_batch(data, rows, s, args, device))
+        train_step(batches.get(s))
         state["step"] = s + 1
     return step, model.config
 
@@ -319,23 +339,28 @@ def row_train(name, mode, preset, device, precision, compile, peak, options=None
         step, config = train_setup(name, mode, args, data, device, precision, compile, **options)
         (seconds,), _ = timed_rounds([step], dict(preset, warmup=warmup), device)
         memory_mb = peak_memory_mb(device, base)
-    flops = dit_flops(config, preset["batch"], mode)
+    flops = None  # the UNet's are not counted; a text DiT's are the DiT's (its CLIP left out)
+    if name not in UNet_configs:
+        flops = dit_flops(config, preset["batch"], mode)
     label = mode + "".join(f", {OPTION_LABELS[k]}{'' if v is True else f' {v}'}"
-                           for k, v in options.items() if v is not False and (v is True or v > 1))
+                           for k, v in options.items()
+                           if v is not False and (isinstance(v, str) or v is True or v > 1))
     return dict(train_row(name, label, preset["batch"], seconds, flops, peak, memory_mb),
                 compiled=compile, **options)
 
 
-OPTION_LABELS = dict(checkpointing="checkpointing", grad_accum="grad-accum")
+OPTION_LABELS = dict(checkpointing="checkpointing", grad_accum="grad-accum", text="text (CLIP)",
+                     selection="selection")
 
 
 def train_row(name, mode, batch, seconds, flops, peak, memory_mb=None):
-    """A training row's figures from its seconds per step and its FLOPs (dit_flops)."""
-    achieved = flops["step"] / seconds / 1e12
+    """A training row's figures from its seconds per step and its FLOPs (dit_flops; None: not
+    counted, no MFU)."""
+    achieved = flops["step"] / seconds / 1e12 if flops else None
     return dict(row="train", model=name, mode=mode, batch=batch, ms_per_step=1e3 * seconds,
                 steps_per_s=1 / seconds, images_per_s=batch / seconds,
-                tflop_per_step=flops["step"] / 1e12, achieved_tflops=achieved,
-                mfu=achieved / peak if peak else None, peak_mem_mb=memory_mb)
+                tflop_per_step=flops["step"] / 1e12 if flops else None, achieved_tflops=achieved,
+                mfu=achieved / peak if peak and achieved else None, peak_mem_mb=memory_mb)
 
 
 def row_train_pair(name, preset, device, precision, compile):
@@ -620,50 +645,56 @@ def describe(device, precision, compile):
 #################################################################################
 # `python bench.py --suite device --json bench-gpu.json` measures, on one CUDA GPU, what the speed
 # table of docs/speed-and-memory.md and the first run on CUDA need: training steps/s, MFU and peak
-# memory, eager and with --compile; DiT-XL/2 DMP's peak with --checkpointing and with --grad-accum
-# 4; DDPM-250 sampling with and without a patch; VAE encoding; train.py and sample.py end to end on
-# the digits (train, SIGKILL, --resume, a grid, an FID set) and under torchrun (NCCL). How it stays
-# within SUITE_BUDGET_S (8 minutes on one H100): the "device" preset times 2 warm-up steps (3
-# compiled) and 3 rounds of 2 steps where "gpu" times 5 and 5 x 4, on 1,024 rows of latents; the
-# models are built on the GPU; --compile compiles each block once (train.compile_blocks), not the
-# whole model; every row runs in a process of its own under a timeout (twice its estimate + 30 s,
-# never past the budget), in the order below, so a row that hangs or fails (no CUDA, no NCCL, a
-# compile error) ends in one sentence and the rows after it still run; a row the remaining budget
-# cannot hold is skipped, saying so. `--dry-run` lists the rows, commands and estimates.
+# memory (DiT-L/2 and XL/2, DMP with --checkpointing, hard selection, the text DiT with CLIP
+# ViT-L/14, pretraining and sd-tiny compiled); DDPM-250 sampling with and without a patch; VAE
+# encoding; train.py and sample.py end to end on the digits (the demo preset; train, SIGKILL,
+# --resume, a grid, an FID set) and under torchrun with 2 processes (DDP built; NCCL with a GPU
+# each, else gloo on the CPU, saying why). It runs on whatever torch the machine has and prints it.
+# The "device" preset times 2 warm-up steps (3 compiled) and 3 rounds of 2 steps where "gpu" times
+# 5 and 5 x 4, on 1,024 rows of latents; the models are built on the GPU; --compile compiles each
+# block (training.compile_blocks), not the whole model; every row runs in a process of its own
+# under a timeout (twice its estimate + 30 s, never past the budget), in the order below, so a row
+# that hangs or fails (no CUDA, no NCCL, a compile error) ends in one sentence and the rows after
+# it still run; a row the remaining budget cannot hold is skipped, saying so. `--dry-run` lists the
+# rows, commands and estimates.
 
-SUITE_BUDGET_S = 480
+# What a row may take in all: the suite stops starting rows past it, and it ends within a 10-minute
+# call of the lent GPU machine; the rows' estimates (process starts and cold compiles included, each
+# row a process of its own) add up to at most SUITE_ESTIMATE_S, so the budget holds a third more.
+SUITE_BUDGET_S = 540
+SUITE_ESTIMATE_S = 360
 STARTED = time.monotonic()  # the budget counts from the start of the process
 # (id, what it measures, spec for --one, compiled, estimated seconds on one H100)
 DEVICE_SUITE = [
     ("train-L2-dmp", "DiT-L/2 DMP further-training, batch 128, bf16",
-     ["train", "DiT-L/2", "dmp"], False, 20),
+     ["train", "DiT-L/2", "dmp"], False, 15),
     ("train-L2-full", "DiT-L/2 full fine-tuning, batch 128, bf16",
-     ["train", "DiT-L/2", "full"], False, 20),
-    ("train-XL2-pretrain", "DiT-XL/2 pretraining, batch 128, bf16",
-     ["train", "DiT-XL/2", "pretrain"], False, 25),
+     ["train", "DiT-L/2", "full"], False, 15),
     ("train-XL2-dmp", "DiT-XL/2 DMP, batch 128, bf16",
-     ["train", "DiT-XL/2", "dmp"], False, 25),
+     ["train", "DiT-XL/2", "dmp"], False, 15),
     ("train-XL2-dmp-ckpt", "DiT-XL/2 DMP with --checkpointing",
-     ["train", "DiT-XL/2", "dmp", dict(checkpointing=True)], False, 25),
-    ("train-XL2-dmp-accum4", "DiT-XL/2 DMP with --grad-accum 4",
-     ["train", "DiT-XL/2", "dmp", dict(grad_accum=4)], False, 25),
+     ["train", "DiT-XL/2", "dmp", dict(checkpointing=True)], False, 15),
+    ("train-L2-dmp-hard", "DiT-L/2 DMP with --selection hard (Table 4b), bf16",
+     ["train", "DiT-L/2", "dmp", dict(selection="hard")], False, 15),
+    ("train-B2-text", "text DiT-B/2 DMP on captions through CLIP ViT-L/14 (COCO's), bf16",
+     ["train", "DiT-B/2", "dmp", dict(text=True)], False, 20),
     ("sample-XL2", "DDPM-250 sampling, DiT-XL/2, batch 64, with and without a DMP patch",
-     ["sample", "DiT-XL/2"], False, 25),
-    ("vae", "VAE encoding (and decoding), 256x256, batch 16", ["vae"], False, 15),
-    ("torchrun-train", "train.py under torchrun, one process (NCCL's group; no collective runs)",
-     ["torchrun-train"], False, 20),
-    ("digits-train", "train.py on the digits: 300 steps, SIGKILL, --resume, against an "
-     "uninterrupted run", ["digits-train"], False, 45),
+     ["sample", "DiT-XL/2"], False, 20),
+    ("vae", "VAE encoding (and decoding), 256x256, batch 16", ["vae"], False, 12),
+    ("demo", "train.py's demo preset on CUDA: DMP on the digits, held-out bits/dim and sample FD "
+     "before and after", ["demo"], False, 30),
+    ("digits-train", "train.py on the digits: 150 steps, SIGKILL, --resume, against an "
+     "uninterrupted run", ["digits-train"], False, 30),
     ("digits-sample", "sample.py: a grid and an FID set of 256 from the resumed run",
-     ["digits-sample"], False, 25),
-    ("torchrun-sample", "sample.py under torchrun, one process: 64 images against the FID set's",
+     ["digits-sample"], False, 20),
+    ("torchrun-train", "train.py under torchrun, 2 processes: DDP, its all-reduce, the held-out "
+     "evaluation shared", ["torchrun-train"], False, 25),
+    ("torchrun-sample", "sample.py under torchrun, 2 processes: 64 images against the FID set's",
      ["torchrun-sample"], False, 20),
-    ("train-L2-dmp-compiled", "DiT-L/2 DMP, --compile", ["train", "DiT-L/2", "dmp"], True, 45),
-    ("train-L2-full-compiled", "DiT-L/2 full fine-tuning, --compile",
-     ["train", "DiT-L/2", "full"], True, 45),
     ("train-XL2-pretrain-compiled", "DiT-XL/2 pretraining, --compile",
      ["train", "DiT-XL/2", "pretrain"], True, 45),
-    ("train-XL2-dmp-compiled", "DiT-XL/2 DMP, --compile", ["train", "DiT-XL/2", "dmp"], True, 45),
+    ("train-sdtiny-compiled", "sd-tiny (SD's UNet, small) DMP on captions, --compile: every "
+     "block", ["train", "sd-tiny", "dmp"], True, 50),
 ]
 ROOT = Path(__file__).resolve().parent
 
@@ -672,15 +703,15 @@ class RowError(RuntimeError):
     """A row that could not run; its message is the one sentence the suite records."""
 
 
-def run_script(cmd, what, timeout=300):
+def run_script(cmd, what, timeout=300, env=None):
     """
-    One of the project's scripts in a process of its own; at the timeout it and every process it
-    started are killed. Returns (seconds, stdout); a failure raises RowError with the last line of
-    what it printed to stderr.
+    One of the project's scripts in a process of its own (`env`: added to the environment); at
+    the timeout it and every process it started are killed. Returns (seconds, stdout); a failure
+    raises RowError with the last line of what it printed to stderr.
     """
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, **(env or {})})
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -741,24 +772,63 @@ def script(name, *argv):
     return [sys.executable, str(ROOT / name), *map(str, argv)]
 
 
-def torchrun(name, *argv):
-    """The command line of one of the project's scripts under torchrun, one process."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            str(ROOT / name), *map(str, argv)]
+def torchrun(name, *argv, processes=2):
+    """The command line of one of the project's scripts under torchrun, 2 processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(processes), str(ROOT / name), *map(str, argv)]
+
+
+def two_ranks(device):
+    """
+    (device, environment, note) for the torchrun rows' 2 processes: NCCL, a GPU each, where there
+    are 2 GPUs; with one GPU, gloo on the CPU (CUDA hidden), since NCCL refuses two processes on
+    one GPU, so DDP is still built and its all-reduce runs, and the note says so.
+    """
+    if device.type != "cuda" or torch.cuda.device_count() >= 2:
+        return device, {}, None
+    note = ("one GPU here: NCCL needs a GPU per process, so the 2 processes ran DDP on gloo on the "
+            "CPU; NCCL with 2 ranks needs a machine with 2 GPUs")
+    return torch.device("cpu"), {"CUDA_VISIBLE_DEVICES": ""}, note
 
 
 def row_torchrun_train(preset, device, work):
-    """Two steps of train.py on the digits under torchrun with one process (NCCL on CUDA)."""
+    """
+    Four steps of train.py on the digits under torchrun with 2 processes (two_ranks: DDP built, its
+    all-reduce run), the held-out loss evaluated after step 2 by both (heldout.evaluate's shares).
+    """
     folder = work / "torchrun-train"
+    device, env, note = two_ranks(device)
     command = torchrun("train.py", "--dataset", "digits", "--device", device.type,
-                       "--iterations", 2, "--ckpt-every", 2, "--log-every", 1, "--sample-every", 0,
-                       "--eval-every", 0, "--results-dir", folder)
-    seconds, _ = run_script(command, "torchrun train.py")
+                       "--init", "assets/dit_digits.pt", "--method", "dmp", "--iterations", 4,
+                       "--ckpt-every", 4, "--log-every", 1, "--sample-every", 0, "--eval-every", 2,
+                       "--results-dir", folder)
+    seconds, _ = run_script(command, "torchrun train.py", env=env)
     log = read_log(only_run(folder))
     start = next(e for e in log if e.get("event") == "start")
-    return dict(row="check", model="digits DiT", mode="torchrun train.py, 1 process",
+    return dict(row="check", model="digits DiT", mode="torchrun train.py, 2 processes",
                 seconds=seconds, world=start["world"], backend=start.get("backend"),
-                precision=start.get("precision"), steps=[e["step"] for e in log if "loss" in e])
+                precision=start.get("precision"), steps=[e["step"] for e in log if "loss" in e],
+                heldout_loss=[e["heldout_loss"] for e in log if e.get("event") == "eval"],
+                device=str(device), note=note)
+
+
+def row_demo(preset, device, work):
+    """
+    train.py's demo preset on `device` (--iterations and --bpd-images shortened): DMP on the
+    digits with the held-out bits/dim and the sample FD (digits_fid) before and after.
+    """
+    n, images = preset["demo_iterations"], preset["demo_bpd_images"]
+    command = script("train.py", "--dataset", "demo", "--device", device.type, "--iterations", n,
+                     "--bpd-images", images, "--sample-every", n, "--ckpt-every", n,
+                     "--results-dir", work / "demo")
+    seconds, _ = run_script(command, "train.py --dataset demo")
+    log = read_log(only_run(work / "demo"))
+    evals = [e for e in log if e.get("event") == "eval"]
+    if len(evals) != 2:
+        raise RowError(f"the demo logged {len(evals)} evaluations, not 2 (before and after)")
+    return dict(row="check", model="digits DiT", mode=f"demo preset, {n} steps", seconds=seconds,
+                bpd=[e["bpd"] for e in evals], fd_heldout=[e["fd_heldout"] for e in evals],
+                last_loss=[e["loss"] for e in log if "loss" in e][-1])
 
 
 def row_digits_train(preset, device, work):
@@ -828,14 +898,19 @@ def row_digits_sample(preset, device, work):
 
 
 def row_torchrun_sample(preset, device, work):
-    """sample.py under torchrun (one process): its images against the same images of the FID set."""
+    """
+    sample.py under torchrun (2 processes, two_ranks): its images against the same images of the
+    FID set (the same bytes on one device type; across CPU and GPU, kernels' rounding).
+    """
     ckpt, n = digits_checkpoint(work), preset["torchrun_samples"]
+    device, env, note = two_ranks(device)
     seconds, _ = run_script(torchrun("sample.py", "--ckpt", ckpt, "--num-samples", n,
-                                     "--out", work / "digits-set-torchrun"), "torchrun sample.py")
+                                     "--out", work / "digits-set-torchrun"), "torchrun sample.py",
+                            env=env)
     ours = np.load(work / "digits-set-torchrun.npz")["arr_0"].astype(int)
     reference = work / "digits-set.npz"
-    row = dict(row="check", model="digits DiT", mode=f"torchrun sample.py, {n} images",
-               seconds=seconds, shape=list(ours.shape))
+    row = dict(row="check", model="digits DiT", mode=f"torchrun sample.py, 2 processes, {n} images",
+               seconds=seconds, shape=list(ours.shape), device=str(device), note=note)
     if reference.exists():  # image k has its own seed: the same images whatever the processes
         theirs = np.load(reference)["arr_0"][:n].astype(int)
         row.update(identical_to_fid_set=bool(np.array_equal(ours, theirs)),
@@ -843,8 +918,9 @@ def row_torchrun_sample(preset, device, work):
     return row
 
 
-SCRIPT_ROWS = {"torchrun-train": row_torchrun_train, "digits-train": row_digits_train,
-               "digits-sample": row_digits_sample, "torchrun-sample": row_torchrun_sample}
+SCRIPT_ROWS = {"torchrun-train": row_torchrun_train, "demo": row_demo,
+               "digits-train": row_digits_train, "digits-sample": row_digits_sample,
+               "torchrun-sample": row_torchrun_sample}
 
 
 def suite_rows(device, precision, work, peak=None, only=None):
@@ -964,7 +1040,8 @@ def parse_args(argv=None):
                    help="no GPU needed: estimate a training step's peak memory on fake tensors, "
                    "for the documented rows or the ones given (e.g. DiT-XL/2:dmp:128:32:ckpt)")
     p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, "
-                   f"within {SUITE_BUDGET_S // 60} minutes on one H100 (docs/speed-and-memory.md)")
+                   f"about {SUITE_ESTIMATE_S // 60} minutes on one H100, at most "
+                   f"{SUITE_BUDGET_S // 60} (docs/speed-and-memory.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="with --suite: list its rows, commands and estimates")
     p.add_argument("--only", nargs="+", metavar="ROW",
@@ -1055,8 +1132,10 @@ def main_suite(args):
     rows = suite_rows(device, precision, work, args.peak_tflops, args.only)
     if args.dry_run:
         total = sum(r["estimate_s"] for r in rows)
-        print(f"bench.py --suite device: {len(rows)} rows, about {total} s on one H100 (budget "
-              f"{SUITE_BUDGET_S} s), each in its own process under a timeout; WORK: "
+        print(f"bench.py --suite device (torch {torch.__version__}): {len(rows)} rows, about "
+              f"{total} s on one H100 with process starts and cold compiles (at most "
+              f"{SUITE_ESTIMATE_S} s), within a budget of {SUITE_BUDGET_S} s ({SUITE_BUDGET_S - total}"
+              f" s of slack), each in its own process under a timeout; WORK: "
               f"{args.work or 'a temporary folder'}")
         for r in rows:
             print(f"  {r['id']} (~{r['estimate_s']} s): {r['what']}\n"

@@ -375,19 +375,37 @@ class PreparedData:
         """
         `flip`: one bool per index (or one for all): take the mirror. The latents' noise is `noise`
         when given, else drawn from `generator` on its own device (a CUDA generator avoids the CPU
-        work); float16 -> float32 and the sum happen on `device`.
+        work); float16 -> float32 and the sum happen on `device`. (gather, then to_device.)
+        """
+        return self.to_device(self.gather(indices, flip), device, generator, noise)
+
+    def gather(self, indices, flip, pin=False):
+        """
+        The host's half of batch(): CPU tensors of the stored rows of `indices` (their mirrors where
+        `flip`), their labels and (pixels) the flips; pin: in page-locked memory, which a GPU
+        copies from while the host goes on (CUDA only: a CPU-only torch has no pinned memory).
         """
         indices = np.asarray(indices, dtype=np.int64)
-        rows, y = self.rows[indices], torch.from_numpy(self.labels[indices]).to(device)
+        rows, y = self.rows[indices], torch.from_numpy(self.labels[indices])
         flip = np.broadcast_to(np.asarray(flip, dtype=bool), rows.shape)
         if self.kind == "pixels":
-            x = torch.from_numpy(self.data[rows]).to(device)
-            mirrored = torch.from_numpy(flip.copy()).to(device)[:, None, None, None]
-            x = torch.where(mirrored, x.flip(3), x)
+            host = torch.from_numpy(self.data[rows]), y, torch.from_numpy(flip.copy())
+        else:
+            host = torch.from_numpy(self.data[rows, flip.astype(np.int64)]), y, None  # [B, 2, z, h, w]
+        if pin:
+            host = tuple(t if t is None else t.pin_memory() for t in host)
+        return host
+
+    def to_device(self, host, device, generator=None, noise=None):
+        """
+        The device's half of batch(): gather's tensors copied without waiting (non_blocking: from
+        pinned memory the copy is queued; on the CPU nothing is copied), then (x, y) as batch().
+        """
+        x, y, mirrored = (t if t is None else t.to(device, non_blocking=True) for t in host)
+        if self.kind == "pixels":
+            x = torch.where(mirrored[:, None, None, None], x.flip(3), x)
             return to_model_input(x), y
-        moments = self.data[rows, flip.astype(np.int64)]  # [B, 2, z, h, w]
-        moments = torch.from_numpy(moments).to(device).float()
-        mean, std = moments.unbind(1)
+        mean, std = x.float().unbind(1)
         if noise is None:
             noise_device = generator.device if generator is not None else device
             noise = torch.randn(mean.shape, generator=generator, device=noise_device)

@@ -7,6 +7,7 @@ train.py splits each step's global batch over the processes, sample.py the image
 both seed from seed_of, so a run on 8 GPUs draws what a run on one draws (and computes it, to the
 kernels' float rounding).
 """
+import datetime
 import os
 
 import numpy as np
@@ -39,6 +40,7 @@ def setup():
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+    host_group()  # made now, while every process is here
     return dist.get_rank(), dist.get_world_size(), dist.get_backend()
 
 
@@ -55,7 +57,35 @@ def local_device(requested=None):
     return device
 
 
+# Waiting for a rank that evaluates: a week, not NCCL's 10 minutes (its watchdog kills the job).
+PATIENCE = datetime.timedelta(days=7)
+_host_group = []
+
+
+def host_group():
+    """
+    A gloo group of every process, made at the first call (every process must make that call at
+    the same point, like any collective), whose collectives run on the host and wait up to
+    PATIENCE: the processes that finish their share of an evaluation first wait here, not inside
+    an NCCL collective whose watchdog ends the job after 10 minutes.
+    """
+    if not _host_group:
+        _host_group.append(dist.new_group(backend="gloo", timeout=PATIENCE))
+    return _host_group[0]
+
+
+def host_sum(values, world):
+    """The float64 sum over the processes of each process's `values` (a list of floats), through
+    host_group; the values themselves with one process."""
+    if world == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total, group=host_group())
+    return total.tolist()
+
+
 def teardown():
     """Leave torchrun's process group, if this process joined one (even a group of one)."""
+    _host_group.clear()
     if dist.is_initialized():
         dist.destroy_process_group()

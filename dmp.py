@@ -152,7 +152,9 @@ class MixtureOfPrompts(nn.Module):
         k = self.top_k
         threshold_in, threshold_out = top[..., k: k + 1], top[..., k - 1: k]
         threshold = torch.where(noisy > threshold_in, threshold_in, threshold_out)
-        load = torch.distributions.Normal(0.0, 1.0).cdf((clean - threshold) / std).sum(0)  # (L, N)
+        # validate_args=False: the check of the argument is a host sync every forward on a GPU.
+        normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)
+        load = normal.cdf((clean - threshold) / std).sum(0)  # (L, N)
         return weights, load
 
     def select(self, logits):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import digits_fid
+import distributed
 from dataset import DataError
 
 
@@ -18,19 +19,26 @@ from dataset import DataError
 #################################################################################
 
 @torch.no_grad()
-def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512):
+def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512, rank=0,
+             world=1):
     """
     Held-out metrics, with fixed noise: the training loss (4 draws of t and noise per image) and,
     with bpd, on the first --bpd-images of them, the variational bound in bits/dim over all 1000
     steps (calc_bpd_loop) and the noise MSE averaged over each band of 100 timesteps. (A respaced
     chain would be cheaper, but with the cosine schedule its last step, beta near 1, amplifies
     every error of the noise prediction: its bound is dominated by that one term.)
+
+    Under torchrun every process calls it: process `rank` of `world` evaluates every world-th
+    batch, each batch's draws seeded by its first row as with one process, and the sums meet in
+    distributed.host_sum, so no process waits inside an NCCL collective (whose watchdog ends a
+    job after 10 minutes) while another evaluates. The numbers are one process's, to the order
+    of a float64 sum.
     """
     was_training = model.training
     model.eval()
-    out, mse_t, total = dict(heldout_loss=0.0), 0.0, 0.0
+    out, mse_t, total = dict(heldout_loss=0.0), torch.zeros(diffusion.num_timesteps), 0.0
     bpd_rows = rows[:args.bpd_images]
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, len(rows), batch_size)[rank::world]:
         gen = torch.Generator(device).manual_seed(start)
         x, y = data.batch(rows[start: start + batch_size], False, gen, device)
         if args.unconditional:
@@ -48,6 +56,9 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
                                         model_kwargs=dict(y=y[:n]))
             total += r["total_bpd"].sum().item()
             mse_t = mse_t + r["mse"].sum(0).cpu()
+    out["heldout_loss"], total, *mse = distributed.host_sum(
+        [out["heldout_loss"], total, *mse_t.tolist()], world)
+    mse_t = torch.tensor(mse, dtype=mse_t.dtype)
     if bpd:
         out["bpd"] = total / len(bpd_rows)
         # t in [0, 100), [100, 200), ...
@@ -76,10 +87,18 @@ def sample_quality(model, data, train_rows, heldout_rows, args, steps=100):
                 floor_fd=floor["fd_heldout"], floor_kid=floor["kid_heldout"])
 
 
-def measure(model, diffusion, data, train_rows, heldout_rows, args, device):
-    """--eval-bpd's numbers, before and after training: held-out bits/dim and sample quality."""
-    return dict(evaluate(model, diffusion, data, heldout_rows, args, device, bpd=True),
-                **sample_quality(model, data, train_rows, heldout_rows, args))
+def measure(model, diffusion, data, train_rows, heldout_rows, args, device, rank=0, world=1):
+    """
+    --eval-bpd's numbers, before and after training: held-out bits/dim (every process its share)
+    and sample quality (process 0's, the others waiting in distributed.host_group).
+    """
+    numbers = evaluate(model, diffusion, data, heldout_rows, args, device, bpd=True, rank=rank,
+                       world=world)
+    if rank == 0:
+        numbers.update(sample_quality(model, data, train_rows, heldout_rows, args))
+    if world > 1:
+        torch.distributed.barrier(group=distributed.host_group())
+    return numbers
 
 
 def before_message(before, args, rows):

@@ -248,8 +248,15 @@ CLIP_TINY = dict(CLIP_VITL14, hidden_size=32, intermediate_size=64, num_hidden_l
 @torch.no_grad()
 def encode_text(model, prompts):
     """(context (B, 77, D), pooled (B, D)) of a list of prompts: what SD's UNet and a
-    text-conditioned DiT read."""
-    return model(tokenize(list(prompts)).to(model.final_layer_norm.weight.device))
+    text-conditioned DiT read. The token ids go to a GPU from pinned memory, without waiting."""
+    return model(to_device(tokenize(list(prompts)), model.final_layer_norm.weight.device))
+
+
+def to_device(tensor, device):
+    """A host tensor on `device`: on CUDA copied from pinned memory, queued (the host goes on)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def caption_embeddings(text_encoder, captions):
@@ -259,7 +266,7 @@ def caption_embeddings(text_encoder, captions):
     and sample.py both call this.
     """
     pooled = encode_text(text_encoder, captions)[1].float()
-    empty = torch.tensor([not c.strip() for c in captions], device=pooled.device)
+    empty = to_device(torch.tensor([not c.strip() for c in captions]), pooled.device)
     return torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
 
 

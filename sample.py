@@ -450,8 +450,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive, default=32,
                    help="images per forward pass, per process")
     p.add_argument("--decode-batch-size", type=positive, default=32)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast (faster)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="default: bf16 autocast on a GPU that computes in bf16 (A100, H100, ...), "
+                   "else fp32 (docs/evaluation.md: what bf16 changes in the samples)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on CUDA")
     p.error = error
@@ -483,6 +484,16 @@ def parse_args(argv=None):
     return args
 
 
+def precision(requested, device):
+    """--precision, or the device's default: bf16 autocast on a GPU that computes in bf16 (Ampere
+    and later; several times faster than fp32), fp32 elsewhere (the CPU, V100, T4)."""
+    if requested:
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp32"
+
+
 def error(message):
     """sample.py's errors, argparse's and ours: one line (exit status 2), no usage text above."""
     print(f"sample.py: error: {message}", file=sys.stderr)
@@ -500,6 +511,7 @@ def main(argv=None):
         if args.num_samples is not None:  # an FID set: torchrun's processes share it
             rank, _, _ = distributed.setup()
         device = distributed.local_device()
+        args.precision = precision(args.precision, device)
         check_out(args.out or "samples")
         if args.model:
             sd_main(args, rank, device)

@@ -20,7 +20,6 @@ training step is training.py's (bench.py times the same function); the held-out 
 heldout.py's.
 """
 import argparse
-import copy
 import functools
 import json
 import math
@@ -354,9 +353,19 @@ def device_and_precision(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = distributed.local_device(args.device)
+    cuda_settings(device, args.model)
+    return device, training.choose_precision(args.precision, device)
+
+
+def cuda_settings(device, model):
+    """
+    On CUDA: TF32 matmuls (as the official DiT), and for SD's UNet cuDNN's benchmark mode, which
+    times the convolution kernels once per input shape and keeps the fastest (the shapes of a run
+    are fixed). Nothing on other devices.
+    """
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return device, training.choose_precision(args.precision, device)
+        torch.backends.cudnn.benchmark = model in UNet_configs
 
 
 def text_encoder_of(args, data, device):
@@ -570,13 +579,17 @@ def start(log, args, step, data, rows, raw, trained, run_dir, device, **setting)
     print(f"precision: {training.PRECISIONS[setting['precision']]} ({device})")
 
 
-def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, before=None):
+def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, rank, world,
+                before=None):
     """
-    --eval-bpd: the held-out numbers (heldout.measure) of `model` (its `weights`, raw or EMA),
-    logged, and printed with those measured `before` training when there are some. Returns them.
+    --eval-bpd: the held-out numbers (heldout.measure, every process its share) of `model` (its
+    `weights`, raw or EMA), logged, and printed by rank 0 with those measured `before` training
+    when there are some. Returns them.
     """
-    numbers = heldout.measure(model, diffusion, data, *rows, args, device)
+    numbers = heldout.measure(model, diffusion, data, *rows, args, device, rank, world)
     log(event="eval", step=step, weights=weights, **numbers)
+    if rank != 0:
+        return numbers
     if step == 0:
         print(heldout.before_message(numbers, args, rows[1]))
     elif before is not None:
@@ -705,22 +718,29 @@ def grid_writer(args, data, text_encoder, device):
     writer(model, path): the sample grid the loop draws every --sample-every steps, chosen once.
     Fixed seeds, so successive grids are comparable; small images enlarged by nearest neighbour
     (sampling.save_grid). A DiT: 16 images, DDIM 50 (a text DiT draws image k from the first caption
-    of image k); SD: the first 4 captions, PNDM 50 with guidance 7.5 (sampling.sd_batch's).
+    of image k); SD: the first 4 captions, PNDM 50 with guidance 7.5 (sampling.sd_batch's). The VAE
+    is read at the first grid and kept for the run.
     """
+    vae = functools.cache(functools.partial(load_vae, data.vae, device))
     if args.model in UNet_configs:
-        return functools.partial(write_sd_grid, text_encoder=text_encoder, vae=data.vae,
+        return functools.partial(write_sd_grid, text_encoder=text_encoder, vae=vae,
                                  prompts=[c[0] for c in data.captions[:4]], num=4,
-                                 latent_size=data.shape[-1], device=device)
+                                 latent_size=data.shape[-1])
     text = {}
     if text_encoder is not None:
         text = dict(prompts=[c[0] for c in data.captions[:16]], text_encoder=text_encoder)
-    return functools.partial(sampling.write_grid, noise_schedule=args.noise_schedule, vae=data.vae,
-                             num=16, seed=0, steps=50, sampler="ddim", device=device, **text)
+    return functools.partial(write_dit_grid, vae=vae, noise_schedule=args.noise_schedule, num=16,
+                             seed=0, steps=50, sampler="ddim", device=device, **text)
 
 
-def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size, device):
+def write_dit_grid(model, path, vae, **options):
+    """A DiT's grid (sampling.write_grid's `options`), `vae()` the run's VAE."""
+    return sampling.write_grid(model, path, vae=vae(), **options)
+
+
+def write_sd_grid(unet, path, text_encoder, vae, prompts, num, latent_size):
     """SD's grid of `prompts` at the data's resolution (the VAE's factor times the latents')."""
-    vae = load_vae(vae, device)
+    vae = vae()
     resolution = latent_size * 2 ** (len(vae.config["ch_mult"]) - 1)
     return sampling.write_sd_grid(unet, text_encoder, vae, path, prompts, num=num,
                                   resolution=resolution)
@@ -821,7 +841,7 @@ def run(argv, claimed, held):
     trained = [p for g in groups for p in g["params"]]
     base = base_of(args, resume, run_dir, rank)
     opt = training.optimizer(groups, args)
-    ema = copy.deepcopy(raw).requires_grad_(False) if args.ema else None
+    ema = training.ema_model(raw) if args.ema else None
     autocast, scaler = training.mixed_precision(precision, device)
     step = restore(resume, raw, ema, opt, scaler, args)
     run_dir = run_folder(args, run_dir, rank, world, claimed, held)
@@ -837,17 +857,19 @@ def run(argv, claimed, held):
     measured, weights = (raw, "raw") if ema is None else (ema, "ema")
     entries_at = functools.partial(checkpoint_entries, raw, ema, opt, args, data, base, scaler)
     write_grid = grid_writer(args, data, text_encoder, device)
-    eval_every = args.eval_every if rank == 0 and len(rows[1]) else 0
+    # Every process evaluates its share of the held-out images (none waits in a collective).
+    eval_every = args.eval_every if len(rows[1]) else 0
     sample_every = args.sample_every if rank == 0 else 0
-    bpd = args.eval_bpd and len(rows[1]) and rank == 0
+    bpd = args.eval_bpd and len(rows[1])
     if rank == 0:
         start(log, args, step, data, rows, raw, trained, run_dir, device, world=world,
               backend=backend, precision=precision)
     before = None
     if bpd and step == 0:
-        before = measure_bpd(args, log, raw, "raw", 0, diffusion, data, rows, device)
+        before = measure_bpd(args, log, raw, "raw", 0, diffusion, data, rows, device, rank, world)
 
     losses, last_ckpt = LossMeter(step, device), None
+    batches = training.Prefetcher(data, rows[0], args, device, rank, world)  # get_batch's batches
     bar = tqdm(total=args.iterations, initial=step, disable=rank != 0, desc=run_dir.name,
                dynamic_ncols=True)
     interrupted = catch_ctrl_c(world)
@@ -861,7 +883,7 @@ def run(argv, claimed, held):
         # Everything random in this step (label dropout, gate noise) is drawn after seeding with
         # (seed, step, rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
-        batch = training.get_batch(data, rows[0], step, args, device, rank, world)
+        batch = batches.get(step)
         try:
             losses.add(train_step(batch))
         except torch.OutOfMemoryError:
@@ -881,16 +903,19 @@ def run(argv, claimed, held):
                             load=f"{mean['load']:.3g}", it_s=f"{speed:.2f}")
         if due(eval_every, step):
             log(event="eval", step=step, weights=weights,
-                **heldout.evaluate(measured, diffusion, data, rows[1], args, device))
+                **heldout.evaluate(measured, diffusion, data, rows[1], args, device, rank=rank,
+                                   world=world))
         if due(args.ckpt_every, step, last):
             last_ckpt = save_checkpoint(run_dir, step, entries_at, args.keep, rank, world)
         if due(sample_every, step, last):
             path = write_grid(measured, run_dir / "samples" / f"{step:07d}.png")
             log(event="samples", step=step, weights=weights, path=str(path))
     bar.close()
+    batches.close()
 
     if bpd:
-        measure_bpd(args, log, measured, weights, step, diffusion, data, rows, device, before)
+        measure_bpd(args, log, measured, weights, step, diffusion, data, rows, device, rank, world,
+                    before)
     if rank == 0:
         print(end_message(args, run_dir, step))
     distributed.teardown()  # torchrun, even with one process

@@ -6,7 +6,9 @@ micro-batches, mixed precision and the EMA; the optimizer and compiled blocks.
 
 `args` is train.py's settings (parse_args); each function reads the few it names.
 """
+import concurrent.futures
 import contextlib
+import copy
 import functools
 
 import numpy as np
@@ -39,6 +41,18 @@ def get_batch(data, train_rows, step, args, device, rank=0, world=1):
     This process's share of step `step`'s global batch: images (epoch after epoch, each a fresh
     permutation), flips, timesteps and noise. The global draws are the same on every process and
     each takes its slice, so the data a step sees does not depend on the number of processes.
+    (host_batch, then device_batch; train.py's loop reads the next step's host part ahead:
+    Prefetcher.)
+    """
+    host = host_batch(data, train_rows, step, args, rank, world, pin=device.type == "cuda")
+    return device_batch(data, host, args, device, rank, world)
+
+
+def host_batch(data, train_rows, step, args, rank=0, world=1, pin=False):
+    """
+    The host's part of step `step`'s batch, no device work: its stored rows and labels
+    (PreparedData.gather; `pin`: page-locked) and its captions, each drawn from numpy's generator
+    seeded by (seed, step, 1) as before. Returns (step, stored, captions or None).
     """
     G, start = args.batch_size, step * args.batch_size
     epochs, positions = divmod(np.arange(start, start + G), len(train_rows))
@@ -48,22 +62,68 @@ def get_batch(data, train_rows, step, args, device, rank=0, world=1):
     flip = np.zeros(G, bool)
     if args.flip:
         flip = rng.random(G) < 0.5
+    local = share(G, rank, world)
+    stored = data.gather(train_rows[idx[local]], flip[local], pin)
+    captions = None
+    if args.text:  # one of the image's captions (COCO has five), or "" (caption dropout)
+        captions = [data.captions[train_rows[i]] for i in idx]
+        pick = [int(rng.integers(len(c))) for c in captions]
+        drop = rng.random(G) < args.caption_dropout
+        captions = ["" if d else c[j] for c, j, d in zip(captions, pick, drop, strict=True)][local]
+    return step, stored, captions
+
+
+def share(G, rank, world):
+    """This process's slice of a global batch of G."""
+    return slice(rank * G // world, (rank + 1) * G // world)
+
+
+def device_batch(data, host, args, device, rank=0, world=1):
+    """
+    Step host[0]'s batch on the device: timesteps, noise and the latents' posterior noise drawn on
+    it from a generator seeded by (seed, step), the stored rows copied to it without waiting
+    (PreparedData.to_device). (x, y, t, noise); y: labels, or the captions.
+    """
+    step, stored, captions = host
+    G, local = args.batch_size, share(args.batch_size, rank, world)
     gen = torch.Generator(device).manual_seed(seed_of(args.seed, step))
     t = torch.randint(0, 1000, (G,), generator=gen, device=device)
     noise = torch.randn((G, *data.shape), generator=gen, device=device)
     # latents: z = mean + std * posterior_noise
     posterior_noise = torch.randn((G, *data.shape), generator=gen, device=device)
-    local = slice(rank * G // world, (rank + 1) * G // world)
-    x, y = data.batch(train_rows[idx[local]], flip[local], device=device,
-                      noise=posterior_noise[local])
+    x, y = data.to_device(stored, device, noise=posterior_noise[local])
     if args.unconditional:
         y = torch.zeros_like(y)
-    if args.text:  # one of the image's captions (COCO has five), or "" (caption dropout)
-        captions = [data.captions[train_rows[i]] for i in idx]
-        pick = [int(rng.integers(len(c))) for c in captions]
-        drop = rng.random(G) < args.caption_dropout
-        y = ["" if d else c[j] for c, j, d in zip(captions, pick, drop, strict=True)][local]
+    if captions is not None:
+        y = captions
     return x, y, t[local], noise[local]
+
+
+class Prefetcher:
+    """
+    get(step): step's batch on the device (get_batch's, the same tensors in the same order), and
+    step + 1's host part (host_batch: the memory-mapped rows read, pinned on CUDA) started in a
+    thread meanwhile, so the loop's host work overlaps the device's. A step other than the one
+    prefetched (the first, or after a jump) is read then and there. close() ends the thread.
+    """
+    def __init__(self, data, train_rows, args, device, rank=0, world=1):
+        self.read = functools.partial(host_batch, data, train_rows, args=args, rank=rank,
+                                      world=world, pin=device.type == "cuda")
+        self.make = functools.partial(device_batch, data, args=args, device=device, rank=rank,
+                                      world=world)
+        self.pool, self.next = concurrent.futures.ThreadPoolExecutor(1), None
+
+    def get(self, step):
+        host = None
+        if self.next is not None:
+            host = self.next.result()
+        if host is None or host[0] != step:
+            host = self.read(step=step)
+        self.next = self.pool.submit(self.read, step=step + 1)
+        return self.make(host)
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
 
 
 #################################################################################
@@ -125,11 +185,11 @@ def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
     opt.zero_grad(set_to_none=True)
     terms_sum = 0
     for m in range(K):
-        micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
         # DDP: gradients are averaged over processes once, after the last micro-batch
         last = m == K - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
-            with autocast:
+            with autocast:  # the frozen text encoder too: CLIP ViT-L/14 in bf16, not fp32
+                micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
                 loss, terms = compute_loss(model, raw, diffusion, micro, args)
             loss = loss / K
             if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
@@ -172,6 +232,17 @@ def conditioning(model_name, text_encoder):
 def unet_context(text_encoder, captions):
     """SD's UNet's condition: the text encoder's last hidden states of the captions."""
     return dict(context=encode_text(text_encoder, captions)[0])
+
+
+def ema_model(raw):
+    """
+    The EMA of `raw` (its weights, the copy frozen): a model that shares raw's frozen parameters
+    and copies only the trained ones and the buffers, so further-training a frozen backbone with
+    --ema costs the memory of its patch, not of a second backbone. Its state dict is a whole
+    model's, as before.
+    """
+    shared = {id(p): p for p in raw.parameters() if not p.requires_grad}
+    return copy.deepcopy(raw, memo=shared).requires_grad_(False)
 
 
 def ema_pairs(ema, raw):

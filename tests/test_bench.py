@@ -142,25 +142,33 @@ def test_every_row_has_every_field(tiny_rows):
 #                  The device suite (bench.py --suite device)                   #
 #################################################################################
 
-SUITE_IDS = {"train-L2-dmp", "train-L2-full", "train-XL2-pretrain", "train-XL2-dmp",
-             "train-XL2-dmp-ckpt", "train-XL2-dmp-accum4", "sample-XL2", "vae", "torchrun-train",
-             "digits-train", "digits-sample", "torchrun-sample", "train-L2-dmp-compiled",
-             "train-L2-full-compiled", "train-XL2-pretrain-compiled", "train-XL2-dmp-compiled"}
+SUITE_IDS = {"train-L2-dmp", "train-L2-full", "train-XL2-dmp", "train-XL2-dmp-ckpt", "train-L2-dmp-hard",
+             "train-B2-text", "sample-XL2", "vae", "demo", "digits-train", "digits-sample", "torchrun-train",
+             "torchrun-sample", "train-XL2-pretrain-compiled", "train-sdtiny-compiled"}
 
 
 def test_device_suite_dry_run_lists_every_row_within_the_budget(capsys):
+    """
+    The rows the first GPU needs (hard selection, the demo preset, the text DiT, sd-tiny compiled,
+    DDP with 2 processes), their estimates (process starts and cold compiles included) at most 6
+    minutes, the budget that stops the suite 9 (a 10-minute call), and the torch it runs on.
+    """
     rows = bench.main(["--suite", "device", "--dry-run"])
     out = capsys.readouterr().out
     assert {r["id"] for r in rows} == SUITE_IDS
-    assert sum(r["estimate_s"] for r in rows) <= bench.SUITE_BUDGET_S == 480
+    total = sum(r["estimate_s"] for r in rows)
+    assert total <= bench.SUITE_ESTIMATE_S == 360 and bench.SUITE_BUDGET_S == 540
+    assert f"torch {torch.__version__}" in out and f"about {total} s" in out
     for r in rows:
         assert r["id"] in out and " ".join(r["command"][-4:]) in out
         assert r["command"][2:3] == ["--one"] and "--preset device" in " ".join(r["command"])
         assert ("--compile" in r["command"]) == r["id"].endswith("-compiled")
     specs = {r["id"]: json.loads(r["command"][3]) for r in rows}
     assert specs["train-XL2-dmp-ckpt"] == ["train", "DiT-XL/2", "dmp", {"checkpointing": True}]
-    assert specs["train-XL2-dmp-accum4"] == ["train", "DiT-XL/2", "dmp", {"grad_accum": 4}]
-    assert [r["id"] for r in rows][-4:] == [i for i in [r["id"] for r in rows] if "compiled" in i]
+    assert [r["id"] for r in rows][-2:] == [i for i in [r["id"] for r in rows] if "compiled" in i]
+    assert specs["train-L2-dmp-hard"] == ["train", "DiT-L/2", "dmp", {"selection": "hard"}]
+    assert specs["train-B2-text"] == ["train", "DiT-B/2", "dmp", {"text": True}]
+    assert specs["train-sdtiny-compiled"] == ["train", "sd-tiny", "dmp"]
     only = bench.main(["--suite", "device", "--dry-run", "--only", "vae"])
     assert [r["id"] for r in only] == ["vae"]
 
@@ -197,7 +205,7 @@ def test_device_suite_rows_end_in_one_sentence_and_never_hang(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the suite without CUDA")
 def test_device_suite_without_cuda_says_so_for_every_row(tmp_path):
-    with pytest.raises(SystemExit, match="16 of 16 rows did not finish"):
+    with pytest.raises(SystemExit, match="15 of 15 rows did not finish"):
         bench.main(["--suite", "device", "--json", str(tmp_path / "gpu.json")])
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert {r["status"] for r in saved["rows"]} == {"not run"}
@@ -205,3 +213,33 @@ def test_device_suite_without_cuda_says_so_for_every_row(tmp_path):
         "not run: CUDA is not available here (torch.cuda.is_available() is False)"}
     with pytest.raises(SystemExit, match="--only nothing: no such row"):
         bench.main(["--suite", "device", "--only", "nothing"])
+
+
+def test_the_torchrun_rows_start_two_processes_and_say_why_not_on_nccl(monkeypatch):
+    """DDP is built only with 2 processes: the torchrun rows start 2, with NCCL where there is a GPU
+    for each; on one GPU they run gloo on the CPU (NCCL refuses two processes on one GPU), saying so."""
+    command = bench.torchrun("train.py", "--iterations", 4)
+    assert command[command.index("--nproc_per_node") + 1] == "2"
+    cuda = torch.device("cuda")
+    assert bench.two_ranks(torch.device("cpu")) == (torch.device("cpu"), {}, None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert bench.two_ranks(cuda) == (cuda, {}, None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    device, env, note = bench.two_ranks(cuda)
+    assert device.type == "cpu" and env == {"CUDA_VISIBLE_DEVICES": ""} and "NCCL needs a GPU per process" in note
+
+
+def test_the_new_training_rows_on_a_cpu(monkeypatch):
+    """The suite's hard-selection, text DiT (with CLIP's tiny config here, not ViT-L/14) and sd-tiny
+    rows run the training step as train.py does, on the tiny preset."""
+    monkeypatch.setattr(bench, "CLIP_VITL14", bench.CLIP_TINY)
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = [bench.run_row(spec, "tiny", cpu, "fp32", peak=100.0)[0]
+                for spec in (["train", "tiny", "dmp", {"selection": "hard"}], ["train", "tiny", "dmp", {"text": True}],
+                             ["train", "sd-tiny", "dmp"])]
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["mode"] for r in rows] == ["dmp, selection hard", "dmp, text (CLIP)", "dmp"]
+    assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["mfu"] > 0 and rows[2]["mfu"] is None

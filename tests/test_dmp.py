@@ -286,6 +286,38 @@ def test_hard_selection_keeps_exactly_k_and_passes_the_task_gradient_to_the_gate
     assert mop.w_noise.grad.abs().sum() > 0 and mop.gate.weight.grad.abs().sum() > 0
 
 
+def test_hard_selection_load_validates_nothing(monkeypatch):
+    """
+    Shazeer's smooth load, Phi((clean - threshold) / std), without torch.distributions' check of
+    its argument: that check ends in `if not valid.all()`, a host sync every forward on a GPU. The
+    load is the standard normal's cdf, 0.5 (1 + erf(z / sqrt 2)), exactly (Normal.cdf's formula).
+    """
+    checks = []
+    monkeypatch.setattr(torch.distributions.Distribution, "_validate_sample",
+                        lambda self, value: checks.append(value))
+    model = tiny_dit()
+    model.y_embedder.dropout_prob = 0.0  # the gate's noise is the forward's one draw
+    dmp.patch(model, "dmp", selection="hard", top_k=0.75, noisy_gate=True)
+    mop = model.block_input
+    with torch.no_grad():
+        mop.gate.weight.normal_()
+        mop.w_noise.normal_()
+    model.train()
+    x, t, y = batch()
+    c = model.t_embedder(t)
+    torch.manual_seed(0)
+    model(x, t, y)
+    assert checks == [] and mop.load.shape == (3, 16)
+    torch.manual_seed(0)
+    clean = mop.gate_logits(c)
+    std = (torch.nn.functional.softplus(c @ mop.w_noise) + 1e-2)[:, None, :]
+    noisy = clean + torch.randn_like(clean) * std
+    top = noisy.topk(13, dim=-1).values
+    threshold = torch.where(noisy > top[..., 12:13], top[..., 12:13], top[..., 11:12])
+    z = (clean - threshold) / std
+    assert torch.equal(mop.load, (0.5 * (1 + torch.erf(z / math.sqrt(2)))).sum(0))
+
+
 def test_gate_movement_and_the_logged_clean_mixture():
     uniform = torch.full((3, 10, 4), 0.25)
     assert dmp.gate_movement(uniform, time_axis=1) == dict(

@@ -213,6 +213,37 @@ def test_bf16_autocast_on_cpu(ckpt, reference, tmp_path):
     assert 0 < diff.mean() < 8 and (diff <= 8).mean() > 0.8
 
 
+def test_every_draw_of_a_batch_comes_before_its_chain(monkeypatch):
+    """
+    sampling.dit_batch draws each image's initial and step noise from its own CPU generator before
+    the chain starts (one copy to a GPU, no copy or host sync per step): every generator draw comes
+    before the first forward pass, 1 + steps per image after its label. (The images stay those
+    drawn step by step: test_latent_model_decodes_with_the_vae computes them so.)
+    """
+    model, events = tiny_dit(), []
+    model.register_forward_pre_hook(lambda module, inputs: events.append("forward"))
+    randn = torch.randn
+
+    def recorded(*args, generator=None, **kwargs):
+        if generator is not None:
+            events.append("draw")
+        return randn(*args, generator=generator, **kwargs)
+    monkeypatch.setattr(torch, "randn", recorded)
+    images = sampling.dit_batch([3, 4], model, create_diffusion("5", "cosine"), cfg_scale=1.0)
+    first = events.index("forward")
+    assert events[:first] == ["draw"] * 2 * 6 and "draw" not in events[first:] and len(events) == 12 + 5
+    assert images.shape == (2, 8, 8, 3)
+
+
+def test_samples_in_bf16_on_a_gpu_that_computes_in_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert sample.precision(None, torch.device("cuda", 0)) == "bf16"
+    assert sample.precision(None, torch.device("cpu")) == "fp32"
+    assert sample.precision("fp32", torch.device("cuda", 0)) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert sample.precision(None, torch.device("cuda", 0)) == "fp32"  # a V100: bf16 emulated, slow
+
+
 def test_bad_input_is_one_sentence(ckpt, tmp_path, capsys):
     uncond = save_run(tiny_dit(num_classes=1, class_dropout_prob=0.0), tmp_path / "uncond.pt")
     latent = save_run(tiny_dit(in_channels=4, input_size=4), tmp_path / "latent.pt", vae="none")

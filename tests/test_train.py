@@ -1,4 +1,5 @@
 """train.py on the bundled digits with the tiny DiT: resume, crash safety, NaN stop, every method, DDP."""
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 import dmp
 import heldout
 import load
+import sampling
 import train
 import training
 from checkpoints import read_state_dict
@@ -199,12 +201,14 @@ def test_ddp_with_two_cpu_processes_matches_the_single_process_gradient(tmp_path
 def test_torchrun_runs_the_loop_with_two_processes(tmp_path, base_checkpoint):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train.py", *FAST, "--init", str(base_checkpoint), "--iterations", "2", "--ckpt-every", "2",
-           "--results-dir", str(tmp_path / "runs")]
+           "--eval-every", "2", "--results-dir", str(tmp_path / "runs")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     run_dir = next((tmp_path / "runs").iterdir())
     assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
     assert next(e for e in log_of(run_dir) if e.get("event") == "start")["world"] == 2
+    evaluation = [e for e in log_of(run_dir) if e.get("event") == "eval"]  # both processes took part
+    assert len(evaluation) == 1 and evaluation[0]["step"] == 2 and evaluation[0]["heldout_loss"] > 0
 
 
 def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(tmp_path):
@@ -420,6 +424,24 @@ def test_init_checkpoint_holds_the_ema_it_measured_and_resume_restores_it(tmp_pa
     assert again["heldout_loss"] == pytest.approx(logged[0]["heldout_loss"], rel=1e-6)
 
 
+def test_the_ema_of_a_frozen_backbone_copies_only_what_trains(base_checkpoint):
+    """--ema with --init: the EMA model shares the frozen backbone's tensors (no second backbone on
+    the GPU) and holds its own copy of the trained ones; its state dict is a whole model's."""
+    args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--ema", "0.5"])
+    raw, groups = train.build_model(args, PreparedData(args.data))
+    ema = training.ema_model(raw)
+    trained = {id(p) for g in groups for p in g["params"]}
+    pairs = list(zip(ema.parameters(), raw.parameters(), strict=True))
+    assert all((e is p) == (id(p) not in trained) for e, p in pairs)
+    assert sum(e.numel() for e, p in pairs if e is not p) == sum(p.numel() for g in groups for p in g["params"])
+    assert not any(e.requires_grad for e, _ in pairs) and all(raw.get_parameter(n).requires_grad == (
+        id(raw.get_parameter(n)) in trained) for n, _ in raw.named_parameters())
+    assert same_state(ema.state_dict(), raw.state_dict())
+    with torch.no_grad():
+        next(iter(groups[0]["params"])).add_(1.0)  # the live weights move, the EMA's copy does not
+    assert not same_state(ema.state_dict(), raw.state_dict())
+
+
 def test_resume_takes_cadence_from_the_command_line_and_refuses_other_changes(tmp_path, unchanged):
     run_dir = run(tmp_path, "--iterations", "2", "--ckpt-every", "2")
     train.main(["--resume", str(run_dir), "--iterations=6", "--log-every=2", "--ckpt-every", "2",
@@ -514,16 +536,99 @@ def test_a_full_disk_while_writing_a_checkpoint_or_the_log(tmp_path, unchanged, 
     kept()
 
 
-def test_the_sample_grid_is_large_enough_to_see(tmp_path):
-    """train.py's grid shows each 8x8 digit at 64x64, by nearest neighbour: a pixel, a square."""
+def test_the_sample_grid_is_large_enough_to_see(tmp_path, monkeypatch):
+    """train.py's grid shows each 8x8 digit at 64x64, by nearest neighbour: a pixel, a square. The
+    VAE (here 'none') is read once for the run's grids, not once a grid."""
     from PIL import Image
-    run_dir = run(tmp_path, "--init", str(ROOT / "assets" / "dit_digits.pt"), "--iterations", "1",
-                  "--ckpt-every", "1", "--sample-every", "1")
+    reads = []
+    for module in (train, sampling):
+        monkeypatch.setattr(module, "load_vae", functools.partial(counted, reads, module.load_vae))
+    run_dir = run(tmp_path, "--init", str(ROOT / "assets" / "dit_digits.pt"), "--iterations", "2",
+                  "--ckpt-every", "2", "--sample-every", "1")
+    assert reads == ["none"] and (run_dir / "samples" / "0000002.png").exists()
     grid = np.asarray(Image.open(run_dir / "samples" / "0000001.png"))
     assert grid.shape == (4 * 66 + 2, 4 * 66 + 2, 3)  # 16 digits, 4 x 4, 2-pixel borders
     cells = grid[2:, 2:, 0].reshape(4, 66, 4, 66)[:, :64, :, :64].reshape(4, 8, 8, 4, 8, 8)
     assert (cells == cells[:, :, :1, :, :, :1]).all()  # every 8x8 square one value
     assert len(np.unique(cells)) > 50  # digits, not a blank
+
+
+def counted(calls, function, name, *args):
+    calls.append(name)
+    return function(name, *args)
+
+
+def test_the_text_encoder_runs_under_the_steps_autocast():
+    """A text DiT's captions go through CLIP inside the step's autocast (bf16 matmuls, not fp32)
+    and the DiT reads their pooled embeddings in fp32; fp32 (no autocast) leaves CLIP in fp32."""
+    from model_clip import CLIP_TINY, CLIPTextModel, caption_embeddings
+    from model_dit import DiT
+    torch.manual_seed(0)
+    clip = CLIPTextModel(**CLIP_TINY).requires_grad_(False)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                text_dim=CLIP_TINY["hidden_size"])
+    seen = []
+    clip.encoder.layers[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    args = train.parse_args(["--grad-accum", "2"])
+    batch = (torch.randn(4, 1, 8, 8), ["a cat", "", "a dog", "two cats"], torch.tensor([1, 500, 999, 3]),
+             torch.randn(4, 1, 8, 8))
+    opt = torch.optim.AdamW(model.parameters())
+    for dtype, on in ((torch.bfloat16, True), (torch.float32, False)):
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
+        terms = training.train_step(model, model, create_diffusion("", "cosine"), opt, batch, args, autocast,
+                                    condition=functools.partial(caption_embeddings, clip))
+        assert seen == [dtype, dtype] and terms.isfinite().all()  # one call per micro-batch
+        seen.clear()
+
+
+def test_the_prefetched_batches_are_get_batchs_and_pinned_only_for_cuda(monkeypatch):
+    """
+    train.py's loop reads the next step's rows in a thread (training.Prefetcher): the same batches
+    as get_batch, in the same order, after a jump (a resume) too, for stored latents (bench's) and
+    pixels with captions. Page-locked memory only when the device is CUDA (a CPU-only torch has
+    none): on the CPU nothing is pinned; for CUDA, every host tensor of a batch is.
+    """
+    import bench
+    pinned = []
+
+    def pin_memory(tensor):
+        pinned.append(tensor.dtype)
+        return tensor
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    cpu = torch.device("cpu")
+    with bench.synthetic_run(bench.PRESETS["tiny"]) as (stored, latents):
+        digits = train.parse_args(["--dataset", "digits", "--batch-size", "6"])
+        pixels = PreparedData(digits.data)
+        pixels.captions = [[f"digit {i}", f"a {i}"] for i in range(len(pixels))]
+        digits.text = True
+        for data, args in ((latents, stored), (pixels, digits)):
+            rows = np.arange(len(data))
+            for rank, world in ((0, 1), (1, 2)):
+                batches = training.Prefetcher(data, rows, args, cpu, rank, world)
+                for step in (0, 1, 2, 7, 8):
+                    got, want = batches.get(step), training.get_batch(data, rows, step, args, cpu, rank, world)
+                    assert all(g == w if isinstance(g, list) else torch.equal(g, w)
+                               for g, w in zip(got, want, strict=True))
+                batches.close()
+        assert pinned == []
+        assert training.Prefetcher(latents, rows, stored, torch.device("cuda", 0)).read.keywords["pin"]
+        training.host_batch(latents, np.arange(len(latents)), 3, stored, pin=True)
+        training.host_batch(pixels, np.arange(len(pixels)), 3, digits, pin=True)
+    assert pinned == [torch.float16, torch.int64, torch.uint8, torch.int64, torch.bool]
+
+
+def test_cudnn_benchmark_for_the_unet_on_cuda_only(monkeypatch):
+    """cuDNN times its convolution kernels for SD's UNet on CUDA (fixed shapes); a DiT (no
+    convolutions but its patch embedding) and the CPU leave the setting alone."""
+    for flag in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    train.cuda_settings(torch.device("cpu"), "sd-tiny")
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    train.cuda_settings(torch.device("cuda", 0), "DiT-B/2")
+    assert not torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    train.cuda_settings(torch.device("cuda", 0), "sd15")
+    assert torch.backends.cudnn.benchmark
 
 
 def test_the_demo_bits_per_dim_can_be_turned_off():
