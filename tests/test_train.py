@@ -20,6 +20,7 @@ import train
 import training
 from checkpoints import read_state_dict
 from dataset import PreparedData
+from model_dit import DiT
 from diffusion import create_diffusion
 
 ROOT = Path(__file__).parents[1]
@@ -743,3 +744,37 @@ def test_a_run_saved_with_the_old_no_flip_setting_resumes_without_flips(tmp_path
         given = set(vars(args).pop("given"))
         resumed = train.resumed_args(args, given, dict(saved, no_flip=no_flip), tmp_path)
         assert resumed.flip is not no_flip and not hasattr(resumed, "no_flip")
+
+
+def compiled_frames(model, *inputs):
+    """Dynamo's counters for one forward of the model after compile_blocks (the eager backend:
+    what is traced, not how it runs)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    training.compile_blocks(model, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        model(*inputs)
+    frames, graphs = dict(counters["frames"]), counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    return frames, graphs, breaks
+
+
+def test_compile_covers_every_unet_block_and_dit_in_one_graph():
+    """
+    The UNet's blocks all run TimestepEmbedSequential.forward but differ, so each is a graph of its
+    own; with one code object Dynamo stops at its recompile limit (8; 1 here, on a 5-block UNet:
+    a ResBlock, the middle block, ...) and runs the rest eager. DiT's identical blocks: one graph.
+    """
+    from model_unet import SD_TINY, UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(**dict(SD_TINY, channel_mult=[1], num_res_blocks=1, attention_resolutions=[]))
+    dmp.patch(unet, "dmp", grid=4)
+    blocks = 1 + len(unet.input_blocks) + len(unet.output_blocks)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 5, 32)
+    assert compiled_frames(unet, x, t, context) == (dict(total=blocks, ok=blocks), blocks, 0)
+    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+              num_classes=10)
+    dmp.patch(dit, "dmp")
+    assert compiled_frames(dit, x, t, torch.tensor([1, 2])) == (dict(total=1, ok=1), 1, 0)
