@@ -145,6 +145,8 @@ def simulated_cuda():
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch("torch.cuda.is_available", return_value=True))
         stack.enter_context(mock.patch("torch.cuda.is_bf16_supported", return_value=True))
+        stack.enter_context(mock.patch("torch.cuda.current_device", return_value=0))
+        stack.enter_context(mock.patch("torch.cuda.set_device"))
         stack.enter_context(mock.patch("torch.Generator", SimGenerator))
         stack.enter_context(mock.patch.object(torch.Tensor, "backward", backward))
         stack.enter_context(mock.patch.object(torch.nn.Module, "to", _module_to(torch.nn.Module.to)))
@@ -200,6 +202,15 @@ def backward(tensor, gradient=None, *unused_args, **unused_kwargs):
                     seen.add(nxt)
                     stack.append(nxt)
     buffers, ready = {root: [gradient]}, [root]
+    # One graph task for the whole walk, as the engine's: checkpointing recomputes a block once per
+    # task (outside one it would recompute at every saved tensor it unpacks).
+    task = mock.patch.object(torch._C, "_current_graph_task_id", return_value=id(root))
+    with task:
+        _walk(buffers, ready, deps)
+
+
+def _walk(buffers, ready, deps):
+    """backward's loop: each node called once all the gradients it receives are summed."""
     while ready:
         node = ready.pop()
         grads = buffers.pop(node)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import digits_fid
+import heldout
 import dmp
 import sampling
 import train
@@ -22,6 +23,9 @@ from model_unet import SD_TINY, UNetModel
 from test_dmp import CASE_IDS, METHOD_CASES
 
 CUDA = torch.device("cuda")
+# SD's UNet with every kind of block (ResBlock, transformer, down- and upsampler, skips) once or
+# twice: 9 blocks instead of sd-tiny's 25
+SIM_UNET = dict(SD_TINY, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1])
 
 
 def step_args(**overrides):
@@ -75,7 +79,13 @@ def traced_steps(model, groups, precision, args, batch_of, steps=1, condition=tr
 HARD_SYNCS = 1
 
 
-@pytest.mark.parametrize("method, options", METHOD_CASES, ids=CASE_IDS)
+# test_dmp's cases, less those that differ from another only in a learning rate or LoRA's rank
+LR_OR_RANK = {"lr_scale", "gate_lr_scale", "rank", "alpha"}
+SIM_CASES = [(c, i) for c, i in zip(METHOD_CASES, CASE_IDS, strict=True)
+             if not c[1] or not set(c[1]) <= LR_OR_RANK]
+
+
+@pytest.mark.parametrize("method, options", [c for c, _ in SIM_CASES], ids=[i for _, i in SIM_CASES])
 def test_train_step_of_every_method_on_the_simulated_gpu(method, options):
     model = small_dit()
     groups = dmp.patch(model, method, **options)
@@ -104,7 +114,7 @@ def test_train_step_of_the_text_dit_and_the_unet():
     assert syncs == [0] and missed == []
 
     torch.manual_seed(0)
-    unet = UNetModel(**SD_TINY)
+    unet = UNetModel(**SIM_UNET)
     groups = dmp.patch(unet, "dmp", grid=4, gate_cond="t+c", noisy_gate=True)
 
     def unet_batch():
@@ -146,3 +156,59 @@ def test_digits_generation_and_heldout_evaluation_on_the_simulated_gpu():
         x = digits_fid.generate(model.to(CUDA), 4, steps)
         assert x.device.type == "cpu" and x.shape == (4, 1, 8, 8)
     assert sampling_syncs(generate) == 0
+
+
+def test_sample_py_grid_and_fid_set_on_the_simulated_gpu(tmp_path):
+    """sample.py as a user runs it on a GPU (its default device there), bf16, guided."""
+    import sample
+    from test_sample import save_run, tiny_dit
+    ckpt = save_run(tiny_dit(depth=1), tmp_path / "tiny.pt")
+
+    def fid_set(steps):
+        out = tmp_path / f"set{steps}"
+        sample.main(["--ckpt", ckpt, "--steps", str(steps), "--num-samples", "2", "--batch-size", "2",
+                     "--out", str(out), "--precision", "bf16", "--cfg-scale", "1.5"])
+        assert len(list(out.glob("*.png"))) == 2
+
+    def grid(steps):
+        sample.main(["--ckpt", ckpt, "--steps", str(steps), "--grid", "2", "--out",
+                     str(tmp_path / f"grid{steps}.png"), "--cfg-scale", "1.5"])
+    assert sampling_syncs(fid_set) == 0
+    assert sampling_syncs(grid) == 0
+
+
+def test_heldout_evaluation_on_the_simulated_gpu():
+    """train.py's --eval-every numbers (heldout.evaluate) on the demo's digits."""
+    args = train.parse_args(["--dataset", "demo", "--device", "cuda", "--batch-size", "8"])
+    data, _, rows = train.training_data(args, 1)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
+                num_classes=1, class_dropout_prob=0.0)
+    with simulated_cuda():
+        out = heldout.evaluate(model.to(CUDA), create_diffusion("", "cosine"), data, rows[:8], args, CUDA)
+    assert "heldout_loss" in out
+
+
+def test_text_and_sd_grids_on_the_simulated_gpu(tmp_path):
+    """A text DiT's grid and SD's (train.py's and sample.py's), bf16, with the tiny CLIP and VAE."""
+    from model_clip import CLIP_TINY, CLIPTextModel
+    from model_vae import AutoencoderKL
+    torch.manual_seed(0)
+    clip = CLIPTextModel(**CLIP_TINY).eval()
+    text_dit = small_dit(in_channels=3, text_dim=CLIP_TINY["hidden_size"], num_classes=1,
+                         class_dropout_prob=0.0)
+
+    def text_grid(steps):
+        sampling.write_grid(text_dit.to(CUDA), tmp_path / "text.png", vae="none", num=2, steps=steps,
+                            sampler="ddim", device=CUDA, prompts=["a", "b"],
+                            text_encoder=clip.to(CUDA), cfg_scale=2.0)
+    assert sampling_syncs(text_grid) == 0
+
+    unet = UNetModel(**SIM_UNET).eval()
+    dmp.patch(unet, "dmp", grid=4, gate_cond="t+c")
+    vae = AutoencoderKL(dict(double_z=True, z_channels=4, resolution=8, in_channels=3, out_ch=3, ch=32,
+                             ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[])).eval()
+
+    def sd_grid(steps):
+        sampling.write_sd_grid(unet.to(CUDA), clip.to(CUDA), vae.to(CUDA), tmp_path / "sd.png",
+                               ["a", "b"], num=2, steps=steps, resolution=8, bf16=True, sampler="ddim")
+    assert sampling_syncs(sd_grid) == 0
