@@ -120,8 +120,13 @@ def test_train_step_of_the_text_dit_and_the_unet():
     def unet_batch():
         x, _, t, noise = batch_on_cuda(2)
         return x, dict(context=torch.randn(2, 5, SD_TINY["context_dim"], device=CUDA)), t, noise
+    # What each block reads under bf16 autocast: DMP's fp32 sum, so a small prompt term is kept
+    read = []
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        block.register_forward_pre_hook(lambda block, args: read.append(args[0].dtype))
     syncs, missed = traced_steps(unet, groups, "bf16", step_args(), unet_batch, steps=1)
     assert syncs == [0] and missed == []
+    assert read == [torch.float32] * 9
 
 
 def sampling_syncs(run):
