@@ -1,5 +1,20 @@
 """
-The suite's CUDA simulation: code under test runs on a simulated cuda:0 ...
+The suite's CUDA simulation: what a first GPU run meets, on a CPU-only machine.
+
+Inside simulated_cuda(), tensors made on or moved to cuda:0 are fake (torch's FakeTensorMode: shapes,
+dtypes, devices, no data), so
+  - torch.autocast('cuda') applies CUDA's dtype rules (a softmax of bf16 logits is fp32 there, bf16 on
+    CPU), and every operation checks dtypes and devices as the CUDA kernels would: an operation that
+    mixes a CPU tensor (other than a 0-dim one) with a CUDA one raises, as on a GPU;
+  - a generator draws on its own device only (torch.Generator('cuda') is simulated);
+  - backward runs by walking the autograd graph (backward() below: the engine itself refuses to start
+    without a real accelerator), and the trained parameters it reaches get fake gradients;
+  - the host's waits are counted (SimulatedCUDA.counts['sync']): a value read from a CUDA tensor
+    (.item(), bool(), .tolist()) or a copy from it to the CPU, which comes back as zeros, so that
+    images can still be written.
+A CPU-only torch refuses CUDA indexing and copies without a device guard: fake_cuda_guard.cpp registers
+a no-op one; it is built once with the C++ compiler into the project's cache folder (~/.cache/dmp or
+$DMP_CACHE; about 3 s), and a missing compiler is an error that says so.
 """
 import collections
 import contextlib
@@ -21,6 +36,7 @@ CUDA = torch.device("cuda", 0)
 
 
 def guard_library():
+    """The built guard (fake_cuda_guard.cpp for this torch), built first if it is not there."""
     source = GUARD_SOURCE.read_bytes()
     key = hashlib.sha256(source + torch.__version__.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DMP_CACHE", Path.home() / ".cache" / "dmp"))
@@ -33,9 +49,14 @@ def guard_library():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch_dir = Path(torch.__file__).parent
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([compiler, "-shared", "-fPIC", "-std=c++17", "-O1", f"-I{torch_dir / 'include'}",
-                        str(GUARD_SOURCE), f"-L{torch_dir / 'lib'}", "-lc10", "-o", str(tmp)],
-                       check=True, capture_output=True, text=True)
+        built = subprocess.run([compiler, "-shared", "-fPIC", "-std=c++17", "-O1",
+                                f"-I{torch_dir / 'include'}", str(GUARD_SOURCE),
+                                f"-L{torch_dir / 'lib'}", "-lc10", "-o", str(tmp)],
+                               capture_output=True, text=True)
+        if built.returncode:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} could not build {GUARD_SOURCE.name} for the CUDA "
+                               f"simulation:\n{built.stderr}")
         os.replace(tmp, path)
     return path
 
@@ -44,6 +65,7 @@ _LOADED = []
 
 
 def load_guard():
+    """Register the no-op CUDA device guard in this process (once)."""
     if not _LOADED:
         _LOADED.append(ctypes.CDLL(str(guard_library())))
 
@@ -147,6 +169,7 @@ def simulated_cuda():
         stack.enter_context(mock.patch("torch.cuda.is_bf16_supported", return_value=True))
         stack.enter_context(mock.patch("torch.cuda.current_device", return_value=0))
         stack.enter_context(mock.patch("torch.cuda.set_device"))
+        stack.enter_context(mock.patch("torch.cuda.synchronize", side_effect=_counted(sim)))
         stack.enter_context(mock.patch("torch.Generator", SimGenerator))
         stack.enter_context(mock.patch.object(torch.Tensor, "backward", backward))
         stack.enter_context(mock.patch.object(torch.nn.Module, "to", _module_to(torch.nn.Module.to)))
@@ -163,6 +186,13 @@ def simulated_cuda():
 
 
 _SIM = []
+
+
+def _counted(sim):
+    """torch.cuda.synchronize: a wait, counted."""
+    def synchronize(device=None):
+        sim.counts["sync"] += 1
+    return synchronize
 
 
 def to_cuda(module):
