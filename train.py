@@ -216,6 +216,9 @@ def parse_args(argv=None):
         p.error("--selection hard --hard-weights one --top-k 1 keeps every prompt at weight one: "
                 "the gate would take no part (naive prompt tuning); keep fewer or take --hard-weights "
                 "softmax")
+    if args.selection == "hard" and args.hard_weights == "one" and args.load_coef == 0:
+        p.error("--hard-weights one passes the task loss no gradient to the gate, and --load-coef 0 "
+                "leaves it none either: the gate would not train")
     return args
 
 

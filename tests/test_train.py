@@ -815,7 +815,8 @@ def _train_every_structure(rank, world):
 
 @pytest.mark.parametrize("flags", [["--gate", "attention", "--noisy-gate"],
                                    ["--gate", "attention", "--selection", "hard"],
-                                   ["--selection", "hard", "--hard-weights", "one", "--top-k", "1"]])
+                                   ["--selection", "hard", "--hard-weights", "one", "--top-k", "1"],
+                                   ["--selection", "hard", "--hard-weights", "one", "--load-coef", "0"]])
 def test_dmp_options_that_leave_the_gate_untrained_are_one_sentence(flags, capsys, one_sentence):
     with pytest.raises(SystemExit):
         train.parse_args(FAST + ["--method", "dmp", *flags])
