@@ -756,9 +756,11 @@ def compiled_frames(model, *inputs):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
+    with torch.no_grad():
+        eager = model(*inputs)
     training.compile_blocks(model, backend="eager")
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
-        model(*inputs)
+        assert torch.equal(model(*inputs), eager)  # the same operations, traced
     frames, graphs = dict(counters["frames"]), counters["stats"]["unique_graphs"]
     breaks = sum(counters["graph_break"].values())
     torch._dynamo.reset()
@@ -782,6 +784,11 @@ def test_compile_covers_every_unet_block_and_dit_in_one_graph():
               num_classes=10)
     dmp.patch(dit, "dmp")
     assert compiled_frames(dit, x, t, torch.tensor([1, 2])) == (dict(total=1, ok=1), 1, 0)
+    # sd-tiny's 25 blocks (traced above on 5, to stay fast): 25 code objects, so 25 caches
+    sd_tiny = training.compile_blocks(UNetModel(**SD_TINY), backend="eager")
+    blocks = [*sd_tiny.input_blocks, sd_tiny.middle_block, *sd_tiny.output_blocks]
+    codes = {id(b.forward._torchdynamo_orig_callable.__func__.__code__) for b in blocks}
+    assert len(blocks) == len(codes) == 25
 
 
 # DMP's options that change which parameters exist or which get a gradient: each must train under
