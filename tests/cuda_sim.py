@@ -89,11 +89,13 @@ def _on_cpu_then_moved(factory):
     """torch.tensor / torch.as_tensor to cuda: made on the CPU, then copied (a CPU-only torch
     would copy to cuda underneath the dispatcher, out of the simulation's sight)."""
     def make(*args, **kwargs):
-        device = kwargs.get("device")
-        if device is None or torch.device(device).type != "cuda":
-            return factory(*args, **kwargs)
-        kwargs.pop("device")
-        return factory(*args, **kwargs).to(device)
+        device = kwargs.pop("device", None)
+        if device is not None and torch.device(device).type != "cuda":
+            return factory(*args, device=device, **kwargs)
+        with _disable_current_modes():  # made for real, then faked: FakeTensorMode keeps a
+            made = factory(*args, **kwargs)  # scalar it makes as a constant, which it would then
+        made = _SIM[-1].from_tensor(made)  # copy to cuda for real, beneath the simulation
+        return made if device is None else made.to(device)
     return make
 
 

@@ -202,6 +202,12 @@ def test_heldout_evaluation_on_the_simulated_gpu():
         out = heldout.evaluate(model.to(CUDA), create_diffusion("", "cosine"), data, rows[:8], args, CUDA)
     assert "heldout_loss" in out
 
+    def bpd(steps):  # --eval-bpd's bound (1000 steps in evaluate; `steps` here)
+        x, y = data.batch(rows[:2], False, device=CUDA)
+        create_diffusion(str(steps), "cosine").calc_bpd_loop(model.to(CUDA).eval(), x, clip_denoised=False,
+                                                            model_kwargs=dict(y=y * 0))
+    assert sampling_syncs(bpd) == [0, 0]
+
 
 def test_text_and_sd_grids_on_the_simulated_gpu(tmp_path):
     """A text DiT's grid and SD's (train.py's and sample.py's), bf16, with the tiny CLIP and VAE."""
