@@ -126,14 +126,16 @@ def generate(model, n, steps=250, seed=0):
     same noise.
     """
     size, channels = model.config["input_size"], model.in_channels
+    device = model.pos_embed.device
+    # The starting noise from a CPU generator, then moved: the same on every device.
     z = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)  # the noise of every step
+    torch.manual_seed(seed)  # the noise of every step (drawn on the model's device)
     was_training = model.training
     model.eval()
     diffusion = create_diffusion(str(steps), "cosine")
-    x = dit_sample(model, diffusion, z, torch.zeros(n, dtype=torch.long))
+    x = dit_sample(model, diffusion, z.to(device), torch.zeros(n, dtype=torch.long, device=device))
     model.train(was_training)
-    return x
+    return x.cpu()
 
 
 #################################################################################

@@ -64,6 +64,13 @@ class MixtureOfPrompts(nn.Module):
         assert prompt_selection in ("distinct", "uniform") and position in ("add", "prepend")
         assert init in ("zero", "random") and gate_cond in ("t", "t+c")
         assert block_index in ("onehot", "scalar")
+        # The attention gate (Table 4a) weighs the prompts by attention scores, with no logits of a
+        # linear gate to perturb (Shazeer's noise, the authors' code's) or keep the top k of (4b):
+        # those options are the linear gate's, and a parameter nothing uses would stop DDP.
+        if gate == "attention" and (noisy_gate or selection == "hard"):
+            raise ValueError("the attention gate (Table 4a) has no gate logits to add noise to or "
+                             "to select the top k of: noisy gating and hard selection take the "
+                             "linear gate")
         if position == "add" and num_prompts not in (None, num_tokens):
             raise ValueError(f"added prompts need one per token: num_prompts must be {num_tokens}")
         self.num_prompts = N = num_prompts or (num_tokens if position == "add" else 50)
@@ -71,8 +78,13 @@ class MixtureOfPrompts(nn.Module):
         self.gate_type, self.selection, self.position = gate, selection, position
         self.gate_cond = gate_cond
         self.top_k, self.hard_weights = max(1, int(top_k * N)), hard_weights
+        if gate is not None and selection == "hard" and hard_weights == "one" and self.top_k == N:
+            raise ValueError(f"hard selection keeping all {N} prompts at weight one is naive prompt "
+                             f"tuning with no gate: keep fewer (top_k below 1) or take the softmax "
+                             f"weights")
         self.distinct, self.block_index = prompt_selection == "distinct", block_index
         self.noisy = noisy_gate or selection == "hard"  # hard top-k's load estimator needs noise
+        self.noisy = self.noisy and gate == "linear"
 
         # Eq. 1: P = {p_0, ..., p_{L-1}}, p_i in R^{N x D}. Zero-initialised prompts leave the
         # frozen model's output unchanged at the start and let it take in the prompts' signal
@@ -109,7 +121,7 @@ class MixtureOfPrompts(nn.Module):
             self.w_q, self.w_k = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
             self.w_v = nn.Linear(dim, dim, bias=False)
             nn.init.zeros_(self.w_v.weight)
-        if gate is not None and self.noisy:
+        if self.noisy:
             # Shazeer et al. (2017) Eq. 4: H(x) = x W_g + StandardNormal() * Softplus(x W_noise).
             self.w_noise = nn.Parameter(torch.zeros(dim, N))
         # The last forward's gate weights (B, L, N) and load, for the losses; and the same weights
@@ -134,6 +146,14 @@ class MixtureOfPrompts(nn.Module):
         The gate weights g (B, L, N) for Eq. 3, and (hard selection) Shazeer's smooth load per
         block.
         """
+        # The gate in fp32, outside autocast: its logits then its weights are fp32 on every device
+        # (CUDA autocast makes a softmax fp32 whatever its input, CPU's keeps bf16), and a gate
+        # that learns by 1e-4 steps from zero is not rounded to bf16's 3 digits.
+        with torch.autocast(c.device.type, enabled=False):
+            return self._mixture_weights(c.float())
+
+    def _mixture_weights(self, c):
+        """mixture_weights in the dtype of c."""
         clean = self.gate_logits(c)
         if not (self.noisy and self.training):
             noisy, std = clean, None
@@ -258,7 +278,11 @@ class UNetMixtureOfPrompts(MixtureOfPrompts):
         prompt = self.prompts[i].T.reshape(1, -1, g, g)           # (1, C_i, grid, grid)
         if self.gate_type is not None:
             prompt = self.gates[:, i].reshape(-1, 1, g, g) * prompt  # Eq. 3: softmax(G([t; i])) p_i
-        return x + F.interpolate(prompt, size=x.shape[-2:], mode="area").to(x.dtype)
+        # Added in fp32, and the block reads an fp32 input: under autocast the UNet's activations
+        # are bf16 (its convolutions'), whose 3 digits would round a 1e-4 prompt term on a
+        # unit-scale input to nothing or to 4e-3; the block's GroupNorms and residual path read
+        # fp32 (autocast runs GroupNorm in fp32), as DiT's blocks read DMP's fp32 tokens.
+        return x.float() + F.interpolate(prompt.float(), size=x.shape[-2:], mode="area")
 
 
 #################################################################################

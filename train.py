@@ -213,6 +213,16 @@ def parse_args(argv=None):
     bad = range_errors(args)
     if bad:
         p.error(f"out of range: {', '.join(bad)}")
+    if args.gate == "attention" and (args.noisy_gate or args.selection == "hard"):
+        p.error("--gate attention (Table 4a) has no gate logits to add noise to or select the top "
+                "k of: --noisy-gate and --selection hard take --gate linear")
+    if args.selection == "hard" and args.hard_weights == "one" and args.top_k == 1:
+        p.error("--selection hard --hard-weights one --top-k 1 keeps every prompt at weight one: "
+                "the gate would take no part (naive prompt tuning); keep fewer or take --hard-weights "
+                "softmax")
+    if args.selection == "hard" and args.hard_weights == "one" and args.load_coef == 0:
+        p.error("--hard-weights one passes the task loss no gradient to the gate, and --load-coef 0 "
+                "leaves it none either: the gate would not train")
     return args
 
 
@@ -287,6 +297,8 @@ def method_options(args):
         options["gate_cond"] = "t+c" if args.text else "t"
     if args.authors_code:
         options.update(dmp.AUTHORS_CODE)
+        # The authors' noisy gating perturbs a linear gate's logits; the attention gate has none.
+        options["noisy_gate"] = args.noisy_gate or args.gate == "linear"
     if args.model in UNet_configs:
         options["grid"] = args.prompt_grid
     return {k: v for k, v in options.items() if v is not None}

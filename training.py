@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import types
 
 import numpy as np
 import torch
@@ -303,12 +304,18 @@ def compile_blocks(model, **options):
     """
     --compile: torch.compile each block (regional compilation). Identical blocks share one compiled
     graph, so a DiT compiles one block, not 28, in seconds rather than minutes; what runs between
-    blocks (DMP's prompts and gate, checkpointing) stays eager.
+    blocks (DMP's prompts and gate, checkpointing) stays eager. The UNet's 25 blocks differ (a
+    ResBlock alone, with a transformer, a downsampler...) and all run TimestepEmbedSequential.forward:
+    Dynamo keeps its compiled graphs per code object and stops at 8 (its recompile limit), so each
+    UNet block is compiled through a copy of that code of its own.
     """
     if hasattr(model, "blocks"):
-        blocks = model.blocks
-    else:  # SD's UNet
-        blocks = [*model.input_blocks, model.middle_block, *model.output_blocks]
-    for block in blocks:
-        block.compile(**options)
+        for block in model.blocks:
+            block.compile(**options)
+        return model
+    for block in [*model.input_blocks, model.middle_block, *model.output_blocks]:  # SD's UNet
+        forward = type(block).forward
+        own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
+                                 forward.__defaults__, forward.__closure__)
+        block.forward = torch.compile(types.MethodType(own, block), **options)
     return model

@@ -597,3 +597,61 @@ def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path, on
         assert torch.equal(fresh(x, t, context), ref)
     with pytest.raises(ValueError, match="linear gate"):
         dmp.patch(tiny_unet(), "dmp", gate="attention")
+
+
+@pytest.mark.parametrize("method, options", METHOD_CASES, ids=CASE_IDS)
+def test_every_trained_parameter_gets_a_gradient_from_one_step(method, options):
+    """DDP's requirement (a parameter with no gradient stops it at the second step), on CPU."""
+    model = tiny_dit().train()
+    groups = dmp.patch(model, method, **options)
+    x, t, y = batch()
+    loss = model(x, t, y).square().mean() + sum(dmp.balancing_losses(model))
+    loss.backward()
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for g in groups for p in g["params"] if p.grad is None] == []
+
+
+@pytest.mark.parametrize("options", [dict(gate="attention", noisy_gate=True),
+                                     dict(gate="attention", selection="hard"),
+                                     dict(selection="hard", hard_weights="one", top_k=1.0)])
+def test_combinations_that_would_train_nothing_are_refused(options):
+    with pytest.raises(ValueError):
+        dmp.patch(tiny_dit(), "dmp", **options)
+
+
+def test_gate_weights_are_fp32_under_autocast():
+    """CUDA autocast makes a softmax fp32 and CPU's keeps bf16: the gate runs in fp32 on both."""
+    model = tiny_dit().train()
+    dmp.patch(model, "dmp", selection="hard")
+    x, t, y = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, y)
+    assert model.block_input.gates.dtype == torch.float32
+
+
+def test_unet_prompt_term_is_added_in_fp32_under_bf16_autocast():
+    """
+    A 1e-4 prompt term on unit-scale bf16 activations: what the block reads differs from its input
+    by the term to one fp32 rounding of the sum (2^-24 of it), as without autocast; added in bf16
+    it would round to a multiple of 2^-8 (nothing, or 40x the term).
+    """
+    from model_unet import SD_TINY, UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(**SD_TINY)
+    dmp.patch(unet, "dmp", grid=4)
+    mop = unet.block_input
+    for p in mop.prompts:
+        p.data.fill_(1e-4 * mop.num_prompts)  # g = 1/N at the zero gate: a term of 1e-4
+    c_in = unet.block_shapes[3][0]
+    x = torch.randn(2, c_in, 4, 4).bfloat16()
+    emb, context = torch.randn(2, unet.time_embed[-1].out_features), torch.randn(2, 5, 32)
+    x0 = torch.zeros(2, unet.block_shapes[0][0], 4, 4)
+    mop(x0, 0, emb, context)  # the gate's weights, for every block, are computed at block 0
+    ref = mop(x.float(), 3, emb, context).double() - x.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mop(x0.bfloat16(), 0, emb, context)
+        out = mop(x, 3, emb, context)
+    assert out.dtype == torch.float32
+    effect = out.double() - x.double()
+    bound = 2.0 ** -24 * (x.double().abs().max() + 1e-4)
+    assert (effect - ref).abs().max() <= bound and ref.abs().min() > 0.9e-4

@@ -24,6 +24,7 @@ import training
 from checkpoints import read_state_dict
 from conftest import error_line
 from dataset import PreparedData
+from model_dit import DiT
 from diffusion import create_diffusion
 
 ROOT = Path(__file__).parents[1]
@@ -167,8 +168,9 @@ def _ddp_worker(rank, world, store, base, out):
     # A file store, not a TCP port: no other process can take it between choosing it and binding it.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     grads = _gradients(base, rank, world)
+    structures = _train_every_structure(rank, world)
     if rank == 0:
-        torch.save(grads, out)
+        torch.save(dict(grads=grads, structures=structures), out)
     dist.destroy_process_group()
 
 
@@ -189,10 +191,13 @@ def _gradients(base, rank=0, world=1):
 
 
 def test_ddp_with_two_cpu_processes_matches_the_single_process_gradient(tmp_path, base_checkpoint):
+    """The same two processes also train each of DDP_STRUCTURES for three steps (one start)."""
     torch.manual_seed(0)
     single = _gradients(base_checkpoint)
     mp.spawn(_ddp_worker, args=(2, tmp_path / "store", base_checkpoint, tmp_path / "g.pt"), nprocs=2)
-    ddp = torch.load(tmp_path / "g.pt")
+    result = torch.load(tmp_path / "g.pt")
+    assert result["structures"] == [" ".join(f) for f in DDP_STRUCTURES]
+    ddp = result["grads"]
     assert single.keys() == ddp.keys()
     for name in single:
         assert torch.allclose(single[name], ddp[name], rtol=1e-5, atol=1e-7), name
@@ -962,3 +967,83 @@ def test_folders_given_as_checkpoint_files_are_named_as_folders(tmp_path, unchan
                      "--method", "dmp")
     assert code == 1 and "digits is a folder, not a checkpoint file" in text, text
     kept()
+
+
+def compiled_frames(model, *inputs):
+    """Dynamo's counters for one forward of the model after compile_blocks (the eager backend:
+    what is traced, not how it runs)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        eager = model(*inputs)
+    training.compile_blocks(model, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(model(*inputs), eager)  # the same operations, traced
+    frames, graphs = dict(counters["frames"]), counters["stats"]["unique_graphs"]
+    breaks = sum(counters["graph_break"].values())
+    torch._dynamo.reset()
+    return frames, graphs, breaks
+
+
+def test_compile_covers_every_unet_block_and_dit_in_one_graph():
+    """
+    The UNet's blocks all run TimestepEmbedSequential.forward but differ, so each is a graph of its
+    own; with one code object Dynamo stops at its recompile limit (8; 1 here, on a 5-block UNet:
+    a ResBlock, the middle block, ...) and runs the rest eager. DiT's identical blocks: one graph.
+    """
+    from model_unet import SD_TINY, UNetModel
+    torch.manual_seed(0)
+    unet = UNetModel(**dict(SD_TINY, channel_mult=[1], num_res_blocks=1, attention_resolutions=[]))
+    dmp.patch(unet, "dmp", grid=4)
+    blocks = 1 + len(unet.input_blocks) + len(unet.output_blocks)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 5, 32)
+    assert compiled_frames(unet, x, t, context) == (dict(total=blocks, ok=blocks), blocks, 0)
+    dit = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2,
+              num_classes=10)
+    dmp.patch(dit, "dmp")
+    assert compiled_frames(dit, x, t, torch.tensor([1, 2])) == (dict(total=1, ok=1), 1, 0)
+    # sd-tiny's 25 blocks (traced above on 5, to stay fast): 25 code objects, so 25 caches
+    sd_tiny = training.compile_blocks(UNetModel(**SD_TINY), backend="eager")
+    blocks = [*sd_tiny.input_blocks, sd_tiny.middle_block, *sd_tiny.output_blocks]
+    codes = {id(b.forward._torchdynamo_orig_callable.__func__.__code__) for b in blocks}
+    assert len(blocks) == len(codes) == 25
+
+
+# DMP's options that change which parameters exist or which get a gradient: each must train under
+# DDP, which stops at the second step when a trained parameter got no gradient in the first.
+DDP_STRUCTURES = [["--gate", "attention"], ["--authors-code", "--gate", "attention"],
+                  ["--selection", "hard"], ["--selection", "hard", "--hard-weights", "one"],
+                  ["--authors-code"], ["--prompt-depth", "1"]]
+
+
+def _train_every_structure(rank, world):
+    """Three DDP steps of each of DDP_STRUCTURES on a tiny DiT: the flags of those that ran."""
+    done = []
+    for flags in DDP_STRUCTURES:
+        args = train.parse_args(FAST + ["--method", "dmp", *flags])
+        torch.manual_seed(0)
+        model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                    num_classes=1, class_dropout_prob=0.0)
+        groups = dmp.patch(model, "dmp", **train.method_options(args))
+        ddp = torch.nn.parallel.DistributedDataParallel(model.train())
+        opt = torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.1)
+        for step in range(3):
+            torch.manual_seed(step * world + rank)
+            x, t = torch.randn(2, 1, 8, 8), torch.randint(0, 1000, (2,))
+            loss = ddp(x, t, torch.zeros(2, dtype=torch.long)).square().mean()
+            (loss + sum(dmp.balancing_losses(model))).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        done.append(" ".join(flags))
+    return done
+
+
+@pytest.mark.parametrize("flags", [["--gate", "attention", "--noisy-gate"],
+                                   ["--gate", "attention", "--selection", "hard"],
+                                   ["--selection", "hard", "--hard-weights", "one", "--top-k", "1"],
+                                   ["--selection", "hard", "--hard-weights", "one", "--load-coef", "0"]])
+def test_dmp_options_that_leave_the_gate_untrained_are_one_sentence(flags, capsys, one_sentence):
+    with pytest.raises(SystemExit):
+        train.parse_args(FAST + ["--method", "dmp", *flags])
+    assert "gate" in one_sentence(capsys.readouterr().err)
