@@ -170,6 +170,8 @@ def _write_samples(n, make_batch, out_dir, batch_size, settings, rank, world):
         if not isinstance(before, dict):
             raise SampleError(f"{recorded} is not the settings.json of a sample set: use another "
                               f"--out")
+        if "precision" not in before:  # a set from before the precision was recorded
+            settings = {k: v for k, v in settings.items() if k != "precision"}
         differ = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
         if differ:
             raise SampleError(f"{out_dir} holds samples of other settings ({', '.join(differ)} "
@@ -256,10 +258,14 @@ def read_prompts(path):
 #                       A grid or a set: DiT and Stable Diffusion               #
 #################################################################################
 
-# What decides a set's images (not batch sizes, precision or TF32): settings.json records these.
+# What decides a set's images (not batch sizes or TF32): settings.json records these. The
+# precision moves pixels (docs/evaluation.md) and its default is the device's, so a set begun on a
+# GPU in bf16 is not continued in fp32 on another machine.
 DIT_SETTINGS = ("ckpt", "patch", "seed", "class_labels", "cfg_scale", "guide_all_channels",
-                "sampler", "steps", "eta", "noise_schedule", "vae", "text_encoder", "num_heads")
-SD_SETTINGS = ("ckpt", "patch", "model", "seed", "cfg_scale", "sampler", "steps", "resolution")
+                "sampler", "steps", "eta", "noise_schedule", "vae", "text_encoder", "num_heads",
+                "precision")
+SD_SETTINGS = ("ckpt", "patch", "model", "seed", "cfg_scale", "sampler", "steps", "resolution",
+               "precision")
 
 
 def settings_of(args, keys, is_path):

@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -115,11 +116,16 @@ class SimulatedCUDA(FakeTensorMode):
     FakeTensorMode that counts what makes the host wait for a CUDA device: a value read from a
     cuda tensor (.item(), bool(), .tolist(): 'sync') and a copy from it to the CPU ('sync', given
     back as zeros so that images can still be written); host-to-device copies are counted apart
-    ('h2d').
+    ('h2d'), and those that make the host wait, from pageable memory or not non_blocking, also as
+    'h2d_blocking'. Pinned memory is a copy marked pinned (a CPU-only torch has none).
     """
     def __init__(self):
         super().__init__(allow_non_fake_inputs=True)
-        self.counts, self.moved_to = collections.Counter(), {}
+        self.counts, self.moved_to, self.pinned = collections.Counter(), {}, {}
+
+    def is_pinned(self, tensor):
+        ref = self.pinned.get(id(tensor))
+        return ref is not None and ref() is tensor
 
     def moved(self, params):
         """The parameters `params` as to_cuda moved them."""
@@ -134,6 +140,12 @@ class SimulatedCUDA(FakeTensorMode):
             # number on the GPU (GradScaler's count of overflows), 1 on the CPU (an optimizer's step
             # count, which Adam's bias correction divides by 1 - beta^step)
             return True if args[0].dtype == torch.bool else int(not on_cuda)
+        if func is aten._pin_memory.default:
+            out = super().__torch_dispatch__(aten.clone.default, types, (args[0],), {})
+            self.pinned[id(out)] = weakref.ref(out)  # id -> tensor (a WeakSet would compare tensors)
+            return out
+        if func is aten.is_pinned.default:
+            return self.is_pinned(args[0])
         if func is aten._to_copy.default:
             src, dst = args[0].device.type, _device_of(kwargs.get("device", args[0].device)).type
             if src == "cuda" and dst == "cpu":
@@ -142,6 +154,8 @@ class SimulatedCUDA(FakeTensorMode):
                     return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
             if src == "cpu" and dst == "cuda":
                 self.counts["h2d"] += 1
+                waits = not (kwargs.get("non_blocking") and self.is_pinned(args[0]))
+                self.counts["h2d_blocking"] += waits
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 

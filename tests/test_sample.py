@@ -2,6 +2,7 @@
 bf16 on CPU, and one-sentence errors. Tiny random models, DDIM with eta = 1 (every step draws noise, as DDPM does;
 an untrained pixel-space model under DDPM without x0 clipping saturates every pixel, which would hide a mismatch)."""
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -134,6 +135,15 @@ def test_resume_computes_only_the_missing_images(ckpt, reference, tmp_path, monk
     with pytest.raises(SystemExit):  # another seed into the same folder would mix two sample sets
         run("--ckpt", ckpt, "--num-samples", N, "--out", out, "--seed", 1, *FAST)
     assert "holds samples of other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # so would another precision (a GPU's bf16 default, then a CPU)
+        run("--ckpt", ckpt, "--num-samples", N, "--out", out, "--precision", "bf16", *FAST)
+    assert "holds samples of other settings (precision differ" in capsys.readouterr().err
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["precision"] == "fp32"
+    del settings["precision"]  # a set from before the precision was recorded goes on
+    (out / "settings.json").write_text(json.dumps(settings))
+    run("--ckpt", ckpt, "--num-samples", N, "--out", out, *FAST)
+    assert "7 of 7 images already" in capsys.readouterr().out
 
 
 def test_patches(ckpt, reference, tmp_path):
