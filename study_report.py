@@ -272,7 +272,9 @@ def render_rows(study, w):
     gated = [k for k, e in rows.items() if e["gate"]]
     if gated:
         w(f"**How far each DMP gate moved** from the uniform 1/{st['n_prompts']} it starts at (the "
-          f"trained gate at timesteps 0, 10, ..., 990, every block; mean ± std over seeds): the "
+          f"trained gate at timesteps 0, 10, ..., 990, every block; one value per seed, seeds "
+          f"{' / '.join(str(x) for x in st['seeds'])}, as a mean would hide a gate that collapses "
+          f"in some seeds and not in others): the "
           f"largest and the mean |{st['n_prompts']} g − 1|, the entropy relative to uniform (1: "
           f"uniform), and the total variation between a block's mixture at one timestep and its "
           f"mean over timesteps (0: the same mixture at every t).")
@@ -280,9 +282,9 @@ def render_rows(study, w):
         w("| | max deviation | mean deviation | min entropy | mean entropy | variation across t |")
         w("| --- | --- | --- | --- | --- | --- |")
         for key in gated:
-            g = list(rows[key]["gate"].values())
-            w(f"| {rows[key]['label']} | " + " | ".join(fmt([x[m] for x in g], 4) for m in GATE)
-              + " |")
+            g = [rows[key]["gate"][str(x)] for x in st["seeds"]]
+            w(f"| {rows[key]['label']} | " + " | ".join(" / ".join(f"{x[m]:.4f}" for x in g)
+                                                        for m in GATE) + " |")
         w("")
     render_rule(study, w)
     w("**Stage-specific change** (the claim behind Table 3): the noise MSE of each band of "
@@ -562,7 +564,8 @@ def limits(study):
                    "one that only rescales the prompts.")
     decisions = sum(1 for c in study["comparisons"] for _ in metric_items(c))
     if k > 1:
-        out.append(f"{k} seeds, and no correction for the number of decisions: with {k} seeds "
+        out.append(f"{k} seeds per row, compared as unpaired means (the seeds' pairing is not "
+                   f"used), and no correction for the number of decisions: with {k} seeds "
                    f"per row, test (1) of the rule counts a difference between two rows of one "
                    f"distribution {100 * chance_rate(k):.0f}% of the time, and against a row "
                    f"without seed spread {100 * chance_rate(k, False):.0f}% (chance_rate); the rule made {decisions} "

@@ -144,6 +144,9 @@ def test_the_verdict_claims_are_checked_against_the_comparisons():
     # its gate per seed, not only a mean: the largest weight one prompt gets, seed by seed
     tops = [(g["gate_dev_max"] + 1) / 16 for g in (STUDY["rows"]["dmp-authors"]["gate"][s] for s in SEEDS)]
     assert f"the largest weight one prompt gets is {', '.join(f'{x:.3f}' for x in tops)}" in brief
+    gates = [STUDY["rows"]["dmp-authors"]["gate"][s]["gate_dev_max"] for s in SEEDS]
+    assert "| DMP, the authors' gate (10x lr, noisy) | " + " / ".join(f"{x:.4f}" for x in gates) in (
+        report.render(STUDY))  # docs/study.md's gate table: per seed, not a mean
     flipped = copy.deepcopy(STUDY)
     report.comparison(flipped, "dmp-authors", CONTROL)["heldout_loss"]["diff"] *= -1
     assert "held-out loss counts as worse" in report.render_brief(flipped)
