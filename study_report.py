@@ -387,7 +387,8 @@ def render_ablations(study, w):
 
 def render_scratch(study, w):
     """Table 6: pretraining with and without DMP from step 0."""
-    w(f"**Table 6: DMP from the start of training** (the base's recipe, lr 1e-3, but EMA 0.99, "
+    w(f"**Table 6: DMP from the start of training** (the base's recipe, lr "
+      f"{study['settings']['lr']:g}, but EMA 0.99, "
       f"seed {study['settings']['seeds'][0]}; the EMA model; held-out bits/dim, and held-out loss "
       f"in brackets; FD of the last)")
     w("")
