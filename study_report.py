@@ -540,8 +540,8 @@ def row_finding(study, k):
     rest = ", ".join(f"{METRIC_NAMES[m]} {v['diff']:+.1e}" for m, v in metric_items(c)
                      if not v["counts"])
     return (f"{label(study, k, False)}: the largest weight one prompt gets is {top} (seeds "
-            f"{', '.join(map(str, seeds))}; 1/{n} = {1 / n:.4f} is uniform, 1 one prompt takes the "
-            f"whole mixture), and a block's mixture differs from its mean over timesteps by {tv} "
+            f"{', '.join(map(str, seeds))}; uniform is 1/{n} = {1 / n:.4f}, and 1 means that one "
+            f"prompt takes the whole mixture), and a block's mixture differs from its mean over timesteps by {tv} "
             f"in total variation. Against the control, "
             + ("; ".join(found) + "; " if found else "no difference counts; ")
             + (f"the differences that do not count: {rest}." if rest else
