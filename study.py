@@ -5,7 +5,7 @@ the converged digits DiT (assets/dit_digits.pt), on CPU.
 
     python study.py             # the whole study: 83 minutes on 2 cores
     python study.py --quick     # the same tables from 1 seed, 200 iterations, fewer images: 7 min
-    python study.py --render    # docs/study.md and the figures again from study.json
+    python study.py --render    # docs/study.md, the README's results and the figures again
 
 Every run is the project's own command, `python train.py --dataset digits --init
 assets/dit_digits.pt --method ...` (study.md lists them), and every evaluation is `python study.py
@@ -38,7 +38,7 @@ difference.
 Runs live in --runs-dir; running the study again skips what is finished and resumes what was
 interrupted. Results: --out/study.json, and from it (study_report.py) the figures and study.md in
 --out and, for the default --out, the section of docs/study.md between its two study markers (the
-same text, its figure links relative to docs/).
+same text, its figure links relative to docs/) and the README's results in brief between theirs.
 """
 import argparse
 import datetime
@@ -69,6 +69,7 @@ BASE = "assets/dit_digits.pt"  # paths relative to ROOT, where every command run
 BASE_LOG = "assets/dit_digits.log.jsonl"
 DATA, HOLDOUT = "assets/digits", digits_fid.HOLDOUT  # the digits presets' held-out split
 OUT, DOC = "assets/study", "docs/study.md"  # the committed results, and the page that shows them
+README = "README.md"  # its results in brief, between study_report.BRIEF's markers
 N_PROMPTS = 16  # the digits DiT's tokens (8x8 pixels, 2x2 patches): DMP mixes 16 prompts a block
 
 # The main table: Tables 2, 3 and 7's methods at one learning rate (dmp.py's rule), the control,
@@ -90,6 +91,11 @@ ROWS = {
     "bitfit": ("BitFit", ["--method", "bitfit"]),
 }
 MOVING = "dmp-ib0"  # the DMP row whose Fig. 5 is drawn beside the default's
+# The positive controls: rows that add capacity specific to the timestep by construction (prompts
+# kept separate per band of timesteps), which must beat the control by the rule before the study can
+# credit or rule out DMP's mixing by timestep (study_report.verdict). None is run yet: the study
+# cannot tell, and says so.
+POSITIVE_CONTROLS = ()
 # Table 4 (a-e), Fig. 4 and an option the paper mentions, each a DMP run differing from the default
 # by its flags (seed 0). The digits DiT has 16 tokens and 4 blocks: hard selection keeps 12 of 16
 # prompts (the paper's 192 of 256), prepend uses 3 prompts (the paper's 50 for 256 tokens, scaled),
@@ -131,12 +137,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 200 iterations, fewer images: a check in minutes")
     p.add_argument("--render", action="store_true",
-                   help="only rewrite study.md, the figures and docs/study.md from study.json")
+                   help="only rewrite study.md, the figures, docs/study.md and the README's results "
+                        "from study.json")
     p.add_argument("--out", default=OUT, help="study.json, study.md and the figures")
     p.add_argument("--runs-dir", default="runs/study", help="the runs and their evaluations")
     p.add_argument("--doc", default=None,
                    help="the file whose study section is rewritten ('' for none; default: "
                         f"{DOC} when --out is {OUT}, none otherwise)")
+    p.add_argument("--readme", default=None,
+                   help="the file whose results in brief are rewritten ('' for none; default: "
+                        f"{README} when --out is {OUT}, none otherwise)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs at a time, each a process on one thread; 1 runs everything here")
     p.add_argument("--lr", type=float, default=1e-3,
@@ -164,9 +174,11 @@ def parse_args(argv=None):
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
-    if args.doc is None:  # a --quick or trial run elsewhere leaves the committed page alone
-        committed = Path(args.out).resolve() == (ROOT / OUT).resolve()
+    committed = Path(args.out).resolve() == (ROOT / OUT).resolve()
+    if args.doc is None:  # a --quick or trial run elsewhere leaves the committed pages alone
         args.doc = str(ROOT / DOC) if committed else ""
+    if args.readme is None:
+        args.readme = str(ROOT / README) if committed else ""
     return args
 
 
@@ -434,12 +446,14 @@ def collect(args, jobs, results, minutes=None, reused=0):
                     batch_size=128, heldout_images=HOLDOUT, bpd_images=args.bpd_images,
                     sample_sets=args.sample_sets, sample_steps=args.sample_steps,
                     replicates=args.replicates, n_prompts=N_PROMPTS,
-                    scratch_iterations=args.scratch_iterations, classifier=classifier_info())
+                    scratch_iterations=args.scratch_iterations, classifier=classifier_info(),
+                    **base_facts()["settings"])
     study = dict(date=datetime.date.today().isoformat(),
                  command="python study.py" + " --quick" * args.quick, torch=torch.__version__,
                  wall_minutes=minutes, jobs=args.jobs, cpus=os.cpu_count(),
                  reused_evaluations=reused, settings=settings, rule=RULE, table4e=TABLE_4E,
-                 base=dict(metrics(base_eval), quality=point(base_eval)),
+                 base=dict(metrics(base_eval), quality=point(base_eval),
+                           **base_facts()["base"]),
                  floor=dict(quality=point(dict(quality=base_eval["floor"]))),
                  pretraining=pretraining_curve(), rows={}, ablations={}, scratch={})
     rows = dict(base=row_of([base_eval], "base", seeded=False),
@@ -482,6 +496,7 @@ def collect(args, jobs, results, minutes=None, reused=0):
             weights = dmp.gate_weights(model, timesteps=GATE_TIMESTEPS)
             study.setdefault("fig5", {})[key] = weights.astype(np.float64).round(7).tolist()
     study["fid"] = None  # see study_report.render: no Inception weights can be fetched here
+    study["positive_controls"] = [k for k in POSITIVE_CONTROLS if k in study["rows"]]
     return study
 
 
@@ -500,6 +515,18 @@ def classifier_info():
     c = read_state_dict(digits_fid.CLASSIFIER)
     return dict(command=c["command"], heldout_accuracy=c["heldout_accuracy"],
                 train_accuracy=c["train_accuracy"])
+
+
+def base_facts():
+    """
+    What the report says of the base and its data, read from the committed assets: the training
+    digits (all but the held-out split), the blocks of the digits DiT (DMP's prompt depth) and its
+    parameters (the start event of its training log).
+    """
+    train_rows, _ = training.split(PreparedData(ROOT / DATA), HOLDOUT)
+    blocks = len(load.load_model(str(ROOT / BASE)).blocks)
+    return dict(settings=dict(train_images=len(train_rows), blocks=blocks),
+                base=dict(parameters=started(ROOT / BASE_LOG)["total_parameters"]))
 
 
 def pretraining_curve():
@@ -522,15 +549,16 @@ def main(argv=None):
     out = Path(args.out)
     if args.render:
         study = json.loads((out / "study.json").read_text())
-        write_outputs(study, out, args.doc)
-        print(f"rewrote {out / 'study.md'}" + (f" and {args.doc}" if args.doc else ""))
+        write_outputs(study, out, args.doc, args.readme)
+        print(f"rewrote {out / 'study.md'}" + "".join(f" and {f}" for f in (args.doc, args.readme)
+                                                      if f))
         return
     reused = len(list(Path(args.runs_dir).glob("*/eval-*.json")))  # done by an earlier invocation
     start = time.time()
     jobs, results = run_all(args)
     study = collect(args, jobs, results, round((time.time() - start) / 60, 1), reused)
     write_json(out / "study.json", study)
-    print(write_outputs(study, out, args.doc))
+    print(write_outputs(study, out, args.doc, args.readme))
 
 
 if __name__ == "__main__":

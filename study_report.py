@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+BRIEF = "<!-- study-brief:begin -->", "<!-- study-brief:end -->"  # the README's results in brief
+BRIEF_ROWS = ("full", "prompt", "prompt-lr/N", "dmp", "dmp-authors", "dmp-ib0")
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
 METRIC_NAMES = dict(heldout_loss="held-out loss", bpd="bits/dim", fd_train="FD vs train",
                     kid_train="KID vs train", fd_heldout="FD vs held-out",
@@ -47,9 +49,10 @@ def draw_curve(points, path, width=480, height=240, pad=36):
 def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
     """
     Fig. 5 as a PNG, from dmp.gate_weights' [blocks, timesteps, prompts]: one panel per block (rows:
-    timesteps from T-1 at the top to 0, columns: prompts), coloured from dark blue at the panel's
-    smallest weight to yellow at its largest (each panel scaled to its own range, so a nearly
-    uniform gate still shows its pattern; a constant panel is the middle colour), white gaps. Size:
+    timesteps from T-1 at the top to 0, columns: prompts), white gaps. Every panel, and every
+    figure, on one scale of deviation from the uniform mixture: log2(N g), clipped to
+    [-log2 N, log2 N], from dark blue (a weight of 1/N^2 or less) through teal (uniform, 1/N) to
+    yellow (1: one prompt takes the whole mixture); so a gate near uniform looks uniform. Size:
     columns*(N*cell)+(columns-1)*gap wide, rows*(T*cell)+(rows-1)*gap high, `columns` panels per
     row (default: all blocks in one row).
     """
@@ -60,10 +63,9 @@ def draw_gate_heatmap(weights, path, cell=2, gap=4, columns=None):
     rows = -(-L // columns)
     height, width = T * cell + gap, N * cell + gap  # a panel and the gap after it
     canvas = np.full((rows * height - gap, columns * width - gap, 3), 255, np.uint8)
-    for i, w in enumerate(weights):
-        w = w[::-1]  # t = T-1 at the top: generation runs downwards
-        span = w.max() - w.min()
-        v = (w - w.min()) / span if span > 0 else np.full_like(w, 0.5)
+    ratio = np.log2(np.clip(N * weights, 1e-300, None)) / np.log2(N)  # -1 .. 1 on the scale
+    for i, w in enumerate(ratio):
+        v = 0.5 + 0.5 * w[::-1]  # t = T-1 at the top: generation runs downwards
         r, col = divmod(i, columns)
         panel = colour(v).repeat(cell, 0).repeat(cell, 1)
         canvas[r * height: r * height + T * cell, col * width: col * width + N * cell] = panel
@@ -78,6 +80,22 @@ def colour(v):
     low = np.where(x < 1, anchors[0], anchors[1])
     high = np.where(x < 1, anchors[1], anchors[2])
     return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)
+
+
+def plateau(study):
+    """
+    What the pretraining curve says of its end, from the curve alone: the held-out loss over the
+    last quarter of the run, and the step of the base.
+    """
+    curve = np.array(study["pretraining"], np.float64)
+    last = curve[-1, 0]
+    start = curve[curve[:, 0] >= 0.75 * last][0]
+    best = curve[curve[:, 1].argmin()]
+    return (f"over the last quarter of the run (steps {int(start[0]):,} to {int(last):,}) the "
+            f"held-out loss went "
+            f"from {start[1]:.5f} to {curve[-1, 1]:.5f} "
+            f"({100 * (curve[-1, 1] / start[1] - 1):+.2f}%), its lowest {best[1]:.5f} at step "
+            f"{int(best[0]):,}; the base is the {int(last):,}-step model")
 
 
 def draw_figures(study, out):
@@ -123,9 +141,10 @@ def render(study, figures=""):
     w = L.append
     w("# Reproducing the paper in miniature")
     w("")
-    w(f"The paper's experiments in miniature, on the bundled digits (1,500 training and {n} "
-      f"held-out 8×8 images) and the converged digits DiT of the demo (`assets/dit_digits.pt`, "
-      f"0.33M parameters), with the control that separates DMP's gate from its learning rate. "
+    w(f"The paper's experiments in miniature, on the bundled digits ({st['train_images']:,} "
+      f"training and {n} held-out 8×8 images) and the digits DiT of the demo (`assets/dit_digits.pt`, "
+      f"{study['base']['parameters'] / 1e6:.2f}M parameters, {st['blocks']} blocks), with the "
+      f"control that separates DMP's gate from its learning rate. "
       f"Produced by `{study['command']}` on {study['date']} (torch {study['torch']}, CPU); "
       f"`python study.py --render` rewrites this section and its figures from "
       f"`assets/study/study.json`, byte for byte. Every method further-trains the same base on "
@@ -143,7 +162,8 @@ def render(study, figures=""):
       f"distance (FD) and the KID of the features of a small classifier trained on the training "
       f"digits only (`{st['classifier']['command']}`, held-out accuracy "
       f"{st['classifier']['heldout_accuracy']:.4f}; `digits_fid.py`), between {n} samples and the "
-      f"1,500 training digits (\"vs train\") or the {n} held-out digits (\"vs held-out\"): every "
+      f"{st['train_images']:,} training digits (\"vs train\") or the {n} held-out digits "
+      f"(\"vs held-out\"): every "
       f"number at that matched count, the mean over {sets} set{'s' * (sets > 1)} of {n} samples "
       f"(DDPM, {st['sample_steps']} steps, the same noise for every model), with a bootstrap of "
       f"{st['replicates']} resamplings. \"Held-out digits\" is the floor, real digits measured the "
@@ -160,8 +180,8 @@ def render(study, figures=""):
           + ".")
         w("")
     w("**Pretraining** (the base; `assets/dit_digits.log.jsonl`): the held-out loss of the EMA "
-      "model against the step (right: from a quarter of the run on, on its own scale); it stops "
-      "improving at about 12K steps, and the base is the 16K-step model.")
+      "model against the step (right: from a quarter of the run on, on its own scale); "
+      + plateau(study) + ".")
     w("")
     w(f"![pretraining curve]({posixpath.join(figures, 'pretraining_curve.png')})")
     w("")
@@ -194,8 +214,10 @@ def render(study, figures=""):
         g = rows[key]["gate"][str(st["seeds"][0])]
         w(f"**Fig. 5: the trained gate** ({label(study, key)}, seed {st['seeds'][0]}): one panel "
           f"per block, rows timesteps from 990 (top) to 0 in steps of 10, columns the "
-          f"{st['n_prompts']} prompts, each panel coloured from its smallest weight (dark blue) "
-          f"to its largest (yellow).")
+          f"{st['n_prompts']} prompts; every panel of every Fig. 5 on one scale, "
+          f"log2({st['n_prompts']} g) from −log2 {st['n_prompts']} (dark blue: a weight of "
+          f"1/{st['n_prompts'] ** 2} or less) through 0 (teal: the uniform 1/{st['n_prompts']}) "
+          f"to +log2 {st['n_prompts']} (yellow: one prompt takes the whole mixture).")
         w("")
         w(f"![gate weights]({posixpath.join(figures, figure_name(key))})")
         w("")
@@ -250,7 +272,9 @@ def render_rows(study, w):
     gated = [k for k, e in rows.items() if e["gate"]]
     if gated:
         w(f"**How far each DMP gate moved** from the uniform 1/{st['n_prompts']} it starts at (the "
-          f"trained gate at timesteps 0, 10, ..., 990, every block; mean ± std over seeds): the "
+          f"trained gate at timesteps 0, 10, ..., 990, every block; one value per seed, seeds "
+          f"{' / '.join(str(x) for x in st['seeds'])}, as a mean would hide a gate that collapses "
+          f"in some seeds and not in others): the "
           f"largest and the mean |{st['n_prompts']} g − 1|, the entropy relative to uniform (1: "
           f"uniform), and the total variation between a block's mixture at one timestep and its "
           f"mean over timesteps (0: the same mixture at every t).")
@@ -258,9 +282,9 @@ def render_rows(study, w):
         w("| | max deviation | mean deviation | min entropy | mean entropy | variation across t |")
         w("| --- | --- | --- | --- | --- | --- |")
         for key in gated:
-            g = list(rows[key]["gate"].values())
-            w(f"| {rows[key]['label']} | " + " | ".join(fmt([x[m] for x in g], 4) for m in GATE)
-              + " |")
+            g = [rows[key]["gate"][str(x)] for x in st["seeds"]]
+            w(f"| {rows[key]['label']} | " + " | ".join(" / ".join(f"{x[m]:.4f}" for x in g)
+                                                        for m in GATE) + " |")
         w("")
     render_rule(study, w)
     w("**Stage-specific change** (the claim behind Table 3): the noise MSE of each band of "
@@ -335,7 +359,8 @@ def render_ablations(study, w):
       "KID vs held-out | max deviation | variation across t |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     entries = [(key, f"`{' '.join(a['flags'])}`", a) for key, a in study["ablations"].items()]
-    named = [("**default** (linear, soft, distinct, add, IB 1 LB 1, all 4 blocks)", "dmp")]
+    named = [(f"**default** (linear, soft, distinct, add, IB 1 LB 1, all {st['blocks']} blocks)",
+              "dmp")]
     named += list(study["table4e"].items())  # runs that are another row's to the last digit
     for name, key in named:
         if key in rows and seed in rows[key]["runs"]:
@@ -362,7 +387,8 @@ def render_ablations(study, w):
 
 def render_scratch(study, w):
     """Table 6: pretraining with and without DMP from step 0."""
-    w(f"**Table 6: DMP from the start of training** (the base's recipe, lr 1e-3, but EMA 0.99, "
+    w(f"**Table 6: DMP from the start of training** (the base's recipe, lr "
+      f"{study['settings']['lr']:g}, but EMA 0.99, "
       f"seed {study['settings']['seeds'][0]}; the EMA model; held-out bits/dim, and held-out loss "
       f"in brackets; FD of the last)")
     w("")
@@ -415,72 +441,163 @@ def counted(study, a, b):
     return {m: v["diff"] for m, v in metric_items(comparison(study, a, b)) if v["counts"]}
 
 
-def verdict(study):
+CONTROL = "prompt-lr/N"  # prompt tuning at lr/N: what a zero-initialised, unmoving gate amounts to
+T_BLIND = "dmp-t-blind"  # the same gate blind to t: the arm that isolates mixing by timestep
+VERDICT_RULE = (
+    "The verdict is chosen from the rule's comparisons alone. A row beats another when at least "
+    "one of its differences counts as an improvement and none counts as worse. The question, "
+    "whether DMP's mixing by timestep adds anything over prompt tuning at lr/N, can be answered "
+    "only when a positive control (a row given capacity specific to the timestep by construction) beats the "
+    "control by the rule; without one, the verdict is that the setup cannot tell. With one, a DMP "
+    "row that beats the control is credited; a DMP row that does not is reported as not beating "
+    "it, which is not evidence of no effect unless the study fixes an equivalence margin.")
+
+
+def beats(study, a, b):
+    """Row a beats row b by the rule: a difference counts as an improvement, none as worse."""
+    d = counted(study, a, b)
+    return any(v < 0 for v in d.values()) and not any(v > 0 for v in d.values())
+
+
+def per_seed(study, key, metric):
+    """A main-table row's values of a metric, one per seed in settings' order."""
+    st, row = study["settings"], study["rows"][key]
+    last = str(st["iterations"])
+    if metric in QUALITY:
+        return [row["quality"][str(s)][metric] for s in st["seeds"]]
+    return [row["runs"][str(s)][last][metric] for s in st["seeds"]]
+
+
+def paired_p(study, a, b, metric):
+    """The two-sided p of a paired t-test over the seeds (context only: not part of the rule)."""
+    from scipy import stats
+    return float(stats.ttest_rel(per_seed(study, a, metric), per_seed(study, b, metric)).pvalue)
+
+
+def chance_rate(seeds, spread_b=True, draws=200_000):
     """
-    The plain answer, from the comparisons the rule decided: does any DMP row beat the control
-    (prompt tuning at lr/N), how far did each gate move and does its mixture depend on t, and which
-    rows changed sample quality. A mixture "depends on t" when its variation across timesteps
-    (gate_tv_t) reaches MIXING; below it, whatever the gate learned is one fixed reweighting.
+    How often the rule's test (1) counts a difference between two rows of `seeds` normal values
+    each drawn from one distribution (spread_b False: against a fixed value, a row without seed
+    spread); simulated with a fixed seed, so the report stays a function of study.json.
     """
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, draws, seeds))
+    threshold = a.std(1, ddof=1) + (b.std(1, ddof=1) if spread_b else 0)
+    return float((np.abs(a.mean(1) - (b.mean(1) if spread_b else 0)) > threshold).mean())
+
+
+def headline(study):
+    """The verdict's first sentence, one per branch of VERDICT_RULE (and none from one seed)."""
     st, rows = study["settings"], study["rows"]
     n = st["n_prompts"]
     if len(st["seeds"]) < 2:
         return ("**No verdict from one seed**: the rule needs the spread over seeds, which one "
                 "seed does not have; `python study.py` (three seeds) gives it.")
-    text = ""
-    if "prompt-lr/N" in rows:
-        dmps = [k for k in rows if k.startswith("dmp")]
-        tv = {k: float(np.mean([g["gate_tv_t"] for g in rows[k]["gate"].values()])) for k in dmps}
-        moved = {k: max(g["gate_dev_max"] for g in rows[k]["gate"].values()) for k in dmps}
-        diff = {k: counted(study, k, "prompt-lr/N") for k in dmps}
-        helped = [k for k in dmps if any(v < 0 for v in diff[k].values())
-                  and not any(v > 0 for v in diff[k].values())]
-        mixers = [k for k in helped if tv[k] >= MIXING]
-        static = [k for k in helped if tv[k] < MIXING]
-        if mixers:
-            text = ("**Verdict: by the rule, " + " and ".join(
-                f"{label(study, k, False)} beat{'s' * (len(mixers) == 1)} prompt tuning at lr/{n} "
-                f"on {', '.join(METRIC_NAMES[m] for m in diff[k])}" for k in mixers)
-                + ", with a mixture that depends on the timestep.**")
-        elif any(tv[k] >= MIXING for k in dmps):
-            text = (f"**Verdict: at this scale, mixing the prompts by timestep adds nothing over "
-                    f"prompt tuning at lr/{n}.**")
-        else:
-            text = (f"**Verdict: at this scale no DMP gate came to mix its prompts by timestep, "
-                    f"and DMP adds no timestep mixing to prompt tuning at lr/{n}.**")
-        if static:
-            text += " " + " ".join(
-                f"{label(study, k, False)} beats the control by the rule on "
-                f"{', '.join(METRIC_NAMES[m] for m in diff[k])}, but its gate gives the same "
-                f"mixture at every timestep: a fixed reweighting of the prompts, not the paper's "
-                f"mixing." for k in static)
-        items = []
-        for k in dmps:
-            c = comparison(study, k, "prompt-lr/N")
-            found = ", ".join(f"{'better' if v < 0 else 'worse'} on {METRIC_NAMES[m]}"
-                              for m, v in diff[k].items())
-            mixing = (f"its mixture depends on t (variation {tv[k]:.3f})" if tv[k] >= MIXING else
-                      f"its mixture is the same at every timestep (variation {tv[k]:.4f})")
-            numbers = ", ".join(f"{METRIC_NAMES[m]} {c[m]['diff']:+.1e} (seed spread "
-                                f"{c[m]['seed_spread']:.1e})" for m in ("heldout_loss", "bpd",
-                                                                         "fd_heldout"))
-            items.append(f"{label(study, k, False)}: the gate's largest |{n} g − 1| is "
-                         f"{moved[k]:.3g} (0: uniform; {n - 1}: one prompt takes all) and "
-                         f"{mixing}. Against the control, "
-                         + (f"{found} by the rule" if found else "no difference counts")
-                         + f"; the differences: {numbers}.")
-        text += "\n\n" + "\n".join(f"- {x}" for x in items) + "\n\n"
+    if CONTROL not in rows:
+        return (f"**No verdict: the study has no control** (prompt tuning at lr/{n}), so nothing "
+                f"separates DMP's gate from its learning rate.")
+    question = f"whether mixing the prompts by timestep adds anything over prompt tuning at lr/{n}"
+    positives = [k for k in study.get("positive_controls", []) if k in rows]
+    if not positives:
+        return (f"**Verdict: this setup cannot tell {question}.** The study has no positive "
+                f"control, no row that shows the setup can detect an effect of the kind the paper "
+                f"claims, so a difference that does not count is no evidence of no effect.")
+    winners = [k for k in positives if beats(study, k, CONTROL)]
+    names = " and ".join(label(study, k, False) for k in positives)
+    if not winners:
+        return (f"**Verdict: this setup cannot tell {question}.** Its positive control ({names}) "
+                f"did not beat the control by the rule: the setup cannot detect even what "
+                f"capacity specific to the timestep does.")
+    dmps = [k for k in rows if k.startswith("dmp") and beats(study, k, CONTROL)]
+    names = " and ".join(label(study, k, False) for k in winners)
+    if dmps:
+        return ("**Verdict: by the rule, " + " and ".join(
+            f"{label(study, k, False)} beats prompt tuning at lr/{n} on "
+            f"{', '.join(METRIC_NAMES[m] for m in counted(study, k, CONTROL))}" for k in dmps)
+            + f", as the positive control ({names}) does.**")
+    return (f"**Verdict: no DMP row beats prompt tuning at lr/{n} by the rule, where the positive "
+            f"control ({names}) does.**" + ("" if "margin" in study else
+                                            " The rule fixes no equivalence margin, so this is "
+                                            "not evidence that the mixing adds nothing."))
+
+
+def row_finding(study, k):
+    """One DMP row against the control: its gate per seed, and what the rule found, with numbers."""
+    st, n = study["settings"], study["settings"]["n_prompts"]
+    seeds = st["seeds"]
+    gates = [study["rows"][k]["gate"][str(s)] for s in seeds]
+    top = ", ".join(f"{(g['gate_dev_max'] + 1) / n:.3f}" for g in gates)
+    tv = ", ".join(f"{g['gate_tv_t']:.4f}" for g in gates)
+    c = comparison(study, k, CONTROL)
+    found = []
+    for m, v in metric_items(c):
+        if v["counts"]:
+            found.append(f"{METRIC_NAMES[m]} counts as {'better' if v['diff'] < 0 else 'worse'} "
+                         f"(difference {v['diff']:+.2e} against a seed spread of "
+                         f"{v['seed_spread']:.2e}, {abs(v['diff']) / v['seed_spread']:.2f} times "
+                         f"it; a paired t-test over the seeds, not part of the rule, gives p = "
+                         f"{paired_p(study, k, CONTROL, m):.2f})")
+    rest = ", ".join(f"{METRIC_NAMES[m]} {v['diff']:+.1e}" for m, v in metric_items(c)
+                     if not v["counts"])
+    return (f"{label(study, k, False)}: the largest weight one prompt gets is {top} (seeds "
+            f"{', '.join(map(str, seeds))}; uniform is 1/{n} = {1 / n:.4f}, and 1 means that one "
+            f"prompt takes the whole mixture), and a block's mixture differs from its mean over timesteps by {tv} "
+            f"in total variation. Against the control, "
+            + ("; ".join(found) + "; " if found else "no difference counts; ")
+            + (f"the differences that do not count: {rest}." if rest else
+               "every difference counts."))
+
+
+def limits(study):
+    """What the committed data cannot support, each read from study.json."""
+    st, rows = study["settings"], study["rows"]
+    k, out = len(st["seeds"]), []
+    if not [c for c in study.get("positive_controls", []) if c in rows]:
+        out.append("No positive control: no row is given capacity specific to the timestep "
+                   "(prompts kept separate per band of timesteps), so nothing shows that the setup could "
+                   "detect an effect of mixing by timestep.")
+    out.append(f"The base's pretraining: {plateau(study)}. Whether further training is limited "
+               f"by the model or by its {st['train_images']:,} training digits is not measured (study.json holds no "
+               f"training-set loss of the base).")
+    if T_BLIND not in rows:
+        out.append("No arm isolates mixing by timestep: the same gate blind to t (its bias and the "
+                   "block index only) is not run, so a gate that moves cannot be told apart from "
+                   "one that only rescales the prompts.")
+    decisions = sum(1 for c in study["comparisons"] for _ in metric_items(c))
+    if k > 1:
+        out.append(f"{k} seeds per row, compared as unpaired means (the seeds' pairing is not "
+                   f"used), and no correction for the number of decisions: with {k} seeds "
+                   f"per row, test (1) of the rule counts a difference between two rows of one "
+                   f"distribution {100 * chance_rate(k):.0f}% of the time, and against a row "
+                   f"without seed spread {100 * chance_rate(k, False):.0f}% (chance_rate); the rule made {decisions} "
+                   f"decisions here.")
+    if "margin" not in study:
+        out.append("No equivalence margin was fixed before the runs: a difference that does not "
+                   "count is absence of evidence, and \"no difference\" cannot be claimed.")
+    return out
+
+
+def verdict(study):
+    """
+    The plain answer, worded by VERDICT_RULE from the comparisons the rule decided (headline): then
+    each DMP row against the control, with its gate per seed; which rows changed sample quality;
+    and the study's limits.
+    """
+    st, rows = study["settings"], study["rows"]
+    text = VERDICT_RULE + "\n\n" + headline(study)
+    if len(st["seeds"]) > 1 and CONTROL in rows:
+        items = [row_finding(study, k) for k in rows if k.startswith("dmp")]
+        text += "\n\n" + "\n".join(f"- {x}" for x in items)
     changed = {k: counted(study, k, "base") for k in rows}
     better = [label(study, k, False) for k, d in changed.items()
               if any(v < 0 for m, v in d.items() if m in QUALITY)]
     worse = [label(study, k, False) for k, d in changed.items()
              if any(v > 0 for m, v in d.items() if m in QUALITY)]
-    text += (f"Sample quality against the base, by the rule: better on some FD or KID for "
+    text += (f"\n\nSample quality against the base, by the rule: better on some FD or KID for "
              f"{', '.join(better) or 'no row'}; worse for {', '.join(worse) or 'no row'}.")
+    text += ("\n\n**What this study cannot conclude**, from the limits of its data:\n\n"
+             + "\n".join(f"- {x}" for x in limits(study)))
     return text + "\n\n" + SETTLE
-
-
-MIXING = 0.01  # gate_tv_t from which a mixture is said to depend on the timestep (verdict)
 
 
 SETTLE = """What would settle it at full scale is the same control in the paper's own setting.
@@ -585,10 +702,65 @@ python fid.py data/laion512-ref.npz samples/laion-dmp.npz
 ```"""
 
 
-def write_outputs(study, out, doc=None):
+def render_brief(study, doc="docs/study.md"):
     """
-    The figures and study.md in the folder out, and the study section of doc (docs/study.md), all
-    from study (study.json).
+    The README's results in brief: the main rows' numbers, the verdict's headline and each DMP row's
+    finding against the control (verdict's own sentences), other findings of the rule, and the
+    limits. A function of study.json alone, like render; doc: the study's page, relative to the
+    README.
+    """
+    st, rows, base = study["settings"], study["rows"], study["base"]
+    last, seeds, n = st["iterations"], len(st["seeds"]), st["n_prompts"]
+    L = []
+    w = L.append
+    w(f"**The study** ([{doc}]({doc}); `{study['command']}`"
+      + (f", {study['wall_minutes']:.0f} minutes on {study['cpus']} CPU cores"
+         if study.get("wall_minutes") is not None else "")
+      + f") runs the paper's experiments in miniature on the digits DiT: every method "
+      f"further-trained from the same base for {last:,} iterations, {seeds} seed"
+      f"{'s' * (seeds > 1)}, with the control that separates the gate from its learning rate, "
+      f"prompt tuning at lr/{n} (N = {n} prompts). The rule for a difference that counts was fixed "
+      f"before the runs: the difference of the means must exceed the sum of the seed spreads and, "
+      f"for FD and KID, its paired-bootstrap 95% interval must exclude zero.")
+    w("")
+    w(f"| after {last:,} iterations (mean ± std over {seeds} seeds) | held-out loss | held-out "
+      f"bits/dim | sample FD vs held-out digits |")
+    w("| --- | --- | --- | --- |")
+    w(f"| base (no further training) | {base['heldout_loss']:.5f} | {base['bpd']:.4f} | "
+      f"{base['quality']['fd_heldout']:.3f} |")
+    for k in [k for k in BRIEF_ROWS if k in rows]:
+        w(f"| {rows[k]['label']} | {fmt(per_seed(study, k, 'heldout_loss'), 5)} | "
+          f"{fmt(per_seed(study, k, 'bpd'), 4)} | {fmt(per_seed(study, k, 'fd_heldout'), 3)} |")
+    w("")
+    w(f"{headline(study)} The rule that picks this wording is stated with the verdict in "
+      f"[{doc}]({doc}).")
+    w("")
+    if len(st["seeds"]) > 1 and CONTROL in rows:
+        for k in [k for k in BRIEF_ROWS if k in rows and k.startswith("dmp")]:
+            w(f"- {row_finding(study, k)}")
+    for a, b, name in (("dmp", "prompt", "plain prompt tuning (Eq. 2)"),
+                       ("full", "base", "the base")):
+        d = counted(study, a, b)
+        if a in rows and comparison(study, a, b):
+            better = [METRIC_NAMES[m] for m, v in d.items() if v < 0]
+            worse = [METRIC_NAMES[m] for m, v in d.items() if v > 0]
+            w(f"- {label(study, a, False)} against {name}, by the rule: better on "
+              f"{', '.join(better) or 'no metric'}; worse on {', '.join(worse) or 'no metric'}.")
+    w("")
+    w("What the committed data cannot support:")
+    w("")
+    for x in limits(study):
+        w(f"- {x}")
+    w("")
+    w(f"What would settle it at full scale, the same control on DiT-B/2 FFHQ, is spelled out with "
+      f"its commands at the end of the verdict in [{doc}]({doc}).")
+    return "\n".join(L) + "\n"
+
+
+def write_outputs(study, out, doc=None, readme=None):
+    """
+    The figures and study.md in the folder out, the study section of doc (docs/study.md) and the
+    results in brief of readme (README.md), all from study (study.json).
     """
     out = Path(out)
     draw_figures(study, out)
@@ -598,20 +770,25 @@ def write_outputs(study, out, doc=None):
         doc = Path(doc)
         figures = Path(os.path.relpath(out.resolve(), doc.resolve().parent)).as_posix()
         write_section(doc, render(study, figures))
+        if readme:
+            page = Path(os.path.relpath(doc.resolve(), Path(readme).resolve().parent)).as_posix()
+            write_section(Path(readme), render_brief(study, page), BRIEF)
     return markdown
 
 
-def write_section(path, markdown):
-    """Replace what lies between the study markers of path with the rendered markdown."""
+def write_section(path, markdown, markers=(BEGIN, END)):
+    """Replace what lies between the markers of path with the rendered markdown."""
+    begin, end = markers
     text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {path} has no '{BEGIN}' ... '{END}' markers for the study")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(head + BEGIN + "\n" + markdown + END + tail)
+    if begin not in text or end not in text:
+        raise SystemExit(f"error: {path} has no '{begin}' ... '{end}' markers for the study")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(head + begin + "\n" + markdown + end + tail)
 
 
-def section(path):
+def section(path, markers=(BEGIN, END)):
     """The study section of path as rendered (what write_section put there)."""
+    begin, end = markers
     text = Path(path).read_text()
-    return text.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
+    return text.split(begin + "\n", 1)[1].split(end, 1)[0]
