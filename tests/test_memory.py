@@ -11,12 +11,20 @@ import memory
 
 
 def allocator_peak(fn):
-    """The peak of the bytes CPU's allocator holds while fn runs (the profiler's record)."""
+    """The peak of the bytes CPU's allocator holds while fn runs (the profiler's record). Python's
+    garbage collector is off meanwhile: a collection of an earlier test's garbage inside the window
+    would record frees of memory fn never allocated, and the peak would read low."""
+    import gc
     from itertools import accumulate
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    gc.collect()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        gc.enable()
     events = []
 
     def walk(node):
