@@ -15,6 +15,7 @@ Where the paper is silent or the authors' code (github.com/sangminwoo/DMP) diffe
 paper is the default and the authors' choice is an option; AUTHORS_CODE collects those options.
 """
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,9 @@ class MixtureOfPrompts(nn.Module):
                        layer (4d)
       depth            prompts in the first `depth` blocks only (Fig. 4); None = every block
       init             'zero' (the paper's) | 'random'
-      gate_cond        't': timestep embedding | 't+c': plus the class/text embedding (Table 9)
+      gate_cond        't': timestep embedding | 't+c': plus the class/text embedding (Table 9) |
+                       'none': blind to t, its bias and block index only (the control that
+                       separates mixing by timestep from a fixed reweighting of the prompts)
       block_index      'onehot': the paper's [t; i] read as a one-hot i | 'scalar': i as a number
                        (authors)
       noisy_gate       learned Gaussian noise on the gate logits in training (authors; always on
@@ -62,11 +65,15 @@ class MixtureOfPrompts(nn.Module):
         assert gate in ("linear", "attention", None) and selection in ("soft", "hard")
         assert hard_weights in ("softmax", "one")
         assert prompt_selection in ("distinct", "uniform") and position in ("add", "prepend")
-        assert init in ("zero", "random") and gate_cond in ("t", "t+c")
+        assert init in ("zero", "random") and gate_cond in ("t", "t+c", "none")
         assert block_index in ("onehot", "scalar")
         # The attention gate (Table 4a) weighs the prompts by attention scores, with no logits of a
         # linear gate to perturb (Shazeer's noise, the authors' code's) or keep the top k of (4b):
         # those options are the linear gate's, and a parameter nothing uses would stop DDP.
+        if gate == "attention" and gate_cond == "none":
+            raise ValueError("the attention gate (Table 4a) reads its keys and values from the "
+                             "conditioning: it cannot be blind to t (gate_cond 'none' takes the "
+                             "linear gate)")
         if gate == "attention" and (noisy_gate or selection == "hard"):
             raise ValueError("the attention gate (Table 4a) has no gate logits to add noise to or "
                              "to select the top k of: noisy gating and hard selection take the "
@@ -103,7 +110,9 @@ class MixtureOfPrompts(nn.Module):
             # Eq. 3: G is one linear layer over [c; i] giving N logits. The block-index columns are
             # a separate parameter so the D-wide part is computed once for all blocks.
             index_features = 0 if not self.distinct else (L if block_index == "onehot" else 1)
-            self.gate = nn.Linear(dim, N)
+            with warnings.catch_warnings():  # blind to t: no columns to initialise, and no note
+                warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+                self.gate = nn.Linear(self.cond_width(dim), N)
             self.gate_index = None
             if index_features:
                 self.gate_index = nn.Parameter(torch.zeros(N, index_features))
@@ -111,7 +120,7 @@ class MixtureOfPrompts(nn.Module):
             # setting.
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-            if init == "random":
+            if init == "random" and self.gate.weight.numel():
                 nn.init.xavier_uniform_(self.gate.weight)
         elif gate == "attention":
             # Table 4a: the prompts are the queries, the timestep embedding the key and value, and
@@ -123,12 +132,16 @@ class MixtureOfPrompts(nn.Module):
             nn.init.zeros_(self.w_v.weight)
         if self.noisy:
             # Shazeer et al. (2017) Eq. 4: H(x) = x W_g + StandardNormal() * Softplus(x W_noise).
-            self.w_noise = nn.Parameter(torch.zeros(dim, N))
+            self.w_noise = nn.Parameter(torch.zeros(self.cond_width(dim), N))
         # The last forward's gate weights (B, L, N) and load, for the losses; and the same weights
         # without the gate noise, for train.py's log of how far the gate has moved (gate_movement).
         self.gates, self.load, self.clean_gates = None, None, None
 
     # ---- the gate ---------------------------------------------------------------------------
+
+    def cond_width(self, dim):
+        """The width of what the gate reads: the conditioning's, none when it is blind to t."""
+        return 0 if self.gate_cond == "none" else dim
 
     def gate_logits(self, c):
         """(B, L, N): the gate's logits for every prompted block, from the conditioning c (B, D)."""
@@ -154,6 +167,8 @@ class MixtureOfPrompts(nn.Module):
 
     def _mixture_weights(self, c):
         """mixture_weights in the dtype of c."""
+        if self.gate_cond == "none":  # blind to t: G([i]) = W_i e_i + b, the same at every t
+            c = c[:, :0]
         clean = self.gate_logits(c)
         if not (self.noisy and self.training):
             noisy, std = clean, None
@@ -268,7 +283,7 @@ class UNetMixtureOfPrompts(MixtureOfPrompts):
         """
         if i >= self.depth:
             return x
-        if self.gate_cond == "t":
+        if self.gate_cond != "t+c":
             c = emb
         else:
             c = torch.cat([emb, context.mean(dim=1).to(emb.dtype)], dim=-1)

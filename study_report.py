@@ -602,11 +602,14 @@ def verdict(study):
 
 SETTLE = """What would settle it at full scale is the same control in the paper's own setting.
 DiT-B/2 on FFHQ 256 has 256 tokens, so N = 256 prompts per block and the control is prompt tuning
-at lr/256, beside DMP and DMP with the authors' gate, each further-trained 30K steps from the same
-600K-step base (Table 2's row: the paper reports prompt tuning at lr, 6.81, and DMP, 5.87, but not
-the control), three seeds each (`--seed`), FID on 50K samples, and train.py's log showing how far
-each gate moved (`gate_dev_max`, `gate_tv_t` on every line). DMP's gate earns credit only where DMP
-beats the control by more than the seed spread and FID's own interval:
+at lr/256, beside DMP, DMP with the authors' gate, and DMP with its gate blind to t (`--gate-cond
+none`: the bias and block index only, one fixed mixture per block, so what DMP gains over it is
+what mixing by timestep adds), each further-trained 30K steps from the same 600K-step base (Table
+2's row: the paper reports prompt tuning at lr, 6.81, and DMP, 5.87, but not the control), three
+seeds each (`--seed`), FID on 50K samples, and train.py's log showing how far each gate moved
+(`gate_dev_max`, `gate_tv_t` on every line). DMP's gate earns credit only where DMP beats the
+control by more than the seed spread and FID's own interval; its mixing by timestep, only where
+it also beats the t-blind gate:
 
 ```bash
 python train.py --dataset ffhq --model DiT-B/2 --iterations 600000          # runs/000-ffhq-pretrain
@@ -615,6 +618,7 @@ python train.py --dataset ffhq --init $BASE --iterations 30000 --method prompt -
 python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp
 python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp \\
     --gate-lr-scale 10 --noisy-gate
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp --gate-cond none
 python sample.py --ckpt runs/001-ffhq-prompt/checkpoints/0030000.pt --num-samples 50000 \\
     --out samples/control
 python fid.py data/ffhq256-ref.npz samples/control.npz          # the reference: docs/evaluation.md; same for DMP

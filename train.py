@@ -145,7 +145,8 @@ def parse_args(argv=None):
                    help="prepend: how many (50); add: always one per token")
     g.add_argument("--prompt-depth", type=int, help="prompts in the first k blocks only (Fig. 4)")
     g.add_argument("--prompt-init", choices=["zero", "random"], default="zero")
-    g.add_argument("--gate-cond", choices=["t", "t+c"], help="Table 9: t+c for text data, else t")
+    g.add_argument("--gate-cond", choices=["t", "t+c", "none"], help="Table 9: t+c for text data, "
+                   "else t; none: the gate blind to t (bias and block index), the study's control")
     g.add_argument("--prompt-grid", type=int, default=16,
                    help="SD UNet: prompts per block, grid x grid")
     g.add_argument("--block-index", choices=["onehot", "scalar"], default="onehot")

@@ -36,7 +36,7 @@ DMP_OPTIONS = [
     {}, dict(gate="attention"), dict(selection="hard"), dict(selection="hard", top_k=0.5),
     dict(prompt_selection="uniform"), dict(depth=1), dict(gate_cond="t+c"), dict(block_index="scalar"),
     dict(noisy_gate=True), dict(gate_lr_scale=10.0), dmp.AUTHORS_CODE,
-    dict(selection="hard", hard_weights="one"),
+    dict(selection="hard", hard_weights="one"), dict(gate_cond="none"),
 ]
 METHOD_CASES = [("full", {}), ("prompt", {}), ("lora", {}), ("lora", dict(rank=2, alpha=4)),
                 ("lora", dict(rank="dmp")), ("difffit", {}),
@@ -76,6 +76,7 @@ EQ3_CASES = [
     ("dmp", dict(block_index="scalar")),                     # the authors' scalar i
     ("dmp", dict(prompt_selection="uniform")),               # Table 4c: G(t), no block index
     ("dmp", dict(gate_cond="t+c")),                          # Table 9: the gate reads t + c
+    ("dmp", dict(gate_cond="none")),                         # blind to t: G([i]) = W_i e_i + b
     ("dmp", dict(gate="attention")),                         # Table 4a
     ("dmp", dict(selection="hard", top_k=0.5)),              # Table 4b, the authors' softmax
     ("dmp", dict(selection="hard", top_k=0.5, hard_weights="one")),  # Table 4b, weight 1
@@ -104,6 +105,8 @@ def eq3_by_hand(mop, x, i, t, y):
     x, c = x.double().numpy(), t.double().numpy()
     if mop.gate_cond == "t+c":
         c = c + y.double().numpy()
+    if mop.gate_cond == "none":                                    # the gate reads no conditioning
+        c = c[:, :0]
     p_i = params["prompts"][i]                                     # (N, D)
     N = p_i.shape[0]
     if mop.gate_type is None:                                      # Eq. 2
@@ -655,3 +658,39 @@ def test_unet_prompt_term_is_added_in_fp32_under_bf16_autocast():
     effect = out.double() - x.double()
     bound = 2.0 ** -24 * (x.double().abs().max() + 1e-4)
     assert (effect - ref).abs().max() <= bound and ref.abs().min() > 0.9e-4
+
+
+def test_the_t_blind_gate_mixes_alike_at_every_timestep():
+    """
+    gate_cond 'none' (the study's control for mixing by timestep): the gate reads only its bias and
+    the block index, so with the same random parameters its weights are one mixture per block at
+    every t, where the default gate's vary with t; it trains (bias and block-index columns) and
+    keeps no parameter of the conditioning's width.
+    """
+    mixtures = {}
+    for cond in ("t", "none"):
+        model = tiny_dit(depth=4)
+        groups = dmp.patch(model, "dmp", gate_cond=cond)
+        mop = model.block_input
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in mop.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        mixtures[cond] = dmp.gate_weights(model, timesteps=[0, 250, 999])  # (blocks, t, prompts)
+        trained = sum(p.numel() for grp in groups for p in grp["params"])
+        if cond == "none":
+            assert mop.gate.weight.numel() == 0 and trained == 4 * 16 * 32 + 16 + 16 * 4
+    assert np.abs(mixtures["t"][:, 0] - mixtures["t"][:, 2]).max() > 0.01
+    assert np.array_equal(mixtures["none"][:, 0], mixtures["none"][:, 2])
+    assert np.abs(mixtures["none"][0, 0] - mixtures["none"][1, 0]).max() > 0.01  # per block
+    unet = tiny_unet()
+    dmp.patch(unet, "dmp", grid=4, gate_cond="none")
+    with torch.no_grad():
+        for p in unet.block_input.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        x, _, context = unet_batch()
+        unet(x[:1].expand(2, -1, -1, -1), torch.tensor([0, 999]), context[:1].expand(2, -1, -1))
+    weights = unet.block_input.gates  # (B, L, N): the two timesteps' mixtures at every block
+    assert torch.equal(weights[0], weights[1]) and (weights[0] - 1 / 16).abs().max() > 0.01
+    with pytest.raises(ValueError, match="cannot be blind to t"):
+        dmp.patch(tiny_dit(), "dmp", gate="attention", gate_cond="none")
