@@ -226,8 +226,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio)
                                      for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        # dmp.py installs a module here: block_input(x, i, t, y) returns the input of block i
-        # (Eqs. 2-3).
+        # dmp.py installs its prompts and gate here (Eqs. 2-3): forward asks block_input.condition
+        # once, then block_input(x, i, mixture) returns the input of block i.
         self.block_input = None
         self.checkpointing = False  # set_checkpointing
         self.initialize_weights()
@@ -281,12 +281,14 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, mixtures=None):
         """
         x: (N, C, H, W) noisy latents, t: (N,) diffusion timesteps, y: (N,) class labels (text:
         (N, text_dim)). Returns (N, out_channels, H, W): the noise prediction, then (learn_sigma)
-        the variance interpolation.
+        the variance interpolation. mixtures: a list to which a DMP model appends the gate's
+        weights it used (dmp.Mixture), for the balancing losses.
         """
+        timesteps = t
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / p^2
         t = self.t_embedder(t)                   # (N, D)
         if self.text_dim:
@@ -294,9 +296,16 @@ class DiT(nn.Module):
         else:
             y = self.y_embedder(y, self.training)
         c = t + y
+        if self.block_input is not None:  # DMP: the gate reads the conditioning once per forward
+            mixture = self.block_input.condition(t, y, timesteps)
+            # The output stays the prediction every sampler reads; the training step that wants
+            # the gate's weights hands a list and reads them back, so no module keeps a forward's
+            # weights for the losses to find later.
+            if mixtures is not None:
+                mixtures.append(mixture)
         for i, block in enumerate(self.blocks):
             if self.block_input is not None:
-                x = self.block_input(x, i, t, y)  # DMP, Eq. (3): x_i + softmax(G([t; i])) * p_i
+                x = self.block_input(x, i, mixture)  # DMP, Eq. 3: x_i + softmax(G([t; i])) * p_i
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, use_reentrant=False)  # (RNG state kept for recomputing)
             else:

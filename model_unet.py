@@ -280,8 +280,8 @@ class UNetModel(nn.Module):
 
         conv_out = zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1))
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), conv_out)
-        # dmp.py installs a module here: block_input(h, i, emb, context) returns the input of block
-        # i (DMP, Eq. 3).
+        # dmp.py installs its prompts and gate here (DMP, Eq. 3): forward asks
+        # block_input.condition once, then block_input(h, i, mixture) returns the input of block i.
         self.block_input = None
         self.checkpointing = False  # set_checkpointing
 
@@ -295,21 +295,26 @@ class UNetModel(nn.Module):
         self.checkpointing = on
         return self
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, mixtures=None):
         """
         x: (N, C, H, W) noisy latents, t: (N,) or scalar timesteps, context: (N, 77, context_dim)
-        CLIP text states. Returns (N, out_channels, H, W), the noise prediction.
+        CLIP text states. Returns (N, out_channels, H, W), the noise prediction. mixtures: as in
+        DiT.forward, a list to which DMP appends the gate's weights it used.
         """
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         t_freq = timestep_embedding(t, self.model_channels)
         emb = self.time_embed(t_freq.to(self.time_embed[0].weight.dtype))
+        if self.block_input is not None:  # DMP: the gate reads the conditioning once per forward
+            mixture = self.block_input.condition(emb, context, t)
+            if mixtures is not None:
+                mixtures.append(mixture)
         blocks = [*self.input_blocks, self.middle_block, *self.output_blocks]
         n_in, skips, h = len(self.input_blocks), [], x
         for i, block in enumerate(blocks):
             if i > n_in:
                 h = torch.cat([h, skips.pop()], dim=1)  # decoder: [h; the mirrored encoder output]
             if self.block_input is not None:
-                h = self.block_input(h, i, emb, context)  # DMP, Eq. (3), before every block
+                h = self.block_input(h, i, mixture)  # DMP, Eq. 3, before every block
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, emb, context, use_reentrant=False)
             else:

@@ -897,8 +897,9 @@ def run(argv, claimed, held):
         # (seed, step, rank): a resumed run redraws exactly what the uninterrupted one drew.
         torch.manual_seed(seed_of(args.seed, step, rank))
         batch = batches.get(step)
+        mixtures = []  # the step's gate weights (dmp.Mixture), for the log's gate movement
         try:
-            losses.add(train_step(batch))
+            losses.add(train_step(batch, mixtures=mixtures))
         except torch.OutOfMemoryError:
             bar.close()
             sys.exit(out_of_memory(args, step, rank, world, device))
@@ -909,7 +910,7 @@ def run(argv, claimed, held):
             mean, speed = losses.mean(step, world)
             stop_if_not_finite(mean, trained, step, last_ckpt, bar)
             # DMP: how far the gate has moved from uniform (a uniform gate is prompt tuning at lr/N)
-            log(step=step, weights="raw", **mean, **dmp.logged_gate_movement(raw),
+            log(step=step, weights="raw", **mean, **dmp.logged_gate_movement(mixtures),
                 steps_per_sec=speed, images_per_sec=speed * args.batch_size)
             claimed.clear()  # the run folder now holds a record worth keeping
             bar.set_postfix(loss=f"{mean['loss']:.4f}", imp=f"{mean['importance']:.3g}",

@@ -134,17 +134,18 @@ class Prefetcher:
 LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
 
 
-def compute_loss(model, raw, diffusion, batch, args):
+def compute_loss(model, raw, diffusion, batch, args, mixtures=None):
     """
     The hybrid diffusion loss plus DMP's balancing losses (zero for other methods); y in the batch
     is the model's condition (a tensor, or a dict of the model's keyword arguments). Returns the
-    loss and the LOG_TERMS.
+    loss and the LOG_TERMS. mixtures: a list that gets the forward's gate weights (dmp.Mixture).
     """
     x, y, t, noise = batch
     if not isinstance(y, dict):
         y = dict(y=y)
-    terms = diffusion.training_losses(model, x, t, y, noise=noise)
-    importance, balance = dmp.balancing_losses(raw)  # Eqs. 12-13 and Eq. 11 ("load")
+    mixtures = [] if mixtures is None else mixtures  # the forward appends its gate's weights
+    terms = diffusion.training_losses(model, x, t, dict(y, mixtures=mixtures), noise=noise)
+    importance, balance = dmp.balancing_losses(mixtures, x.device)  # Eqs. 12-13, Eq. 11 ("load")
     loss = terms["loss"].mean() + args.importance_coef * importance + args.load_coef * balance
     vb = terms.get("vb", terms["mse"] * 0)
     return loss, torch.stack([loss, terms["mse"].mean(), vb.mean(), importance, balance])
@@ -156,13 +157,14 @@ def class_labels(y):
 
 
 def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
-               condition=class_labels, ema=None):
+               condition=class_labels, ema=None, mixtures=None):
     """
     One optimisation step, what train.py's loop and bench.py run: this process's share of the
     step's global batch (get_batch's) in args.grad_accum micro-batches whose gradients add up
     before the optimizer's step, then the EMA (`ema`: ema_pairs). `condition` turns the batch's
-    y into the model's condition (conditioning's choice; class labels by default). Returns the
-    step's LOG_TERMS, means over the share, on the device (no host sync).
+    y into the model's condition (conditioning's choice; class labels by default); `mixtures`, a
+    list, gets each micro-batch's gate weights (dmp.Mixture; the log's gate movement reads the
+    last). Returns the step's LOG_TERMS, means over the share, on the device (no host sync).
 
     Each micro-batch's loss is divided by K, so the summed gradients are the whole share's to float
     rounding. Every term is a mean over samples, hence additive: the diffusion loss, the importance
@@ -191,7 +193,7 @@ def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
         with contextlib.nullcontext() if last else model.no_sync():
             with autocast:  # the frozen text encoder too: CLIP ViT-L/14 in bf16, not fp32
                 micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
-                loss, terms = compute_loss(model, raw, diffusion, micro, args)
+                loss, terms = compute_loss(model, raw, diffusion, micro, args, mixtures)
             loss = loss / K
             if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
                 loss = scaler.scale(loss)

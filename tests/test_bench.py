@@ -31,8 +31,9 @@ def test_step_flops_match_flop_counter(mode):
     x, t, y = torch.randn(B, 4, 8, 8), torch.randint(0, 1000, (B,)), torch.randint(0, 10, (B,))
     # The math backend shows attention as two bmm's; the fused CPU kernel is invisible to the counter.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
-        terms = diffusion.training_losses(model, x, t, dict(y=y))
-        importance, load = dmp.balancing_losses(model)
+        mixtures = []
+        terms = diffusion.training_losses(model, x, t, dict(y=y, mixtures=mixtures))
+        importance, load = dmp.balancing_losses(mixtures)
         loss = terms["loss"].mean() + importance + load
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as whole:
         loss.backward()

@@ -116,7 +116,7 @@ def test_train_step_of_the_text_dit_and_the_unet():
 
     torch.manual_seed(0)
     unet = UNetModel(**SIM_UNET)
-    groups = dmp.patch(unet, "dmp", grid=4, gate_cond="t+c", noisy_gate=True)
+    groups = dmp.patch(unet, "dmp", prompt_grid=4, gate_cond="t+c", noisy_gate=True)
 
     def unet_batch():
         x, _, t, noise = batch_on_cuda(2)
@@ -229,7 +229,7 @@ def test_text_and_sd_grids_on_the_simulated_gpu(tmp_path):
     assert sampling_syncs(text_grid) == [0, 0]
 
     unet = UNetModel(**SIM_UNET).eval()
-    dmp.patch(unet, "dmp", grid=4, gate_cond="t+c")
+    dmp.patch(unet, "dmp", prompt_grid=4, gate_cond="t+c")
     vae = AutoencoderKL(dict(double_z=True, z_channels=4, resolution=8, in_channels=3, out_ch=3, ch=32,
                              ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[])).eval()
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import dmp
 import load
 from model_dit import DIGITS_MODEL, DiT, DiT_models, get_2d_sincos_pos_embed
@@ -34,7 +35,7 @@ def batch(n=4, seed=1):
 
 DMP_OPTIONS = [
     {}, dict(gate="attention"), dict(selection="hard"), dict(selection="hard", top_k=0.5),
-    dict(prompt_selection="uniform"), dict(depth=1), dict(gate_cond="t+c"), dict(block_index="scalar"),
+    dict(prompt_selection="uniform"), dict(prompt_depth=1), dict(gate_cond="t+c"), dict(block_index="scalar"),
     dict(noisy_gate=True), dict(gate_lr_scale=10.0), dmp.AUTHORS_CODE,
     dict(selection="hard", hard_weights="one"), dict(gate_cond="none"),
 ]
@@ -82,7 +83,7 @@ EQ3_CASES = [
     ("dmp", dict(selection="hard", top_k=0.5, hard_weights="one")),  # Table 4b, weight 1
     ("dmp", dict(position="prepend", num_prompts=5)),        # Table 4d
     ("dmp", dict(gate="attention", position="prepend", num_prompts=5)),
-    ("dmp", dict(depth=2)),                                  # Fig. 4: the first 2 of 4 blocks
+    ("dmp", dict(prompt_depth=2)),                           # Fig. 4: the first 2 of 4 blocks
     ("prompt", {}),                                          # Eq. 2: naive prompt tuning
 ]
 
@@ -141,7 +142,7 @@ def eq3_by_hand(mop, x, i, t, y):
                               for m, o in EQ3_CASES])
 def test_every_block_input_is_eq3_worked_by_hand(method, options):
     """
-    With random non-zero prompts and gate weights, block_input(x, i, t, y) at every block equals
+    With random non-zero prompts and gate weights, block_input(x, i, mixture) at every block equals
     Eq. 3 (or the ablation's variant) worked by hand from the gate's parameters, and DiT.forward
     hands every block exactly that: the previous block's output with block i's prompts.
     """
@@ -157,9 +158,10 @@ def test_every_block_input_is_eq3_worked_by_hand(method, options):
     t_emb, y_emb = model.t_embedder(t), model.y_embedder(y, False)
     tokens = 16 + (mop.num_prompts if mop.position == "prepend" else 0)
     with torch.no_grad():
+        mixture = mop.condition(t_emb, y_emb, t)  # once, as DiT.forward asks it
         for i in range(4):  # block_input itself, called in order as DiT.forward calls it
             h = torch.randn(4, 16 if i == 0 else tokens, 32, generator=g)
-            out = mop(h, i, t_emb, y_emb)
+            out = mop(h, i, mixture)
             expected = torch.from_numpy(eq3_by_hand(mop, h, i, t_emb, y_emb)).float()
             assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5), i
             if mop.position == "add" and i < mop.depth:
@@ -185,8 +187,9 @@ def test_gradients_reach_exactly_the_trained_parameters_and_the_backbone_stays_f
     x, t, y = batch()
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
-        loss = model(x, t, y).square().mean()
-        importance, load = dmp.balancing_losses(model)
+        mixtures = []
+        loss = model(x, t, y, mixtures=mixtures).square().mean()
+        importance, load = dmp.balancing_losses(mixtures)
         (loss + importance + load).backward()
         for name, p in model.named_parameters():
             assert (p.grad is not None) == (id(p) in trained), name
@@ -221,7 +224,7 @@ def test_lora_at_dmps_parameter_budget():
     assert model.patch_options["rank"] == 1  # the patch file records the rank it resolved to
     with torch.device("meta"):
         b2 = DiT_models["DiT-B/2"](input_size=32, num_classes=1, class_dropout_prob=0.0)
-    assert dmp.dmp_parameter_count(b2) == 2_559_232 and dmp.lora_rank_matching(b2, 2_559_232) == 17
+    assert dmp.dmp_parameter_count(b2) == 2_559_232 and baselines.lora_rank_matching(b2, 2_559_232) == 17
 
 
 def test_balancing_losses_equal_hand_computed_values():
@@ -229,8 +232,7 @@ def test_balancing_losses_equal_hand_computed_values():
     dmp.patch(model, "dmp")
     g = np.array([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]],      # sample 0: block 0, block 1
                   [[1 / 3, 1 / 3, 1 / 3], [0.2, 0.4, 0.4]]])  # sample 1
-    model.block_input.gates, model.block_input.load = torch.tensor(g), None
-    importance, load = dmp.balancing_losses(model)
+    importance, load = dmp.balancing_losses([dmp.Mixture(torch.tensor(g), torch.zeros(2, 32))])
     expected = []
     for sample in g:  # Eqs. 12-13 by hand
         g_tilde = sample.sum(axis=0)
@@ -240,8 +242,9 @@ def test_balancing_losses_equal_hand_computed_values():
     assert importance.item() == pytest.approx(np.mean(expected), rel=1e-12)
     # Eq. 11 counts the negative weights, (1/L) sum_i sum_n I(g_n^i < 0): one in 2 blocks. (A
     # softmax has none, so on a DMP gate the load is identically zero; see balancing_losses.)
-    model.block_input.gates = torch.tensor([[[-0.1, 0.6, 0.5], [0.2, 0.2, 0.6]]])
-    assert dmp.balancing_losses(model)[1].item() == pytest.approx(0.5)
+    gates = torch.tensor([[[-0.1, 0.6, 0.5], [0.2, 0.2, 0.6]]])
+    assert dmp.balancing_losses([dmp.Mixture(gates, torch.zeros(1, 32))])[1].item() == pytest.approx(0.5)
+    assert dmp.balancing_losses([]) == (0, 0)  # no prompts (the other methods): zeros
 
 
 def test_hard_selection_keeps_exactly_k_and_passes_the_task_gradient_to_the_gate():
@@ -256,15 +259,17 @@ def test_hard_selection_keeps_exactly_k_and_passes_the_task_gradient_to_the_gate
     model.eval()
     mop = model.block_input
     x, t, y = batch()
-    model(x, t, y)  # eval: no noise, a zero gate: all 16 logits tie
-    assert ((mop.gates > 0).sum(-1) == 12).all()
-    assert torch.allclose(mop.gates.sum(-1), torch.ones(4, 3))
-    assert torch.equal(mop.gates.unique(), torch.tensor([0.0, 1 / 12]))
+    mixtures = []
+    model(x, t, y, mixtures=mixtures)  # eval: no noise, a zero gate: all 16 logits tie
+    gates = mixtures[-1].weights
+    assert ((gates > 0).sum(-1) == 12).all()
+    assert torch.allclose(gates.sum(-1), torch.ones(4, 3))
+    assert torch.equal(gates.unique(), torch.tensor([0.0, 1 / 12]))
     with torch.no_grad():
         mop.prompts.normal_()
         mop.gate.weight.normal_()
-    out = model(x, t, y)
-    g = mop.gates
+    out = model(x, t, y, mixtures=mixtures)
+    g = mixtures[-1].weights
     assert ((g > 0).sum(-1) == 12).all()
     logits = mop.gate_logits(model.t_embedder(t))
     kept = logits.topk(12, dim=-1)
@@ -277,14 +282,14 @@ def test_hard_selection_keeps_exactly_k_and_passes_the_task_gradient_to_the_gate
     with torch.no_grad():
         one.block_input.prompts.normal_()
         one.block_input.gate.weight.normal_()
-    one(x, t, y).square().mean().backward()  # the paper's "weight 1": no task gradient to the gate
-    assert set(one.block_input.gates.unique().tolist()) == {0.0, 1.0}
+    one(x, t, y, mixtures=mixtures).square().mean().backward()  # the paper's "weight 1": no task gradient
+    assert set(mixtures[-1].weights.unique().tolist()) == {0.0, 1.0}
     grad = one.block_input.gate.weight.grad
     assert grad is None or grad.abs().sum() == 0
     model.train()
     model.zero_grad()
-    model(x, t, y)
-    _, load = dmp.balancing_losses(model)
+    model(x, t, y, mixtures=mixtures)
+    _, load = dmp.balancing_losses(mixtures)
     load.backward()
     assert mop.w_noise.grad.abs().sum() > 0 and mop.gate.weight.grad.abs().sum() > 0
 
@@ -309,8 +314,9 @@ def test_hard_selection_load_validates_nothing(monkeypatch):
     x, t, y = batch()
     c = model.t_embedder(t)
     torch.manual_seed(0)
-    model(x, t, y)
-    assert checks == [] and mop.load.shape == (3, 16)
+    mixtures = []
+    model(x, t, y, mixtures=mixtures)
+    assert checks == [] and mixtures[-1].load.shape == (3, 16)
     torch.manual_seed(0)
     clean = mop.gate_logits(c)
     std = (torch.nn.functional.softplus(c @ mop.w_noise) + 1e-2)[:, None, :]
@@ -318,7 +324,7 @@ def test_hard_selection_load_validates_nothing(monkeypatch):
     top = noisy.topk(13, dim=-1).values
     threshold = torch.where(noisy > top[..., 12:13], top[..., 12:13], top[..., 11:12])
     z = (clean - threshold) / std
-    assert torch.equal(mop.load, (0.5 * (1 + torch.erf(z / math.sqrt(2)))).sum(0))
+    assert torch.equal(mixtures[-1].load, (0.5 * (1 + torch.erf(z / math.sqrt(2)))).sum(0))
 
 
 def test_gate_movement_and_the_logged_clean_mixture():
@@ -340,30 +346,32 @@ def test_gate_movement_and_the_logged_clean_mixture():
     model = tiny_dit().train()
     model.y_embedder.dropout_prob = 0.0
     dmp.patch(model, "dmp", noisy_gate=True)
-    assert dmp.logged_gate_movement(model) == {}
+    mixtures = []
+    assert dmp.logged_gate_movement(mixtures) == {}
     x, t, y = batch()
-    model(x, t, y)  # training: noisy weights for the loss, the clean (uniform) ones for the log
-    gates = model.block_input.gates
+    model(x, t, y, mixtures=mixtures)  # training: noisy weights for the loss, the clean (uniform) ones for the log
+    gates = mixtures[-1].weights
     assert not torch.allclose(gates, torch.full_like(gates, 1 / 16))
-    logged = dmp.logged_gate_movement(model)
+    logged = dmp.logged_gate_movement(mixtures)
     assert logged["gate_dev_max"] == 0.0 == logged["gate_tv_t"]
     prompt = tiny_dit()
     dmp.patch(prompt, "prompt")
-    prompt(x, t, y)
-    assert dmp.logged_gate_movement(prompt) == {}
+    prompt(x, t, y, mixtures=mixtures)
+    assert dmp.logged_gate_movement(mixtures) == {}
 
 
 def test_importance_loss_alone_makes_the_mixture_more_even():
     model = tiny_dit()
-    dmp.patch(model, "dmp", init="random")
+    dmp.patch(model, "dmp", prompt_init="random")
     params = [p for n, p in model.block_input.named_parameters() if n != "prompts"]
     opt = torch.optim.Adam(params, lr=1e-2)
     x, t, y = batch(16)
     losses = []
     for _ in range(60):
         opt.zero_grad()
-        model(x, t, y)
-        importance, _ = dmp.balancing_losses(model)
+        mixtures = []
+        model(x, t, y, mixtures=mixtures)
+        importance, _ = dmp.balancing_losses(mixtures)
         importance.backward()
         opt.step()
         losses.append(importance.item())
@@ -385,7 +393,7 @@ def test_prepend_adds_tokens_that_leave_before_the_final_layer():
 
 def test_prompt_depth_touches_only_the_first_blocks():
     model = tiny_dit()
-    dmp.patch(model, "dmp", depth=1)
+    dmp.patch(model, "dmp", prompt_depth=1)
     assert model.block_input.prompts.shape[0] == 1
     model.block_input.prompts.data.normal_()
     inputs = []
@@ -499,14 +507,14 @@ def test_fig5_gate_weights_are_the_gates_of_a_forward(options):
     """
     model = tiny_dit()
     model.y_embedder.dropout_prob = 0.0
-    dmp.patch(model, "dmp", init="random", **options)
+    dmp.patch(model, "dmp", prompt_init="random", **options)
     timesteps = range(0, 1000, 100)
     w = dmp.gate_weights(model, timesteps=timesteps)
     assert w.shape == (3, 10, 16) and np.allclose(w.sum(-1), 1.0, atol=1e-6)
-    x = torch.randn(10, 4, 8, 8)
+    x, mixtures = torch.randn(10, 4, 8, 8), []
     with torch.no_grad():
-        model(x, torch.tensor(list(timesteps)), torch.zeros(10, dtype=torch.long))
-    assert np.allclose(w, model.block_input.gates.permute(1, 0, 2).numpy(), atol=1e-6)
+        model(x, torch.tensor(list(timesteps)), torch.zeros(10, dtype=torch.long), mixtures=mixtures)
+    assert np.allclose(w, mixtures[-1].weights.permute(1, 0, 2).numpy(), atol=1e-6)
 
 
 #################################################################################
@@ -517,7 +525,8 @@ from model_unet import SD15, SD_TINY, UNetModel  # noqa: E402
 
 UNET_SMALL = dict(SD_TINY, channel_mult=[1], num_res_blocks=1, attention_resolutions=[1])  # 5 blocks, 3 attentions
 UNET_CASES = [("full", {}), ("prompt", {}), ("lora", dict(rank=2)), ("difffit", {}), ("bitfit", {}),
-              ("dmp", {}), ("dmp", dict(gate_cond="t+c", grid=4, noisy_gate=True, depth=3, block_index="scalar"))]
+              ("dmp", {}), ("dmp", dict(gate_cond="t+c", prompt_grid=4, noisy_gate=True, prompt_depth=3,
+                                        block_index="scalar"))]
 UNET_IDS = [f"{m}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for m, o in UNET_CASES]
 
 
@@ -578,7 +587,7 @@ def test_unet_methods_start_equal_train_only_their_parameters(method, options, o
 
 def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path, one_thread):
     model = tiny_unet()
-    dmp.patch(model, "dmp", grid=4, gate_cond="t+c")
+    dmp.patch(model, "dmp", prompt_grid=4, gate_cond="t+c")
     mop = model.block_input
     with torch.no_grad():
         for p in mop.prompts:
@@ -587,7 +596,7 @@ def test_unet_dmp_prompts_follow_eq3_and_the_patch_file_round_trips(tmp_path, on
     x, t, context = unet_batch()
     h = torch.zeros(2, 4, 8, 8)
     emb = torch.randn(2, 128)
-    out = mop(h, 0, emb, context) - h
+    out = mop(h, 0, mop.condition(emb, context, t)) - h
     c = torch.cat([emb, context.mean(1)], -1)
     g = torch.softmax(mop.gate(c) + mop.gate_index[:, 0], -1)                     # Eq. 3 at block 0, by hand
     by_hand = (g[:, :, None] * mop.prompts[0][None]).reshape(2, 4, 4, 4).permute(0, 3, 1, 2)
@@ -607,8 +616,8 @@ def test_every_trained_parameter_gets_a_gradient_from_one_step(method, options):
     """DDP's requirement (a parameter with no gradient stops it at the second step), on CPU."""
     model = tiny_dit().train()
     groups = dmp.patch(model, method, **options)
-    x, t, y = batch()
-    loss = model(x, t, y).square().mean() + sum(dmp.balancing_losses(model))
+    x, t, y, mixtures = *batch(), []
+    loss = model(x, t, y, mixtures=mixtures).square().mean() + sum(dmp.balancing_losses(mixtures))
     loss.backward()
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for g in groups for p in g["params"] if p.grad is None] == []
@@ -626,10 +635,10 @@ def test_gate_weights_are_fp32_under_autocast():
     """CUDA autocast makes a softmax fp32 and CPU's keeps bf16: the gate runs in fp32 on both."""
     model = tiny_dit().train()
     dmp.patch(model, "dmp", selection="hard")
-    x, t, y = batch()
+    x, t, y, mixtures = *batch(), []
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x, t, y)
-    assert model.block_input.gates.dtype == torch.float32
+        model(x, t, y, mixtures=mixtures)
+    assert mixtures[-1].weights.dtype == torch.float32
 
 
 def test_unet_prompt_term_is_added_in_fp32_under_bf16_autocast():
@@ -641,19 +650,17 @@ def test_unet_prompt_term_is_added_in_fp32_under_bf16_autocast():
     from model_unet import SD_TINY, UNetModel
     torch.manual_seed(0)
     unet = UNetModel(**SD_TINY)
-    dmp.patch(unet, "dmp", grid=4)
+    dmp.patch(unet, "dmp", prompt_grid=4)
     mop = unet.block_input
     for p in mop.prompts:
         p.data.fill_(1e-4 * mop.num_prompts)  # g = 1/N at the zero gate: a term of 1e-4
     c_in = unet.block_shapes[3][0]
     x = torch.randn(2, c_in, 4, 4).bfloat16()
     emb, context = torch.randn(2, unet.time_embed[-1].out_features), torch.randn(2, 5, 32)
-    x0 = torch.zeros(2, unet.block_shapes[0][0], 4, 4)
-    mop(x0, 0, emb, context)  # the gate's weights, for every block, are computed at block 0
-    ref = mop(x.float(), 3, emb, context).double() - x.double()
+    t = torch.tensor([1, 500])
+    ref = mop(x.float(), 3, mop.condition(emb, context, t)).double() - x.double()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mop(x0.bfloat16(), 0, emb, context)
-        out = mop(x, 3, emb, context)
+        out = mop(x, 3, mop.condition(emb, context, t))  # the gate's weights, for every block
     assert out.dtype == torch.float32
     effect = out.double() - x.double()
     bound = 2.0 ** -24 * (x.double().abs().max() + 1e-4)
@@ -684,13 +691,15 @@ def test_the_t_blind_gate_mixes_alike_at_every_timestep():
     assert np.array_equal(mixtures["none"][:, 0], mixtures["none"][:, 2])
     assert np.abs(mixtures["none"][0, 0] - mixtures["none"][1, 0]).max() > 0.01  # per block
     unet = tiny_unet()
-    dmp.patch(unet, "dmp", grid=4, gate_cond="none")
+    dmp.patch(unet, "dmp", prompt_grid=4, gate_cond="none")
     with torch.no_grad():
         for p in unet.block_input.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         x, _, context = unet_batch()
-        unet(x[:1].expand(2, -1, -1, -1), torch.tensor([0, 999]), context[:1].expand(2, -1, -1))
-    weights = unet.block_input.gates  # (B, L, N): the two timesteps' mixtures at every block
+        mixtures = []
+        unet(x[:1].expand(2, -1, -1, -1), torch.tensor([0, 999]), context[:1].expand(2, -1, -1),
+             mixtures=mixtures)
+    weights = mixtures[-1].weights  # (B, L, N): the two timesteps' mixtures at every block
     assert torch.equal(weights[0], weights[1]) and (weights[0] - 1 / 16).abs().max() > 0.01
     with pytest.raises(ValueError, match="cannot be blind to t"):
         dmp.patch(tiny_dit(), "dmp", gate="attention", gate_cond="none")

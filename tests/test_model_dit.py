@@ -168,8 +168,9 @@ def loss_and_grads(model, seed, checkpointing):
     g = torch.Generator().manual_seed(1)
     x, t = torch.randn(4, 4, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
     torch.manual_seed(seed)  # label dropout and the gate's noise: drawn once per forward
-    terms = create_diffusion("", "linear").training_losses(model, x, t, dict(y=torch.arange(4)))
-    importance, load = dmp.balancing_losses(model)
+    mixtures = []
+    terms = create_diffusion("", "linear").training_losses(model, x, t, dict(y=torch.arange(4), mixtures=mixtures))
+    importance, load = dmp.balancing_losses(mixtures)
     loss = terms["loss"].mean() + importance + load
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

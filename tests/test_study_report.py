@@ -218,7 +218,7 @@ def test_the_rules_chance_rate_and_the_pretraining_plateau():
 
 def test_fig5_is_drawn_on_one_scale_of_deviation_from_uniform(tmp_path):
     model = tiny_dit()
-    dmp.patch(model, "dmp", init="random")
+    dmp.patch(model, "dmp", prompt_init="random")
     w = dmp.gate_weights(model, timesteps=range(0, 1000, 100))  # 3 blocks, 10 timesteps, 16 prompts
     path = draw_gate_heatmap(w, tmp_path / "fig5.png", cell=2, gap=4)
     image = np.asarray(Image.open(path))

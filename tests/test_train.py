@@ -718,14 +718,15 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
         monkeypatch.setattr(torch, "randn_like", gate_noise)
         batch = training.get_batch(data, rows, 3, args, cpu)
         diffusion = create_diffusion("", args.noise_schedule)
-        whole = training.compute_loss(model, model, diffusion, batch, args)[1]
-        sums = [mop.load]
+        mixtures = []
+        whole = training.compute_loss(model, model, diffusion, batch, args, mixtures)[1]
+        sums = [mixtures[-1].load]
         taken[0] = 0
         parts = []
         for i in range(0, 16, 4):
             micro = training.micro_batch(batch, slice(i, i + 4))
-            parts.append(training.compute_loss(model, model, diffusion, micro, args)[1])
-            sums.append(mop.load)
+            parts.append(training.compute_loss(model, model, diffusion, micro, args, mixtures)[1])
+            sums.append(mixtures[-1].load)
         monkeypatch.undo()
         means = zip(whole.tolist(), torch.stack(parts).mean(0).tolist(), strict=True)
         losses[selection] = dict(zip(training.LOG_TERMS, means, strict=True))
@@ -995,7 +996,7 @@ def test_compile_covers_every_unet_block_and_dit_in_one_graph():
     from model_unet import SD_TINY, UNetModel
     torch.manual_seed(0)
     unet = UNetModel(**dict(SD_TINY, channel_mult=[1], num_res_blocks=1, attention_resolutions=[]))
-    dmp.patch(unet, "dmp", grid=4)
+    dmp.patch(unet, "dmp", prompt_grid=4)
     blocks = 1 + len(unet.input_blocks) + len(unet.output_blocks)
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 5, 32)
     assert compiled_frames(unet, x, t, context) == (dict(total=blocks, ok=blocks), blocks, 0)
@@ -1031,8 +1032,9 @@ def _train_every_structure(rank, world):
         for step in range(3):
             torch.manual_seed(step * world + rank)
             x, t = torch.randn(2, 1, 8, 8), torch.randint(0, 1000, (2,))
-            loss = ddp(x, t, torch.zeros(2, dtype=torch.long)).square().mean()
-            (loss + sum(dmp.balancing_losses(model))).backward()
+            mixtures = []
+            loss = ddp(x, t, torch.zeros(2, dtype=torch.long), mixtures=mixtures).square().mean()
+            (loss + sum(dmp.balancing_losses(mixtures))).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         done.append(" ".join(flags))

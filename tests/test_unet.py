@@ -109,16 +109,27 @@ def test_block_input_hook_sees_every_block_input(golden):
     model.load_state_dict(ldm)
     seen = []
 
-    def identity(h, i, emb, context):
-        seen.append((i, h.shape[1], g["x"].shape[-1] // h.shape[-1]))
-        return h
+    class Hook:
+        """block_input's protocol: condition once per forward, then a call before every block."""
+        def __init__(self, change=None):
+            self.change = change
 
-    model.block_input = identity
+        def condition(self, emb, context, t):
+            return None
+
+        def __call__(self, h, i, mixture):
+            seen.append((i, h.shape[1], g["x"].shape[-1] // h.shape[-1]))
+            return h if self.change is None else self.change(h, i)
+
+    model.block_input = Hook()
     assert rel_err(run(model, g), g["out"]) < 1e-5
     assert seen == [(i, c, ds) for i, (c, ds) in enumerate(model.block_shapes)]
     noise = torch.randn(g["x"].shape[0], model.block_shapes[24][0], *g["x"].shape[2:],
                         generator=torch.Generator().manual_seed(0))
-    model.block_input = lambda h, i, emb, context: h + noise if i == 24 else h  # the last decoder block
+
+    def last_decoder_block(h, i):
+        return h + noise if i == 24 else h
+    model.block_input = Hook(last_decoder_block)
     assert rel_err(run(model, g), g["out"]) > 0.1
 
 
@@ -138,7 +149,7 @@ def test_checkpointing_changes_neither_loss_nor_gradients_of_a_dmp_patched_unet(
     model = UNetModel(**SD_TINY)
     for p in model.parameters():  # zero-initialised output convolutions would hide the blocks
         p.data.normal_(0, 0.1)
-    dmp.patch(model, "dmp", grid=4, gate_cond="t+c", noisy_gate=True)
+    dmp.patch(model, "dmp", prompt_grid=4, gate_cond="t+c", noisy_gate=True)
     for p in model.block_input.parameters():
         p.data.normal_(0, 0.3)  # zero prompts would give the gate a zero gradient
     g = torch.Generator().manual_seed(1)
@@ -151,7 +162,8 @@ def test_checkpointing_changes_neither_loss_nor_gradients_of_a_dmp_patched_unet(
         model.set_checkpointing(checkpointing).train()
         model.zero_grad(set_to_none=True)
         torch.manual_seed(5)  # the gate's noise, drawn once per forward outside the blocks
-        loss = (model(x, t, context) - x).square().mean() + sum(dmp.balancing_losses(model))
+        mixtures = []
+        loss = (model(x, t, context, mixtures=mixtures) - x).square().mean() + sum(dmp.balancing_losses(mixtures))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         return loss.detach(), grads
