@@ -39,7 +39,8 @@ DMP_OPTIONS = [
     dict(noisy_gate=True), dict(gate_lr_scale=10.0), dmp.AUTHORS_CODE,
     dict(selection="hard", hard_weights="one"), dict(gate_cond="none"),
 ]
-METHOD_CASES = [("full", {}), ("prompt", {}), ("lora", {}), ("lora", dict(rank=2, alpha=4)),
+METHOD_CASES = [("full", {}), ("prompt", {}), ("prompt", dict(time_bands=4)), ("lora", {}),
+                ("lora", dict(rank=2, alpha=4)),
                 ("lora", dict(rank="dmp")), ("difffit", {}),
                 ("difffit", dict(gamma_fraction=1.0, train_labels=True)), ("bitfit", {}),
                 ("bitfit", dict(lr_scale=10.0))] + [("dmp", o) for o in DMP_OPTIONS]
@@ -446,7 +447,8 @@ def test_difffit_positional_trick_halves_the_grid():
 
 
 @pytest.mark.parametrize("method, options", [("dmp", {}), ("dmp", dict(gate="attention")), ("lora", {}),
-                                             ("difffit", dict(pos_scale=0.5)), ("prompt", {}), ("bitfit", {})])
+                                             ("difffit", dict(pos_scale=0.5)), ("prompt", {}), ("bitfit", {}),
+                                             ("prompt", dict(time_bands=4))])
 def test_patch_file_round_trip(tmp_path, method, options):
     base = tiny_dit()
     torch.save(base.state_dict(), tmp_path / "base.pt")
@@ -464,6 +466,75 @@ def test_patch_file_round_trip(tmp_path, method, options):
         assert not torch.equal(base(x, t, y), restored(x, t, y))
     saved = torch.load(tmp_path / "patch.pt", weights_only=True)
     assert saved["method"] == method and len(saved["base"]["sha256"]) == 64
+
+
+def test_a_patch_file_with_the_older_option_names_loads(tmp_path):
+    """
+    Patch files written before DMPOptions record prompt_depth, prompt_init and prompt_grid as depth,
+    init and grid: they load under the new names (dmp.RENAMED), to the same model.
+    """
+    base = tiny_dit()
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    model = copy.deepcopy(base)
+    dmp.patch(model, "dmp", prompt_depth=2, prompt_init="random")
+    model.patch_options = dict(depth=2, init="random")  # as the older code recorded them
+    load.save_patch(model, tmp_path / "old.pt", base=tmp_path / "base.pt")
+    restored = load.apply_patch(copy.deepcopy(base), tmp_path / "old.pt", base=tmp_path / "base.pt")
+    assert restored.patch_options == dict(prompt_depth=2, prompt_init="random")
+    assert restored.block_input.depth == 2
+    x, t, y = batch()
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), restored(x, t, y))
+    unet = tiny_unet()
+    dmp.patch(unet, "dmp", grid=4)
+    assert unet.block_input.grid == 4 and unet.patch_options == dict(prompt_grid=4)
+
+
+def test_time_bands_are_prompt_tuning_with_one_prompt_set_a_band():
+    """
+    time_bands K (issue 25's positive control): prompt tuning with K prompt sets, a sample's set
+    the band t K // 1000 of its timestep. At timesteps in band k the model is exactly plain prompt
+    tuning whose prompts are set k; a batch in band k trains set k only; K times prompt tuning's
+    parameters; a respaced sampler still hands the model the original timesteps; a gate,
+    prepended prompts, the UNet and a K outside 1..1000 are refused.
+    """
+    K = 4
+    model, plain = tiny_dit(), tiny_dit()
+    groups, plain_groups = dmp.patch(model, "prompt", time_bands=K), dmp.patch(plain, "prompt")
+    prompts = model.block_input.prompts
+    assert prompts.shape == (K, 3, 16, 32)
+    assert sum(p.numel() for g in groups for p in g["params"]) == K * 3 * 16 * 32 == K * sum(
+        p.numel() for g in plain_groups for p in g["params"])
+    with torch.no_grad():
+        prompts.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    x, _, y = batch()
+    t = torch.tensor([0, 249, 250, 999])  # bands 0, 0, 1, 3: the edges
+    for k in range(K):
+        with torch.no_grad():
+            plain.block_input.prompts.copy_(prompts[k])
+            out, expected = model(x, t, y), plain(x, t, y)
+        rows = (t * K // 1000 == k).nonzero().flatten().tolist()
+        assert rows == {0: [0, 1], 1: [2], 2: [], 3: [3]}[k]
+        assert all(torch.equal(out[j], expected[j]) for j in rows)
+        assert all(not torch.equal(out[j], expected[j]) for j in range(4) if j not in rows)
+    model.train()
+    model(x, torch.tensor([500, 600, 700, 740]), y).square().mean().backward()  # band 2 only
+    grad = prompts.grad.flatten(1).abs().sum(1)
+    assert grad[2] > 0 and grad[[0, 1, 3]].tolist() == [0, 0, 0]
+    from diffusion import create_diffusion
+    seen, respaced = [], create_diffusion("ddim25", "linear")
+
+    def record(x, t):
+        seen.append(t)
+        return x
+    respaced._model(record, x, torch.tensor([24]), None)  # its last step: the original t
+    assert seen[0].item() == respaced.timestep_map[-1] > 750  # band 3 of 4, not step 24's band 0
+    for method, options in [("dmp", {}), ("prompt", dict(position="prepend")),
+                            ("prompt", dict(time_bands=0)), ("prompt", dict(time_bands=1001))]:
+        with pytest.raises(ValueError, match="time bands|time_bands"):
+            dmp.patch(tiny_dit(), method, time_bands=options.pop("time_bands", 2), **options)
+    with pytest.raises(ValueError, match="time bands"):
+        dmp.patch(tiny_unet(), "prompt", time_bands=2)
 
 
 def test_a_patch_on_an_official_base_records_its_cached_file(tmp_path, monkeypatch):
