@@ -8,8 +8,9 @@ block index, weights them differently at every denoising step:
     x_{i+1} = Block_i( softmax(G([t; i])) * p_i + x_i )                                (Eq. 3)
 
 trained on the model's own pre-training data with two balancing losses (Eqs. 11-13). The same call,
-patch(model, method), also sets up every further-training baseline the paper compares with: full
-fine-tuning, naive prompt tuning (Eq. 2), LoRA (Table 7), DiffFit and BitFit (baselines.py).
+patch(model, method), sets DMP up on a DiT or on SD's UNet (model_unet.UNetMixtureOfPrompts), and
+every further-training baseline the paper compares with: naive prompt tuning (Eq. 2) here, full
+fine-tuning, LoRA (Table 7), DiffFit and BitFit in baselines.py.
 
 Reading order: DMPOptions (every option, once), MixtureOfPrompts down to its forward (the paper's
 default path), then the ablations, each a named piece, the losses, patch() and Fig. 5's weights.
@@ -107,7 +108,7 @@ class MixtureOfPrompts(nn.Module):
     DMP's prompts and gate, installed as model.block_input: model_dit.DiT.forward calls
     condition(t, y, timesteps) once, then block_input(x, i, mixture) before every block i.
     options: DMPOptions (gate None: naive prompt tuning, Eq. 2); prompt_widths: one width per
-    block instead of `dim` (the UNet's blocks differ: UNetMixtureOfPrompts).
+    block instead of `dim` (the UNet's blocks differ: model_unet.UNetMixtureOfPrompts).
     """
     def __init__(self, num_blocks, num_tokens, dim, options=None, prompt_widths=None):
         super().__init__()
@@ -119,10 +120,6 @@ class MixtureOfPrompts(nn.Module):
         self.gate_cond, self.block_index = o.gate_cond or "t", o.block_index
         self.distinct, self.time_bands = o.prompt_selection == "distinct", o.time_bands
         self.top_k, self.hard_weights = max(1, int(o.top_k * N)), o.hard_weights
-        if o.gate is not None and o.selection == "hard" and o.hard_weights == "one" and self.top_k == N:
-            raise ValueError(f"hard selection keeping all {N} prompts at weight one is naive prompt "
-                             f"tuning with no gate: keep fewer (top_k below 1) or take the softmax "
-                             f"weights")
         # the authors' noisy gating, and hard top-k's load estimator (it needs noise): the linear's
         self.noisy = (o.noisy_gate or o.selection == "hard") and o.gate == "linear"
 
@@ -336,73 +333,18 @@ def refuse_meaningless(o, num_tokens):
                          "linear gate")
     if o.position == "add" and o.num_prompts not in (None, num_tokens):
         raise ValueError(f"added prompts need one per token: num_prompts must be {num_tokens}")
+    N = o.num_prompts or (num_tokens if o.position == "add" else 50)
+    if o.gate is not None and o.selection == "hard" and o.hard_weights == "one" and (
+            max(1, int(o.top_k * N)) == N):
+        raise ValueError(f"hard selection keeping all {N} prompts at weight one is naive prompt "
+                         f"tuning with no gate: keep fewer (top_k below 1) or take the softmax "
+                         f"weights")
     if not 1 <= o.time_bands <= NUM_TIMESTEPS:
         raise ValueError(f"time_bands must be between 1 and {NUM_TIMESTEPS}, not {o.time_bands}")
     if o.time_bands > 1 and (o.gate is not None or o.position != "add"):
         raise ValueError("time bands are prompt tuning with one prompt set a band of timesteps "
                          "(method 'prompt', added prompts): with a gate or prepended prompts "
                          "they would be a second, untested way of choosing prompts by timestep")
-
-
-class UNetMixtureOfPrompts(MixtureOfPrompts):
-    """
-    DMP on the Stable Diffusion UNet, installed as model_unet.UNetModel.block_input: its forward
-    calls condition(emb, context, t) once, then block_input(h, i, mixture) before each of its 25
-    blocks (12 encoder, middle, 12 decoder; a decoder block's input includes its skip).
-
-    The paper gives SD prompts "of size H x W x D" and +0.32% parameters (Table 1), but not where
-    they go. This follows the DiT version, where the N prompts of a block are its N token positions
-    (16 x 16 for DiT-B/2 at 256): the N = grid x grid prompts of block i are C_i-vectors on a grid x
-    grid map, p_i in R^{N x C_i} with C_i the block's input channels. The gate is one linear layer
-    on [t; i] (t: the UNet's timestep embedding; with gate_cond 't+c' also the text, as [t; c; i],
-    since t (1280) and the CLIP states (768) differ in width, and W [t; c] = W_t t + W_c c is the
-    sum of Table 9), softmax over the N prompts:
-
-        h_i <- h_i + resize(softmax(G([t; i])) * p_i)                                   (Eq. 3)
-
-    where resize brings the weighted grid x grid x C_i map to the block's H_i x W_i by area
-    interpolation (replicated over 4 x 4 latent pixels at 512 x 512, averaged at the 8 x 8 deepest
-    blocks), so the same patch works at any resolution. The text c is the mean of the context
-    tokens: the UNet sees CLIP's token states, not its pooled output. Zero-initialised prompts leave
-    the frozen UNet unchanged.
-
-    Parameters on SD 1.5 (tests/test_dmp.py counts them on the meta device), grid 16 and gate_cond
-    't+c': prompts 256 x 30,724 channels summed over the 25 blocks = 7,865,344, gate (1280 + 768 +
-    25) x 256 + 256 = 530,944: 8,396,288 in all, +0.98% of the 859,520,964 UNet parameters, against
-    the paper's +0.32% (2.8M, which per-pixel prompts at 256 x 256 would exceed: 5.6M; grid 8 gives
-    +0.24%). The linear gate and added prompts only: the attention gate and prepended prompts are
-    DiT ablations (Table 4a, 4d), and so are the time bands.
-    """
-    def __init__(self, block_shapes, cond_dim, options):
-        if options.gate == "attention" or options.position != "add" or options.time_bands > 1:
-            raise ValueError("DMP on the UNet has the linear gate (or none), added prompts and one "
-                             "prompt set (time bands are DiT's) only")
-        grid = options.prompt_grid
-        super().__init__(len(block_shapes), grid * grid, cond_dim, options,
-                         prompt_widths=[c for c, _ in block_shapes])
-        self.grid = grid
-
-    def gate_input(self, emb, context):
-        """c: the timestep embedding emb (B, 1280), with 't+c' [emb; the mean text token]."""
-        if self.gate_cond == "none":
-            return emb[:, :0]
-        if self.gate_cond != "t+c":
-            return emb
-        return torch.cat([emb, context.mean(dim=1).to(emb.dtype)], dim=-1)
-
-    def forward(self, x, i, mixture):
-        """x: (B, C_i, H_i, W_i), the input of block i; mixture: this forward's (condition)."""
-        if i >= self.depth:
-            return x
-        g = self.grid
-        prompt = self.prompts[i].T.reshape(1, -1, g, g)           # (1, C_i, grid, grid)
-        if self.gate_type is not None:
-            prompt = mixture.weights[:, i].reshape(-1, 1, g, g) * prompt  # softmax(G([t; i])) p_i
-        # Added in fp32, and the block reads an fp32 input: under autocast the UNet's activations
-        # are bf16 (its convolutions'), whose 3 digits would round a 1e-4 prompt term on a
-        # unit-scale input to nothing or to 4e-3; the block's GroupNorms and residual path read
-        # fp32 (autocast runs GroupNorm in fp32), as DiT's blocks read DMP's fp32 tokens.
-        return x.float() + F.interpolate(prompt.float(), size=x.shape[-2:], mode="area")
 
 
 #################################################################################
@@ -489,6 +431,7 @@ def add_prompts(model, method, lr, options):
     if method == "prompt":
         options = dataclasses.replace(options, gate=None)
     if hasattr(model, "input_blocks"):  # SD's UNet: the gate reads [t; c] (t+c) or t
+        from model_unet import UNetMixtureOfPrompts
         text = model.config["context_dim"] if options.gate_cond == "t+c" else 0
         mop = UNetMixtureOfPrompts(model.block_shapes, model.time_embed[-1].out_features + text,
                                    options)

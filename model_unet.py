@@ -8,8 +8,9 @@ UNet of an original checkpoint (`model.diffusion_model.*` in `v1-5-pruned-emaonl
 loads with strict=True once the prefix is stripped; a diffusers folder
 (`unet/diffusion_pytorch_model.safetensors`) is renamed to those names by a few rules
 (diffusers_to_ldm). Attention goes through F.scaled_dot_product_attention. One addition for dmp.py:
-`UNetModel.block_input`, called before every block, as `DiT.block_input` is in model_dit.py. One for
-memory: `UNetModel.set_checkpointing(True)`, activation checkpointing per block as in model_dit.py.
+`UNetModel.block_input`, called before every block, as `DiT.block_input` is in model_dit.py, and
+what DMP puts there on this UNet, UNetMixtureOfPrompts. One for memory:
+`UNetModel.set_checkpointing(True)`, activation checkpointing per block as in model_dit.py.
 """
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checkpoints import diffusers_file, load_strict, model_weights, read_state_dict, strip_prefix
+from dmp import MixtureOfPrompts
 from model_dit import TimestepEmbedder
 
 # ldm's timestep_embedding, [cos(t f_k), sin(t f_k)] (diffusers: flip_sin_to_cos), is GLIDE's
@@ -330,6 +332,71 @@ SD15 = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolut
             context_dim=768)
 SD_TINY = dict(SD15, model_channels=32, channel_mult=[1, 1, 2, 2], context_dim=32)
 UNet_configs = {"sd15": SD15, "sd-tiny": SD_TINY}
+
+
+#################################################################################
+#                 DMP on the UNet (dmp.py's prompts and gate)                   #
+#################################################################################
+
+class UNetMixtureOfPrompts(MixtureOfPrompts):
+    """
+    DMP on the Stable Diffusion UNet, installed as model_unet.UNetModel.block_input: its forward
+    calls condition(emb, context, t) once, then block_input(h, i, mixture) before each of its 25
+    blocks (12 encoder, middle, 12 decoder; a decoder block's input includes its skip).
+
+    The paper gives SD prompts "of size H x W x D" and +0.32% parameters (Table 1), but not where
+    they go. This follows the DiT version, where the N prompts of a block are its N token positions
+    (16 x 16 for DiT-B/2 at 256): the N = grid x grid prompts of block i are C_i-vectors on a grid x
+    grid map, p_i in R^{N x C_i} with C_i the block's input channels. The gate is one linear layer
+    on [t; i] (t: the UNet's timestep embedding; with gate_cond 't+c' also the text, as [t; c; i],
+    since t (1280) and the CLIP states (768) differ in width, and W [t; c] = W_t t + W_c c is the
+    sum of Table 9), softmax over the N prompts:
+
+        h_i <- h_i + resize(softmax(G([t; i])) * p_i)                                   (Eq. 3)
+
+    where resize brings the weighted grid x grid x C_i map to the block's H_i x W_i by area
+    interpolation (replicated over 4 x 4 latent pixels at 512 x 512, averaged at the 8 x 8 deepest
+    blocks), so the same patch works at any resolution. The text c is the mean of the context
+    tokens: the UNet sees CLIP's token states, not its pooled output. Zero-initialised prompts leave
+    the frozen UNet unchanged.
+
+    Parameters on SD 1.5 (tests/test_dmp.py counts them on the meta device), grid 16 and gate_cond
+    't+c': prompts 256 x 30,724 channels summed over the 25 blocks = 7,865,344, gate (1280 + 768 +
+    25) x 256 + 256 = 530,944: 8,396,288 in all, +0.98% of the 859,520,964 UNet parameters, against
+    the paper's +0.32% (2.8M, which per-pixel prompts at 256 x 256 would exceed: 5.6M; grid 8 gives
+    +0.24%). The linear gate and added prompts only: the attention gate and prepended prompts are
+    DiT ablations (Table 4a, 4d), and so are the time bands.
+    """
+    def __init__(self, block_shapes, cond_dim, options):
+        if options.gate == "attention" or options.position != "add" or options.time_bands > 1:
+            raise ValueError("DMP on the UNet has the linear gate (or none), added prompts and one "
+                             "prompt set (time bands are DiT's) only")
+        grid = options.prompt_grid
+        super().__init__(len(block_shapes), grid * grid, cond_dim, options,
+                         prompt_widths=[c for c, _ in block_shapes])
+        self.grid = grid
+
+    def gate_input(self, emb, context):
+        """c: the timestep embedding emb (B, 1280), with 't+c' [emb; the mean text token]."""
+        if self.gate_cond == "none":
+            return emb[:, :0]
+        if self.gate_cond != "t+c":
+            return emb
+        return torch.cat([emb, context.mean(dim=1).to(emb.dtype)], dim=-1)
+
+    def forward(self, x, i, mixture):
+        """x: (B, C_i, H_i, W_i), the input of block i; mixture: this forward's (condition)."""
+        if i >= self.depth:
+            return x
+        g = self.grid
+        prompt = self.prompts[i].T.reshape(1, -1, g, g)           # (1, C_i, grid, grid)
+        if self.gate_type is not None:
+            prompt = mixture.weights[:, i].reshape(-1, 1, g, g) * prompt  # softmax(G([t; i])) p_i
+        # Added in fp32, and the block reads an fp32 input: under autocast the UNet's activations
+        # are bf16 (its convolutions'), whose 3 digits would round a 1e-4 prompt term on a
+        # unit-scale input to nothing or to 4e-3; the block's GroupNorms and residual path read
+        # fp32 (autocast runs GroupNorm in fp32), as DiT's blocks read DMP's fp32 tokens.
+        return x.float() + F.interpolate(prompt.float(), size=x.shape[-2:], mode="area")
 
 
 #################################################################################

@@ -617,7 +617,7 @@ def unet_batch(n=2, seed=1):
 
 
 def test_unet_dmp_parameter_overhead_on_sd15():
-    """The design note in dmp.UNetMixtureOfPrompts: +0.98% on SD 1.5 (paper: +0.32%), counted on
+    """The design note in model_unet.UNetMixtureOfPrompts: +0.98% on SD 1.5 (paper: +0.32%), counted on
     the meta device."""
     with torch.device("meta"):
         model = UNetModel(**SD15)
