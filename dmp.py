@@ -54,23 +54,28 @@ class DMPOptions:
                        "tuning, --method prompt, has none)", ("linear", "attention"))
     selection: str = option("soft", "Table 4b: softmax weights over all prompts, or the top_k "
                             "fraction", ("soft", "hard"))
-    top_k: float = option(0.75, "hard selection: the fraction of the prompts kept (192 of 256)")
-    hard_weights: str = option("softmax", "hard selection: a softmax over the kept logits (authors' "
-                               "code) or weight 1 (the paper's text)", ("softmax", "one"))
+    top_k: float = option(0.75, "Table 4b, hard selection: the fraction of the prompts kept (192 "
+                          "of 256)")
+    hard_weights: str = option("softmax", "Table 4b, hard selection: a softmax over the kept "
+                               "logits (authors' code) or weight 1 (the paper's text)",
+                               ("softmax", "one"))
     prompt_selection: str = option("distinct", "Table 4c: the gate sees the block index, or one "
                                    "mixture for all blocks", ("distinct", "uniform"))
     position: str = option("add", "Table 4d: prompts added to the tokens (Eq. 2), or num_prompts "
                            "tokens prepended, stripped before the final layer", ("add", "prepend"))
-    num_prompts: int | None = option(None, "prepend: how many (50); add: always one per token")
+    num_prompts: int | None = option(None, "Table 4d, prepend: how many (50); add: always one per "
+                                     "token")
     prompt_depth: int | None = option(None, "Fig. 4: prompts in the first k blocks only (default: "
                                       "every block)")
     prompt_init: str = option("zero", "the paper's zero prompts and gate, or Xavier-random ones "
                               "(its 'Zero-initialization')", ("zero", "random"))
     gate_cond: str | None = option(None, "Table 9: the gate reads t, or t + c (the class or text "
                                    "embedding); none: blind to t (its bias and block index only), "
-                                   "the study's control (default: t, or t+c with text data)",
+                                   "the study's control (default: t, or t+c with text data; "
+                                   "MixtureOfPrompts reads None as t)",
                                    ("t", "t+c", "none"))
-    prompt_grid: int = option(16, "SD UNet only: prompts per block, grid x grid")
+    prompt_grid: int = option(16, "SD UNet only (Table 1's SD row): prompts per block, grid x "
+                              "grid")
     block_index: str = option("onehot", "the paper's [t; i] with i one-hot, or i as a number "
                               "(authors' code)", ("onehot", "scalar"))
     noisy_gate: bool = option(False, "learned Gaussian noise on the gate logits in training "
@@ -78,8 +83,8 @@ class DMPOptions:
     gate_lr_scale: float = option(1.0, "the gate's learning rate over the prompts' (authors' "
                                   "code: 10)")
     time_bands: int = option(1, "prompt tuning (--method prompt) with K prompt sets, the set of a "
-                             "sample chosen by its timestep's band t K // 1000: the study's positive "
-                             "control (issue 25)")
+                             "sample chosen by its timestep's band t K // 1000: the study's "
+                             "positive control (issue 25)")
 
 
 # Patch files written before the options were declared here record three under older names.
