@@ -16,6 +16,7 @@ paper is the default and the authors' choice is an option; AUTHORS_CODE collects
 """
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,44 @@ import torch.nn.functional as F
 # the prompts' rate, and learned noise is added to the gate logits in training (the noisy gating of
 # Shazeer et al. 2017).
 AUTHORS_CODE = dict(gate_cond="t+c", block_index="scalar", gate_lr_scale=10.0, noisy_gate=True)
+
+
+@dataclass
+class DMPOptions:
+    """DMP's options, one field each (train.py makes a flag of each): the paper's value as its
+    default, its table in its help, its choices where there are some."""
+    gate: str = field(default="linear", metadata=dict(
+        help="Table 4a: the gate", choices=["linear", "attention"]))
+    selection: str = field(default="soft", metadata=dict(
+        help="Table 4b: soft (every prompt) or hard (the top k)", choices=["soft", "hard"]))
+    top_k: float = field(default=0.75, metadata=dict(
+        help="fraction kept by hard selection (192 of 256)"))
+    hard_weights: str = field(default="softmax", metadata=dict(
+        help="hard selection: a softmax over the kept logits (authors' code) or weight 1 (the "
+        "paper's text)", choices=["softmax", "one"]))
+    prompt_selection: str = field(default="distinct", metadata=dict(
+        help="Table 4c", choices=["distinct", "uniform"]))
+    position: str = field(default="add", metadata=dict(help="Table 4d", choices=["add", "prepend"]))
+    num_prompts: int | None = field(default=None, metadata=dict(
+        help="prepend: how many (50); add: always one per token"))
+    prompt_depth: int | None = field(default=None, metadata=dict(
+        help="prompts in the first k blocks only (Fig. 4)"))
+    prompt_init: str = field(default="zero", metadata=dict(help="the prompts' initial values",
+                                                           choices=["zero", "random"]))
+    gate_cond: str | None = field(default=None, metadata=dict(
+        help="Table 9: t+c for text data, else t; none: the gate blind to t (bias and block "
+        "index), the study's control", choices=["t", "t+c", "none"]))
+    prompt_grid: int = field(default=16, metadata=dict(
+        help="SD UNet: prompts per block, grid x grid"))
+    block_index: str = field(default="onehot", metadata=dict(
+        help="the block index i of [t; i]: one-hot (the paper) or a scalar (authors' code)",
+        choices=["onehot", "scalar"]))
+    noisy_gate: bool = field(default=False, metadata=dict(
+        help="learned gate noise (authors' code)"))
+    gate_lr_scale: float = field(default=1.0, metadata=dict(help="10 in the authors' code"))
+    time_bands: int = field(default=1, metadata=dict(
+        help="prompt sets, one per band of timesteps (the study's positive control); only with "
+        "--method prompt"))
 
 
 #################################################################################
