@@ -145,7 +145,7 @@ class Grid:
     """
     def __init__(self, data, device, encoder, noise_schedule):
         self.data, self.device, self.encoder, self.schedule = data, device, encoder, noise_schedule
-        self.captions, self.vae = [c[0] for c in data.captions or []], None
+        self.captions, self.vae = [c[0] for c in data.captions or []], []
 
     def dit(self, model, path):
         text = dict(prompts=self.captions[:16], text_encoder=self.encoder) if self.encoder else {}
@@ -159,9 +159,9 @@ class Grid:
                                       resolution=resolution)
 
     def autoencoder(self):
-        if self.vae is None:
-            self.vae = load_vae(self.data.vae, self.device)
-        return self.vae
+        if not self.vae:  # read once ('none': None)
+            self.vae.append(load_vae(self.data.vae, self.device))
+        return self.vae[0]
 
 
 def start(log, args, step, data, rows, model, trained, run_dir, device, **setting):
