@@ -201,10 +201,11 @@ def claim_run_dir(results, name):
 class RunLog:
     """
     A run's log.jsonl, one JSON object a line, written by rank 0 alone (the other processes'
-    calls do nothing). A write that fails (a full disk) is undone: the log never ends mid-line.
+    calls do nothing). A write that fails (a full disk) is undone: the log never ends mid-line. A
+    line of losses makes the run's `folder` (a Folder) worth keeping.
     """
-    def __init__(self, run_dir, rank):
-        self.path, self.writes = run_dir / "log.jsonl", rank == 0
+    def __init__(self, run_dir, rank, folder=None):
+        self.path, self.writes, self.folder = run_dir / "log.jsonl", rank == 0, folder
 
     def __call__(self, **entry):
         if not self.writes:
@@ -221,6 +222,8 @@ class RunLog:
                 f.truncate(end)
                 e.filename = str(self.path)
                 raise
+        if "loss" in entry and self.folder is not None:
+            self.folder.kept()
 
 
 class LossMeter:

@@ -193,11 +193,6 @@ def measure_bpd(args, log, model, weights, step, diffusion, data, rows, device, 
     return numbers
 
 
-def due(every, step, last=False):
-    """Whether something done every `every` steps (0: never) is done after `step` (or the last)."""
-    return every > 0 and (step % every == 0 or last)
-
-
 #################################################################################
 #                                 Training Loop                                 #
 #################################################################################
@@ -222,7 +217,7 @@ def train(args, folder):
     step = runs.restore(resume, model, ema, opt, scaler, args.init)
     run_dir = folder.open(run_dir, f"{args.dataset}-{args.method or 'pretrain'}", args.results_dir,
                           rank, world)
-    log = runs.RunLog(run_dir, rank)
+    log = runs.RunLog(run_dir, rank, folder)  # its first line of losses keeps the folder
     checkpoints = runs.Checkpoints(run_dir, args.keep, rank, world, model=model, ema=ema, opt=opt,
                                    args=args, data=data, base=found.get("base"), scaler=scaler,
                                    sd=sd)
@@ -269,22 +264,21 @@ def train(args, folder):
         step += 1
         bar.update(1)
         last = step == args.iterations
-        if due(args.log_every, step, last) or due(args.ckpt_every, step):
+        if step % args.log_every == 0 or step % args.ckpt_every == 0 or last:
             mean, speed = losses.mean(step, world)
             runs.stop_if_not_finite(mean, trained, step, checkpoints.last, bar)
             # DMP: how far the gate has moved from uniform (a uniform gate is prompt tuning at lr/N)
             log(step=step, weights="raw", **mean, **dmp.logged_gate_movement(model),
                 steps_per_sec=speed, images_per_sec=speed * args.batch_size)
-            folder.kept()  # the run folder now holds a record worth keeping
             bar.set_postfix(loss=f"{mean['loss']:.4f}", imp=f"{mean['importance']:.3g}",
                             load=f"{mean['load']:.3g}", it_s=f"{speed:.2f}")
-        if due(eval_every, step):
+        if eval_every and step % eval_every == 0:
             log(event="eval", step=step, weights=weights,
                 **heldout.evaluate(measured, diffusion, data, rows[1], args, device, rank=rank,
                                    world=world))
-        if due(args.ckpt_every, step, last):
+        if step % args.ckpt_every == 0 or last:
             checkpoints.save(step)
-        if due(sample_every, step, last):
+        if sample_every and (step % sample_every == 0 or last):
             path = write_grid(measured, run_dir / "samples" / f"{step:07d}.png")
             log(event="samples", step=step, weights=weights, path=str(path))
     bar.close()
