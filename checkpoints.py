@@ -8,12 +8,13 @@ through atomic_save().
 """
 import fcntl
 import hashlib
+import io
 import json
+import mmap
 import os
 import pickle
 import tempfile
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import torch
@@ -116,6 +117,19 @@ def read_state_dict(path):
     refused, and the code never runs) or a .safetensors file. Returns whatever dict the file holds,
     on the CPU.
     """
+    entries, mapped = read_weights(path)
+    if mapped is not None:
+        mapped.close()
+    return entries
+
+
+def read_weights(path):
+    """
+    (entries, bytes) of a weight file opened once (read_state_dict's checks): `bytes` is the file
+    mapped into memory, from which torch.load read the entries and from which its sha256 can be
+    taken without opening it again (hashlib.sha256(bytes); load.py's one read per file); close it
+    when done. A .safetensors file is mapped by safetensors itself: its bytes are None.
+    """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder, not a checkpoint file: give the weights file in "
@@ -126,12 +140,23 @@ def read_state_dict(path):
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return load_file(str(path)), None
         except Exception as e:
             reason = _reason(e)
             raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
-    with open(path, "rb") as f:
-        head = f.read(8)
+    with open(path, "rb") as f:  # mapped copy-on-write: torch.load reads it as a file
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size \
+            else io.BytesIO(b"")
+    try:
+        return _torch_load(path, mapped), mapped
+    except BaseException:
+        mapped.close()
+        raise
+
+
+def _torch_load(path, mapped):
+    """read_weights of a torch file, its bytes `mapped`: the dict it holds, or one sentence why not."""
+    head = mapped[:8] if isinstance(mapped, mmap.mmap) else b""
     # torch.save writes a zip archive (PK) or, in its legacy format, a pickle, which starts with the
     # PROTO opcode 0x80; anything else (a text or JSON file, an image) is not a checkpoint, and
     # unpickling it would fail with whatever error its bytes happen to trigger.
@@ -139,8 +164,7 @@ def read_state_dict(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a "
                               f"pickle; it starts with {head!r})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=zipfile.is_zipfile(path))
+        obj = torch.load(mapped, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_reason(e)})") from None

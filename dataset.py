@@ -25,6 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from model_vae import SCALE_FACTOR
+
 FORMAT = "dmp-prepared-data"
 VERSION = 1
 
@@ -410,3 +412,28 @@ class PreparedData:
             noise_device = generator.device if generator is not None else device
             noise = torch.randn(mean.shape, generator=generator, device=noise_device)
         return (mean + std * noise.to(device)) * self.scale_factor, y
+
+
+def synthetic_latents(folder, rows, shape, num_classes):
+    """A prepared folder of random float16 posteriors, read by PreparedData as real ones (bench.py's
+    training rows: speed does not depend on the values)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = (rows, 2, 2, *shape)
+    array = np.lib.format.open_memmap(folder / "latents.npy", mode="w+", dtype=np.float16,
+                                      shape=stored)
+    rng = np.random.default_rng(0)
+    for i in range(0, rows, 256):
+        block = rng.standard_normal((min(256, rows - i), 2, 2, *shape), dtype=np.float32)
+        block[:, :, 1] = np.abs(block[:, :, 1]) * 0.1  # a positive std
+        array[i: i + len(block)] = block
+    array.flush()
+    del array
+    np.save(folder / "labels.npy", rng.integers(0, num_classes, rows))
+    manifest = dict(format=FORMAT, version=VERSION, kind="latents",
+                    vae="ema", scale_factor=SCALE_FACTOR, count=rows, shape=list(shape),
+                    array="latents.npy", stored_shape=list(stored), dtype="float16",
+                    num_classes=num_classes, class_names=[], skipped=[], captions=None)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+

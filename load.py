@@ -14,11 +14,12 @@ is refused. Also here: patch files, written (save_patch: what the method trained
 name, path and sha256) and read (apply_patch); the settings train.py recorded with a model (noise
 schedule, VAE, text encoder); Stable Diffusion's three parts; the frozen CLIP text encoders.
 """
+import hashlib
 from pathlib import Path
 
 import dmp
-from checkpoints import (CheckpointError, atomic_save, cached, file_sha256, folder_sha256,
-                         read_state_dict)
+from checkpoints import (CheckpointError, atomic_save, cached, download, file_sha256,
+                         folder_sha256, read_state_dict, read_weights)
 from model_clip import CLIP_TINY, CLIP_VITL14, load_clip_text
 from model_dit import OFFICIAL, DiT, load_checkpoint
 from model_unet import UNet_configs, load_unet
@@ -48,6 +49,51 @@ def resolve(name):
 
 
 #################################################################################
+#                  The files of one load, each opened and read once              #
+#################################################################################
+
+class Files:
+    """
+    The weight files one load reads, each opened once (checkpoints.read_weights): its entries, and
+    its sha256 from the same bytes (a .safetensors file, which safetensors maps itself, is read
+    again for it). close() lets go of the bytes.
+    """
+    def __init__(self):
+        self.read = {}
+
+    def entries(self, path):
+        """The dict the file at `path` holds (read_state_dict's), read at the first call."""
+        key = Path(path).resolve()
+        if key not in self.read:
+            self.read[key] = read_weights(path)
+        return self.read[key][0]
+
+    def sha256(self, path):
+        """The file's sha256: from the bytes read if it was read, else from one read of it."""
+        _, mapped = self.read.get(Path(path).resolve(), (None, None))
+        if mapped is None:
+            return file_sha256(path)
+        return hashlib.sha256(mapped).hexdigest()
+
+    def settings(self, *paths):
+        """noise_schedule / vae / text_encoder that train.py recorded in those of `paths` that
+        are files (later ones win)."""
+        found = {}
+        for path in paths:
+            if path and Path(str(path)).is_file() and Path(str(path)).suffix != ".safetensors":
+                entries = self.entries(path)
+                found.update({k: entries[k] for k in ("noise_schedule", "vae", "text_encoder")
+                              if isinstance(entries.get(k), str)})
+        return found
+
+    def close(self):
+        for _, mapped in self.read.values():
+            if mapped is not None:
+                mapped.close()
+        self.read.clear()
+
+
+#################################################################################
 #                          A patch and the base it names                        #
 #################################################################################
 
@@ -64,32 +110,30 @@ def base_file(base):
     return None
 
 
-def base_record(base):
+def base_record(base, files=None):
     """
     What a patch records of its base (save_patch): the name as given (an official name still
     resolves through the download cache), its absolute path (so the patch finds it from any working
-    directory) and its sha256 (base_sha256).
+    directory) and its sha256 (base_sha256; `files`: a load's Files, which read it already).
     """
     if not base:
         return dict(name=None, path=None, sha256=None)
-    file = base_file(base)
-    path = Path(str(base)).expanduser()
+    path = base_file(base) or Path(str(base)).expanduser()
     record = dict(name=str(base), path=None, sha256=None)
-    if file:
-        record.update(path=str(file.resolve()), sha256=file_sha256(file))
-    elif path.exists():
-        record.update(path=str(path.resolve()), sha256=base_sha256(path))
+    if path.exists():
+        record.update(path=str(path.resolve()), sha256=base_sha256(base, files))
     return record
 
 
-def base_sha256(base):
+def base_sha256(base, files=None):
     """
-    The sha256 a base is recorded and checked by: its file's, or for a folder (a diffusers SD base)
-    checkpoints.folder_sha256, the hash of its weight files. None for a name that is not there.
+    The sha256 a base is recorded and checked by: its file's (`files`: from a load's one read), or
+    for a folder (a diffusers SD base) checkpoints.folder_sha256, the hash of its weight files.
+    None for a name that is not there.
     """
     file = base_file(base)
     if file:
-        return file_sha256(file)
+        return (files or Files()).sha256(file)
     path = Path(str(base)).expanduser()
     return folder_sha256(path) if path.is_dir() else None
 
@@ -108,14 +152,14 @@ def recorded_base(entries):
     return base.get("name")
 
 
-def check_base(entries, path, base, allow_base_mismatch=False):
+def check_base(entries, path, base, allow_base_mismatch=False, files=None):
     """
     A patch (`entries`, read from `path`) that recorded its base's sha256 applied to `base`: the
     two (files, or folders' weights) must agree, else CheckpointError, or with allow_base_mismatch
     a warning.
     """
     recorded = (entries.get("base") or {}).get("sha256")
-    actual = (base_sha256(base) if base and recorded else None) or recorded
+    actual = (base_sha256(base, files) if base and recorded else None) or recorded
     if actual == recorded:
         return
     problem = (f"{path} was trained on a base with sha256 {recorded[:12]}..., and {base} is "
@@ -158,16 +202,16 @@ def save_patch(model, path, base=None, **extra):
     return Path(path).stat().st_size, backbone
 
 
-def apply_patch(model, path, base=None, allow_base_mismatch=False):
+def apply_patch(model, path, base=None, allow_base_mismatch=False, files=None):
     """
     Patch a base model in place with a patch file: the method's modules rebuilt (dmp.patch), then
     its weights loaded. If `base` is the file the model came from and the patch recorded its base's
-    sha256, they must agree (check_base).
+    sha256, they must agree (check_base). `files`: a load's Files (each file read once).
     """
-    entries = read_state_dict(path)
+    entries = (files or Files()).entries(path)
     if not is_patch(entries):
         raise CheckpointError(f"{path}: not a patch file (no 'method' and 'state' entries)")
-    check_base(entries, path, base, allow_base_mismatch)
+    check_base(entries, path, base, allow_base_mismatch, files)
     dmp.patch(model, entries["method"], **entries.get("options", {}))
     expected, got = set(dmp.trainable_state_dict(model)), set(entries["state"])
     if expected != got:
@@ -184,39 +228,63 @@ def apply_patch(model, path, base=None, allow_base_mismatch=False):
 
 def load_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False,
                num_heads=None):
+    """open_model's model (what sample.py, study.py, export.py and digits_fid.py use)."""
+    return open_model(name_or_path, patch_path, unet_config, allow_base_mismatch, num_heads)[0]
+
+
+def open_model(name_or_path, patch_path=None, unet_config=None, allow_base_mismatch=False,
+               num_heads=None, record=False):
     """
-    The model sample.py, train.py --init, study.py and digits_fid.py use: an official name or a DiT
-    checkpoint (model_dit.load_checkpoint); a patch file or a train.py checkpoint of a
-    further-training run (it records its base and the trained weights), applied to the base it
-    names; a train.py run folder (its last checkpoint); or a base plus `patch_path`. With
-    unet_config (model_unet's UNet_configs), the base is an SD UNet in any layout
-    model_unet.load_unet reads; a patch of a UNet records its config, so it needs none. num_heads:
-    the head count of a DiT state dict that records no config and has no official width.
+    (model, found): an official name or a DiT checkpoint (model_dit.load_checkpoint); a patch file
+    or a train.py checkpoint of a further-training run (it records its base and the trained
+    weights), applied to the base it names; a train.py run folder (its last checkpoint); or a base
+    plus `patch_path`. With unet_config (model_unet's UNet_configs), the base is an SD UNet in any
+    layout model_unet.load_unet reads; a patch of a UNet records its config, so it needs none.
+    num_heads: the head count of a DiT state dict that records no config and has no official
+    width. Each file is opened and read once (Files). found: `settings`, what train.py recorded in
+    the base, the checkpoint and the patch (recorded_settings'); with `record`, `base`, what a
+    patch of this model records of it (base_record, its sha256 from the same read).
     """
-    name_or_path = resolve(name_or_path)
-    path = Path(str(name_or_path))
+    files = Files()
+    try:
+        name = resolve(name_or_path)
+        model = model_of(files, name, unet_config, allow_base_mismatch, num_heads)
+        if patch_path:
+            model = apply_patch(model, patch_path, name, allow_base_mismatch, files)
+        found = dict(settings=settings_of(files, name, patch_path))
+        if record:
+            found["base"] = base_record(name_or_path, files)
+        return model, found
+    finally:
+        files.close()
+
+
+def model_of(files, name, unet_config=None, allow_base_mismatch=False, num_heads=None):
+    """open_model's model of `name` (no run folder), its files read through `files`."""
+    path = base_file(name) or Path(str(name))
+    if str(name) in OFFICIAL and not path.is_file():
+        path = download(OFFICIAL[str(name)])
+    heads = {"num_heads": num_heads} if num_heads else {}
     if path.is_file() and not (unet_config and path.suffix == ".safetensors"):  # SD: read once
-        entries = read_state_dict(name_or_path)
+        entries = files.entries(path)
         if is_patch(entries):
-            return load_patched(name_or_path, entries, unet_config, allow_base_mismatch,
-                                num_heads)
+            return load_patched(files, path, entries, unet_config, allow_base_mismatch, num_heads)
         if entries.get("method") and isinstance(entries.get("model"), dict):
             # DMP trained from scratch (Table 6): backbone and prompts in one state dict; the EMA
             model = DiT(**entries["config"])
             dmp.patch(model, entries["method"], **(entries.get("options") or {}))
             model.load_state_dict(entries.get("ema") or entries["model"])
             return model
+        if unet_config is None:
+            return load_checkpoint(name, entries=entries, **heads)
     if unet_config is not None:
-        model = load_unet(name_or_path, unet_config)
-    else:
-        model = load_checkpoint(name_or_path, **({"num_heads": num_heads} if num_heads else {}))
-    if patch_path:
-        model = apply_patch(model, patch_path, name_or_path, allow_base_mismatch)
-    return model
+        return load_unet(name, unet_config)
+    return load_checkpoint(name, **heads)
 
 
-def load_patched(path, entries, unet_config=None, allow_base_mismatch=False, num_heads=None):
-    """load_model of a patch file (its `entries`): its recorded base, loaded, with it applied."""
+def load_patched(files, path, entries, unet_config=None, allow_base_mismatch=False,
+                 num_heads=None):
+    """model_of a patch file (its `entries`): its recorded base, loaded, with it applied."""
     base = recorded_base(entries)
     if not base:
         raise CheckpointError(f"{path} is a patch that does not name its base checkpoint: pass "
@@ -230,9 +298,16 @@ def load_patched(path, entries, unet_config=None, allow_base_mismatch=False, num
         raise CheckpointError(f"{path} was trained on {name}, which is not there{where}: pass "
                               f"that base as the checkpoint and this file as the patch")
     # the patch records the patched model's config: the head count of a base that records none
-    model = load_model(base, unet_config=unet_config, num_heads=num_heads or config.get("num_heads"))
-    return apply_patch(model, path, base=base,
-                       allow_base_mismatch=allow_base_mismatch)
+    model = model_of(files, base, unet_config, num_heads=num_heads or config.get("num_heads"))
+    return apply_patch(model, path, base, allow_base_mismatch, files)
+
+
+def settings_of(files, ckpt, patch=None):
+    """What train.py recorded (Files.settings) in ckpt's base if it is a patch, ckpt, the patch."""
+    base = None
+    if Path(str(ckpt)).is_file() and Path(str(ckpt)).suffix != ".safetensors":
+        base = recorded_base(files.entries(ckpt))
+    return files.settings(base, ckpt, patch)
 
 
 def recorded_settings(ckpt, patch=None):
@@ -240,21 +315,11 @@ def recorded_settings(ckpt, patch=None):
     noise_schedule / vae / text_encoder that train.py recorded in the base, the checkpoint and the
     patch (later ones win).
     """
-    ckpt = resolve(ckpt)
-    paths, found = [], {}
-    if Path(str(ckpt)).is_file():
-        base = recorded_base(read_state_dict(ckpt))
-        if base:
-            paths.append(base)  # a patch or further-training checkpoint
-        paths.append(ckpt)
-    if patch:
-        paths.append(patch)
-    for path in paths:
-        if Path(str(path)).is_file():
-            entries = read_state_dict(path)
-            found.update({k: entries[k] for k in ("noise_schedule", "vae", "text_encoder")
-                          if isinstance(entries.get(k), str)})
-    return found
+    files = Files()
+    try:
+        return settings_of(files, resolve(ckpt), patch)
+    finally:
+        files.close()
 
 
 #################################################################################

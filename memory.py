@@ -26,9 +26,7 @@ allocated, part of what nvidia-smi shows), NCCL buffers, torch.compile. tests/te
 the count against the CPU allocator's own record of a real step, and against a hand count of what
 a DMP block keeps for its backward pass.
 """
-import argparse
 import contextlib
-import copy
 import functools
 import sys
 import time
@@ -245,23 +243,24 @@ def memory_models(spec, method):
         if method == "pretrain":
             if spec["kind"] != "dit":
                 raise ValueError("pretraining is estimated for DiT only (SD is further-trained)")
-            model.pos_embed.requires_grad_(False)
-            trained = [p for p in model.parameters() if p.requires_grad]
+            trained = training.trained_weights(model)
         else:
             options = dict(gate_cond="t+c") if spec["kind"] == "unet" and method == "dmp" else {}
             trained = [p for g in dmp.patch(model, method, **options) for p in g["params"]]
-        ema = copy.deepcopy(model).requires_grad_(False) if method == "pretrain" else None
+        ema = training.EMA(model, 0.9999) if method == "pretrain" else None
     return model, trained, ema, text
 
 
 def materialize(modules, trained, fill):
-    """Each meta parameter and buffer of `modules` replaced by fill(shape, dtype); new `trained`."""
+    """Each meta parameter and buffer of `modules` replaced by fill(shape, dtype), a parameter two
+    share (an EMA's frozen ones) by one; new `trained`."""
     new = {}
     for module in (m for root in modules if root is not None for m in root.modules()):
         for name, p in module._parameters.items():
+            if p is not None and id(p) not in new:
+                new[id(p)] = nn.Parameter(fill(p.shape, p.dtype), p.requires_grad)
             if p is not None:
-                module._parameters[name] = nn.Parameter(fill(p.shape, p.dtype), p.requires_grad)
-                new[id(p)] = module._parameters[name]
+                module._parameters[name] = new[id(p)]
         for name, b in module._buffers.items():
             if b is not None:
                 module._buffers[name] = fill(b.shape, b.dtype)
@@ -292,16 +291,12 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
     tracker = LiveBytes(round_to=512 if like_cuda else 1)
     contexts = [FakeTensorMode()] if fake else []
     contexts += [tracker] + ([cuda_kernels()] if like_cuda else [])
-    # train_step's settings (the balancing losses, EMA, micro-batches; no text encoder: the
-    # estimate encodes token ids, not captions, so the UNet gets its context directly)
-    args = argparse.Namespace(grad_accum=batch // micro, importance_coef=1.0, load_coef=1.0,
-                              ema=0.9999, model=spec["arch"])
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         for context in contexts:
             stack.enter_context(context)
         with tracker.counting_as("weights"), torch.no_grad():
-            trained = materialize([model, ema, text], trained, random_tensor)
+            trained = materialize([model, ema and ema.model, text], trained, random_tensor)
         model.set_checkpointing(checkpointing).train()
         opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0, foreach=like_cuda or None)
         for p in trained:
@@ -317,9 +312,8 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
             for p in trained:
                 p.grad = torch.zeros_like(p)
         opt.step()
-        pairs = training.ema_pairs(ema, model)
-        if pairs is not None:
-            torch._foreach_lerp_(*pairs, 1e-4)
+        if ema is not None:
+            ema.update()
         size = spec["input_size"] if spec["kind"] == "dit" else spec["latent_size"]
         x, noise = torch.randn(batch, 4, size, size), torch.randn(batch, 4, size, size)
         t = torch.randint(0, 1000, (batch,))
@@ -330,8 +324,10 @@ def estimate_memory(name, method, batch, micro_batch=None, checkpointing=False, 
                 y = dict(context=text(torch.randint(0, 49408, (batch, 77)))[0])
         diffusion = create_diffusion("", "linear", learn_sigma=spec["kind"] == "dit")
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-        training.train_step(model, model, diffusion, opt, (x, y, t, noise), args, autocast,
-                            ema=pairs)
+        # train_step's defaults: both balancing losses; no text encoder (the estimate encodes
+        # token ids, not captions, so the UNet gets its context directly)
+        training.train_step(model, opt, (x, y, t, noise), diffusion, grad_accum=batch // micro,
+                            autocast=autocast, ema=ema)
     gib = 2 ** 30
     return dict(row="memory", model=name, mode=method, batch=batch, micro_batch=micro,
                 checkpointing=checkpointing, precision=precision, peak_gib=tracker.peak / gib,

@@ -480,28 +480,29 @@ def config_name(config):
             f"patch {config['patch_size']}")
 
 
-def dit_state_dict(name_or_path):
+def dit_state_dict(name_or_path, entries=None):
     """
     The DiT weights and (if recorded) constructor arguments in an official name or a file: an
     official state dict, or a checkpoint written by train.py ({'model', 'ema', 'config', ...}: the
-    EMA weights are preferred).
+    EMA weights are preferred). `entries`: the file's, already read (load.py reads a file once).
     """
-    path = download(OFFICIAL[name_or_path]) if name_or_path in OFFICIAL else name_or_path
-    entries = read_state_dict(path)
+    if entries is None:
+        path = download(OFFICIAL[name_or_path]) if name_or_path in OFFICIAL else name_or_path
+        entries = read_state_dict(path)
     config = entries.get("config") if isinstance(entries.get("config"), dict) else None
     return model_weights(entries), config
 
 
-def load_checkpoint(name_or_path, model=None, **overrides):
+def load_checkpoint(name_or_path, model=None, entries=None, **overrides):
     """
     A DiT with the weights of `name_or_path`: 'DiT-XL-2-256x256.pt' or 'DiT-XL-2-512x512.pt'
     (downloaded once into the cache), or a local file. `model` ('DiT-L/2', ...) fixes the
     architecture; otherwise it comes from the config train.py recorded, or from the shapes (the
     head count only for an official width). `overrides` are constructor arguments (num_heads=...).
     A file that does not fit raises CheckpointError saying which keys are missing or unexpected
-    and which config its shapes fit.
+    and which config its shapes fit. `entries`: the file's, already read.
     """
-    sd, config = dit_state_dict(name_or_path)
+    sd, config = dit_state_dict(name_or_path, entries)
     found = infer_config(sd)
     if not (config or found or model):
         raise CheckpointError(f"{name_or_path}: not a DiT checkpoint (no x_embedder/pos_embed/"

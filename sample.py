@@ -314,15 +314,15 @@ def write_set(args, make_batch, settings, rank):
 def dit_main(args, rank, device):
     """A DiT (official, trained, patched): a grid, or an FID set."""
     try:
-        model = load.load_model(args.ckpt, args.patch, None, args.allow_base_mismatch,
-                                args.num_heads)
+        model, found = load.open_model(args.ckpt, args.patch, None, args.allow_base_mismatch,
+                                       args.num_heads)  # each file read once
     except RuntimeError as e:  # load_state_dict's size mismatch: a patch made for another model
         raise SampleError(f"{args.patch or args.ckpt} does not fit its base: "
                           f"{str(e).splitlines()[-1].strip()}") from None
     model = model.to(device).eval()
     # What train.py recorded, else the official DiT's defaults (linear betas, sd-vae-ft-mse for 4
     # channels).
-    found = load.recorded_settings(args.ckpt, args.patch)
+    found = found["settings"]
     if args.noise_schedule is None:
         args.noise_schedule = found.get("noise_schedule", "linear")
     if not args.vae:

@@ -1,10 +1,11 @@
 """
-One training step, what train.py's loop runs and bench.py and memory.py time and measure: the batch
-of a step, every draw in it a function of (seed, step) so that a resumed run draws what an
-uninterrupted one drew; the loss (the hybrid diffusion loss plus DMP's balancing losses);
-micro-batches, mixed precision and the EMA; the optimizer and compiled blocks.
+One training step, what train.py's loop runs and bench.py and memory.py time and measure: the loss
+(the hybrid diffusion loss plus DMP's balancing losses) in micro-batches under mixed precision,
+AdamW's step and the EMA. Then the batch of a step, every draw in it a function of (seed, step) so
+that a resumed run draws what an uninterrupted one drew; the optimizer and compiled blocks.
 
-`args` is train.py's settings (parse_args); each function reads the few it names.
+The step takes each setting it reads by name; the batch functions read train.py's settings
+(`args`: batch_size, seed, flip, text, caption_dropout, unconditional).
 """
 import concurrent.futures
 import contextlib
@@ -18,7 +19,129 @@ import torch
 import dmp
 from distributed import seed_of
 from model_clip import caption_embeddings, encode_text
-from model_unet import UNet_configs
+
+LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
+
+
+#################################################################################
+#                 The training step: forward, backward, optimizer               #
+#################################################################################
+
+def train_step(model, opt, batch, diffusion, *, mixtures=None, condition=None,
+               importance_coef=1.0, load_coef=1.0, grad_accum=1, autocast=None, scaler=None,
+               ema=None):
+    """
+    One optimisation step on this process's share of a step's batch (get_batch's): grad_accum
+    micro-batches whose gradients add up before AdamW's step, then the EMA (an EMA, or None).
+    `mixtures`: a list that gets each micro-batch's gate weights (dmp.Mixture: the log's gate
+    movement reads them); `condition`: what turns the batch's
+    y into the model's condition (conditioning's; class labels by default); `autocast`: the
+    precision's context; `scaler`: fp16's gradient scaler. Returns the step's LOG_TERMS, means over
+    the share, on the device (no host sync). Each micro-batch's loss is divided by K, so the summed
+    gradients are the whole share's to float rounding; hard selection's load is the one term that
+    is not a mean over samples (docs/code.md, "micro-batches": the step's is at least the batch's).
+    """
+    K, size = grad_accum, len(batch[0])
+    opt.zero_grad(set_to_none=True)  # before the forward: freed before the activations build up
+    terms_sum = 0
+    for m in range(K):
+        last = m == K - 1 or not hasattr(model, "no_sync")  # DDP: one all-reduce, after the last
+        with contextlib.nullcontext() if last else model.no_sync():
+            with autocast or contextlib.nullcontext():  # the text encoder too (CLIP in bf16)
+                part = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
+                loss, terms = compute_loss(model, diffusion, part, importance_coef, load_coef,
+                                           mixtures)
+            loss = loss / K
+            if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
+                loss = scaler.scale(loss)
+            loss.backward()
+        terms_sum = terms_sum + terms.detach().float() / K
+    if scaler is None:
+        opt.step()
+    else:  # fp16: skips the step if a gradient overflowed (the scale then halves), else unscales
+        scaler.step(opt)
+        scaler.update()
+    if ema is not None:
+        ema.update()
+    return terms_sum
+
+
+def compute_loss(model, diffusion, batch, importance_coef=1.0, load_coef=1.0, mixtures=None):
+    """
+    The hybrid diffusion loss plus DMP's balancing losses (zero for other methods), weighted by
+    --importance-coef and --load-coef (Table 4e); y in the batch is the model's condition (a
+    tensor, or a dict of the model's keyword arguments). Returns the loss and the LOG_TERMS.
+    mixtures: a list that gets the forward's gate weights (dmp.Mixture), which the losses read.
+    """
+    x, y, t, noise = batch
+    if not isinstance(y, dict):
+        y = dict(y=y)
+    mixtures = [] if mixtures is None else mixtures  # the forward appends its gate's weights
+    terms = diffusion.training_losses(model, x, t, dict(y, mixtures=mixtures), noise=noise)
+    importance, balance = dmp.balancing_losses(mixtures, x.device)  # Eqs. 12-13, Eq. 11 ("load")
+    loss = terms["loss"].mean() + importance_coef * importance + load_coef * balance
+    vb = terms.get("vb", terms["mse"] * 0)
+    return loss, torch.stack([loss, terms["mse"].mean(), vb.mean(), importance, balance])
+
+
+def micro_batch(batch, part, condition=None):
+    """Slice `part` of a batch, its y made the model's condition (conditioning's function)."""
+    x, y, t, noise = batch
+    if isinstance(y, dict):
+        y = {k: v[part] for k, v in y.items()}
+    else:
+        y = y[part]
+    return x[part], (condition or class_labels)(y), t[part], noise[part]
+
+
+class EMA:
+    """
+    The exponential moving average of a model's trained weights (the official DiT's update,
+    ema += (1 - decay) (weights - ema), after every step), as a model: `model` shares the frozen
+    parameters and copies only the trained ones and the buffers, so further-training a frozen
+    backbone with --ema costs the memory of its patch, not of a second backbone. Its state dict is
+    a whole model's. (The pairs are taken at the first update: memory.py fills meta weights first.)
+    """
+    def __init__(self, model, decay):
+        shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+        self.model = copy.deepcopy(model, memo=shared).requires_grad_(False)
+        self.live, self.decay, self.pairs = model, decay, None
+
+    def update(self):
+        if self.pairs is None:
+            self.pairs = tuple(zip(*[(e, p) for e, p in zip(self.model.parameters(),
+                                                             self.live.parameters(), strict=True)
+                                     if p.requires_grad], strict=True))
+        torch._foreach_lerp_(*self.pairs, 1 - self.decay)
+
+
+def trained_weights(model):
+    """What pretraining (and DMP from scratch) trains: every weight but those the model keeps
+    fixed (DiT's sin-cos pos_embed table, a parameter that wants no gradient)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def class_labels(y):
+    """Class labels (or the model's inputs, as a dict) condition the model as they are."""
+    return y
+
+
+def conditioning(text_encoder, sd=False):
+    """
+    What turns a batch's y into the model's condition, chosen once before the loop: class labels
+    as they are; captions through the frozen text encoder on the fly, giving SD's UNet its context
+    or a DiT its pooled embedding ("": the null one); `sd`: SD's UNet.
+    """
+    if text_encoder is None:
+        return class_labels
+    if sd:
+        return functools.partial(unet_context, text_encoder)
+    return functools.partial(caption_embeddings, text_encoder)
+
+
+def unet_context(text_encoder, captions):
+    """SD's UNet's condition: the text encoder's last hidden states of the captions."""
+    return dict(context=encode_text(text_encoder, captions)[0])
 
 
 #################################################################################
@@ -128,145 +251,13 @@ class Prefetcher:
 
 
 #################################################################################
-#            The training step: micro-batches, precision and memory             #
-#################################################################################
-
-LOG_TERMS = ("loss", "mse", "vb", "importance", "load")
-
-
-def compute_loss(model, raw, diffusion, batch, args, mixtures=None):
-    """
-    The hybrid diffusion loss plus DMP's balancing losses (zero for other methods); y in the batch
-    is the model's condition (a tensor, or a dict of the model's keyword arguments). Returns the
-    loss and the LOG_TERMS. mixtures: a list that gets the forward's gate weights (dmp.Mixture).
-    """
-    x, y, t, noise = batch
-    if not isinstance(y, dict):
-        y = dict(y=y)
-    mixtures = [] if mixtures is None else mixtures  # the forward appends its gate's weights
-    terms = diffusion.training_losses(model, x, t, dict(y, mixtures=mixtures), noise=noise)
-    importance, balance = dmp.balancing_losses(mixtures, x.device)  # Eqs. 12-13, Eq. 11 ("load")
-    loss = terms["loss"].mean() + args.importance_coef * importance + args.load_coef * balance
-    vb = terms.get("vb", terms["mse"] * 0)
-    return loss, torch.stack([loss, terms["mse"].mean(), vb.mean(), importance, balance])
-
-
-def class_labels(y):
-    """Class labels (or the model's inputs, as a dict) condition the model as they are."""
-    return y
-
-
-def train_step(model, raw, diffusion, opt, batch, args, autocast, scaler=None,
-               condition=class_labels, ema=None, mixtures=None):
-    """
-    One optimisation step, what train.py's loop and bench.py run: this process's share of the
-    step's global batch (get_batch's) in args.grad_accum micro-batches whose gradients add up
-    before the optimizer's step, then the EMA (`ema`: ema_pairs). `condition` turns the batch's
-    y into the model's condition (conditioning's choice; class labels by default); `mixtures`, a
-    list, gets each micro-batch's gate weights (dmp.Mixture; the log's gate movement reads the
-    last). Returns the step's LOG_TERMS, means over the share, on the device (no host sync).
-
-    Each micro-batch's loss is divided by K, so the summed gradients are the whole share's to float
-    rounding. Every term is a mean over samples, hence additive: the diffusion loss, the importance
-    loss (the CV^2 across prompts of each sample's gate weights, averaged over the batch: Eqs.
-    12-13) and Eq. 11's load (a count per sample). Hard selection's load is the exception: Shazeer
-    et al.'s smooth estimator is, per block, the CV^2 of S, the sum over the batch of each sample's
-    probabilities of keeping each prompt. Each micro-batch (and under DDP each process, as before)
-    takes it of its own sum S_k, and the step's load is the mean over k of CV^2(S_k), where the
-    whole batch's is CV^2(sum_k S_k). With w_k = mean(S_k) / mean(S), CV^2(S) <= sum_k w_k
-    CV^2(S_k) (a standard deviation is a seminorm, and squaring is convex), and w_k is 1/K to
-    within how far each sample's probabilities are from summing to top_k: to that tolerance the
-    step's load is at least the batch's and pushes toward balance at least as hard
-    (tests/test_train.py checks the inequality; there w_k is 1/K to 4%). The draws inside the
-    forward pass (label dropout, the gate's noise) come from torch's generator, seeded per step
-    and process by the loop: like their split over processes, their split over micro-batches
-    changes which numbers are drawn, not their distribution; the data, timesteps and noise
-    (get_batch) are the same whatever the split.
-    """
-    K, size = args.grad_accum, len(batch[0])
-    # Before the forward: the last step's gradients are freed before the activations build up.
-    opt.zero_grad(set_to_none=True)
-    terms_sum = 0
-    for m in range(K):
-        # DDP: gradients are averaged over processes once, after the last micro-batch
-        last = m == K - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if last else model.no_sync():
-            with autocast:  # the frozen text encoder too: CLIP ViT-L/14 in bf16, not fp32
-                micro = micro_batch(batch, slice(m * size // K, (m + 1) * size // K), condition)
-                loss, terms = compute_loss(model, raw, diffusion, micro, args, mixtures)
-            loss = loss / K
-            if scaler is not None:  # fp16: the loss multiplied, so small gradients stay above zero
-                loss = scaler.scale(loss)
-            loss.backward()
-        terms_sum = terms_sum + terms.detach().float() / K
-    if scaler is None:
-        opt.step()
-    else:  # fp16: skips the step if a gradient overflowed (the scale then halves), else unscales
-        scaler.step(opt)
-        scaler.update()
-    if ema is not None:
-        torch._foreach_lerp_(*ema, 1 - args.ema)  # ema += (1 - decay) (param - ema)
-    return terms_sum
-
-
-def micro_batch(batch, part, condition=class_labels):
-    """Slice `part` of a batch, its y made the model's condition (conditioning's function)."""
-    x, y, t, noise = batch
-    if isinstance(y, dict):
-        y = {k: v[part] for k, v in y.items()}
-    else:
-        y = y[part]
-    return x[part], condition(y), t[part], noise[part]
-
-
-def conditioning(model_name, text_encoder):
-    """
-    What turns a batch's y into the model's condition, chosen once before the loop: class labels
-    as they are; captions through the frozen text encoder on the fly, giving SD's UNet its context
-    or a DiT its pooled embedding ("": the null one).
-    """
-    if text_encoder is None:
-        return class_labels
-    if model_name in UNet_configs:
-        return functools.partial(unet_context, text_encoder)
-    return functools.partial(caption_embeddings, text_encoder)
-
-
-def unet_context(text_encoder, captions):
-    """SD's UNet's condition: the text encoder's last hidden states of the captions."""
-    return dict(context=encode_text(text_encoder, captions)[0])
-
-
-def ema_model(raw):
-    """
-    The EMA of `raw` (its weights, the copy frozen): a model that shares raw's frozen parameters
-    and copies only the trained ones and the buffers, so further-training a frozen backbone with
-    --ema costs the memory of its patch, not of a second backbone. Its state dict is a whole
-    model's, as before.
-    """
-    shared = {id(p): p for p in raw.parameters() if not p.requires_grad}
-    return copy.deepcopy(raw, memo=shared).requires_grad_(False)
-
-
-def ema_pairs(ema, raw):
-    """
-    (EMA weights, live weights) of the trained weights: train_step's update (official DiT's); None
-    for a run that keeps no EMA.
-    """
-    if ema is None:
-        return None
-    return tuple(zip(*[(e, p) for e, p in zip(ema.parameters(), raw.parameters(), strict=True)
-                       if p.requires_grad], strict=True))
-
-
-#################################################################################
 #                    The optimizer, precision, compiled blocks                  #
 #################################################################################
 
-def optimizer(groups, args):
+def optimizer(groups, lr, weight_decay=0.0):
     """AdamW over the method's parameter groups, each at --lr times its lr_scale."""
-    return torch.optim.AdamW([dict(params=g["params"], lr=args.lr * g["lr_scale"]) for g in groups],
-                             lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW([dict(params=g["params"], lr=lr * g["lr_scale"]) for g in groups],
+                             lr=lr, weight_decay=weight_decay)
 
 
 # --precision: what each choice runs, as printed at the start of a run.

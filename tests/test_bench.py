@@ -9,6 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import device_suite
 import dmp
 from diffusion import create_diffusion
 from model_dit import CONFIGS, DiT
@@ -132,9 +133,9 @@ def test_every_row_has_every_field(tiny_rows):
             assert r[field] is not None and r[field] >= 0, (r, field)
         if r["row"] in ("train", "sample"):  # the peak given (100 TFLOP/s) reaches every MFU
             assert r["tflop_per_step"] > 0 and r["mfu"] > 0
-    table = bench.format_table(tiny_rows)
+    table = device_suite.format_table(tiny_rows)
     assert len(table.splitlines()) == 2 + sum(r["row"] != "ratio" for r in tiny_rows)
-    named = [what for what, _, _ in bench.targets(tiny_rows)]
+    named = [what for what, _, _ in device_suite.targets(tiny_rows)]
     assert any("sampling step" in w for w in named) and any("full fine-tuning (interleaved)" in w for w in named)
     json.dumps(tiny_rows)  # what --json writes
 
@@ -158,7 +159,7 @@ def test_device_suite_dry_run_lists_every_row_within_the_budget(capsys):
     out = capsys.readouterr().out
     assert {r["id"] for r in rows} == SUITE_IDS
     total = sum(r["estimate_s"] for r in rows)
-    assert total <= bench.SUITE_ESTIMATE_S == 360 and bench.SUITE_BUDGET_S == 540
+    assert total <= device_suite.SUITE_ESTIMATE_S == 360 and device_suite.SUITE_BUDGET_S == 540
     assert f"torch {torch.__version__}" in out and f"about {total} s" in out
     for r in rows:
         assert r["id"] in out and " ".join(r["command"][-4:]) in out
@@ -188,7 +189,7 @@ def test_device_suite_rows_end_in_one_sentence_and_never_hang(tmp_path):
             dict(id="crash", command=python + [crash], estimate_s=1),
             dict(id="hang", command=python + [hang], estimate_s=1),
             dict(id="late", command=python + ["print('[]')"], estimate_s=400)]
-    done = bench.run_suite(rows, tmp_path / "suite.json", budget=60, setup="test", slack=1)
+    done = device_suite.run_suite(rows, tmp_path / "suite.json", budget=60, setup="test", slack=1)
     status = {r["id"]: (r["status"], r["error"]) for r in done}
     assert status["ok"] == ("ok", None) and done[0]["results"][0]["row"] == "vae"
     assert status["error"] == ("failed", "no CUDA")
@@ -219,14 +220,14 @@ def test_device_suite_without_cuda_says_so_for_every_row(tmp_path):
 def test_the_torchrun_rows_start_two_processes_and_say_why_not_on_nccl(monkeypatch):
     """DDP is built only with 2 processes: the torchrun rows start 2, with NCCL where there is a GPU
     for each; on one GPU they run gloo on the CPU (NCCL refuses two processes on one GPU), saying so."""
-    command = bench.torchrun("train.py", "--iterations", 4)
+    command = device_suite.torchrun("train.py", "--iterations", 4)
     assert command[command.index("--nproc_per_node") + 1] == "2"
     cuda = torch.device("cuda")
-    assert bench.two_ranks(torch.device("cpu")) == (torch.device("cpu"), {}, None)
+    assert device_suite.two_ranks(torch.device("cpu")) == (torch.device("cpu"), {}, None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert bench.two_ranks(cuda) == (cuda, {}, None)
+    assert device_suite.two_ranks(cuda) == (cuda, {}, None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    device, env, note = bench.two_ranks(cuda)
+    device, env, note = device_suite.two_ranks(cuda)
     assert device.type == "cpu" and env == {"CUDA_VISIBLE_DEVICES": ""} and "NCCL needs a GPU per process" in note
 
 

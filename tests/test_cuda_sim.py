@@ -5,7 +5,6 @@ mismatch fails, trained parameters that no gradient reaches are listed, and the 
 training and sampling step are counted.
 """
 import argparse
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,9 @@ import torch
 import digits_fid
 import heldout
 import dmp
+import runs
 import sampling
+import settings
 import train
 import training
 from cuda_sim import simulated_cuda
@@ -57,16 +58,17 @@ def traced_steps(model, groups, precision, args, batch_of, steps=1, condition=tr
     with simulated_cuda() as sim:
         model.to(CUDA).train()
         groups = [dict(g, params=sim.moved(g["params"])) for g in groups]
-        opt = training.optimizer(groups, args)
-        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = training.optimizer(groups, args.lr, args.weight_decay)
+        ema = training.EMA(model, args.ema)
         autocast, scaler = training.mixed_precision(precision, CUDA)
         diffusion = create_diffusion("", "linear", learn_sigma=getattr(model, "learn_sigma", False))
-        losses, syncs = train.LossMeter(0, CUDA), []
+        losses, syncs = runs.LossMeter(0, CUDA), []
         for _ in range(steps):
             batch = batch_of()
             sim.counts.clear()
-            losses.add(training.train_step(model, model, diffusion, opt, batch, args, autocast, scaler,
-                                           condition=condition, ema=training.ema_pairs(ema, model)))
+            losses.add(training.train_step(model, opt, batch, diffusion, condition=condition,
+                                           importance_coef=args.importance_coef, load_coef=args.load_coef,
+                                           grad_accum=args.grad_accum, autocast=autocast, scaler=scaler, ema=ema))
             syncs.append(sim.counts["sync"])
         names = {id(p): n for n, p in model.named_parameters()}
         trained = [p for g in groups for p in g["params"]]
@@ -198,7 +200,7 @@ def test_sample_py_grid_and_fid_set_on_the_simulated_gpu(tmp_path):
 
 def test_heldout_evaluation_on_the_simulated_gpu():
     """train.py's --eval-every numbers (heldout.evaluate) on the demo's digits."""
-    args = train.parse_args(["--dataset", "demo", "--device", "cuda", "--batch-size", "8"])
+    args = settings.parse_args(["--dataset", "demo", "--device", "cuda", "--batch-size", "8"])
     data, _, rows = train.training_data(args, 1)
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
                 num_classes=1, class_dropout_prob=0.0)

@@ -41,11 +41,11 @@ def test_evaluation_shares_add_up_to_the_one_process_sums(monkeypatch):
     """
     import heldout
     import load
-    import train
+    import settings
     import training
     from dataset import PreparedData
     from diffusion import create_diffusion
-    args = train.parse_args([])
+    args = settings.parse_args([])
     data = PreparedData(args.data)
     rows = training.split(data, args.holdout)[1][:80]
     model = load.load_model(args.init)

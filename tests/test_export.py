@@ -79,11 +79,11 @@ def runs(tmp_path_factory):
     """
     tmp = tmp_path_factory.mktemp("runs")
     train.main(FAST + ["--ema", "0", "--results-dir", str(tmp / "base")])
-    base = train.checkpoints(next((tmp / "base").iterdir()))[-1]
+    base = load.checkpoints(next((tmp / "base").iterdir()))[-1]
     export.main([str(base), "--out", str(tmp / "plain.pt")])
     train.main(FAST + ["--init", str(tmp / "plain.pt"), "--num-heads", "4", "--method", "full",
                        "--results-dir", str(tmp / "full")])
-    return base, train.checkpoints(next((tmp / "full").iterdir()))[-1]
+    return base, load.checkpoints(next((tmp / "full").iterdir()))[-1]
 
 
 def test_checkpoints_without_ema_and_of_full_fine_tuning_open_in_the_official_find_model(runs, tmp_path):

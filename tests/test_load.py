@@ -28,3 +28,46 @@ def test_a_run_folder_loads_its_last_checkpoint(tmp_path):
         assert not torch.equal(loaded(x, t, y), models[2](x, t, y))
     assert load.recorded_settings(tmp_path / "run") == dict(noise_schedule="cosine", vae="none")
     assert load.resolve(tmp_path) == tmp_path  # a folder without checkpoints/ is itself (diffusers)
+
+
+def test_init_opens_each_file_once(tmp_path, monkeypatch):
+    """
+    train.py --init (load.open_model with the base's record): a plain state dict (the official
+    layout), a train.py checkpoint and a patch on it are each opened once, their sha256 taken from
+    that one read, and the settings they recorded from it too.
+    """
+    import builtins
+    import hashlib
+    import io
+    import os
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4,
+                num_classes=1, class_dropout_prob=0.0)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    torch.save(dict(model=model.state_dict(), ema=model.state_dict(), config=model.config,
+                    noise_schedule="cosine", vae="none"), tmp_path / "train.pt")
+    patched = load.load_model(tmp_path / "train.pt")
+    import dmp
+    dmp.patch(patched, "dmp")
+    load.save_patch(patched, tmp_path / "patch.pt", base=tmp_path / "train.pt", vae="none")
+    opened = []
+
+    def counting(real):
+        def opener(file, *args, **kwargs):
+            if str(file).startswith(str(tmp_path)):
+                opened.append(os.path.basename(str(file)))
+            return real(file, *args, **kwargs)
+        return opener
+    for module, name in ((builtins, "open"), (io, "open"), (os, "open")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
+    for init, files, settings in (("plain.pt", ["plain.pt"], {}),
+                                  ("train.pt", ["train.pt"], dict(noise_schedule="cosine", vae="none")),
+                                  ("patch.pt", ["patch.pt", "train.pt"], dict(noise_schedule="cosine", vae="none"))):
+        opened.clear()
+        loaded, found = load.open_model(tmp_path / init, num_heads=4, record=True)
+        assert sorted(opened) == sorted(files), init  # each file once
+        digest = hashlib.sha256((tmp_path / init).read_bytes()).hexdigest()
+        assert found["base"]["sha256"] == digest and found["settings"] == settings
+        x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.zeros(2, dtype=torch.long)
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(x, t, y), patched.eval()(x, t, y))

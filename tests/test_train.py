@@ -19,11 +19,13 @@ import dmp
 import heldout
 import load
 import sampling
+import settings
 import train
 import training
 from checkpoints import read_state_dict
 from conftest import error_line
 from dataset import PreparedData
+from runs import claim_run_dir, resumed_args
 from model_dit import DiT
 from diffusion import create_diffusion
 
@@ -46,7 +48,7 @@ def base_checkpoint(tmp_path_factory):
     """A tiny pretrained DiT: four steps at a large rate, no EMA, give every weight (adaLN gates too) a value."""
     tmp = tmp_path_factory.mktemp("base")
     run_dir = run(tmp, "--iterations", "4", "--ckpt-every", "4", "--ema", "0", "--lr", "1e-2")
-    return train.checkpoints(run_dir)[-1]
+    return load.checkpoints(run_dir)[-1]
 
 
 def same_state(a, b):
@@ -59,7 +61,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, base_checkpoint, extr
     whole = run(tmp_path, "--iterations", "6", "--ckpt-every", "3", *extra, name="whole")
     part = run(tmp_path, "--iterations", "3", "--ckpt-every", "3", *extra, name="part")
     train.main(["--resume", str(part), "--iterations", "6"])
-    a, b = (read_state_dict(train.checkpoints(d)[-1]) for d in (whole, part))
+    a, b = (read_state_dict(load.checkpoints(d)[-1]) for d in (whole, part))
     assert a["step"] == b["step"] == 6
     for key in ("model", "ema", "state"):
         if a.get(key) is not None:
@@ -87,10 +89,10 @@ train.main({FAST + ["--results-dir", str(tmp_path / "runs"), "--iterations", "6"
     assert out.returncode == -9
     run_dir = next((tmp_path / "runs").iterdir())
     files = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert train.checkpoints(run_dir)[-1].name == "0000002.pt" and any(f.endswith(".tmp") for f in files)
-    assert read_state_dict(train.checkpoints(run_dir)[-1])["step"] == 2
+    assert load.checkpoints(run_dir)[-1].name == "0000002.pt" and any(f.endswith(".tmp") for f in files)
+    assert read_state_dict(load.checkpoints(run_dir)[-1])["step"] == 2
     train.main(["--resume", str(run_dir)])  # and the run goes on from there
-    assert read_state_dict(train.checkpoints(run_dir)[-1])["step"] == 6
+    assert read_state_dict(load.checkpoints(run_dir)[-1])["step"] == 6
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -112,8 +114,8 @@ train.main({FAST + ["--results-dir", str(tmp_path / "runs"), "--iterations", "6"
     message = out.stderr.strip().splitlines()[-1]
     assert "no longer finite at step 3" in message and "0000002.pt" in message
     run_dir = next((tmp_path / "runs").iterdir())
-    assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
-    state = read_state_dict(train.checkpoints(run_dir)[-1])["model"]
+    assert [p.name for p in load.checkpoints(run_dir)] == ["0000002.pt"]
+    state = read_state_dict(load.checkpoints(run_dir)[-1])["model"]
     assert all(v.isfinite().all() for v in state.values())
 
 
@@ -129,7 +131,7 @@ def test_the_loss_falls_on_the_digits(tmp_path):
 def test_every_method_further_trains_and_its_checkpoint_loads(tmp_path, base_checkpoint, method):
     run_dir = run(tmp_path, "--init", str(base_checkpoint), "--method", method, "--iterations", "3",
                   "--ckpt-every", "3", "--lr", "1e-2")
-    ckpt = train.checkpoints(run_dir)[-1]
+    ckpt = load.checkpoints(run_dir)[-1]
     entries = read_state_dict(ckpt)
     assert entries["method"] == method and entries["base"]["name"] == str(base_checkpoint)
     model = load.load_model(str(ckpt))  # base + what the method trained
@@ -143,7 +145,7 @@ def test_one_lr_rule_explicit_multipliers_and_the_gate_log(tmp_path, base_checkp
     """--lr-scale and --gate-lr-scale reach the optimiser; a DMP run logs its gate's movement."""
     run_dir = run(tmp_path, "--init", str(base_checkpoint), "--method", "dmp", "--iterations", "3",
                   "--ckpt-every", "3", "--lr", "1e-2", "--lr-scale", "0.5", "--gate-lr-scale", "10")
-    groups = read_state_dict(train.checkpoints(run_dir)[-1])["opt"]["param_groups"]
+    groups = read_state_dict(load.checkpoints(run_dir)[-1])["opt"]["param_groups"]
     assert [g["lr"] for g in groups] == [5e-3, 5e-2]
     lines = [e for e in log_of(run_dir) if "loss" in e]
     assert len(lines) == 3
@@ -152,15 +154,15 @@ def test_one_lr_rule_explicit_multipliers_and_the_gate_log(tmp_path, base_checkp
     assert lines[-1]["gate_dev_max"] > 0  # the gate has left uniform: its prompts are non-zero now
     lora = run(tmp_path, "--init", str(base_checkpoint), "--method", "lora", "--lora-rank", "dmp",
                "--iterations", "1", "--ckpt-every", "1", name="lora")
-    assert read_state_dict(train.checkpoints(lora)[-1])["options"]["rank"] == 1
+    assert read_state_dict(load.checkpoints(lora)[-1])["options"]["rank"] == 1
     assert "gate_dev_max" not in log_of(lora)[-1]
     with pytest.raises(SystemExit):
-        train.parse_args(["--lora-rank", "many"])
+        settings.parse_args(["--lora-rank", "many"])
 
 
 def test_dmp_from_scratch_trains_backbone_and_prompts(tmp_path):
     run_dir = run(tmp_path, "--method", "dmp", "--iterations", "2", "--ckpt-every", "2")
-    model = load.load_model(str(train.checkpoints(run_dir)[-1]))
+    model = load.load_model(str(load.checkpoints(run_dir)[-1]))
     assert isinstance(model.block_input, dmp.MixtureOfPrompts) and model.block_input.prompts.abs().sum() > 0
 
 
@@ -176,16 +178,16 @@ def _ddp_worker(rank, world, store, base, out):
 
 def _gradients(base, rank=0, world=1):
     """The gradient of one DMP training step's loss, computed on this process's share of the batch."""
-    args = train.parse_args(FAST + ["--init", str(base), "--method", "dmp", "--batch-size", "8"])
+    args = settings.parse_args(FAST + ["--init", str(base), "--method", "dmp", "--batch-size", "8"])
     data = PreparedData(args.data)
     rows, _ = training.split(data, args.holdout)
-    model, groups = train.build_model(args, data)
+    model, groups, *_ = train.build_model(args, data)
     with torch.no_grad():  # non-zero prompts (the same on every process): the gate gets a gradient too
         prompts = model.block_input.prompts
         prompts.copy_(torch.randn(prompts.shape, generator=torch.Generator().manual_seed(0)))
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     batch = training.get_batch(data, rows, 5, args, torch.device("cpu"), rank, world)
-    loss, _ = training.compute_loss(wrapped, model, create_diffusion("", args.noise_schedule), batch, args)
+    loss, _ = training.compute_loss(wrapped, create_diffusion("", args.noise_schedule), batch)
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -210,7 +212,7 @@ def test_torchrun_runs_the_loop_with_two_processes(tmp_path, base_checkpoint):
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     run_dir = next((tmp_path / "runs").iterdir())
-    assert [p.name for p in train.checkpoints(run_dir)] == ["0000002.pt"]
+    assert [p.name for p in load.checkpoints(run_dir)] == ["0000002.pt"]
     assert next(e for e in log_of(run_dir) if e.get("event") == "start")["world"] == 2
     evaluation = [e for e in log_of(run_dir) if e.get("event") == "eval"]  # both processes took part
     assert len(evaluation) == 1 and evaluation[0]["step"] == 2 and evaluation[0]["heldout_loss"] > 0
@@ -257,7 +259,7 @@ def test_tiny_stable_diffusion_trains_dmp_on_a_tar_shard_then_samples_with_pndm(
         channels = sum(c for c, _ in UNetModel(**load.SD_MODELS["sd-tiny"]["unet"]).block_shapes)
     assert log[0]["trained_parameters"] == 256 * channels + (128 + 32 + 25) * 256 + 256 == 482_816  # prompts, gate
     assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
-    ckpt = train.checkpoints(run_dir)[-1]
+    ckpt = load.checkpoints(run_dir)[-1]
     entries = read_state_dict(ckpt)
     assert entries["method"] == "dmp" and entries["options"]["gate_cond"] == "t+c" and entries["step"] == 20
     assert max(v.abs().max() for k, v in entries["state"].items() if "prompts" in k) > 1e-3  # the prompts learned
@@ -305,7 +307,7 @@ def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_pr
         train.main(common[:-2] + ["--results-dir", str(tmp_path / "none")])  # no --text-encoder: one sentence
     train.main(common + ["--iterations", "4", "--ckpt-every", "4", "--lr", "1e-2", "--ema", "0",
                          "--results-dir", str(tmp_path / "base")])
-    base = train.checkpoints(next((tmp_path / "base").iterdir()))[-1]
+    base = load.checkpoints(next((tmp_path / "base").iterdir()))[-1]
     entries = read_state_dict(base)
     assert entries["config"]["text_dim"] == 16 and entries["noise_schedule"] == "cosine"
     assert entries["text_encoder"] == str((tmp_path / "clip").resolve())
@@ -317,7 +319,7 @@ def test_tiny_text_dit_pretrains_then_trains_dmp_on_captions_and_samples_from_pr
     assert log[0]["trained_parameters"] == blocks * prompts * hidden + (hidden + blocks) * prompts + prompts
     assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
     assert (run_dir / "samples" / "0000010.png").is_file()  # train.py's grid of the first captions
-    ckpt = train.checkpoints(run_dir)[-1]
+    ckpt = load.checkpoints(run_dir)[-1]
     entries = read_state_dict(ckpt)
     assert entries["method"] == "dmp" and entries["options"]["gate_cond"] == "t+c"  # Table 9: t + text
     assert entries["text_encoder"] == str((tmp_path / "clip").resolve())
@@ -362,7 +364,7 @@ def test_a_run_folder_is_claimed_never_reused_nor_left_empty(tmp_path, unchanged
     train.main(common + ["--seed", "3", "--keep", "1"])
     kept()
     assert sorted(p.name for p in runs.iterdir()) == ["001-digits-pretrain", "002-digits-pretrain"]
-    assert [p.name for p in train.checkpoints(second)] == ["0000001.pt", "0000002.pt"]
+    assert [p.name for p in load.checkpoints(second)] == ["0000001.pt", "0000002.pt"]
 
     # Runs starting together, under two names: each gets a folder and a number of its own.
     import threading
@@ -370,7 +372,7 @@ def test_a_run_folder_is_claimed_never_reused_nor_left_empty(tmp_path, unchanged
 
     def claim(name):
         start.wait()
-        folders.append(train.claim_run_dir(tmp_path / "together", name))
+        folders.append(claim_run_dir(tmp_path / "together", name))
     threads = [threading.Thread(target=claim, args=(f"digits-{i % 2}",)) for i in range(8)]
     for t in threads:
         t.start()
@@ -411,19 +413,19 @@ def test_init_checkpoint_holds_the_ema_it_measured_and_resume_restores_it(tmp_pa
     whole = run(tmp_path, *common, "--iterations", "4", name="whole")
     part = run(tmp_path, *common, "--iterations", "2", name="part")
     train.main(["--resume", str(part), "--iterations", "4"])
-    entries = read_state_dict(train.checkpoints(whole)[-1])
+    entries = read_state_dict(load.checkpoints(whole)[-1])
     assert entries["weights"] == "ema" and entries["state"].keys() == entries["raw_state"].keys()
     assert not same_state(entries["state"], entries["raw_state"])  # an average of 4 steps
-    resumed = read_state_dict(train.checkpoints(part)[-1])
+    resumed = read_state_dict(load.checkpoints(part)[-1])
     assert same_state(resumed["state"], entries["state"])  # the EMA went on from where it was
     logged = [e for e in log_of(whole) if e.get("event") == "eval"]
     assert [e["weights"] for e in logged] == ["ema"]
     assert all(e["weights"] == "raw" for e in log_of(whole) if "loss" in e)
     # What the run reported is what the saved file gives when measured again.
-    args = train.parse_args(FAST + ["--init", str(base_checkpoint)])
+    args = settings.parse_args(FAST + ["--init", str(base_checkpoint)])
     data = PreparedData(args.data)
     _, heldout_rows = training.split(data, args.holdout)
-    model = load.load_model(str(train.checkpoints(whole)[-1]))
+    model = load.load_model(str(load.checkpoints(whole)[-1]))
     diffusion = create_diffusion("", "cosine")
     again = heldout.evaluate(model, diffusion, data, heldout_rows, args, torch.device("cpu"))
     assert again["heldout_loss"] == pytest.approx(logged[0]["heldout_loss"], rel=1e-6)
@@ -432,9 +434,9 @@ def test_init_checkpoint_holds_the_ema_it_measured_and_resume_restores_it(tmp_pa
 def test_the_ema_of_a_frozen_backbone_copies_only_what_trains(base_checkpoint):
     """--ema with --init: the EMA model shares the frozen backbone's tensors (no second backbone on
     the GPU) and holds its own copy of the trained ones; its state dict is a whole model's."""
-    args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--ema", "0.5"])
-    raw, groups = train.build_model(args, PreparedData(args.data))
-    ema = training.ema_model(raw)
+    args = settings.parse_args(FAST + ["--init", str(base_checkpoint), "--ema", "0.5"])
+    raw, groups, *_ = train.build_model(args, PreparedData(args.data))
+    ema = training.EMA(raw, args.ema).model
     trained = {id(p) for g in groups for p in g["params"]}
     pairs = list(zip(ema.parameters(), raw.parameters(), strict=True))
     assert all((e is p) == (id(p) not in trained) for e, p in pairs)
@@ -452,7 +454,7 @@ def test_resume_takes_cadence_from_the_command_line_and_refuses_other_changes(tm
     train.main(["--resume", str(run_dir), "--iterations=6", "--log-every=2", "--ckpt-every", "2",
                 "--keep=1"])
     assert [e["step"] for e in log_of(run_dir) if "loss" in e] == [1, 2, 4, 6]
-    assert [p.name for p in train.checkpoints(run_dir)] == ["0000006.pt"]
+    assert [p.name for p in load.checkpoints(run_dir)] == ["0000006.pt"]
     kept = unchanged(tmp_path)
     code, text = cli("--resume", run_dir, "--iterations", "8", "--lr=0.5", "--seed", "0")
     assert code == 1 and "--lr 0.5 (the run's: 0.0001)" in text and "\n" not in text
@@ -485,7 +487,7 @@ def test_init_from_a_dit_without_learned_variance(tmp_path):
     run_dir = run(tmp_path, "--init", str(tmp_path / "eps_only.pt"), "--iterations", "2",
                   "--ckpt-every", "2")
     assert all(math.isfinite(e["loss"]) and e["vb"] == 0 for e in log_of(run_dir) if "loss" in e)
-    assert load.load_model(str(train.checkpoints(run_dir)[-1])).learn_sigma is False
+    assert load.load_model(str(load.checkpoints(run_dir)[-1])).learn_sigma is False
 
 
 def test_files_that_are_not_checkpoints_get_one_sentence(tmp_path, unchanged):
@@ -574,14 +576,14 @@ def test_the_text_encoder_runs_under_the_steps_autocast():
                 text_dim=CLIP_TINY["hidden_size"])
     seen = []
     clip.encoder.layers[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-    args = train.parse_args(["--grad-accum", "2"])
+    args = settings.parse_args(["--grad-accum", "2"])
     batch = (torch.randn(4, 1, 8, 8), ["a cat", "", "a dog", "two cats"], torch.tensor([1, 500, 999, 3]),
              torch.randn(4, 1, 8, 8))
     opt = torch.optim.AdamW(model.parameters())
     for dtype, on in ((torch.bfloat16, True), (torch.float32, False)):
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
-        terms = training.train_step(model, model, create_diffusion("", "cosine"), opt, batch, args, autocast,
-                                    condition=functools.partial(caption_embeddings, clip))
+        terms = training.train_step(model, opt, batch, create_diffusion("", "cosine"), grad_accum=args.grad_accum,
+                                    autocast=autocast, condition=functools.partial(caption_embeddings, clip))
         assert seen == [dtype, dtype] and terms.isfinite().all()  # one call per micro-batch
         seen.clear()
 
@@ -602,7 +604,7 @@ def test_the_prefetched_batches_are_get_batchs_and_pinned_only_for_cuda(monkeypa
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
     cpu = torch.device("cpu")
     with bench.synthetic_run(bench.PRESETS["tiny"]) as (stored, latents):
-        digits = train.parse_args(["--dataset", "digits", "--batch-size", "6"])
+        digits = settings.parse_args(["--dataset", "digits", "--batch-size", "6"])
         pixels = PreparedData(digits.data)
         pixels.captions = [[f"digit {i}", f"a {i}"] for i in range(len(pixels))]
         digits.text = True
@@ -628,17 +630,17 @@ def test_cudnn_benchmark_for_the_unet_on_cuda_only(monkeypatch):
     for flag in ("benchmark", "allow_tf32"):
         monkeypatch.setattr(torch.backends.cudnn, flag, False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    train.cuda_settings(torch.device("cpu"), "sd-tiny")
+    train.cuda_settings(torch.device("cpu"), True)  # sd-tiny
     assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    train.cuda_settings(torch.device("cuda", 0), "DiT-B/2")
+    train.cuda_settings(torch.device("cuda", 0), False)  # DiT-B/2
     assert not torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
-    train.cuda_settings(torch.device("cuda", 0), "sd15")
+    train.cuda_settings(torch.device("cuda", 0), True)  # sd15
     assert torch.backends.cudnn.benchmark
 
 
 def test_the_demo_bits_per_dim_can_be_turned_off():
-    assert train.parse_args([]).eval_bpd is True
-    assert train.parse_args(["--no-eval-bpd"]).eval_bpd is False
+    assert settings.parse_args([]).eval_bpd is True
+    assert settings.parse_args(["--no-eval-bpd"]).eval_bpd is False
 
 
 #################################################################################
@@ -660,7 +662,7 @@ def test_grad_accum_equals_one_batch_and_resumes_bit_identically(tmp_path):
     one = run(tmp_path, *common, "--iterations", "1", "--ckpt-every", "1", name="one")
     four_1 = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "1", "--ckpt-every", "1",
                  name="four_1")
-    a, b = (read_state_dict(train.checkpoints(d)[-1])["opt"]["state"] for d in (one, four_1))
+    a, b = (read_state_dict(load.checkpoints(d)[-1])["opt"]["state"] for d in (one, four_1))
     assert a.keys() == b.keys() and len(a) > 0
     worst = max(((a[i]["exp_avg"] - b[i]["exp_avg"]).abs().max() / a[i]["exp_avg"].abs().max()).item()
                 for i in a)
@@ -672,12 +674,12 @@ def test_grad_accum_equals_one_batch_and_resumes_bit_identically(tmp_path):
                                                             rel=1e-5, abs=1e-9)
     four = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "4", "--ckpt-every", "2",
                name="four")
-    b = read_state_dict(train.checkpoints(four)[-1])
+    b = read_state_dict(load.checkpoints(four)[-1])
     assert max(v.abs().max() for v in b["raw_state"].values()) > 1e-2  # the prompts and gate moved
     part = run(tmp_path, *common, "--grad-accum", "4", "--iterations", "2", "--ckpt-every", "2",
                name="part")
     train.main(["--resume", str(part), "--iterations", "4"])
-    c = read_state_dict(train.checkpoints(part)[-1])
+    c = read_state_dict(load.checkpoints(part)[-1])
     assert same_state(b["raw_state"], c["raw_state"]) and same_state(b["state"], c["state"])
     assert str(b["opt"]["state"]) == str(c["opt"]["state"])
     assert ([e["loss"] for e in log_of(four) if "loss" in e][2:]
@@ -697,11 +699,11 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
     cpu = torch.device("cpu")
     losses, sums = {}, []
     for selection in ("soft", "hard"):
-        args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp",
+        args = settings.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp",
                                         "--selection", selection])
         data = PreparedData(args.data)
         rows, _ = training.split(data, args.holdout)
-        model, _ = train.build_model(args, data)
+        model, *_ = train.build_model(args, data)
         mop = model.train().block_input
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():  # a gate that prefers some prompts, so the losses are not zero
@@ -719,13 +721,13 @@ def test_balancing_losses_over_micro_batches(base_checkpoint, monkeypatch):
         batch = training.get_batch(data, rows, 3, args, cpu)
         diffusion = create_diffusion("", args.noise_schedule)
         mixtures = []
-        whole = training.compute_loss(model, model, diffusion, batch, args, mixtures)[1]
+        whole = training.compute_loss(model, diffusion, batch, mixtures=mixtures)[1]
         sums = [mixtures[-1].load]
         taken[0] = 0
         parts = []
         for i in range(0, 16, 4):
             micro = training.micro_batch(batch, slice(i, i + 4))
-            parts.append(training.compute_loss(model, model, diffusion, micro, args, mixtures)[1])
+            parts.append(training.compute_loss(model, diffusion, micro, mixtures=mixtures)[1])
             sums.append(mixtures[-1].load)
         monkeypatch.undo()
         means = zip(whole.tolist(), torch.stack(parts).mean(0).tolist(), strict=True)
@@ -751,7 +753,7 @@ def test_checkpointing_changes_nothing(tmp_path, base_checkpoint):
         for name, flag in (("plain", []), ("ckpt", ["--checkpointing"])):
             d = run(tmp_path / str(len(extra)), *extra, *flag, "--iterations", "3", "--ckpt-every",
                     "3", "--lr", "1e-2", name=name)
-            entries = read_state_dict(train.checkpoints(d)[-1])
+            entries = read_state_dict(load.checkpoints(d)[-1])
             states.append(entries.get("model") or entries["state"])
         assert same_state(*states)
 
@@ -766,16 +768,16 @@ def test_fp16_with_a_gradient_scaler_on_cpu(tmp_path, monkeypatch):
     whole = run(tmp_path, *common, "--iterations", "4", "--ckpt-every", "2", name="whole")
     part = run(tmp_path, *common, "--iterations", "2", "--ckpt-every", "2", name="part")
     train.main(["--resume", str(part), "--iterations", "4"])
-    a, b = (read_state_dict(train.checkpoints(d)[-1]) for d in (whole, part))
+    a, b = (read_state_dict(load.checkpoints(d)[-1]) for d in (whole, part))
     assert same_state(a["model"], b["model"]) and a["scaler"] == b["scaler"]
     assert a["scaler"]["scale"] in [2.0 ** k for k in range(17)]  # 65536, halved per overflow
     assert log_of(whole)[0]["precision"] == "fp16"
     assert [e["precision"] for e in log_of(part) if e.get("event") == "resume"] == ["fp16"]
 
-    args = train.parse_args(FAST + ["--precision", "fp16"])
+    args = settings.parse_args(FAST + ["--precision", "fp16"])
     data = PreparedData(args.data)
     rows, _ = training.split(data, args.holdout)
-    model, groups = train.build_model(args, data)
+    model, groups, *_ = train.build_model(args, data)
     opt = torch.optim.AdamW(groups[0]["params"], lr=1e-3)
     autocast, scaler = training.mixed_precision("fp16", torch.device("cpu"))
     scaler.load_state_dict(dict(scaler.state_dict(), scale=1.0))  # this model's gradients fit fp16
@@ -789,7 +791,7 @@ def test_fp16_with_a_gradient_scaler_on_cpu(tmp_path, monkeypatch):
         before = [p.detach().clone() for p in model.parameters()]
         monkeypatch.setattr(training, "compute_loss", overflowing if overflow else real)
         batch = training.get_batch(data, rows, 0, args, torch.device("cpu"))
-        training.train_step(model, model, diffusion, opt, batch, args, autocast, scaler)
+        training.train_step(model, opt, batch, diffusion, autocast=autocast, scaler=scaler)
         changed = [not torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True)]
         assert scaler.get_scale() == 0.5  # halved by the overflow, then kept
         assert any(changed) != overflow
@@ -821,14 +823,14 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
     share one compiled graph, and the step with checkpointing is the eager one.
     """
     from torch._dynamo.utils import counters
-    args = train.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp"])
+    args = settings.parse_args(FAST + ["--init", str(base_checkpoint), "--method", "dmp"])
     data = PreparedData(args.data)
     rows, _ = training.split(data, args.holdout)
     diffusion = create_diffusion("", args.noise_schedule)
     batch = training.get_batch(data, rows, 0, args, torch.device("cpu"))
     grads = []
     for compiled in (False, True):
-        model, _ = train.build_model(args, data)
+        model, *_ = train.build_model(args, data)
         with torch.no_grad():
             model.block_input.prompts.normal_(generator=torch.Generator().manual_seed(0))
         model.set_checkpointing(True).train()
@@ -836,7 +838,7 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
             torch._dynamo.reset()
             counters.clear()
             training.compile_blocks(model, backend="aot_eager")
-        loss, _ = training.compute_loss(model, model, diffusion, batch, args)
+        loss, _ = training.compute_loss(model, diffusion, batch)
         loss.backward()
         grads.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
     assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["total"] == 1
@@ -845,11 +847,11 @@ def test_compiled_blocks_give_the_eager_step(base_checkpoint):
 
 
 def test_flips_are_a_switch_the_digits_presets_turn_off_and_the_command_line_back_on():
-    assert train.parse_args(["--dataset", "digits"]).flip is False
-    assert train.parse_args(["--dataset", "demo"]).flip is False
-    assert train.parse_args(["--dataset", "ffhq"]).flip is True
-    assert train.parse_args(["--dataset", "ffhq", "--no-flip"]).flip is False
-    args = train.parse_args(["--dataset", "digits", "--flip", "--batch-size", "16"])
+    assert settings.parse_args(["--dataset", "digits"]).flip is False
+    assert settings.parse_args(["--dataset", "demo"]).flip is False
+    assert settings.parse_args(["--dataset", "ffhq"]).flip is True
+    assert settings.parse_args(["--dataset", "ffhq", "--no-flip"]).flip is False
+    args = settings.parse_args(["--dataset", "digits", "--flip", "--batch-size", "16"])
     assert args.flip is True
     data = PreparedData(args.data)
     rows, _ = training.split(data, args.holdout)
@@ -864,12 +866,12 @@ def test_flips_are_a_switch_the_digits_presets_turn_off_and_the_command_line_bac
 
 def test_a_run_saved_with_the_old_no_flip_setting_resumes_without_flips(tmp_path):
     """Runs started before --flip/--no-flip recorded no_flip: a resumed one keeps what it drew."""
-    saved = vars(train.parse_args(["--dataset", "ffhq"]))
+    saved = vars(settings.parse_args(["--dataset", "ffhq"]))
     del saved["flip"], saved["given"]
     for no_flip in (True, False):
-        args = train.parse_args(["--resume", str(tmp_path)])
+        args = settings.parse_args(["--resume", str(tmp_path)])
         given = set(vars(args).pop("given"))
-        resumed = train.resumed_args(args, given, dict(saved, no_flip=no_flip), tmp_path)
+        resumed = resumed_args(args, given, dict(saved, no_flip=no_flip), tmp_path)
         assert resumed.flip is not no_flip and not hasattr(resumed, "no_flip")
 
 
@@ -924,7 +926,7 @@ def test_further_training_on_more_classes_than_the_model_knows_is_refused(tmp_pa
     base = run(tmp_path, "--data", str(two), "--no-unconditional", "--iterations", "1", "--ckpt-every", "1")
     kept = unchanged(tmp_path)
     code, text = cli(*FAST, "--results-dir", tmp_path / "runs", "--data", three, "--no-unconditional",
-                     "--init", train.checkpoints(base)[-1], "--method", "dmp", "--iterations", "1")
+                     "--init", load.checkpoints(base)[-1], "--method", "dmp", "--iterations", "1")
     assert code == 1 and "three has 3 classes and" in text and "knows 2 (label 2 is its guidance null" in text
     kept()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [base.name]
@@ -1022,11 +1024,11 @@ def _train_every_structure(rank, world):
     """Three DDP steps of each of DDP_STRUCTURES on a tiny DiT: the flags of those that ran."""
     done = []
     for flags in DDP_STRUCTURES:
-        args = train.parse_args(FAST + ["--method", "dmp", *flags])
+        args = settings.parse_args(FAST + ["--method", "dmp", *flags])
         torch.manual_seed(0)
         model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                     num_classes=1, class_dropout_prob=0.0)
-        groups = dmp.patch(model, "dmp", **train.method_options(args))
+        groups = dmp.patch(model, "dmp", **settings.method_options(args))
         ddp = torch.nn.parallel.DistributedDataParallel(model.train())
         opt = torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.1)
         for step in range(3):
@@ -1047,5 +1049,5 @@ def _train_every_structure(rank, world):
                                    ["--selection", "hard", "--hard-weights", "one", "--load-coef", "0"]])
 def test_dmp_options_that_leave_the_gate_untrained_are_one_sentence(flags, capsys, one_sentence):
     with pytest.raises(SystemExit):
-        train.parse_args(FAST + ["--method", "dmp", *flags])
+        settings.parse_args(FAST + ["--method", "dmp", *flags])
     assert "gate" in one_sentence(capsys.readouterr().err)
