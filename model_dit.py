@@ -427,9 +427,13 @@ DiT_models = {
     "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
 }
 
-# Not an official config: a DiT small enough to pretrain on the bundled 8x8 digits on a CPU (16
-# tokens, 0.33M parameters; assets/dit_digits.pt, train.py --model digits).
-DIGITS_MODEL = dict(patch_size=2, hidden_size=64, depth=4, num_heads=4)
+# Not official configs: DiTs small enough to pretrain on the bundled 8x8 digits on a CPU (16
+# tokens). 'digits' (0.33M parameters) is the demo's base, assets/dit_digits.pt; 'digits-small'
+# (89K), whose capacity rather than its 1,500 training digits limits it, is the study's base
+# (study.py, assets/study/base.pt).
+DIGITS_MODELS = {"digits": dict(patch_size=2, hidden_size=64, depth=4, num_heads=4),
+                 "digits-small": dict(patch_size=2, hidden_size=32, depth=4, num_heads=2)}
+DIGITS_MODEL = DIGITS_MODELS["digits"]
 
 
 #################################################################################

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import digits_fid
 import dmp
+from model_dit import CONFIGS, DIGITS_MODELS
+from model_unet import UNet_configs
 
 # Dataset presets: the paper's settings (appendix) as defaults, each overridable by its flag.
 PRESETS = {
@@ -62,8 +64,9 @@ class Data:
     """What trains on what: the data, the model, where it starts."""
     dataset: str = setting("demo", "a preset of the settings below", choices=list(PRESETS))
     data: str = setting(None, "a folder written by prepare_data.py")
-    model: str = setting(None, "a DiT config (DiT-XL/2, ...; 'digits' for the tiny one) when "
-                         "pretraining; sd15 (or sd-tiny) for Stable Diffusion with --init")
+    model: str = setting(None, "a DiT config (DiT-XL/2, ...; 'digits' or 'digits-small' for the "
+                         "tiny ones) when pretraining; sd15 (or sd-tiny) for Stable Diffusion "
+                         "with --init")
     init: str = setting(None, "none: pretrain from scratch; an official name, a checkpoint or a "
                         "run folder to further-train")
     num_heads: int = setting(None, "the head count of an --init DiT state dict that records no "
@@ -197,6 +200,9 @@ def parse_args(argv=None):
     bad = range_errors(args)
     if bad:
         p.error(f"out of range: {', '.join(bad)}")
+    known = [*DIGITS_MODELS, *CONFIGS, *UNet_configs]
+    if args.model is not None and args.model not in known:
+        p.error(f"--model {args.model} is not a config: choose one of {', '.join(known)}")
     if args.gate == "attention" and (args.noisy_gate or args.selection == "hard"):
         p.error("--gate attention (Table 4a) has no gate logits to add noise to or select the top "
                 "k of: --noisy-gate and --selection hard take --gate linear")

@@ -36,7 +36,7 @@ from checkpoints import CheckpointError
 from dataset import DataError, PreparedData
 from diffusion import create_diffusion
 from distributed import seed_of
-from model_dit import CONFIGS, DIGITS_MODEL, DiT
+from model_dit import CONFIGS, DIGITS_MODELS, DiT
 from model_unet import UNet_configs
 from model_vae import load_vae
 
@@ -92,7 +92,7 @@ def build_model(args, data, device=None, sd=False, record=False):
     if args.init:
         check_init(args, data, model, text_dim, labels)
     else:
-        arch = DIGITS_MODEL if args.model == "digits" else CONFIGS[args.model]
+        arch = DIGITS_MODELS.get(args.model) or CONFIGS[args.model]
         model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
                     num_classes=data.num_classes if labels else 1,
                     class_dropout_prob=args.class_dropout if labels else 0.0,
