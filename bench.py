@@ -11,24 +11,21 @@ Rows: training steps/s, images/s, model FLOPs utilisation and peak memory for pr
 fine-tuning and DMP further-training (training.get_batch and train_step; dmp.patch); sampling with
 and without a DMP patch (sampling.dit_batch); VAE encode/decode (dataset.encode,
 AutoencoderKL.decode); FID features (inception.compute_features); reading stored latents
-(training.get_batch alone). Weights are random: speed does not depend on their values. Each
-row runs in a process of its own, so its peak memory is its own: torch.cuda.max_memory_allocated
-on CUDA; on CPU the growth of the process's peak resident set (getrusage ru_maxrss) from just
-before the row's models and data are built, which includes the allocator's slack and the pages of
-the memory-mapped data read. The two ratios the targets are about (DMP vs full fine-tuning,
-patched vs unpatched sampling) are also timed interleaved within one process, round by round, so
-that other load on the machine falls on both alike. The memory estimate is memory.py's.
+(training.get_batch alone). Weights are random: speed does not depend on their values. Each row
+runs in a process of its own (device_suite.run_rows), so its peak memory is its own
+(memory_baseline). The two ratios the targets are about (DMP vs full fine-tuning, patched vs
+unpatched sampling) are also timed interleaved within one process, round by round, so that other
+load on the machine falls on both alike. The memory estimate is memory.py's.
 """
 import argparse
 import contextlib
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +51,7 @@ from model_vae import SCALE_FACTOR, AutoencoderKL
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 PRESETS = {
-    # The targets' setting: 256x256 images as 32x32x4 latents, batch 128, the three DiT sizes the
-    # paper uses.
+    # The targets' setting: 256x256 images as 32x32x4 latents, batch 128, the paper's DiT sizes.
     "gpu": dict(models=["DiT-B/2", "DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=5,
                 rounds=5, steps=4, sample_models=["DiT-L/2", "DiT-XL/2"], sample_batch=64,
                 sample_steps=50, vae_size=256, vae_batch=16, fid_batch=100, fid_images=500,
@@ -64,14 +60,7 @@ PRESETS = {
     "cpu": dict(models=["DiT-S/2"], input_size=16, batch=4, warmup=1, rounds=3, steps=1,
                 sample_models=["DiT-S/2"], sample_batch=4, sample_steps=2, sample_rounds=7,
                 vae_size=64, vae_batch=1, fid_batch=4, fid_images=4, data_rows=256),
-    # --suite device: the gpu preset's rows with fewer timed steps (the suite's 6 minutes), DDPM
-    # sampling timed on 10 steps of a 250-step chain, and the digits runs (issues 19 and 23).
-    "device": dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2,
-                   compile_warmup=3, rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64,
-                   sampler="ddpm", sample_steps=10, chain=250, sample_rounds=3, vae_size=256,
-                   vae_batch=16, fid_batch=100, fid_images=500, data_rows=1024,
-                   digits_iterations=150, digits_samples=256, torchrun_samples=64,
-                   demo_iterations=100, demo_bpd_images=20),
+    "device": device_suite.PRESET,  # --suite device's
     # For the tests: train.py's digits DiT (4 blocks, 64 wide) on 8x8 latents.
     "tiny": dict(models=["tiny"], input_size=8, batch=4, warmup=0, rounds=1, steps=1,
                  sample_models=["tiny"], sample_batch=2, sample_steps=2, vae_size=16, vae_batch=1,
@@ -112,10 +101,8 @@ ROWS = ("train", "sample", "vae", "fid", "data")
 # (tests/test_bench.py).
 
 def dit_flops(config, batch, mode="full"):
-    """
-    Model FLOPs of one training step of a DiT `config` (model_dit.DiT kwargs): forward, input and
-    weight gradients, and their sum.
-    """
+    """Model FLOPs of one training step of a DiT `config` (model_dit.DiT kwargs): forward, input
+    and weight gradients, and their sum."""
     B, D, L, p = batch, config["hidden_size"], config["depth"], config["patch_size"]
     N = (config["input_size"] // p) ** 2
     C = config["in_channels"]
@@ -147,10 +134,8 @@ def dit_flops(config, batch, mode="full"):
 
 def peak_tflops(device, override=None):
     """The device's dense bf16 peak in TFLOP/s (None for a CPU or an unknown GPU, unless given)."""
-    if override:
+    if override or device.type != "cuda":
         return override
-    if device.type != "cuda":
-        return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
@@ -165,14 +150,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed_rounds(fns, preset, device):
+def timed_rounds(fns, preset, device, compiled=False):
     """
-    Seconds per call of each fn: `warmup` calls each, then `rounds` rounds in which every fn runs
-    `steps` calls in turn (interleaved); the median over rounds, and the per-round times. The
-    device is synchronised only around a fn's calls in a round, never between its calls.
+    Seconds per call of each fn: `warmup` calls each (`compile_warmup` if `compiled` and the preset
+    has it), then `rounds` rounds in which every fn runs `steps` calls in turn (interleaved); the
+    median over rounds, and the per-round times. The device syncs around a fn's calls, not between.
     """
+    warmup = preset.get("compile_warmup", preset["warmup"]) if compiled else preset["warmup"]
     for fn in fns:
-        for _ in range(preset["warmup"]):
+        for _ in range(warmup):
             fn()
     sync(device)
     times = [[] for _ in fns]
@@ -188,7 +174,8 @@ def timed_rounds(fns, preset, device):
 
 
 def memory_baseline(device):
-    """What a row's peak is counted from: CUDA's allocated bytes, or the process's peak RSS."""
+    """What a row's peak is counted from: CUDA's allocated bytes; on CPU the process's peak resident
+    set (getrusage ru_maxrss), which counts the allocator's slack and the mapped data's pages."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
@@ -197,13 +184,13 @@ def memory_baseline(device):
 
 def peak_memory_mb(device, baseline):
     """The peak since memory_baseline, in MiB."""
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 2 ** 20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2 ** 20
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return (peak - baseline) / 2 ** 20
 
 
 #################################################################################
-#                    Training: one iteration of train.py's loop                 #
+#       Rows: training (one iteration of train.py's loop), sampling, ...        #
 #################################################################################
 
 # What get_batch reads of train.py's settings, as train.py --dataset imagenet sets them: flips,
@@ -213,50 +200,27 @@ BATCH_SETTINGS = dict(seed=0, flip=True, unconditional=False, text=False, captio
 
 @contextlib.contextmanager
 def synthetic_run(preset):
-    """
-    (the batch settings, data) of a training row: BATCH_SETTINGS at the preset's batch, and
-    ImageNet-like latents of the preset's size (dataset.synthetic_latents, in a temporary folder
-    while inside).
-    """
+    """(batch settings, data) of a training row: BATCH_SETTINGS at the preset's batch, and
+    ImageNet-like latents of its size (dataset.synthetic_latents, in a temporary folder)."""
     with tempfile.TemporaryDirectory() as tmp:
         shape = (4, preset["input_size"], preset["input_size"])
         data = PreparedData(dataset.synthetic_latents(tmp, preset["data_rows"], shape, 1000))
         yield argparse.Namespace(**BATCH_SETTINGS, batch_size=preset["batch"]), data
 
 
-def train_model(name, mode, data, device, text_dim=None, **options):
-    """
-    (model, parameter groups) of a training row, on `device` with random weights (an XL/2 in
-    seconds), as train.py builds them for ImageNet: a fresh DiT `name` ('tiny': the digits DiT;
-    text_dim: a text DiT) whose every weight but the fixed positional table trains (pretraining),
-    or patched by dmp.patch (with `options`, e.g. selection='hard') for full fine-tuning or DMP;
-    or SD's UNet `name` (sd15, sd-tiny), patched.
-    """
-    torch.manual_seed(0)
-    with torch.device(device):
-        if name in UNet_configs:
-            model = UNetModel(**UNet_configs[name])
-            return model, dmp.patch(model, mode, **options)
-        arch = DIGITS_MODEL if name == "tiny" else CONFIGS[name]
-        model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
-                    num_classes=data.num_classes, class_dropout_prob=0.1, text_dim=text_dim,
-                    **arch)
-        if mode != "pretrain":
-            return model, dmp.patch(model, mode, **options)  # as after --init
-    return model, [dict(params=training.trained_weights(model), lr_scale=1.0, name="all")]
-
-
 def train_setup(name, mode, args, data, device, precision, compile=False, checkpointing=False,
                 grad_accum=1, text=False, **options):
     """
-    A step function that runs one iteration of train.py's loop (training.Prefetcher's batch, then
-    training.train_step: the micro-batches, autocast or fp16's scaler, AdamW at lr 1e-4, the EMA)
-    on model `name` for pretraining (an EMA, as train.py keeps by default), full fine-tuning or DMP
-    further-training (no EMA, as with --init). text: on captions, through a CLIP text encoder with
-    random weights (ViT-L/14's; for sd-tiny the tiny one of its width), in the step as train.py
-    runs it (SD's UNet always reads text). Returns (step, model config).
+    (step, model config): `step` runs one iteration of train.py's loop (training.Prefetcher's batch,
+    training.train_step: micro-batches, autocast or fp16's scaler, AdamW at lr 1e-4, the EMA) on a
+    model with random weights (an XL/2 built in seconds), built as train.py builds it for ImageNet:
+    a fresh DiT `name` ('tiny': the digits DiT) whose every weight but the fixed positional table
+    trains, for pretraining (an EMA, as train.py keeps by default), or patched by dmp.patch
+    (`options`, e.g. selection='hard') for full fine-tuning or DMP (no EMA, as after --init); or
+    SD's UNet `name` (sd15, sd-tiny), patched. text: on captions, through a CLIP text encoder with
+    random weights (ViT-L/14's; sd-tiny's of its width) as train.py runs it (SD's UNet always is).
     """
-    sd, encoder = name in UNet_configs, None
+    sd, encoder, dim = name in UNet_configs, None, None
     args = argparse.Namespace(**{**vars(args), "text": text or sd})
     if args.text:
         data.captions = [[f"a photo of thing {i}", ""] for i in range(len(data))]
@@ -264,8 +228,18 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
         with torch.device(device):  # SD 1.5's is ViT-L/14's
             encoder = CLIPTextModel(**(CLIP_TINY if name == "sd-tiny" else CLIP_VITL14))
         encoder.eval().requires_grad_(False)
-    dim = encoder.config["hidden_size"] if encoder is not None and not sd else None
-    model, groups = train_model(name, mode, data, device, dim, **options)
+        dim = None if sd else encoder.config["hidden_size"]
+    torch.manual_seed(0)
+    with torch.device(device):
+        if sd:
+            model = UNetModel(**UNet_configs[name])
+        else:
+            model = DiT(input_size=data.shape[-1], in_channels=data.shape[0], learn_sigma=True,
+                        num_classes=data.num_classes, class_dropout_prob=0.1, text_dim=dim,
+                        **(DIGITS_MODEL if name == "tiny" else CONFIGS[name]))
+        groups = [dict(params=training.trained_weights(model), lr_scale=1.0, name="all")]
+        if mode != "pretrain":
+            groups = dmp.patch(model, mode, **options)
     model.set_checkpointing(checkpointing).to(device).train()
     opt = training.optimizer(groups, lr=1e-4)
     ema = training.EMA(model, 0.9999) if mode == "pretrain" else None
@@ -285,33 +259,20 @@ def train_setup(name, mode, args, data, device, precision, compile=False, checkp
         state["step"] = s + 1
     return step, model.config
 
-
-#################################################################################
-#                                    Rows                                       #
-#################################################################################
-
 def row_train(name, mode, preset, device, precision, compile, peak, options=None):
-    """
-    One training configuration: steps/s, images/s, model FLOPs utilisation, peak memory. options:
-    checkpointing, grad_accum (train.py's --checkpointing, --grad-accum). MFU counts the model's
-    FLOPs, not checkpointing's second forward pass.
-    """
+    """One training configuration (options: e.g. train.py's --checkpointing, --grad-accum): steps/s,
+    images/s, MFU (the model's FLOPs, not checkpointing's second forward), peak memory."""
     options = dict(options or {})
-    warmup = preset["warmup"]
-    if compile:
-        warmup = preset.get("compile_warmup", warmup)
     with synthetic_run(preset) as (args, data):
         base = memory_baseline(device)
         step, config = train_setup(name, mode, args, data, device, precision, compile, **options)
-        (seconds,), _ = timed_rounds([step], dict(preset, warmup=warmup), device)
+        (seconds,), _ = timed_rounds([step], preset, device, compile)
         memory_mb = peak_memory_mb(device, base)
-    flops = None  # the UNet's are not counted; a text DiT's are the DiT's (its CLIP left out)
-    if name not in UNet_configs:
-        flops = dit_flops(config, preset["batch"], mode)
+    # The UNet's FLOPs are not counted; a text DiT's are the DiT's (its CLIP left out).
+    flops = None if name in UNet_configs else dit_flops(config, preset["batch"], mode)
     label = mode + "".join(f", {OPTION_LABELS[k]}{'' if v is True else f' {v}'}"
-                           for k, v in options.items()
-                           if v is not False and (isinstance(v, str) or v is True or v > 1))
-    return dict(train_row(name, label, preset["batch"], seconds, flops, peak, memory_mb),
+                           for k, v in options.items() if v is True or isinstance(v, str) or v > 1)
+    return dict(speed_row(name, label, preset["batch"], seconds, flops, peak, memory_mb),
                 compiled=compile, **options)
 
 
@@ -319,11 +280,13 @@ OPTION_LABELS = dict(checkpointing="checkpointing", grad_accum="grad-accum", tex
                      selection="selection")
 
 
-def train_row(name, mode, batch, seconds, flops, peak, memory_mb=None):
-    """A training row's figures from its seconds per step and its FLOPs (dit_flops; None: not
-    counted, no MFU)."""
+def speed_row(name, mode, batch, seconds, flops=None, peak=None, memory_mb=None, row="train"):
+    """
+    A row's figures from its seconds per step and, for a DiT, a step's FLOPs (dit_flops; None: not
+    counted, no MFU): a training step, row_sample's sampling step, or a VAE, FID or data step.
+    """
     achieved = flops["step"] / seconds / 1e12 if flops else None
-    return dict(row="train", model=name, mode=mode, batch=batch, ms_per_step=1e3 * seconds,
+    return dict(row=row, model=name, mode=mode, batch=batch, ms_per_step=1e3 * seconds,
                 steps_per_s=1 / seconds, images_per_s=batch / seconds,
                 tflop_per_step=flops["step"] / 1e12 if flops else None, achieved_tflops=achieved,
                 mfu=achieved / peak if peak and achieved else None, peak_mem_mb=memory_mb)
@@ -348,11 +311,11 @@ def row_sample(name, preset, device, precision, compile, peak):
     `sample_steps` steps (every DDPM step costs the same). --compile compiles each block, as in
     training (and warms up longer); MFU counts a forward pass per step against `peak`.
     """
-    arch = DIGITS_MODEL if name == "tiny" else CONFIGS[name]
     base = memory_baseline(device)
     torch.manual_seed(0)
     with torch.device(device):
-        model = DiT(input_size=preset["input_size"], num_classes=1000, **arch).eval()
+        model = DiT(input_size=preset["input_size"], num_classes=1000,
+                    **(DIGITS_MODEL if name == "tiny" else CONFIGS[name])).eval()
         dmp.patch(model, "dmp")
     mop = model.block_input
     with torch.no_grad():
@@ -362,48 +325,30 @@ def row_sample(name, preset, device, precision, compile, peak):
     sampler, steps = preset.get("sampler", "ddim"), preset["sample_steps"]
     B = preset["sample_batch"]
     diffusion = sampling.make_diffusion(sampler, steps, "linear")
-    eta = 0.0 if sampler == "ddim" else None
 
-    def chain(patched):
-        """Sampling steps of batch B with the patch installed or not."""
-        def go():
-            model.block_input = mop if patched else None
-            sampling.dit_batch(list(range(B)), model, diffusion, cfg_scale=1.0,
-                               bf16=precision == "bf16", eta=eta)
-        return go
+    def sample(patched):
+        """The sampling steps of batch B, with the patch installed or not."""
+        model.block_input = mop if patched else None
+        sampling.dit_batch(list(range(B)), model, diffusion, cfg_scale=1.0,
+                           bf16=precision == "bf16", eta=0.0 if sampler == "ddim" else None)
     # A 2% difference needs more rounds than the rest where the machine is noisy (sample_rounds).
     settings = dict(preset, steps=1, rounds=preset.get("sample_rounds", preset["rounds"]))
-    if compile:
-        settings["warmup"] = preset.get("compile_warmup", preset["warmup"])
-    (t_plain, t_dmp), rounds = timed_rounds([chain(False), chain(True)], settings, device)
-    memory_mb = peak_memory_mb(device, base)
-    length = preset.get("chain", steps)
-    rows = []
-    for mode, t in (("unpatched", t_plain), ("dmp", t_dmp)):
-        flops = dit_flops(model.config, B, mode if mode == "dmp" else "full")["forward"]
-        achieved = flops * steps / t / 1e12
-        rows.append(dict(row="sample", model=name, mode=mode, sampler=f"{sampler.upper()}-{length}",
-                         batch=B, ms_per_step=1e3 * t / steps, steps_per_s=steps / t,
-                         images_per_s=B / (t / steps * length), tflop_per_step=flops / 1e12,
-                         achieved_tflops=achieved, mfu=achieved / peak if peak else None,
-                         peak_mem_mb=memory_mb, compiled=compile))
+    times, rounds = timed_rounds([partial(sample, False), partial(sample, True)], settings, device,
+                                 compile)
+    memory_mb, length, rows = peak_memory_mb(device, base), preset.get("chain", steps), []
+    for mode, t in zip(("unpatched", "dmp"), times, strict=True):  # t: `steps` sampling steps
+        forward = dit_flops(model.config, B, "dmp" if mode == "dmp" else "full")["forward"]
+        rows.append(dict(speed_row(name, mode, B, t / steps, dict(step=forward), peak, memory_mb,
+                                   "sample"), sampler=f"{sampler.upper()}-{length}",
+                         images_per_s=B / (t / steps * length), compiled=compile))
     ratio = statistics.median(b / a for a, b in zip(*rounds, strict=True))
-    rows.append(dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B,
-                     value=ratio, compiled=compile))
-    return rows
-
-
-def throughput_row(row, model, mode, batch, seconds, images, memory_mb):
-    """A row of a part that is not a DiT step (VAE, FID features, data): its speed and memory."""
-    return dict(row=row, model=model, mode=mode, batch=batch, ms_per_step=1e3 * seconds,
-                steps_per_s=1 / seconds, images_per_s=images / seconds, peak_mem_mb=memory_mb)
+    return rows + [dict(row="ratio", model=name, mode="dmp/unpatched sampling step", batch=B,
+                        value=ratio, compiled=compile)]
 
 
 def row_vae(preset, device, precision):
-    """
-    The KL-f8 VAE: dataset.encode (image and mirror, fp32 as prepare_data.py) and decode (as
-    sample.py).
-    """
+    """The KL-f8 VAE: dataset.encode (image and mirror, fp32 as prepare_data.py), decode (as
+    sample.py)."""
     base = memory_baseline(device)
     vae = AutoencoderKL().to(device).eval().requires_grad_(False)
     B, S = preset["vae_batch"], preset["vae_size"]
@@ -419,14 +364,12 @@ def row_vae(preset, device, precision):
             vae.decode(z / SCALE_FACTOR).float()
     (t_enc, t_dec), _ = timed_rounds([encode, decode], dict(preset, steps=1), device)
     memory_mb = peak_memory_mb(device, base)
-    return [throughput_row("vae", f"KL-f8 {S}px", mode, B, t, B, memory_mb)
+    return [speed_row(f"KL-f8 {S}px", mode, B, t, memory_mb=memory_mb, row="vae")
             for mode, t in (("encode+mirror", t_enc), ("decode", t_dec))]
 
 
 def row_fid(preset, device):
-    """
-    inception.compute_features on 256x256 uint8 images (resized to 299 inside, as pytorch-fid).
-    """
+    """inception.compute_features of 256x256 uint8 images (resized to 299 inside, pytorch-fid's)."""
     base = memory_baseline(device)
     model = inception.FIDInceptionV3().eval().requires_grad_(False).to(device)
     n, B = preset["fid_images"], preset["fid_batch"]
@@ -437,8 +380,8 @@ def row_fid(preset, device):
         inception.compute_features(model, (n, batches), device, desc="bench")
     (t,), _ = timed_rounds([features], dict(preset, steps=1), device)
     # t is the time of n images, B a batch: ms_per_step is per batch, steps_per_s batches per s
-    return [throughput_row("fid", "Inception pool3", "features", B, t * B / n, B,
-                           peak_memory_mb(device, base))]
+    return [speed_row("Inception pool3", "features", B, t * B / n,
+                      memory_mb=peak_memory_mb(device, base), row="fid")]
 
 
 def row_data(preset, device):
@@ -452,23 +395,24 @@ def row_data(preset, device):
             state["step"] += 1
         (t,), _ = timed_rounds([read], dict(preset, steps=10 * preset["steps"]), device)
         memory_mb = peak_memory_mb(device, base)
-    B = preset["batch"]
-    return [throughput_row("data", "stored latents", "get_batch", B, t, B, memory_mb)]
+    return [speed_row("stored latents", "get_batch", preset["batch"], t, memory_mb=memory_mb,
+                      row="data")]
 
 
 def run_row(spec, preset_name, device, precision, compile=False, peak=None, work=None):
     """
-    One row (a list of result dicts) in this process; spec: ['train', model, mode(, options)] |
-    ['pair', model] | ['sample', model] | ['vae'] | ... | a script row of the device suite
-    (device_suite.SCRIPT_ROWS, which write into the folder `work`).
+    One row (a list of result dicts) in this process, MFU against `peak` TFLOP/s (default: the
+    device's, peak_tflops); spec: ['train', model, mode(, options)] | ['pair', model] |
+    ['sample', model] | ['vae'] | ... | a script row of the device suite (device_suite.SCRIPT_ROWS,
+    which write into the folder `work`).
     """
-    preset = PRESETS[preset_name]
-    kind, rest = spec[0], spec[1:]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise device_suite.RowError(device_suite.NO_CUDA)
+    preset, (kind, *rest), peak = PRESETS[preset_name], spec, peak_tflops(device, peak)
     if kind in device_suite.SCRIPT_ROWS:
         return [device_suite.SCRIPT_ROWS[kind](preset, device, Path(work))]
-    if kind == "train":
-        name, mode, *options = rest
-        return [row_train(name, mode, preset, device, precision, compile, peak, *options)]
+    if kind == "train":  # [model, mode(, options)]
+        return [row_train(*rest[:2], preset, device, precision, compile, peak, *rest[2:])]
     if kind == "pair":
         return [row_train_pair(*rest, preset, device, precision, compile)]
     if kind == "sample":
@@ -508,24 +452,13 @@ def parse_args(argv=None):
                    help="compile each block in the training and sampling rows")
     p.add_argument("--peak-tflops", type=float,
                    help="the device's peak for MFU (default: A100/H100 bf16 dense)")
-    p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a machine shared "
-                   "with other jobs, two threads that wait for each other were 5-10x slower than "
-                   "one; torch's default on CUDA)")
+    p.add_argument("--threads", type=int, help="CPU threads (default 1 on CPU: on a shared "
+                   "machine, two threads waiting on each other were 5-10x slower; torch's on CUDA)")
     p.add_argument("--json", help="write the results here (atomically)")
     p.add_argument("--estimate-memory", nargs="*", metavar="MODEL:METHOD:BATCH[:MICRO][:ckpt]",
                    help="no GPU needed: estimate a training step's peak memory on fake tensors, "
                    "for the documented rows or the ones given (e.g. DiT-XL/2:dmp:128:32:ckpt)")
-    p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, "
-                   f"about {device_suite.SUITE_ESTIMATE_S // 60} minutes on one H100, at most "
-                   f"{device_suite.SUITE_BUDGET_S // 60} (docs/speed-and-memory.md)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="with --suite: list its rows, commands and estimates")
-    p.add_argument("--only", nargs="+", metavar="ROW",
-                   help="with --suite: these rows only (the ids --dry-run lists; --device cpu "
-                   "--only digits-train digits-sample rehearses those on a CPU)")
-    p.add_argument("--work", help="with --suite: the folder for its runs and samples (default: a "
-                   "temporary one)")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one row (a JSON spec)
+    device_suite.add_flags(p)  # --suite device and its options; --one, a row in its own process
     return p.parse_args(argv)
 
 
@@ -533,20 +466,12 @@ def main(argv=None):
     """The memory estimate, the device suite, one row (--one), or the preset's rows as a table."""
     args = parse_args(argv)
     if args.estimate_memory is not None:
-        rows = [memory.parse_memory_spec(s) for s in args.estimate_memory] or memory.MEMORY_ROWS
-        try:
-            return memory.run_memory_estimates(rows, args.precision or "bf16", args.json)
-        except ValueError as e:
-            sys.exit(f"error: --estimate-memory: {e}")
+        return memory.run_memory_estimates(args.estimate_memory, args.precision, args.json)
     if args.suite:
         return device_suite.main_suite(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        message = "CUDA is not available here (torch.cuda.is_available() is False)"
-        if args.one:  # a row of the suite: its one sentence, as a result
-            print(json.dumps([dict(row=json.loads(args.one)[0], model="", mode="", error=message)]))
-            return
-        sys.exit(f"error: --device cuda: {message}")
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.one:
+        sys.exit(f"error: --device cuda: {device_suite.NO_CUDA}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # train's
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
@@ -554,42 +479,18 @@ def main(argv=None):
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    if args.one:
-        return main_one(args, preset, device, precision)
+    if args.one:  # one row in a process of its own (device_suite.one_command)
+        return device_suite.print_row(json.loads(args.one), run_row, preset, device, precision,
+                                      args.compile, args.peak_tflops, args.work)
     header = device_suite.describe(device, precision, args.compile)
     print(f"bench.py --preset {preset}: {header}")
-    results = []
-    for spec in specs(PRESETS[preset], args.rows):
-        command = device_suite.one_command(spec, preset, device, precision, args.compile, args.peak_tflops,
-                              torch.get_num_threads())
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"error: {' '.join(spec)} failed:\n{done.stderr[-3000:]}")
-        results += json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  {' '.join(spec)}: done", file=sys.stderr)
+    results = device_suite.run_rows(specs(PRESETS[preset], args.rows), preset, device, precision,
+                                    args.compile, args.peak_tflops, torch.get_num_threads())
     device_suite.print_results(results)
     if args.json:
         write_json(args.json, dict(setup=header, preset=preset, results=results,
-                                   targets=[dict(target=w, value=v, met=m)
-                                            for w, v, m in device_suite.targets(results)]))
+                                   targets=device_suite.target_records(results)))
     return results
-
-
-def main_one(args, preset, device, precision):
-    """--one SPEC: run one row in this process and print its results as one JSON line."""
-    spec = json.loads(args.one)
-    try:
-        results = run_row(spec, preset, device, precision, args.compile,
-                          peak_tflops(device, args.peak_tflops), args.work)
-    except Exception as e:  # any failure (out of memory, a compile error): one sentence
-        traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        error = f"{type(e).__name__}: {first}"
-        if isinstance(e, torch.OutOfMemoryError):
-            error = "out of memory"
-        padded = [*spec, "", ""]  # ['vae'] has no model or mode
-        results = [dict(row=spec[0], model=padded[1], mode=padded[2], error=error)]
-    print(json.dumps(results))
 
 
 if __name__ == "__main__":

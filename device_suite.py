@@ -3,9 +3,12 @@ The device suite, `python bench.py --suite device`: every figure a GPU can give,
 each row a process of its own under a timeout; and the pass/fail targets the speed rows are judged
 by (bench.py prints them under its table).
 
-bench.py runs this module's main_suite; each row is `bench.py --one SPEC` (its speed rows) or one
-of the script rows here (train.py and sample.py end to end, under torchrun too).
+bench.py runs this module's main_suite (its flags: add_flags; its preset: PRESET); each row is
+`bench.py --one SPEC` (its speed rows) or one of the script rows here (train.py and sample.py end to
+end, under torchrun too). bench.py's own table runs each row in a process of its own the same way
+(run_rows, one_command, print_row).
 """
+import argparse
 import json
 import os
 import shlex
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +148,13 @@ def describe(device, precision, compile):
 # row a process of its own) add up to at most SUITE_ESTIMATE_S, so the budget holds a third more.
 SUITE_BUDGET_S = 540
 SUITE_ESTIMATE_S = 360
+# bench.py's "device" preset: the gpu preset's rows with fewer timed steps (the suite's 6
+# minutes), DDPM sampling timed on 10 steps of a 250-step chain, the digits runs (issues 19, 23).
+PRESET = dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2, compile_warmup=3,
+              rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64, sampler="ddpm",
+              sample_steps=10, chain=250, sample_rounds=3, vae_size=256, vae_batch=16,
+              fid_batch=100, fid_images=500, data_rows=1024, digits_iterations=150,
+              digits_samples=256, torchrun_samples=64, demo_iterations=100, demo_bpd_images=20)
 STARTED = time.monotonic()  # the budget counts from the start of the process
 # (id, what it measures, spec for --one, compiled, estimated seconds on one H100)
 DEVICE_SUITE = [
@@ -178,6 +189,7 @@ DEVICE_SUITE = [
      "block", ["train", "sd-tiny", "dmp"], True, 50),
 ]
 ROOT = Path(__file__).resolve().parent
+NO_CUDA = "CUDA is not available here (torch.cuda.is_available() is False)"
 
 
 class RowError(RuntimeError):
@@ -415,6 +427,43 @@ def one_command(spec, preset, device, precision, compile=False, peak=None, threa
     return command + (["--peak-tflops", str(peak)] if peak else [])
 
 
+def print_row(spec, run, *args):
+    """
+    bench.py --one SPEC, a row in a process of its own: run(spec, *args)'s results (bench.run_row's)
+    printed as one JSON line; any failure (no CUDA, out of memory, a compile error) as a result
+    whose error is one sentence.
+    """
+    try:
+        results = run(spec, *args)
+    except Exception as e:
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        error = f"{type(e).__name__}: {first}"
+        if isinstance(e, RowError):  # its message is the sentence
+            error = str(e)
+        elif isinstance(e, torch.OutOfMemoryError):
+            error = "out of memory"
+        padded = [*spec, "", ""]  # ['vae'] has no model or mode
+        results = [dict(row=spec[0], model=padded[1], mode=padded[2], error=error)]
+    print(json.dumps(results))
+
+
+def run_rows(specs, *command):
+    """
+    bench.py's table: each row (bench.run_row's spec) in a process of its own (one_command's, with
+    `command`'s arguments), one after the other; their results. A row that fails stops bench.py
+    with the end of what it printed to stderr.
+    """
+    results = []
+    for spec in specs:
+        done = subprocess.run(one_command(spec, *command), capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"error: {' '.join(spec)} failed:\n{done.stderr[-3000:]}")
+        results += json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {' '.join(spec)}: done", file=sys.stderr)
+    return results
+
+
 def suite_rows(device, precision, work, peak=None, only=None):
     """The device suite as commands: [{id, what, command, estimate_s}], in the order they run."""
     rows = []
@@ -472,8 +521,12 @@ def suite_report(rows, setup, budget):
     """What --suite --json writes: the setup, each row, every result and the targets."""
     results = [r for row in rows for r in row["results"]]
     return dict(setup=setup, budget_s=budget, seconds=sum(r["seconds"] for r in rows), rows=rows,
-                results=results, targets=[dict(target=w, value=v, met=m)
-                                          for w, v, m in targets(results)])
+                results=results, targets=target_records(results))
+
+
+def target_records(results):
+    """targets(results) as the JSON records bench.py and the suite write."""
+    return [dict(target=what, value=value, met=met) for what, value, met in targets(results)]
 
 
 def setup_line(device, precision):
@@ -505,6 +558,21 @@ def print_results(results):
         print(f"  {what}: {value} {verdict}")
 
 
+def add_flags(p):
+    """bench.py's flags for the suite (`p`: its argparse parser)."""
+    p.add_argument("--suite", choices=["device"], help="device: every GPU figure in one command, "
+                   f"about {SUITE_ESTIMATE_S // 60} minutes on one H100, at most "
+                   f"{SUITE_BUDGET_S // 60} (docs/speed-and-memory.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="with --suite: list its rows, commands and estimates")
+    p.add_argument("--only", nargs="+", metavar="ROW",
+                   help="with --suite: these rows only (the ids --dry-run lists; --device cpu "
+                   "--only digits-train digits-sample rehearses those on a CPU)")
+    p.add_argument("--work", help="with --suite: the folder for its runs and samples (default: a "
+                   "temporary one)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one row (a JSON spec), print_row
+
+
 def main_suite(args):
     """--suite device: list it (--dry-run) or run it; the JSON is written as it goes."""
     device = torch.device(args.device or "cuda")
@@ -523,9 +591,9 @@ def main_suite(args):
         total = sum(r["estimate_s"] for r in rows)
         print(f"bench.py --suite device (torch {torch.__version__}): {len(rows)} rows, about "
               f"{total} s on one H100 with process starts and cold compiles (at most "
-              f"{SUITE_ESTIMATE_S} s), within a budget of {SUITE_BUDGET_S} s ({SUITE_BUDGET_S - total}"
-              f" s of slack), each in its own process under a timeout; WORK: "
-              f"{args.work or 'a temporary folder'}")
+              f"{SUITE_ESTIMATE_S} s), within a budget of {SUITE_BUDGET_S} s "
+              f"({SUITE_BUDGET_S - total} s of slack), each in its own process under a timeout; "
+              f"WORK: {args.work or 'a temporary folder'}")
         for r in rows:
             print(f"  {r['id']} (~{r['estimate_s']} s): {r['what']}\n"
                   f"    {shlex.join(r['command'])}")
@@ -534,7 +602,7 @@ def main_suite(args):
     print(f"bench.py --suite device: {setup}; work folder {work}")
     missing = None
     if not cuda:
-        missing = "not run: CUDA is not available here (torch.cuda.is_available() is False)"
+        missing = f"not run: {NO_CUDA}"
     budget = SUITE_BUDGET_S - (time.monotonic() - STARTED)
     try:
         done = run_suite(rows, args.json, budget=budget, setup=setup, missing=missing)

@@ -384,10 +384,18 @@ def parse_memory_spec(text):
     return parts[0], parts[1], int(parts[2]), micro, bool(rest)
 
 
-def run_memory_estimates(specs, precision, json_path=None):
-    """Estimate each (model, method, batch, micro, checkpointing), print the table, write JSON."""
-    rows = [estimate_memory(*spec, precision=precision)
-            for spec in tqdm(specs, desc="memory estimates", leave=False)]
+def run_memory_estimates(texts, precision=None, json_path=None):
+    """
+    bench.py --estimate-memory: estimate each row given (parse_memory_spec's texts; none given, the
+    documented MEMORY_ROWS) in `precision` (default bf16), print the table, write JSON. A row that
+    cannot be estimated: one sentence.
+    """
+    specs = [parse_memory_spec(text) for text in texts] or MEMORY_ROWS
+    try:
+        rows = [estimate_memory(*spec, precision=precision or "bf16")
+                for spec in tqdm(specs, desc="memory estimates", leave=False)]
+    except ValueError as e:
+        sys.exit(f"error: --estimate-memory: {e}")
     print(MEMORY_NOTE + "\n")
     print(format_memory_table(rows))
     if json_path:

@@ -72,11 +72,11 @@ def test_flops_of_a_tiny_dit_worked_by_hand():
 
 def test_a_rows_speed_and_mfu_from_its_seconds():
     """3 TFLOP a step in half a second, batch 4, on a 100 TFLOP/s card: 6 TFLOP/s, 6% MFU."""
-    row = bench.train_row("m", "dmp", 4, 0.5, dict(step=3e12), 100.0, memory_mb=12.5)
+    row = bench.speed_row("m", "dmp", 4, 0.5, dict(step=3e12), 100.0, memory_mb=12.5)
     assert row == dict(row="train", model="m", mode="dmp", batch=4, ms_per_step=500.0,
                        steps_per_s=2.0, images_per_s=8.0, tflop_per_step=3.0,
                        achieved_tflops=6.0, mfu=0.06, peak_mem_mb=12.5)
-    assert bench.train_row("m", "dmp", 4, 0.5, dict(step=3e12), None)["mfu"] is None  # a CPU
+    assert bench.speed_row("m", "dmp", 4, 0.5, dict(step=3e12), None)["mfu"] is None  # a CPU
 
 
 def test_sampling_rows_compile_when_asked(monkeypatch):
@@ -245,3 +245,24 @@ def test_the_new_training_rows_on_a_cpu(monkeypatch):
         torch.set_num_threads(threads)
     assert [r["mode"] for r in rows] == ["dmp, selection hard", "dmp, text (CLIP)", "dmp"]
     assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["mfu"] > 0 and rows[2]["mfu"] is None
+
+
+def test_a_row_in_a_process_of_its_own_prints_one_json_line(capsys):
+    """bench.py --one SPEC (device_suite.print_row): the row's results as the last line; a row that
+    fails, its one sentence as the result (a row's own RowError as it is, else the exception's name
+    and first line; out of memory in two words), the model and mode from the spec."""
+    def fails(spec, error):
+        raise error
+
+    device_suite.print_row(["vae"], bench.run_row, "tiny", torch.device("cpu"), "fp32")
+    assert [r["mode"] for r in json.loads(capsys.readouterr().out)] == ["encode+mirror", "decode"]
+    cases = [(device_suite.RowError(device_suite.NO_CUDA), device_suite.NO_CUDA),
+             (ValueError("bad value\nmore"), "ValueError: bad value"),
+             (torch.OutOfMemoryError("CUDA out of memory. Tried ..."), "out of memory")]
+    for error, sentence in cases:
+        device_suite.print_row(["train", "DiT-L/2", "dmp"], fails, error)
+        out = capsys.readouterr().out.strip().splitlines()
+        assert json.loads(out[-1]) == [dict(row="train", model="DiT-L/2", mode="dmp", error=sentence)]
+    if not torch.cuda.is_available():  # bench.py --one on a machine without CUDA
+        with pytest.raises(device_suite.RowError, match="CUDA is not available here"):
+            bench.run_row(["vae"], "tiny", torch.device("cuda"), "fp32")
