@@ -149,7 +149,7 @@ def describe(device, precision, compile):
 SUITE_BUDGET_S = 540
 SUITE_ESTIMATE_S = 360
 # bench.py's "device" preset: the gpu preset's rows with fewer timed steps (the suite's 6
-# minutes), DDPM sampling timed on 10 steps of a 250-step chain, the digits runs (issues 19, 23).
+# minutes), DDPM sampling timed on 10 steps of a 250-step chain, the digits runs.
 PRESET = dict(models=["DiT-L/2", "DiT-XL/2"], input_size=32, batch=128, warmup=2, compile_warmup=3,
               rounds=3, steps=2, sample_models=["DiT-XL/2"], sample_batch=64, sampler="ddpm",
               sample_steps=10, chain=250, sample_rounds=3, vae_size=256, vae_batch=16,

@@ -84,7 +84,7 @@ class DMPOptions:
                                   "code: 10)")
     time_bands: int = option(1, "prompt tuning (--method prompt) with K prompt sets, the set of a "
                              "sample chosen by its timestep's band t K // 1000: the study's "
-                             "positive control (issue 25)")
+                             "positive control")
 
 
 # Patch files written before the options were declared here record three under older names.

@@ -492,7 +492,7 @@ def test_a_patch_file_with_the_older_option_names_loads(tmp_path):
 
 def test_time_bands_are_prompt_tuning_with_one_prompt_set_a_band():
     """
-    time_bands K (issue 25's positive control): prompt tuning with K prompt sets, a sample's set
+    time_bands K (the study's positive control): prompt tuning with K prompt sets, a sample's set
     the band t K // 1000 of its timestep. At timesteps in band k the model is exactly plain prompt
     tuning whose prompts are set k; a batch in band k trains set k only; K times prompt tuning's
     parameters; a respaced sampler still hands the model the original timesteps; a gate,
