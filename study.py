@@ -1,49 +1,56 @@
 """
-The paper in miniature: DMP against every further-training baseline and against the control that
-separates its gate from its learning rate, its ablations and its analyses, on the bundled digits and
-the converged digits DiT (assets/dit_digits.pt), on CPU.
+The paper's question in miniature, asked so that it can be answered: does mixing prompts by
+timestep (DMP's gate, Eq. 3) add anything over prompt tuning with one shared set, when a converged
+model is further trained on its own data? On the bundled digits and a DiT whose capacity, not its
+data, limits it (assets/study/base.pt), on CPU.
 
-    python study.py             # the whole study: 83 minutes on 2 cores
-    python study.py --quick     # the same tables from 1 seed, 200 iterations, fewer images: 7 min
-    python study.py --render    # docs/study.md, the README's results and the figures again
+    python study.py             # everything, the base included if it is missing: under 2 hours on 2 cores
+    python study.py --quick     # the same pipeline from 2 seeds, 100 iterations, 2 learning rates
+    python study.py --render    # study.md, docs/study.md, the README's results and the figures again
 
-Every run is the project's own command, `python train.py --dataset digits --init
-assets/dit_digits.pt --method ...` (study.md lists them), and every evaluation is `python study.py
---evaluate CKPT`: the held-out loss, the exact variational bound in bits/dim (all 1000 steps,
-heldout.evaluate) and the noise MSE per band of 100 timesteps, on fixed held-out images with fixed
-noise, so every model is measured on the same draws; the sample quality of samples from noise fixed
-per sample (digits_fid.py: FD and KID of a digits classifier's features against the training and
-the held-out digits, at matched counts, with paired bootstrap intervals); and, for DMP, how far its
-gate moved from the uniform mixture it starts at.
+Stage 1, the positive control, comes first: prompts kept separate per band of timesteps (dmp.py's
+time_bands), which add capacity specific to the timestep by construction, against the control, one
+shared prompt set (prompt tuning, Eq. 2). If the positive control does not beat the control, the
+setup cannot detect the kind of effect the paper claims, and the study stops there. Stage 2, the
+arms that separate the mechanisms: DMP as the paper sets it; DMP with its gate free to move (no
+importance loss: Eqs. 12-13, computed per sample as in the authors' code, pull every mixture
+towards uniform); the same free gate blind to t (its bias and block index only, one fixed mixture
+per block: what the free gate gains over it is what mixing by timestep adds, not a rescaling of
+the prompts); the authors' gate (10x lr, noisy). Then, reported without a verdict, the other
+further-training methods (Tables 2, 3, 7), Table 4's ablations, Table 6 (DMP from scratch), Table
+5 and Fig. 5. No run averages its weights (--ema 0 for every further-training run: 1,000
+iterations are too few for an average with decay 0.999, which would still hold 37% of the base).
 
-The control. A zero-initialised gate gives every mixture weight 1/N (N = 16 prompts here), so Eq. 3
-starts as Eq. 2 with every prompt scaled by 1/N, which under Adam is prompt tuning at lr/N. DMP can
-be credited with what its gate adds only where it beats prompt tuning at lr/N, so that row is in
-every table, beside DMP with gates that move: the authors' 10x gate learning rate and noisy gate,
-and DMP without its importance loss (Eqs. 12-13 pull every sample's mixture towards uniform; without
-them the gate moves at the prompts' lr, and its mixture comes to depend on t).
-
-When a difference counts, fixed before any number of this study was seen: row A differs from row B
-on a metric only if both (1) the difference of their means over the training seeds exceeds the sum
-of their standard deviations over seeds (the base and the held-out floor are not trained from a
-seed and have no spread; a row trained from one seed has no spread to exceed, and none of its
-differences counts), and (2) for FD and KID, whose values depend on which images were drawn, the
-95% interval of that difference from the paired bootstrap (the samples and both reference sets
-resampled, the same draws for every row; the difference ± 1.96 standard deviations of its
-replicates) excludes zero. The held-out loss and bits/dim are computed on the same images with the
-same noise for every model: their measurement noise is shared by all rows, and (1) is their test. A
-method helps only where a difference that counts is an improvement; anything else is reported as no
-difference.
+When a difference counts, fixed before any number of this study was seen: the primary metric is
+the held-out loss on the test split (149 of the 297 held-out digits, 4 fixed draws of t and noise
+each, the same draws for every model); bits/dim, FD and KID are secondary. Every row's learning
+rate is chosen on the validation split (the other 148 held-out digits), from lr times 1, 1/4, 1/16,
+1/64 and 1/256, with one run per candidate (seed 100), as the one with the lowest validation loss.
+The test runs use seeds 0 to 4, paired across rows (seed s gives every row the same batches,
+timesteps and noise). Row A against row B: d_s = A_s - B_s over the seeds, and the interval
+mean(d) +/- t sd(d) / sqrt(n), t Student's quantile at 1 - 0.05 / (2m), m the number of primary
+comparisons of the stage (Bonferroni; stage 1 is tested first, stage 2 only if it passes, so the
+familywise error stays 5%). Stage 1 (m = 1): the positive control beats the control when its
+interval lies below zero; if it does not, the verdict is that this setup cannot tell, and the study
+stops. If it does, the equivalence margin is half the smallest improvement its interval allows
+(half the distance from zero to its upper end): a difference smaller than half of what prompts
+specific to the timestep certainly gain is no difference. Stage 2 (m = 5: DMP, the free gate, the
+t-blind gate and the authors' gate against the control, and the free gate against the t-blind gate)
+decides each comparison: better (interval below zero), worse (above zero), equivalent (inside
+plus or minus the margin), otherwise cannot tell; an interval below zero that is also inside the
+margin is better, by less than the margin. Secondary metrics and the other methods get the paired
+95% interval, uncorrected, and no verdict.
 
 Runs live in --runs-dir; running the study again skips what is finished and resumes what was
 interrupted. Results: --out/study.json, and from it (study_report.py) the figures and study.md in
---out and, for the default --out, the section of docs/study.md between its two study markers (the
-same text, its figure links relative to docs/) and the README's results in brief between theirs.
+--out and, for the default --out, the section of docs/study.md between its two study markers and
+the README's results in brief between theirs.
 """
 import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 from tqdm import tqdm
 
 import digits_fid
@@ -59,47 +67,60 @@ import dmp
 import heldout
 import load
 import training
-from checkpoints import read_state_dict, write_json
+from checkpoints import atomic_save, read_state_dict, write_json
 from diffusion import create_diffusion
 from dataset import PreparedData
 from study_report import write_outputs
 
 ROOT = Path(__file__).resolve().parent
-BASE = "assets/dit_digits.pt"  # paths relative to ROOT, where every command runs
-BASE_LOG = "assets/dit_digits.log.jsonl"
-DATA, HOLDOUT = "assets/digits", digits_fid.HOLDOUT  # the digits presets' held-out split
 OUT, DOC = "assets/study", "docs/study.md"  # the committed results, and the page that shows them
+BASE = "assets/study/base.pt"  # paths relative to ROOT, where every command runs
+BASE_LOG = "assets/study/base.log.jsonl"
+BASE_ENTRIES = ("ema", "config", "noise_schedule", "vae", "step")  # what the base file keeps
+DATA, HOLDOUT = "assets/digits", digits_fid.HOLDOUT  # the digits presets' held-out split
+VALIDATION = 148  # the first 148 held-out digits choose learning rates; the other 149 test
 README = "README.md"  # its results in brief, between study_report.BRIEF's markers
 N_PROMPTS = 16  # the digits DiT's tokens (8x8 pixels, 2x2 patches): DMP mixes 16 prompts a block
+BANDS = 4  # the positive control's bands of timesteps: 0-249, 250-499, 500-749, 750-999
+ALPHA = 0.05
+# The base: the digits preset's recipe (AdamW lr 1e-3, batch 128, EMA 0.999) on the small digits
+# DiT for 30K steps (the study shows its curve and how much it still gains at the end).
+PRETRAIN = ["--dataset", "digits", "--model", "digits-small", "--iterations", "30000",
+            "--eval-every", "1000", "--sample-every", "5000", "--ckpt-every", "2000"]
 
-# The main table: Tables 2, 3 and 7's methods at one learning rate (dmp.py's rule), the control,
-# DMP with gates that move, and LoRA at DMP's parameter budget beside the usual rank 16.
-# key: (label, train.py flags).
-ROWS = {
-    "full": ("fine-tuning", ["--method", "full"]),
-    "prompt": ("prompt tuning (Eq. 2)", ["--method", "prompt"]),
-    "prompt-lr/N": (f"prompt tuning at lr/{N_PROMPTS} (the control)",
-                    ["--method", "prompt", "--lr-scale", str(1 / N_PROMPTS)]),
-    "dmp": ("**DMP**", ["--method", "dmp"]),
+# key: (label, train.py flags). Stage 1: the control and the positive control.
+STAGE1 = {
+    "control": ("prompt tuning (Eq. 2; the control)", ["--method", "prompt"]),
+    "bands": (f"prompts per band of t ({BANDS} bands; the positive control)",
+              ["--method", "prompt", "--time-bands", str(BANDS)]),
+}
+# Stage 2: the arms that separate mixing by timestep from amplification.
+STAGE2 = {
+    "dmp": ("**DMP** (as the paper sets it)", ["--method", "dmp"]),
+    "dmp-free": ("DMP, gate free to move (no importance loss)",
+                 ["--method", "dmp", "--importance-coef", "0"]),
+    "dmp-t-blind": ("DMP, free gate blind to t", ["--method", "dmp", "--importance-coef", "0",
+                                                  "--gate-cond", "none"]),
     "dmp-authors": ("DMP, the authors' gate (10x lr, noisy)",
                     ["--method", "dmp", "--gate-lr-scale", "10", "--noisy-gate"]),
-    "dmp-ib0": ("DMP without the importance loss (IB 0)",
-                ["--method", "dmp", "--importance-coef", "0"]),
+}
+PRIMARY = {1: [("bands", "control")],
+           2: [("dmp", "control"), ("dmp-free", "control"), ("dmp-t-blind", "control"),
+               ("dmp-authors", "control"), ("dmp-free", "dmp-t-blind")]}
+# Reported without a verdict: the paper's other further-training methods (Tables 2, 3 and 7).
+OTHERS = {
+    "full": ("fine-tuning", ["--method", "full"]),
     "lora": ("LoRA (r 16)", ["--method", "lora"]),
     "lora-dmp": ("LoRA at DMP's size (r 1)", ["--method", "lora", "--lora-rank", "dmp"]),
     "difffit": ("DiffFit", ["--method", "difffit"]),
     "bitfit": ("BitFit", ["--method", "bitfit"]),
 }
-MOVING = "dmp-ib0"  # the DMP row whose Fig. 5 is drawn beside the default's
-# The positive controls: rows that add capacity specific to the timestep by construction (prompts
-# kept separate per band of timesteps), which must beat the control by the rule before the study can
-# credit or rule out DMP's mixing by timestep (study_report.verdict). None is run yet: the study
-# cannot tell, and says so.
-POSITIVE_CONTROLS = ()
+ROWS = {**STAGE1, **STAGE2, **OTHERS}
+MOVING = "dmp-free"  # the DMP row whose Fig. 5 is drawn beside the default's
 # Table 4 (a-e), Fig. 4 and an option the paper mentions, each a DMP run differing from the default
-# by its flags (seed 0). The digits DiT has 16 tokens and 4 blocks: hard selection keeps 12 of 16
-# prompts (the paper's 192 of 256), prepend uses 3 prompts (the paper's 50 for 256 tokens, scaled),
-# depth 1 and 2 are "first block" and "half".
+# by its flags (seed 0, DMP's learning rate). The digits DiT has 16 tokens and 4 blocks: hard
+# selection keeps 12 of 16 prompts (the paper's 192 of 256), prepend uses 3 prompts (the paper's 50
+# for 256 tokens, scaled), depth 1 and 2 are "first block" and "half".
 ABLATIONS = {
     "4a: attention gate": ["--gate", "attention"],
     "4b: hard top-12 selection": ["--selection", "hard"],
@@ -112,10 +133,8 @@ ABLATIONS = {
 }
 # Table 4e's other rows are not run: Eq. 11's load counts softmax weights below zero, of which
 # there are none, so under soft selection the LB coefficient multiplies zero, and (IB 1, LB 0),
-# (IB 1, LB 2) are the default run, (IB 0, LB 0), (IB 0, LB 1) the main table's "dmp-ib0" run, to
-# the last digit (the earlier version of this study ran (IB 1, LB 0) and (IB 1, LB 2) and found
-# exactly that).
-TABLE_4E = {"4e: IB 0, LB 0": "dmp-ib0", "4e: IB 0, LB 1": "dmp-ib0", "4e: IB 1, LB 0": "dmp",
+# (IB 1, LB 2) are the default run, (IB 0, LB 0), (IB 0, LB 1) the "dmp-free" run, to the last digit.
+TABLE_4E = {"4e: IB 0, LB 0": "dmp-free", "4e: IB 0, LB 1": "dmp-free", "4e: IB 1, LB 0": "dmp",
             "4e: IB 1, LB 2": "dmp"}
 LIKELIHOOD = ("heldout_loss", "bpd")
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
@@ -124,10 +143,11 @@ GATE_TIMESTEPS = list(range(0, 1000, 10))
 RULE = " ".join(__doc__.split("When a difference counts, fixed before any number of this study was "
                               "seen: ")[1].split("\n\n")[0].split())
 
-FULL = dict(iterations=1000, eval_at=[500, 1000], seeds=[0, 1, 2], bpd_images=100, sample_sets=5,
-            sample_steps=100, replicates=200, scratch_iterations=3000)
-QUICK = dict(iterations=200, eval_at=[100, 200], seeds=[0], bpd_images=16, sample_sets=1,
-             sample_steps=25, replicates=50, scratch_iterations=300)
+FULL = dict(iterations=1000, seeds=[0, 1, 2, 3, 4], lr_scales=[1, 1 / 4, 1 / 16, 1 / 64, 1 / 256],
+            bpd_images=100, sample_sets=3, sample_steps=100, scratch_iterations=3000)
+QUICK = dict(iterations=100, seeds=[0, 1], lr_scales=[1, 1 / 16], bpd_images=8, sample_sets=1,
+             sample_steps=10, scratch_iterations=150)
+VALIDATION_SEED = 100
 
 
 def parse_args(argv=None):
@@ -135,7 +155,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="1 seed, 200 iterations, fewer images: a check in minutes")
+                   help="2 seeds, 100 iterations, 2 learning rates: a check in minutes")
     p.add_argument("--render", action="store_true",
                    help="only rewrite study.md, the figures, docs/study.md and the README's results "
                         "from study.json")
@@ -150,30 +170,36 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="runs at a time, each a process on one thread; 1 runs everything here")
     p.add_argument("--lr", type=float, default=1e-3,
-                   help="every method's (the base was pretrained at 1e-3)")
-    p.add_argument("--rows", default=",".join(ROWS), help="a comma-separated subset of ROWS")
+                   help="the learning rate the scales multiply (the base was pretrained at 1e-3)")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="a comma-separated subset of the rows (stage 1's two are always run)")
     p.add_argument("--ablations", default="all",
                    help="'all', 'none', or a comma-separated list of Table 4 keys")
     p.add_argument("--no-scratch", action="store_true", help="skip Table 6 (DMP from scratch)")
     for k, v in FULL.items():  # sizes: the full study's, --quick's with --quick, each overridable
-        kind = int_list if isinstance(v, list) else type(v)
+        kind = float_list if k == "lr_scales" else int_list if isinstance(v, list) else type(v)
         p.add_argument(f"--{k.replace('_', '-')}", type=kind,
                        help=f"full study: {v}; --quick: {QUICK[k]}")
     p.add_argument("--evaluate", metavar="CKPT",
                    help="only evaluate one checkpoint (what each run's evaluations do)")
+    p.add_argument("--split", choices=["validation", "test"], default="test",
+                   help="with --evaluate: the held-out digits it is measured on")
     p.add_argument("--eval-out", default="eval.json", help="with --evaluate: where its JSON goes")
     p.add_argument("--keep-samples", action="store_true",
                    help="with --evaluate: store the samples (Table 5)")
     p.add_argument("--floor", action="store_true",
-                   help="with --evaluate: also the held-out digits' own FD and KID")
+                   help="with --evaluate: also the held-out digits' own FD and KID, and the loss "
+                        "on training digits with the test split's draws (the base's gap)")
     args = p.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    if args.eval_at[-1] != args.iterations or sorted(args.eval_at) != args.eval_at:
-        p.error("--eval-at must be increasing and end at --iterations")
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
         p.error(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
+    if len(args.seeds) < 2:
+        p.error("--seeds needs at least two: the rule's interval is over paired seeds")
+    if VALIDATION_SEED in args.seeds:
+        p.error(f"seed {VALIDATION_SEED} chooses the learning rates: test with others")
     committed = Path(args.out).resolve() == (ROOT / OUT).resolve()
     if args.doc is None:  # a --quick or trial run elsewhere leaves the committed pages alone
         args.doc = str(ROOT / DOC) if committed else ""
@@ -183,44 +209,71 @@ def parse_args(argv=None):
 
 
 def int_list(text):
-    """'1,2,3' -> [1, 2, 3] (--seeds, --eval-at)."""
+    """'1,2,3' -> [1, 2, 3] (--seeds)."""
     return [int(x) for x in text.split(",")]
+
+
+def float_list(text):
+    """'1,0.25' -> [1.0, 0.25] (--lr-scales)."""
+    return [float(x) for x in text.split(",")]
 
 
 #################################################################################
 #                    Evaluation: one checkpoint, fixed draws                    #
 #################################################################################
 
-def evaluate_checkpoint(ckpt, bpd_images, sample_sets=0, sample_steps=100, replicates=200,
+def splits(data):
+    """The training rows, and the held-out rows cut into validation and test."""
+    train_rows, heldout_rows = training.split(data, HOLDOUT)
+    return train_rows, heldout_rows[:VALIDATION], heldout_rows[VALIDATION:]
+
+
+def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_steps=100,
                         keep_samples=False, floor=False):
     """
-    Held-out loss (all 297 held-out digits, 4 fixed draws each), bits/dim and the noise MSE per band
-    of 100 timesteps (the first bpd_images of them, every timestep; heldout.evaluate); for a DMP
-    model, its gate at 100 timesteps summarised (gate_statistics); with sample_sets, FD and KID of
-    sample_sets x 297 samples (digits_fid.SampleQuality) and their bootstrap replicates, the samples
-    themselves with keep_samples (Table 5), the held-out digits' own FD and KID with floor. A dict.
+    The held-out loss on `split` (every digit of it, 4 fixed draws each); on the test split also
+    bits/dim and the noise MSE per band of 100 timesteps (its first bpd_images digits, every
+    timestep; heldout.evaluate), for a DMP model its gate at 100 timesteps (gate_statistics), and
+    with sample_sets FD and KID of sample_sets x 297 samples (digits_fid.SampleQuality: against
+    the training digits and all 297 held-out digits; no learning rate is chosen by them), the
+    samples themselves with keep_samples (Table 5); with floor, the held-out digits' own FD and KID
+    and the loss of as many training digits with the test split's draws. A dict.
     """
     model = load.load_model(ckpt).eval()
     data = PreparedData(DATA)
-    train_rows, heldout_rows = training.split(data, HOLDOUT)
+    train_rows, validation_rows, test_rows = splits(data)
+    rows = validation_rows if split == "validation" else test_rows
     settings = argparse.Namespace(unconditional=True, bpd_images=bpd_images)
-    r = heldout.evaluate(model, create_diffusion("", "cosine"), data, heldout_rows, settings,
-                         torch.device("cpu"), bpd=True)
-    out = dict(heldout_loss=r["heldout_loss"], bpd=r["bpd"], mse_bands=r["mse_bands"])
+    diffusion = create_diffusion("", "cosine")
+    test = split == "test"
+    r = heldout.evaluate(model, diffusion, data, rows, settings, torch.device("cpu"),
+                         bpd=test and bpd_images > 0)
+    out = {k: r[k] for k in ("heldout_loss", "bpd", "mse_bands") if k in r}
+    if not test:
+        return out
     mop = model.block_input
     if isinstance(mop, dmp.MixtureOfPrompts) and mop.gate_type is not None:
         out["gate"] = gate_statistics(dmp.gate_weights(model, timesteps=GATE_TIMESTEPS))
+    if floor:  # the same draws (seeded by position) on training digits: the base's gap
+        out["train_loss"] = heldout.evaluate(model, diffusion, data, train_rows[:len(rows)],
+                                             settings, torch.device("cpu"))["heldout_loss"]
     if sample_sets:
-        images = [data.batch(rows, False)[0] for rows in (train_rows, heldout_rows)]
-        quality = digits_fid.SampleQuality(digits_fid.load_classifier(), *images, replicates,
+        images = [data.batch(rows, False)[0] for rows in (train_rows, np.sort(
+            np.concatenate([validation_rows, test_rows])))]
+        quality = digits_fid.SampleQuality(digits_fid.load_classifier(), *images, replicates=0,
                                            chunks=sample_sets)
         x = digits_fid.generate(model, sample_sets * HOLDOUT, sample_steps)
-        out["quality"] = quality.of_samples(x)
+        out["quality"] = point(quality.of_samples(x))
         if floor:
-            out["floor"] = quality.floor()
+            out["floor"] = point(quality.floor())
         if keep_samples:
             out["samples"] = x.reshape(len(x), -1).double().numpy().round(6).tolist()
     return out
+
+
+def point(measured):
+    """FD and KID, without the (empty) bootstrap replicates."""
+    return {m: measured[m] for m in QUALITY if m in measured}
 
 
 def structural_bias(x):
@@ -255,50 +308,130 @@ def gate_statistics(weights):
 
 
 #################################################################################
+#                       The rule: paired intervals, verdicts                    #
+#################################################################################
+
+def paired_interval(a, b, m=1, alpha=ALPHA):
+    """
+    Row a against row b over paired seeds (b may be one value, a row without seeds): the mean of
+    d = a - b, and its interval mean +/- t sd(d) / sqrt(n) with t Student's quantile at
+    1 - alpha / (2m) (Bonferroni over m comparisons).
+    """
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    mean = float(d.mean())
+    half = float(stats.t.ppf(1 - alpha / (2 * m), len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return dict(diff=mean, interval=[mean - half, mean + half], level=1 - alpha / m)
+
+
+def decide(interval, margin=None):
+    """The rule's word for an interval of a - b (lower is better), given the margin (or none)."""
+    lo, hi = interval
+    inside = margin is not None and -margin < lo and hi < margin
+    if hi < 0:
+        return "better, by less than the margin" if inside else "better"
+    if lo > 0:
+        return "worse, by less than the margin" if inside else "worse"
+    return "equivalent" if inside else "cannot tell"
+
+
+def margin_of(stage1):
+    """Half the smallest improvement stage 1's interval allows; None when it did not pass."""
+    hi = stage1["interval"][1]
+    return 0.5 * -hi if hi < 0 else None
+
+
+def passes_stage1(rows, seeds):
+    """Whether the positive control beats the control by the rule (what decisions finds)."""
+    (a, b), = PRIMARY[1]
+    return margin_of(paired_interval(per_seed(rows[a], "heldout_loss", seeds),
+                                     per_seed(rows[b], "heldout_loss", seeds))) is not None
+
+
+def per_seed(row, metric, seeds):
+    """A row's values of a metric over the seeds, in order."""
+    if metric in QUALITY:
+        return [row["quality"][str(s)][metric] for s in seeds]
+    return [row["runs"][str(s)][metric] for s in seeds]
+
+
+def decisions(study):
+    """
+    Every comparison the rule makes, from the rows' per-seed values alone: the primary ones (held-out
+    loss, corrected, decided) and the secondary ones (every metric of the primary pairs and every
+    row against the base: 95%, uncorrected, no verdict).
+    """
+    rows, seeds = study["rows"], study["settings"]["seeds"]
+    out, margin = [], None
+    for stage in (1, 2):
+        pairs = [(a, b) for a, b in PRIMARY[stage] if a in rows and b in rows]
+        if stage == 2 and margin is None:
+            break
+        for a, b in pairs:
+            c = dict(stage=stage, a=a, b=b, metric="heldout_loss", m=len(PRIMARY[stage]),
+                     **paired_interval(per_seed(rows[a], "heldout_loss", seeds),
+                                       per_seed(rows[b], "heldout_loss", seeds),
+                                       len(PRIMARY[stage])))
+            c["decision"] = decide(c["interval"], margin)
+            out.append(c)
+            if stage == 1:
+                margin = margin_of(c)
+    secondary = [dict(stage=0, a=c["a"], b=c["b"], metric=metric, m=1,
+                      **paired_interval(per_seed(rows[c["a"]], metric, seeds),
+                                        per_seed(rows[c["b"]], metric, seeds)))
+                 for c in out for metric in ("bpd", *QUALITY)]
+    for key, row in rows.items():
+        for metric in ("heldout_loss", "bpd", "fd_heldout"):
+            base = study["base"][metric] if metric in LIKELIHOOD else study["base"]["quality"][
+                metric]
+            secondary.append(dict(stage=0, a=key, b="base", metric=metric, m=1,
+                                  **paired_interval(per_seed(row, metric, seeds), base)))
+    return dict(margin=margin, stopped=margin is None, comparisons=out + secondary)
+
+
+#################################################################################
 #                         Runs: train.py, then evaluate                         #
 #################################################################################
 
-def train_flags(args, seed, extra=(), init=True, iterations=None, ckpt_every=None):
+def train_flags(args, seed, extra=(), lr_scale=1.0, init=True, iterations=None, ckpt_every=None):
     """The train.py command line of one run (the digits preset; no EMA when further-training)."""
     flags = ["--dataset", "digits", "--lr", str(args.lr), "--seed", str(seed),
              "--sample-every", "0", "--eval-every", "0", "--keep", "1000", "--log-every", "50"]
     if init:
-        flags += ["--init", BASE, "--ema", "0"]
+        flags += ["--init", BASE, "--ema", "0", "--lr-scale", repr(lr_scale)]
     it = iterations or args.iterations
-    every = ckpt_every or np.gcd.reduce(args.eval_at)  # a checkpoint at every evaluated count
+    every = ckpt_every or max(1, it // 2)  # a checkpoint halfway: an interrupted run resumes
     return flags + list(extra) + ["--iterations", str(it), "--ckpt-every", str(every)]
 
 
 def run_job(job, args):
     """
     One run: train.py (resumed if its folder holds checkpoints short of the end), then an evaluation
-    of each checkpoint in job['eval_at'] not evaluated yet (the last one with samples). Returns
-    {step: metrics} and the run's log. Everything lands in runs_dir/name.
+    of each checkpoint in job['eval_at'] not evaluated yet. Returns {step: evaluation} and the run's
+    log. Everything lands in runs_dir/name.
     """
     folder = Path(args.runs_dir) / job["name"]
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     if job["flags"] is not None:
-        runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
-        done = load.checkpoints(runs[0]) if runs else []
+        runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))  # the newest is the one to go on with
+        done = load.checkpoints(runs[-1]) if runs else []
         if not done or int(done[-1].stem) < job["eval_at"][-1]:
-            resume = ["--resume", str(runs[0])] if done else []
+            resume = ["--resume", str(runs[-1])] if done else []
             command(["train.py", *job["flags"], *resume, "--results-dir", str(folder)], args,
                     folder / "train.out")
             runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
-        results["log"] = str(runs[0] / "log.jsonl")
-        ckpts = {s: runs[0] / "checkpoints" / f"{s:07d}.pt" for s in job["eval_at"]}
+        results["log"] = str(runs[-1] / "log.jsonl")
+        ckpts = {s: runs[-1] / "checkpoints" / f"{s:07d}.pt" for s in job["eval_at"]}
     else:
         ckpts = {0: Path(BASE)}
     for step, ckpt in ckpts.items():
-        out = folder / f"eval-{step:07d}.json"
-        last = step == max(ckpts)
+        out = folder / f"eval-{job['split']}-{step:07d}.json"
         if not out.exists():
-            argv = ["study.py", "--evaluate", str(ckpt), "--eval-out", str(out),
-                    "--bpd-images", str(args.bpd_images),
-                    "--sample-sets", str(args.sample_sets if last else 0),
-                    "--sample-steps", str(args.sample_steps), "--replicates", str(args.replicates)]
-            argv += ["--keep-samples"] if last and job.get("keep_samples") else []
+            argv = ["study.py", "--evaluate", str(ckpt), "--eval-out", str(out), "--split",
+                    job["split"], "--bpd-images", str(args.bpd_images), "--sample-sets",
+                    str(args.sample_sets if job["split"] == "test" else 0),
+                    "--sample-steps", str(args.sample_steps)]
+            argv += ["--keep-samples"] if job.get("keep_samples") else []
             argv += ["--floor"] if job.get("floor") else []
             command(argv, args, folder / "eval.out")
         results[step] = json.loads(out.read_text())
@@ -328,46 +461,90 @@ def command(argv, args, log):
                            f"output is {output}")
 
 
-def jobs_of(args):
-    """Every run of the study: (group, key, seed) -> job, the longest first."""
+def pretrain_base(args):
+    """
+    The base, when assets/study/base.pt is missing: PRETRAIN in runs_dir/pretrain (resumed if
+    interrupted); its log copied to BASE_LOG and of its last checkpoint what a base needs (the EMA
+    weights and the config, as assets/dit_digits.pt keeps them) to BASE.
+    """
+    if (ROOT / BASE).exists():
+        return
+    folder = Path(args.runs_dir) / "pretrain"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
+    resume = ["--resume", str(runs[-1])] if runs and load.checkpoints(runs[-1]) else []
+    command(["train.py", *PRETRAIN, *resume, "--results-dir", str(folder)], args,
+            folder / "train.out")
+    run = sorted(folder.glob("[0-9][0-9][0-9]-*"))[-1]
+    shutil.copyfile(run / "log.jsonl", ROOT / BASE_LOG)
+    last = read_state_dict(load.checkpoints(run)[-1])
+    atomic_save({k: last[k] for k in BASE_ENTRIES}, ROOT / BASE)
+
+
+def run_jobs(jobs, args, desc):
+    """Jobs {key: job}, --jobs at a time: {key: run_job's results}."""
+    results = {}
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool, \
+            tqdm(total=len(jobs), desc=desc, unit="run") as bar:
+        futures = {key: pool.submit(run_job, job, args) for key, job in jobs.items()}
+        for key, future in futures.items():
+            results[key] = future.result()
+            bar.update(1)
+    return results
+
+
+def slug(key):
+    return key.replace("/", "-")
+
+
+def choose_rates(keys, args):
+    """
+    Each row's learning-rate scale, chosen on the validation split: one run per candidate (seed
+    100), the lowest validation loss. ({key: scale}, {key: {scale: validation loss}}).
+    """
+    jobs = {(key, s): dict(name=f"val-{slug(key)}-lr{s:g}", split="validation",
+                           eval_at=[args.iterations],
+                           flags=train_flags(args, VALIDATION_SEED, ROWS[key][1], s))
+            for key in keys for s in args.lr_scales}
+    results = run_jobs(jobs, args, "validation runs")
+    losses = {key: {repr(float(s)): results[(key, s)][args.iterations]["heldout_loss"]
+                    for s in args.lr_scales} for key in keys}
+    chosen = {key: float(min(v, key=v.get)) for key, v in losses.items()}
+    return chosen, losses
+
+
+def test_rows(keys, chosen, args):
+    """The test runs of rows at their chosen rates, every seed: {key: {seed: results}}."""
+    first = args.seeds[0]
+    jobs = {(key, seed): dict(name=f"{slug(key)}-s{seed}", split="test",
+                              eval_at=[args.iterations],
+                              flags=train_flags(args, seed, ROWS[key][1], chosen[key]),
+                              keep_samples=(key, seed) == ("dmp", first))
+            for key in keys for seed in args.seeds}
+    results = run_jobs(jobs, args, "test runs")
+    return {key: {seed: results[(key, seed)] for seed in args.seeds} for key in keys}
+
+
+def extra_jobs(args, dmp_rate):
+    """Table 4's ablations (seed 0, DMP's rate), Table 6's runs from scratch, and the base."""
     jobs, first = {}, args.seeds[0]
-    for key in args.rows.split(","):
-        for seed in args.seeds:
-            jobs[("row", key, seed)] = dict(
-                name=f"{key.replace('/', '-')}-s{seed}", eval_at=args.eval_at,
-                flags=train_flags(args, seed, ROWS[key][1]),
-                keep_samples=(key, seed) == ("dmp", first))
     named = dict(all=list(ABLATIONS), none=[])
     ablations = named[args.ablations] if args.ablations in named else args.ablations.split(",")
     for i, key in enumerate(ablations):
-        flags = train_flags(args, first, ["--method", "dmp"] + ABLATIONS[key])
-        jobs[("ablation", key, first)] = dict(name=f"ablation-{i:02d}", flags=flags,
-                                              eval_at=[args.iterations])
+        flags = train_flags(args, first, ["--method", "dmp"] + ABLATIONS[key], dmp_rate)
+        jobs[("ablation", key)] = dict(name=f"ablation-{i:02d}", flags=flags, split="test",
+                                       eval_at=[args.iterations])
     if not args.no_scratch:  # Table 6: the base's recipe, with and without DMP from step 0; EMA
         # 0.99, not the base's 0.999, whose average would still hold 37% of the initial weights at
         # the first evaluation
         n = args.scratch_iterations
         for key, method in (("pretraining", []), ("pretraining + DMP", ["--method", "dmp"])):
-            flags = train_flags(args, first, method + ["--ema", "0.99"], init=False, iterations=n,
-                                ckpt_every=n // 3)
-            jobs[("scratch", key, first)] = dict(name=f"scratch-{'dmp' if method else 'plain'}",
-                                                 eval_at=[n // 3, 2 * n // 3, n], flags=flags)
-    jobs[("base", "base", 0)] = dict(name="base", flags=None, eval_at=[0], keep_samples=True,
-                                     floor=True)
+            flags = train_flags(args, first, method + ["--model", "digits-small", "--ema", "0.99"],
+                                init=False, iterations=n, ckpt_every=n // 3)
+            jobs[("scratch", key)] = dict(name=f"scratch-{'dmp' if method else 'plain'}",
+                                          split="test", eval_at=[n // 3, 2 * n // 3, n],
+                                          flags=flags)
     return jobs
-
-
-def run_all(args):
-    """Every job of the study (jobs_of), --jobs at a time: (jobs, {key: run_job's results})."""
-    jobs = jobs_of(args)
-    results = {}
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool, \
-            tqdm(total=len(jobs), desc="study runs", unit="run") as bar:
-        futures = {key: pool.submit(run_job, job, args) for key, job in jobs.items()}
-        for key, future in futures.items():
-            results[key] = future.result()
-            bar.update(1)
-    return jobs, results
 
 
 #################################################################################
@@ -380,134 +557,63 @@ def started(log):
         return json.loads(f.readline())
 
 
-def row_of(evals, label=None, seeded=True):
-    """
-    One row from its runs' final evaluations (one per seed): each metric's values over seeds and,
-    for FD and KID, the bootstrap replicates of their mean over seeds (`boot`, not in study.json).
-    seeded: trained from a seed, so its spread over seeds is part of the rule (the base and the
-    floor are not).
-    """
-    row = dict(values={m: [e[m] for e in evals] for m in LIKELIHOOD if m in evals[0]}, boot={},
-               seeded=seeded, label=label)
-    if "quality" in evals[0]:
-        for m in QUALITY:
-            row["values"][m] = [e["quality"][m] for e in evals]
-            row["boot"][m] = np.mean([e["quality"][m + "_boot"] for e in evals], axis=0)
-            row.setdefault("boot_sd", {})[m] = float(np.std(row["boot"][m], ddof=1))
-    return row
+def row_entry(key, chosen, losses, runs, args):
+    """study.json's entry of a row: its rate, its validation losses and its test runs per seed."""
+    first = next(iter(runs.values()))
+    s = started(first["log"])
+    entry = dict(label=ROWS[key][0], flags=ROWS[key][1], lr_scale=chosen, validation=losses,
+                 command="python train.py " + " ".join(train_flags(args, args.seeds[0],
+                                                                   ROWS[key][1], chosen)),
+                 trained=s["trained_parameters"], total=s["total_parameters"], runs={},
+                 quality={}, gate={})
+    for seed, r in runs.items():
+        final = r[args.iterations]
+        entry["runs"][str(seed)] = {k: final[k] for k in ("heldout_loss", "bpd", "mse_bands")}
+        entry["quality"][str(seed)] = final["quality"]
+        if "gate" in final:
+            entry["gate"][str(seed)] = final["gate"]
+    return entry
 
 
-def spread(values):
-    """The standard deviation over seeds (0 for a single value)."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def settings_of(args):
+    return dict(iterations=args.iterations, seeds=args.seeds, lr=args.lr,
+                lr_scales=args.lr_scales, validation_seed=VALIDATION_SEED, batch_size=128,
+                heldout_images=HOLDOUT, validation_images=VALIDATION,
+                test_images=HOLDOUT - VALIDATION, bpd_images=args.bpd_images,
+                sample_sets=args.sample_sets, sample_steps=args.sample_steps, n_prompts=N_PROMPTS,
+                bands=BANDS, alpha=ALPHA, scratch_iterations=args.scratch_iterations,
+                classifier=classifier_info(), **base_facts()["settings"])
 
 
-def compare(a, b):
-    """
-    The rule of this file's docstring, for row a against row b (row_of's dicts), per metric: the
-    difference of the means, the seed spread it must exceed (None where a seeded row has one
-    seed), for FD and KID the paired bootstrap's 95% interval of the difference, and whether the
-    difference counts.
-    """
-    out = {}
-    one_seed = any(r["seeded"] and len(next(iter(r["values"].values()))) < 2 for r in (a, b))
-    for m in a["values"]:
-        if m not in b["values"]:
-            continue
-        diff = float(np.mean(a["values"][m]) - np.mean(b["values"][m]))
-        seeds = spread(a["values"][m]) + spread(b["values"][m])
-        entry = dict(diff=diff, seed_spread=None if one_seed else seeds,
-                     counts=not one_seed and abs(diff) > seeds)
-        if m in QUALITY:
-            half = digits_fid.half_width(a["boot"][m] - b["boot"][m])
-            entry.update(interval=[diff - half, diff + half],
-                         counts=entry["counts"] and abs(diff) > half)
-        out[m] = entry
-    return out
-
-
-def comparisons(rows):
-    """
-    The pairs the rule decides: every DMP row against the control and against prompt tuning, every
-    row against the base, and the base against the held-out digits themselves.
-    """
-    pairs = [(k, c) for k in rows if k.startswith("dmp") for c in ("prompt-lr/N", "prompt")
-             if c in rows]
-    pairs += [(k, "base") for k in [*ROWS, *ABLATIONS] if k in rows]
-    return pairs + [("base", "floor")]
-
-
-def collect(args, jobs, results, minutes=None, reused=0):
+def study_of(args, base_eval, rows, extra, minutes=None, reused=0):
     """study.json: every number the report shows, and the comparisons the rule decided."""
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    last, first = args.iterations, args.seeds[0]
-    base_eval = results[("base", "base", 0)][0]
-    settings = dict(iterations=last, eval_at=args.eval_at, seeds=args.seeds, lr=args.lr,
-                    batch_size=128, heldout_images=HOLDOUT, bpd_images=args.bpd_images,
-                    sample_sets=args.sample_sets, sample_steps=args.sample_steps,
-                    replicates=args.replicates, n_prompts=N_PROMPTS,
-                    scratch_iterations=args.scratch_iterations, classifier=classifier_info(),
-                    **base_facts()["settings"])
     study = dict(date=datetime.date.today().isoformat(),
                  command="python study.py" + " --quick" * args.quick, torch=torch.__version__,
                  wall_minutes=minutes, jobs=args.jobs, cpus=os.cpu_count(),
-                 reused_evaluations=reused, settings=settings, rule=RULE, table4e=TABLE_4E,
-                 base=dict(metrics(base_eval), quality=point(base_eval),
-                           **base_facts()["base"]),
-                 floor=dict(quality=point(dict(quality=base_eval["floor"]))),
-                 pretraining=pretraining_curve(), rows={}, ablations={}, scratch={})
-    rows = dict(base=row_of([base_eval], "base", seeded=False),
-                floor=row_of([dict(quality=base_eval["floor"])], "held-out digits", seeded=False))
-    for (group, key, seed), r in results.items():
-        job = jobs[(group, key, seed)]
-        final = r.get(job["eval_at"][-1])
-        cmd = "python train.py " + " ".join(job["flags"] or [])
-        if group == "row":
-            entry = study["rows"].setdefault(key, dict(label=ROWS[key][0], flags=ROWS[key][1],
-                                                       command=cmd, runs={}, quality={}, gate={}))
-            s = started(r["log"])
-            entry.update(trained=s["trained_parameters"], total=s["total_parameters"])
-            entry["runs"][str(seed)] = {str(step): metrics(r[step]) for step in job["eval_at"]}
-            entry["quality"][str(seed)] = point(final)
-            if "gate" in final:
-                entry["gate"][str(seed)] = final["gate"]
-        elif group == "ablation":
+                 reused_evaluations=reused, settings=settings_of(args), rule=RULE,
+                 primary={str(k): v for k, v in PRIMARY.items()}, table4e=TABLE_4E,
+                 base=dict(metrics(base_eval), quality=base_eval["quality"],
+                           train_loss=base_eval["train_loss"], **base_facts()["base"]),
+                 floor=dict(quality=base_eval["floor"]), pretraining=pretraining_curve(),
+                 rows=rows, ablations={}, scratch={})
+    study.update(decisions(study))
+    for (group, key), r in extra.items():
+        final = r[max(k for k in r if k != "log")]
+        if group == "ablation":
             study["ablations"][key] = dict(flags=ABLATIONS[key], **metrics(final),
-                                           quality=point(final), gate=final.get("gate"))
-            rows[key] = row_of([final], key)
+                                           quality=final["quality"], gate=final.get("gate"))
         elif group == "scratch":
-            study["scratch"][key] = dict(command=cmd, quality=point(final),
-                                         evals={str(s): metrics(r[s]) for s in job["eval_at"]})
-    for key in study["rows"]:
-        rows[key] = row_of([results[("row", key, seed)][last] for seed in args.seeds], key)
-    for name, row in rows.items():  # each row's bootstrap spread, for the intervals shown
-        target = study["rows"].get(name) or study["ablations"].get(name) or study[name]
-        target["boot_sd"] = row.get("boot_sd", {})
-    study["comparisons"] = [dict(a=a, b=b, **compare(rows[a], rows[b]))
-                            for a, b in comparisons(rows)]
-    if ("row", "dmp", first) in results:
-        samples = results[("row", "dmp", first)][last]["samples"]
-        study["table5"] = dict(base=structural_bias(base_eval["samples"]),
-                               dmp=structural_bias(samples), samples=len(samples))
-    for key in ("dmp", MOVING):  # Fig. 5: the default gate and one that moves
-        if ("row", key, first) in results:
-            run = Path(results[("row", key, first)]["log"]).parent
-            model = load.load_model(run / "checkpoints" / f"{last:07d}.pt")
-            weights = dmp.gate_weights(model, timesteps=GATE_TIMESTEPS)
-            study.setdefault("fig5", {})[key] = weights.astype(np.float64).round(7).tolist()
+            cmd = "python train.py " + " ".join(extra_jobs(args, 1.0)[(group, key)]["flags"])
+            study["scratch"][key] = dict(command=cmd, quality=final["quality"],
+                                         evals={str(s): metrics(v) for s, v in r.items()
+                                                if s != "log"})
     study["fid"] = None  # see study_report.render: no Inception weights can be fetched here
-    study["positive_controls"] = [k for k in POSITIVE_CONTROLS if k in study["rows"]]
     return study
 
 
 def metrics(r):
     """The held-out numbers of an evaluation: loss, bits/dim and the MSE per band of t."""
     return {k: r[k] for k in ("heldout_loss", "bpd", "mse_bands")}
-
-
-def point(r):
-    """FD and KID of an evaluation, without their replicates."""
-    return {m: r["quality"][m] for m in QUALITY} if "quality" in r else None
 
 
 def classifier_info():
@@ -519,14 +625,16 @@ def classifier_info():
 
 def base_facts():
     """
-    What the report says of the base and its data, read from the committed assets: the training
-    digits (all but the held-out split), the blocks of the digits DiT (DMP's prompt depth) and its
-    parameters (the start event of its training log).
+    What the report says of the base and its data, read from the committed files: the training
+    digits (all but the held-out split), the blocks of the base (DMP's prompt depth), its
+    parameters and its pretraining command (the start event of its training log).
     """
     train_rows, _ = training.split(PreparedData(ROOT / DATA), HOLDOUT)
     blocks = len(load.load_model(str(ROOT / BASE)).blocks)
+    start = started(ROOT / BASE_LOG)
     return dict(settings=dict(train_images=len(train_rows), blocks=blocks),
-                base=dict(parameters=started(ROOT / BASE_LOG)["total_parameters"]))
+                base=dict(parameters=start["total_parameters"],
+                          command="python train.py " + " ".join(PRETRAIN)))
 
 
 def pretraining_curve():
@@ -536,14 +644,48 @@ def pretraining_curve():
                 if e.get("event") == "eval"]
 
 
+def run_study(args):
+    """Stage 1, then (if it passes) stage 2, the other rows and the extras: study.json's dict."""
+    pretrain_base(args)
+    base = run_jobs({"base": dict(name="base", flags=None, split="test", eval_at=[0],
+                                  keep_samples=True, floor=True)}, args, "base")["base"][0]
+    wanted = [k for k in ROWS if k in args.rows.split(",") or k in STAGE1]
+    rows = {}
+
+    def add(keys):
+        chosen, losses = choose_rates(keys, args)
+        for key, runs in test_rows(keys, chosen, args).items():
+            rows[key] = row_entry(key, chosen[key], losses[key], runs, args)
+
+    add(list(STAGE1))
+    extra, figures = {}, {}
+    if passes_stage1(rows, args.seeds):  # the rest of the study
+        add([k for k in wanted if k not in STAGE1])
+        if "dmp" in rows:
+            extra = run_jobs(extra_jobs(args, rows["dmp"]["lr_scale"]), args, "extras")
+            figures["fig5"] = {key: fig5(args, key) for key in ("dmp", MOVING) if key in rows}
+            samples = json.loads((Path(args.runs_dir) / f"dmp-s{args.seeds[0]}" / (
+                f"eval-test-{args.iterations:07d}.json")).read_text())["samples"]
+            figures["table5"] = dict(base=structural_bias(base["samples"]),
+                                     dmp=structural_bias(samples), samples=len(samples))
+    return base, rows, extra, figures
+
+
+def fig5(args, key):
+    """The trained gate of a row's first seed at GATE_TIMESTEPS: [blocks, timesteps, prompts]."""
+    run = sorted((Path(args.runs_dir) / f"{slug(key)}-s{args.seeds[0]}").glob("[0-9]*-*"))[-1]
+    model = load.load_model(run / "checkpoints" / f"{args.iterations:07d}.pt")
+    weights = dmp.gate_weights(model, timesteps=GATE_TIMESTEPS)
+    return weights.astype(np.float64).round(7).tolist()
+
+
 def main(argv=None):
     """The study (the module docstring); --evaluate: one checkpoint; --render: the outputs again."""
     args = parse_args(argv)
     if args.evaluate:
         torch.set_num_threads(1)  # the digits DiT's matrices are too small to share (train.py)
-        result = evaluate_checkpoint(args.evaluate, args.bpd_images, args.sample_sets,
-                                     args.sample_steps, args.replicates, args.keep_samples,
-                                     args.floor)
+        result = evaluate_checkpoint(args.evaluate, args.split, args.bpd_images, args.sample_sets,
+                                     args.sample_steps, args.keep_samples, args.floor)
         write_json(args.eval_out, result, indent=None)
         return
     out = Path(args.out)
@@ -555,8 +697,10 @@ def main(argv=None):
         return
     reused = len(list(Path(args.runs_dir).glob("*/eval-*.json")))  # done by an earlier invocation
     start = time.time()
-    jobs, results = run_all(args)
-    study = collect(args, jobs, results, round((time.time() - start) / 60, 1), reused)
+    base, rows, extra, figures = run_study(args)
+    study = study_of(args, base, rows, extra, round((time.time() - start) / 60, 1), reused)
+    study.update(figures)
+    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", study)
     print(write_outputs(study, out, args.doc, args.readme))
 

@@ -1,8 +1,9 @@
 """
 The report of study.py: study.json to the markdown of docs/study.md (between its two study markers)
-and of study.md beside the figures, the figures themselves, and the commands for every full-scale
-row of the paper. Everything here is a function of study.json alone, so `python study.py --render`
-rewrites it byte for byte.
+and of study.md beside the figures, the figures themselves, the README's results in brief, and the
+commands for every full-scale row of the paper. Everything here is a function of study.json alone,
+so `python study.py --render` rewrites it byte for byte; the verdict's words are chosen by the
+rule's decisions, which study.py computes from the rows' per-seed values.
 """
 import os
 import posixpath
@@ -12,13 +13,20 @@ import numpy as np
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 BRIEF = "<!-- study-brief:begin -->", "<!-- study-brief:end -->"  # the README's results in brief
-BRIEF_ROWS = ("full", "prompt", "prompt-lr/N", "dmp", "dmp-authors", "dmp-ib0")
 QUALITY = ("fd_train", "kid_train", "fd_heldout", "kid_heldout")
 METRIC_NAMES = dict(heldout_loss="held-out loss", bpd="bits/dim", fd_train="FD vs train",
                     kid_train="KID vs train", fd_heldout="FD vs held-out",
                     kid_heldout="KID vs held-out")
 DIGITS = dict(heldout_loss=5, bpd=4, fd_train=3, kid_train=4, fd_heldout=3, kid_heldout=4)
 GATE = ("gate_dev_max", "gate_dev_mean", "gate_entropy_min", "gate_entropy_mean", "gate_tv_t")
+CONTROL, POSITIVE = "control", "bands"  # stage 1's rows (study.STAGE1)
+T_BLIND, FREE = "dmp-t-blind", "dmp-free"
+# How the verdict says each of the rule's decisions (study.decide) of a row against another.
+SAYS = {"better": "better than", "worse": "worse than",
+        "equivalent": "equivalent to (within the margin)",
+        "cannot tell": "neither distinguishable from nor shown equivalent to",
+        "better, by less than the margin": "better than, by less than the margin,",
+        "worse, by less than the margin": "worse than, by less than the margin,"}
 
 
 def draw_curve(points, path, width=480, height=240, pad=36):
@@ -82,22 +90,6 @@ def colour(v):
     return np.round(low + (high - low) * (x - (x >= 1))).astype(np.uint8)
 
 
-def plateau(study):
-    """
-    What the pretraining curve says of its end, from the curve alone: the held-out loss over the
-    last quarter of the run, and the step of the base.
-    """
-    curve = np.array(study["pretraining"], np.float64)
-    last = curve[-1, 0]
-    start = curve[curve[:, 0] >= 0.75 * last][0]
-    best = curve[curve[:, 1].argmin()]
-    return (f"over the last quarter of the run (steps {int(start[0]):,} to {int(last):,}) the "
-            f"held-out loss went "
-            f"from {start[1]:.5f} to {curve[-1, 1]:.5f} "
-            f"({100 * (curve[-1, 1] / start[1] - 1):+.2f}%), its lowest {best[1]:.5f} at step "
-            f"{int(best[0]):,}; the base is the {int(last):,}-step model")
-
-
 def draw_figures(study, out):
     """pretraining_curve.png and Fig. 5 of each DMP row drawn (fig5_gate.png: the default's)."""
     draw_curve(study["pretraining"], out / "pretraining_curve.png")
@@ -119,15 +111,104 @@ def fmt(values, digits=4):
     return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
-def quality_cell(values, boot_sd, metric):
-    """mean ± seed std, and in brackets the half-width of the bootstrap's 95% interval."""
-    return f"{fmt(values, DIGITS[metric])} (±{1.96 * boot_sd:.{DIGITS[metric]}f})"
-
-
 def label(study, key, bold=True):
     name = study["rows"][key]["label"] if key in study["rows"] else dict(
         base="base", floor="held-out digits").get(key, key)
-    return name if bold else name.strip("*")
+    return name if bold else name.replace("**", "")
+
+
+def per_seed(study, key, metric):
+    """A row's values of a metric, one per seed in settings' order."""
+    row, seeds = study["rows"][key], study["settings"]["seeds"]
+    if metric in QUALITY:
+        return [row["quality"][str(s)][metric] for s in seeds]
+    return [row["runs"][str(s)][metric] for s in seeds]
+
+
+def comparison(study, a, b, metric="heldout_loss", stage=None):
+    """study.json's comparison of row a with row b on a metric ({} if the rule made none)."""
+    return next((c for c in study["comparisons"] if (c["a"], c["b"], c["metric"]) == (a, b, metric)
+                 and (stage is None or c["stage"] == stage)), {})
+
+
+def interval(c, digits):
+    lo, hi = c["interval"]
+    return f"{c['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def plateau(study):
+    """What the pretraining curve says of its end: the last quarter's change, the best step."""
+    curve = np.array(study["pretraining"], np.float64)
+    last = curve[-1, 0]
+    start = curve[curve[:, 0] >= 0.75 * last][0]
+    best = curve[curve[:, 1].argmin()]
+    return (f"over the last quarter of the run (steps {int(start[0]):,} to {int(last):,}) the "
+            f"held-out loss went from {start[1]:.5f} to {curve[-1, 1]:.5f} "
+            f"({100 * (curve[-1, 1] / start[1] - 1):+.2f}%), its lowest {best[1]:.5f} at step "
+            f"{int(best[0]):,}; the base is the {int(last):,}-step model")
+
+
+def gap(study):
+    """The base's test-split loss over its loss on as many training digits, same draws, in %."""
+    return 100 * (study["base"]["heldout_loss"] / study["base"]["train_loss"] - 1)
+
+
+def stage1_text(study):
+    """Stage 1's finding in one paragraph, with its numbers."""
+    c, st = comparison(study, POSITIVE, CONTROL, stage=1), study["settings"]
+    passed = c["decision"] == "better"
+    text = (f"**Stage 1, the positive control.** {label(study, POSITIVE, False)} against "
+            f"{label(study, CONTROL, False)}, held-out loss on the test split, seeds "
+            f"{', '.join(map(str, st['seeds']))} paired: difference "
+            f"{interval(c, 6)} ({100 * c['level']:.0f}% interval): **{c['decision']}**. ")
+    if passed:
+        return text + (f"The setup can detect capacity specific to the timestep; the "
+                       f"equivalence margin is half the smallest improvement this interval allows, "
+                       f"{study['margin']:.2e}.")
+    return text + ("The setup cannot detect even what prompts kept separate per band of "
+                   "timesteps gain, so by the rule the study stops here: it cannot tell whether "
+                   "DMP's mixing by timestep helps.")
+
+
+def headline(study):
+    """The verdict's sentence, chosen by the rule's decisions alone (see RULE in study.py)."""
+    question = "whether mixing prompts by timestep adds anything over one shared prompt set"
+    if study["stopped"]:
+        return (f"**Verdict: this setup cannot tell {question}.** Its positive control did not "
+                f"beat the control by the rule.")
+    parts = []
+    for a, b in (("dmp", CONTROL), (FREE, T_BLIND)):
+        c = comparison(study, a, b, stage=2)
+        if c:
+            parts.append(f"{label(study, a, False)} is {SAYS[c['decision']]} "
+                         f"{label(study, b, False)}")
+    found = "; ".join(parts) if parts else "no stage 2 row was run"
+    return ("**Verdict: the setup can detect an effect specific to the timestep (its positive "
+            "control beats the control); by the rule, " + found + ".**")
+
+
+def limits(study):
+    """What the study cannot conclude, each read from study.json."""
+    st, out = study["settings"], []
+    out.append(f"It is a miniature: {st['train_images']:,} training digits of 8×8 pixels, a "
+               f"{study['base']['parameters'] / 1e3:.0f}K-parameter DiT, {st['iterations']:,} "
+               f"iterations of further training; the paper's models have 130M to 675M parameters "
+               f"and 256 tokens. A finding here says what these mechanisms do at this scale.")
+    out.append("The primary metric is the held-out loss, the objective itself; sample quality is "
+               "measured by a digits classifier's features, not Inception (no FID), and is "
+               "secondary, as are bits/dim: their intervals are uncorrected and decide nothing.")
+    out.append(f"Learning rates are chosen from one validation run per candidate (seed "
+               f"{st['validation_seed']}, {st['validation_images']} held-out digits); a rate "
+               f"that wins there by chance is then tested on the other {st['test_images']} with "
+               f"seeds it never saw.")
+    if study["stopped"]:
+        out.append("Stage 1 did not pass, so no DMP row was run: nothing here speaks for or "
+                   "against DMP.")
+    else:
+        out.append(f"Equivalence means no difference larger than {study['margin']:.2e} in held-out "
+                   f"loss (half of what the positive control certainly gains): a smaller effect "
+                   f"would go unseen.")
+    return out
 
 
 def render(study, figures=""):
@@ -136,243 +217,202 @@ def render(study, figures=""):
     figures relative to the file the markdown goes into ("" beside them, "../assets/study" in docs/).
     """
     st, rows = study["settings"], study["rows"]
-    last, seeds, n = st["iterations"], len(st["seeds"]), st["heldout_images"]
     L = []
     w = L.append
-    w("# Reproducing the paper in miniature")
+    w("# The study: does mixing by timestep help?")
     w("")
-    w(f"The paper's experiments in miniature, on the bundled digits ({st['train_images']:,} "
-      f"training and {n} held-out 8×8 images) and the digits DiT of the demo (`assets/dit_digits.pt`, "
-      f"{study['base']['parameters'] / 1e6:.2f}M parameters, {st['blocks']} blocks), with the "
-      f"control that separates DMP's gate from its learning rate. "
-      f"Produced by `{study['command']}` on {study['date']} (torch {study['torch']}, CPU); "
-      f"`python study.py --render` rewrites this section and its figures from "
-      f"`assets/study/study.json`, byte for byte. Every method further-trains the same base on "
-      f"its own pretraining data for {last:,} iterations (batch {st['batch_size']}, AdamW, no "
-      f"EMA, {seeds} seed{'s' * (seeds > 1)}) at one learning rate, {st['lr']:g} (the lr the base "
-      f"was pretrained with, as the paper further-trains every method at its pretraining lr), "
-      f"times only the multiplier a row names; every command is listed at the end of this "
-      f"section.")
-    w("")
-    sets = st["sample_sets"]
-    w(f"Metrics. Likelihood, on fixed held-out images with fixed noise (every model sees the same "
-      f"draws): the held-out loss (the training objective, all held-out images, 4 draws each) and "
-      f"the exact variational bound in bits/dim (all 1000 steps, the first {st['bpd_images']} "
-      f"held-out images). Sample quality, the paper's measure, without Inception: the Fréchet "
-      f"distance (FD) and the KID of the features of a small classifier trained on the training "
-      f"digits only (`{st['classifier']['command']}`, held-out accuracy "
-      f"{st['classifier']['heldout_accuracy']:.4f}; `digits_fid.py`), between {n} samples and the "
-      f"{st['train_images']:,} training digits (\"vs train\") or the {n} held-out digits "
-      f"(\"vs held-out\"): every "
-      f"number at that matched count, the mean over {sets} set{'s' * (sets > 1)} of {n} samples "
-      f"(DDPM, {st['sample_steps']} steps, the same noise for every model), with a bootstrap of "
-      f"{st['replicates']} resamplings. \"Held-out digits\" is the floor, real digits measured the "
-      f"same way. Lower is better everywhere; mean ± std over seeds.")
+    w(f"The paper's question in miniature, on the bundled digits ({st['train_images']:,} training "
+      f"8×8 images; {st['heldout_images']} held out, cut into {st['validation_images']} for "
+      f"validation and {st['test_images']} for test) and a DiT small enough that its capacity "
+      f"more than its data limits it "
+      f"(`assets/study/base.pt`, {study['base']['parameters'] / 1e3:.0f}K parameters, "
+      f"{st['blocks']} blocks, {st['n_prompts']} tokens). Produced by `{study['command']}` on "
+      f"{study['date']} (torch {study['torch']}, CPU); `python study.py --render` rewrites this "
+      f"section and its figures from `assets/study/study.json`, byte for byte. Every row "
+      f"further-trains the same base on its own pretraining data for {st['iterations']:,} "
+      f"iterations (batch {st['batch_size']}, AdamW, no EMA) at the learning rate, of "
+      f"{st['lr']:g} × {', '.join(f'{s:g}' for s in st['lr_scales'])}, that its validation run "
+      f"chose, with {len(st['seeds'])} paired seeds.")
     w("")
     w("**When a difference counts** (fixed in `study.py` before the runs): " + study["rule"])
+    w("")
+    w(stage1_text(study))
+    w("")
+    w(headline(study))
     w("")
     if study.get("wall_minutes") is not None:
         reused = study["reused_evaluations"]
         w(f"The whole study took {study['wall_minutes']:.0f} minutes on {study['cpus']} CPU cores "
           f"({study['jobs']} runs at a time, one thread each)" + (
-              f", reusing {reused} evaluations of an interrupted earlier "
-              f"invocation" if reused else "")
-          + ".")
+              f", reusing {reused} evaluations of an interrupted earlier invocation"
+              if reused else "") + ".")
         w("")
-    w("**Pretraining** (the base; `assets/dit_digits.log.jsonl`): the held-out loss of the EMA "
-      "model against the step (right: from a quarter of the run on, on its own scale); "
-      + plateau(study) + ".")
-    w("")
-    w(f"![pretraining curve]({posixpath.join(figures, 'pretraining_curve.png')})")
-    w("")
-    curve = dict(study["pretraining"])
-    marks = [s for s in sorted(curve) if s % 2000 == 0]
-    w("| step | " + " | ".join(f"{s:,}" for s in marks) + " |")
-    w("| --- | " + " | ".join("---" for _ in marks) + " |")
-    w("| held-out loss | " + " | ".join(f"{curve[s]:.4f}" for s in marks) + " |")
-    w("")
-    if rows:
-        render_rows(study, w)
+    render_base(study, w, figures)
+    render_rates(study, w)
+    render_rows(study, w)
+    render_rule(study, w)
+    if any(rows[k]["gate"] for k in rows):
+        render_gates(study, w)
+    render_bands(study, w)
     if study["ablations"]:
         render_ablations(study, w)
     if study["scratch"]:
         render_scratch(study, w)
     if "table5" in study:
-        w(f"**Table 5: structural bias**: off-diagonal statistics between "
-          f"{study['table5']['samples']:,} generated samples (DDPM {st['sample_steps']} steps, "
-          f"the same noise for both models), base against DMP (seed {st['seeds'][0]}).")
-        w("")
-        w("| model | metric | max | min | mean | std |")
-        w("| --- | --- | --- | --- | --- | --- |")
-        for model, name in (("base", "base"), ("dmp", "+ DMP")):
-            for metric in ("correlation", "similarity"):
-                v = study["table5"][model][metric]
-                w(f"| {name} | {metric} | {v['max']:.4f} | {v['min']:.4f} | {v['mean']:.4f} | "
-                  f"{v['std']:.4f} |")
-        w("")
+        render_table5(study, w)
     for key in study.get("fig5", {}):
-        g = rows[key]["gate"][str(st["seeds"][0])]
-        w(f"**Fig. 5: the trained gate** ({label(study, key)}, seed {st['seeds'][0]}): one panel "
-          f"per block, rows timesteps from 990 (top) to 0 in steps of 10, columns the "
-          f"{st['n_prompts']} prompts; every panel of every Fig. 5 on one scale, "
-          f"log2({st['n_prompts']} g) from −log2 {st['n_prompts']} (dark blue: a weight of "
-          f"1/{st['n_prompts'] ** 2} or less) through 0 (teal: the uniform 1/{st['n_prompts']}) "
-          f"to +log2 {st['n_prompts']} (yellow: one prompt takes the whole mixture).")
-        w("")
-        w(f"![gate weights]({posixpath.join(figures, figure_name(key))})")
-        w("")
-        w(f"The mixture's entropy relative to the uniform mixture's is {g['entropy_high_t']:.4f} "
-          f"at t ≥ 500 and {g['entropy_low_t']:.4f} at t < 500 (1 is uniform); the weights are at "
-          f"most {g['gate_dev_max']:.3f} of 1/{st['n_prompts']} away from it, and a block's "
-          f"mixture differs from its mean over timesteps by {g['gate_tv_t']:.4f} in total "
-          f"variation.")
-        w("")
+        render_fig5(study, key, w, figures)
+    w("**What this study cannot conclude:**")
+    w("")
+    for x in limits(study):
+        w(f"- {x}")
+    w("")
     w(commands(study))
     w("")
-    w("¹ FID: not computed. An Inception FID of 8×8 digits upsampled to 299×299 measures the "
-      "upsampling more than the digits, and needs pytorch-fid's weights (a download); the digits "
-      "classifier's FD and KID, trained on these very images, stand in for it.")
+    w(SETTLE)
     w("")
     w(FULL_SCALE)
     return "\n".join(L) + "\n"
 
 
+def render_base(study, w, figures):
+    st, base = study["settings"], study["base"]
+    w(f"**The base** (`{base['command']}`; log `assets/study/base.log.jsonl`): the held-out loss "
+      f"of the EMA model against the step (right: from a quarter of the run on, on its own "
+      f"scale); {plateau(study)}. Its loss on the {st['test_images']} test digits is "
+      f"{base['heldout_loss']:.5f} and on as many training digits with the same draws "
+      f"{base['train_loss']:.5f}: a gap of {gap(study):.1f}%, so further training on the same "
+      f"digits has more to gain than fitting them harder. It is not converged: its loss still "
+      f"falls at the end of pretraining, so further training of any kind also goes on "
+      f"pretraining it; every row starts from it and is measured with the same draws, and the "
+      f"study reads the rows against each other.")
+    w("")
+    w(f"![pretraining curve]({posixpath.join(figures, 'pretraining_curve.png')})")
+    w("")
+
+
+def render_rates(study, w):
+    st, rows = study["settings"], study["rows"]
+    w(f"**Learning rates**, chosen on the validation split (held-out loss of one run, seed "
+      f"{st['validation_seed']}, per candidate; the chosen one in bold):")
+    w("")
+    scales = [repr(float(s)) for s in st["lr_scales"]]
+    w("| row | " + " | ".join(f"lr × {float(s):g}" for s in scales) + " |")
+    w("| --- | " + " | ".join("---" for _ in scales) + " |")
+    for r in rows.values():
+        cells = [f"{r['validation'][s]:.5f}" for s in scales]
+        cells = [f"**{c}**" if float(s) == r["lr_scale"] else c for c, s in zip(cells, scales)]
+        w(f"| {r['label']} | " + " | ".join(cells) + " |")
+    w("")
+
+
 def render_rows(study, w):
-    """The main table: likelihood across iterations, sample quality, gate movement, the verdicts."""
     st, base, rows = study["settings"], study["base"], study["rows"]
-    counts, last = st["eval_at"], str(st["iterations"])
-    w(f"**Tables 2, 3 and 7: further-training methods across iterations** (held-out bits/dim; "
-      f"base {base['bpd']:.4f})")
+    w(f"**Every row on the test split** after {st['iterations']:,} iterations (mean ± std over "
+      f"seeds {', '.join(map(str, st['seeds']))}; the held-out loss also seed by seed; lower is "
+      f"better; FD and KID: {st['sample_sets']} sets of {st['heldout_images']} samples, DDPM "
+      f"{st['sample_steps']} steps, the same noise for every model, against the training digits "
+      f"and all held-out digits)")
     w("")
-    w("| method | trained parameters | " + " | ".join(f"+{int(c):,}" for c in counts)
-      + f" | Δ bits/dim at +{int(last):,} | held-out loss at +{int(last):,} (base "
-      f"{base['heldout_loss']:.5f}) | FID |")
-    w("| --- | --- | " + " | ".join("---" for _ in counts) + " | --- | --- | --- |")
-    for e in rows.values():
-        runs = list(e["runs"].values())
-        w(f"| {e['label']} | {e['trained']:,} ({100 * e['trained'] / e['total']:.2f}%) | "
-          + " | ".join(fmt([r[str(c)]["bpd"] for r in runs]) for c in counts)
-          + f" | {fmt([r[last]['bpd'] - base['bpd'] for r in runs], 4)} | "
-          f"{fmt([r[last]['heldout_loss'] for r in runs], 5)} | n/a¹ |")
-    w("")
-    w(f"**Sample quality** at +{int(last):,} (digits-classifier features; mean ± std over seeds, "
-      f"in brackets the half-width of the bootstrap's 95% interval of the mean; KID's estimator "
-      f"is unbiased, so it can fall below zero)")
-    w("")
-    w("| | " + " | ".join(METRIC_NAMES[m] for m in QUALITY) + " |")
-    w("| --- | " + " | ".join("---" for _ in QUALITY) + " |")
-    for name, e in (("held-out digits (the floor)", study["floor"]), ("base", base)):
-        w(f"| {name} | " + " | ".join(quality_cell([e["quality"][m]], e["boot_sd"][m], m)
-                                      for m in QUALITY) + " |")
-    for e in rows.values():
-        qs = list(e["quality"].values())
-        w(f"| {e['label']} | " + " | ".join(quality_cell([q[m] for q in qs], e["boot_sd"][m], m)
-                                            for m in QUALITY) + " |")
-    w("")
-    gated = [k for k, e in rows.items() if e["gate"]]
-    if gated:
-        w(f"**How far each DMP gate moved** from the uniform 1/{st['n_prompts']} it starts at (the "
-          f"trained gate at timesteps 0, 10, ..., 990, every block; one value per seed, seeds "
-          f"{' / '.join(str(x) for x in st['seeds'])}, as a mean would hide a gate that collapses "
-          f"in some seeds and not in others): the "
-          f"largest and the mean |{st['n_prompts']} g − 1|, the entropy relative to uniform (1: "
-          f"uniform), and the total variation between a block's mixture at one timestep and its "
-          f"mean over timesteps (0: the same mixture at every t).")
-        w("")
-        w("| | max deviation | mean deviation | min entropy | mean entropy | variation across t |")
-        w("| --- | --- | --- | --- | --- | --- |")
-        for key in gated:
-            g = [rows[key]["gate"][str(x)] for x in st["seeds"]]
-            w(f"| {rows[key]['label']} | " + " | ".join(" / ".join(f"{x[m]:.4f}" for x in g)
-                                                        for m in GATE) + " |")
-        w("")
-    render_rule(study, w)
-    w("**Stage-specific change** (the claim behind Table 3): the noise MSE of each band of "
-      "timesteps after each number of iterations, as % change from the base's (base MSE in the "
-      "first row).")
-    w("")
-    w("| method | iterations | " + " | ".join(f"t {100 * b}-{100 * b + 99}" for b in range(10))
-      + " |")
-    w("| --- | --- | " + " | ".join("---" for _ in range(10)) + " |")
-    w("| base MSE | | " + " | ".join(f"{v:.4f}" for v in base["mse_bands"]) + " |")
-    for e in rows.values():
-        runs = list(e["runs"].values())
-        for i, c in enumerate(counts):
-            change = [fmt([100 * (r[str(c)]["mse_bands"][b] / base["mse_bands"][b] - 1)
-                           for r in runs], 2) for b in range(10)]
-            w(f"| {e['label'] if i == 0 else ''} | +{int(c):,} | " + " | ".join(change) + " |")
+    w("| row | trained parameters | lr | held-out loss | per seed | bits/dim | FD vs train | "
+      "FD vs held-out | KID vs held-out |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    q = base["quality"]
+    w(f"| held-out digits (the floor) | | | | | | {study['floor']['quality']['fd_train']:.3f} | "
+      f"{study['floor']['quality']['fd_heldout']:.3f} | "
+      f"{study['floor']['quality']['kid_heldout']:.4f} |")
+    w(f"| base | | | {base['heldout_loss']:.5f} | | {base['bpd']:.4f} | {q['fd_train']:.3f} | "
+      f"{q['fd_heldout']:.3f} | {q['kid_heldout']:.4f} |")
+    for key, r in rows.items():
+        loss = per_seed(study, key, "heldout_loss")
+        w(f"| {r['label']} | {r['trained']:,} | {r['lr_scale']:g} | {fmt(loss, 5)} | "
+          + " / ".join(f"{v:.5f}" for v in loss) + " | "
+          + " | ".join(fmt(per_seed(study, key, m), DIGITS[m])
+                       for m in ("bpd", "fd_train", "fd_heldout", "kid_heldout")) + " |")
     w("")
 
 
 def render_rule(study, w):
-    """The comparisons the rule decided, and the verdict they add up to."""
-    rows = study["rows"]
-    w("**The rule applied.** Each DMP row against the control and against prompt tuning: the "
-      "difference of the means (row minus reference), the seed spread it must exceed, the "
-      "bootstrap interval it must exclude zero from (FD, KID), and whether it counts.")
+    """The comparisons the rule decided, and the secondary ones it only reports."""
+    w("**The rule applied**: each primary comparison (held-out loss, row minus reference, paired "
+      "over the seeds), its interval at the stage's corrected level, and the decision.")
     w("")
-    w("| row | reference | metric | difference | seed spread | 95% interval | counts |")
-    w("| --- | --- | --- | --- | --- | --- | --- |")
-    for c in study["comparisons"]:
-        if c["b"] not in ("prompt-lr/N", "prompt"):
-            continue
-        for m, v in metric_items(c):
-            d = DIGITS[m] + 1
-            lo_hi = (f"[{v['interval'][0]:+.{d}f}, {v['interval'][1]:+.{d}f}]" if "interval" in v
-                     else "—")
-            spread = "one seed" if v["seed_spread"] is None else f"{v['seed_spread']:.{d}f}"
-            w(f"| {label(study, c['a'])} | {label(study, c['b'])} | {METRIC_NAMES[m]} | "
-              f"{v['diff']:+.{d}f} | {spread} | {lo_hi} | {'**yes**' if v['counts'] else 'no'} |")
+    w("| stage | row | reference | difference [interval] | level | decision |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for c in [c for c in study["comparisons"] if c["stage"]]:
+        w(f"| {c['stage']} | {label(study, c['a'])} | {label(study, c['b'])} | {interval(c, 6)} | "
+          f"{100 * c['level']:.0f}% | **{c['decision']}** |")
     w("")
-    w("Every row against the base (and the base against the held-out digits): the difference, in "
-      "bold where it counts by the rule.")
+    w("Secondary (95% intervals, uncorrected, no decision): the primary pairs on the other "
+      "metrics, and every row against the base.")
     w("")
-    w("| row | " + " | ".join(METRIC_NAMES.values()) + " |")
-    w("| --- | " + " | ".join("---" for _ in METRIC_NAMES) + " |")
-    for c in study["comparisons"]:
-        if c["b"] == "floor" or (c["b"] == "base" and c["a"] in rows):
-            cells = []
-            for m in METRIC_NAMES:
-                v = c.get(m)
-                text = f"{v['diff']:+.{DIGITS[m] + 1}f}" if v else "—"
-                cells.append(f"**{text}**" if v and v["counts"] else text)
-            w(f"| {label(study, c['a'])} vs {label(study, c['b'])} | " + " | ".join(cells) + " |")
-    w("")
-    w(verdict(study))
+    w("| row | reference | metric | difference [interval] |")
+    w("| --- | --- | --- | --- |")
+    for c in [c for c in study["comparisons"] if not c["stage"]]:
+        w(f"| {label(study, c['a'])} | {label(study, c['b'])} | {METRIC_NAMES[c['metric']]} | "
+          f"{interval(c, DIGITS[c['metric']] + 1)} |")
     w("")
 
 
-def metric_items(comparison):
-    return [(m, comparison[m]) for m in METRIC_NAMES if m in comparison]
+def render_gates(study, w):
+    st, rows = study["settings"], study["rows"]
+    n = st["n_prompts"]
+    w(f"**How far each DMP gate moved** from the uniform 1/{n} it starts at (the trained gate at "
+      f"timesteps 0, 10, ..., 990, every block; one value per seed, seeds "
+      f"{' / '.join(str(x) for x in st['seeds'])}, as a mean would hide a gate that collapses in "
+      f"some seeds and not in others): the largest and the mean |{n} g − 1|, the entropy "
+      f"relative to uniform (1: uniform), and the total variation between a block's mixture at "
+      f"one timestep and its mean over timesteps (0: the same mixture at every t).")
+    w("")
+    w("| | max deviation | mean deviation | min entropy | mean entropy | variation across t |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for key in [k for k in rows if rows[k]["gate"]]:
+        g = [rows[key]["gate"][str(x)] for x in st["seeds"]]
+        w(f"| {rows[key]['label']} | " + " | ".join(" / ".join(f"{x[m]:.4f}" for x in g)
+                                                    for m in GATE) + " |")
+    w("")
+
+
+def render_bands(study, w):
+    base, rows = study["base"], study["rows"]
+    w("**Stage-specific change** (the claim behind Table 3): the noise MSE of each band of 100 "
+      "timesteps, as % change from the base's (mean over seeds; the base's MSE in the first row).")
+    w("")
+    w("| row | " + " | ".join(f"t {100 * b}-{100 * b + 99}" for b in range(10)) + " |")
+    w("| --- | " + " | ".join("---" for _ in range(10)) + " |")
+    w("| base MSE | " + " | ".join(f"{v:.4f}" for v in base["mse_bands"]) + " |")
+    for r in rows.values():
+        runs = list(r["runs"].values())
+        w(f"| {r['label']} | " + " | ".join(
+            f"{np.mean([100 * (x['mse_bands'][b] / base['mse_bands'][b] - 1) for x in runs]):+.2f}"
+            for b in range(10)) + " |")
+    w("")
 
 
 def render_ablations(study, w):
     """Table 4 and Fig. 4: one DMP run per row, seed 0, its sample quality, its gate's movement."""
     st, base, rows = study["settings"], study["base"], study["rows"]
-    last, seed = str(st["iterations"]), str(st["seeds"][0])
-    w(f"**Table 4 and Fig. 4: DMP ablations** (seed {seed}, +{int(last):,} iterations; the default "
-      f"row is the DMP run of the same seed; Δ from the base; FD and KID with the half-width of "
-      f"their bootstrap interval; the gate's largest deviation from uniform and its variation "
-      f"across timesteps)")
+    seed = str(st["seeds"][0])
+    w(f"**Table 4 and Fig. 4: DMP ablations** (one run each, seed {seed}, DMP's learning rate; no "
+      f"verdict: one seed has no spread; Δ from the base; the gate's largest deviation from "
+      f"uniform and its variation across timesteps)")
     w("")
     w("| case | flags | held-out loss | bits/dim | Δ bits/dim | FD vs train | FD vs held-out | "
       "KID vs held-out | max deviation | variation across t |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     entries = [(key, f"`{' '.join(a['flags'])}`", a) for key, a in study["ablations"].items()]
     named = [(f"**default** (linear, soft, distinct, add, IB 1 LB 1, all {st['blocks']} blocks)",
-              "dmp")]
-    named += list(study["table4e"].items())  # runs that are another row's to the last digit
-    for name, key in named:
+              "dmp")] + list(study["table4e"].items())
+    for name, key in named:  # runs that are another row's to the last digit
         if key in rows and seed in rows[key]["runs"]:
             r = rows[key]
-            run = dict(r["runs"][seed][last], quality=r["quality"][seed], gate=r["gate"].get(seed))
-            entries.insert(0 if key == "dmp" and name.startswith("**") else len(entries),
+            run = dict(r["runs"][seed], quality=r["quality"][seed], gate=r["gate"].get(seed))
+            entries.insert(0 if name.startswith("**") else len(entries),
                            (name, "" if name.startswith("**") else f"= {label(study, key, False)}",
                             run))
     for name, flags, a in entries:
-        q, g, sd = a["quality"], a.get("gate"), a.get("boot_sd")
-        cells = [f"{q[m]:.{DIGITS[m]}f}" + (f" (±{1.96 * sd[m]:.{DIGITS[m]}f})" if sd else "")
-                 for m in ("fd_train", "fd_heldout", "kid_heldout")]
+        q, g = a["quality"], a.get("gate")
+        cells = [f"{q[m]:.{DIGITS[m]}f}" for m in ("fd_train", "fd_heldout", "kid_heldout")]
         gate = [f"{g['gate_dev_max']:.3f}", f"{g['gate_tv_t']:.4f}"] if g else ["—", "—"]
         w(f"| {name} | {flags} | {a['heldout_loss']:.5f} | {a['bpd']:.4f} | "
           f"{a['bpd'] - base['bpd']:+.4f} | " + " | ".join(cells + gate) + " |")
@@ -387,10 +427,9 @@ def render_ablations(study, w):
 
 def render_scratch(study, w):
     """Table 6: pretraining with and without DMP from step 0."""
-    w(f"**Table 6: DMP from the start of training** (the base's recipe, lr "
-      f"{study['settings']['lr']:g}, but EMA 0.99, "
-      f"seed {study['settings']['seeds'][0]}; the EMA model; held-out bits/dim, and held-out loss "
-      f"in brackets; FD of the last)")
+    w(f"**Table 6: DMP from the start of training** (the base's recipe, but EMA 0.99, seed "
+      f"{study['settings']['seeds'][0]}; the EMA model; held-out bits/dim, and held-out loss in "
+      f"brackets; FD of the last)")
     w("")
     steps = list(next(iter(study["scratch"].values()))["evals"])
     w("| run | " + " | ".join(f"{int(s):,} iterations" for s in steps)
@@ -404,17 +443,51 @@ def render_scratch(study, w):
     w("")
 
 
+def render_table5(study, w):
+    st, t5 = study["settings"], study["table5"]
+    w(f"**Table 5: structural bias**: off-diagonal statistics between {t5['samples']:,} generated "
+      f"samples (DDPM {st['sample_steps']} steps, the same noise for both models), base against "
+      f"DMP (seed {st['seeds'][0]}).")
+    w("")
+    w("| model | metric | max | min | mean | std |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for model, name in (("base", "base"), ("dmp", "+ DMP")):
+        for metric in ("correlation", "similarity"):
+            v = t5[model][metric]
+            w(f"| {name} | {metric} | {v['max']:.4f} | {v['min']:.4f} | {v['mean']:.4f} | "
+              f"{v['std']:.4f} |")
+    w("")
+
+
+def render_fig5(study, key, w, figures):
+    st = study["settings"]
+    n, g = st["n_prompts"], study["rows"][key]["gate"][str(st["seeds"][0])]
+    w(f"**Fig. 5: the trained gate** ({label(study, key)}, seed {st['seeds'][0]}): one panel per "
+      f"block, rows timesteps from 990 (top) to 0 in steps of 10, columns the {n} prompts; every "
+      f"panel of every Fig. 5 on one scale, log2({n} g) from −log2 {n} (dark blue: a weight of "
+      f"1/{n ** 2} or less) through 0 (teal: the uniform 1/{n}) to +log2 {n} (yellow: one "
+      f"prompt takes the whole mixture).")
+    w("")
+    w(f"![gate weights]({posixpath.join(figures, figure_name(key))})")
+    w("")
+    w(f"The mixture's entropy relative to the uniform mixture's is {g['entropy_high_t']:.4f} at "
+      f"t ≥ 500 and {g['entropy_low_t']:.4f} at t < 500 (1 is uniform); the weights are at most "
+      f"{g['gate_dev_max']:.3f} of 1/{n} away from it, and a block's mixture differs from its "
+      f"mean over timesteps by {g['gate_tv_t']:.4f} in total variation.")
+    w("")
+
+
 def commands(study):
     """Every run and evaluation of the study as the command that made it."""
     st, rows = study["settings"], study["rows"]
-    others = ", ".join(str(x) for x in st["seeds"][1:])
+    seeds = ", ".join(str(x) for x in st["seeds"][1:])
     L = ["**The commands** (each run with its own `--results-dir`; `python study.py` runs them all "
-         "and skips what is finished):", "", "```bash"]
-    L.append(f"{st['classifier']['command']}   # the feature net, once")
-    if rows:
-        again = f", again with --seed {others}" if others else ""
-        L.append("# the main table: one run per row" + again)
-        L += [e["command"] for e in rows.values()]
+         "and skips what is finished):", "", "```bash",
+         f"{st['classifier']['command']}   # the feature net, once",
+         f"{study['base']['command']}   # the base",
+         f"# each row: one validation run per lr scale (--seed {st['validation_seed']}, "
+         f"--lr-scale S), then the test runs at the chosen scale, again with --seed {seeds}"]
+    L += [r["command"] for r in rows.values()]
     if study["ablations"] and "dmp" in rows:
         L.append("# Table 4, Fig. 4: the DMP command above with the row's flags added, e.g.")
         flags = " ".join(next(iter(study["ablations"].values()))["flags"])
@@ -422,206 +495,36 @@ def commands(study):
     if study["scratch"]:
         L.append("# Table 6")
         L += [e["command"] for e in study["scratch"].values()]
-    L.append("# every evaluation (CKPT: a run's checkpoints/NNNNNNN.pt, or the base; a run's "
-             "last one samples)")
-    L.append(f"python study.py --evaluate CKPT --eval-out eval.json --bpd-images "
+    L.append("# every evaluation (CKPT: a run's last checkpoint, or the base)")
+    L.append(f"python study.py --evaluate CKPT --split test --eval-out eval.json --bpd-images "
              f"{st['bpd_images']} --sample-sets {st['sample_sets']} --sample-steps "
-             f"{st['sample_steps']} --replicates {st['replicates']}")
+             f"{st['sample_steps']}")
     L.append("```")
     return "\n".join(L)
 
 
-def comparison(study, a, b):
-    """study.json's comparison of row a with row b ({} if the rule did not compare them)."""
-    return next((c for c in study["comparisons"] if (c["a"], c["b"]) == (a, b)), {})
-
-
-def counted(study, a, b):
-    """The metrics on which row a differs from row b by the rule: {metric: difference}."""
-    return {m: v["diff"] for m, v in metric_items(comparison(study, a, b)) if v["counts"]}
-
-
-CONTROL = "prompt-lr/N"  # prompt tuning at lr/N: what a zero-initialised, unmoving gate amounts to
-T_BLIND = "dmp-t-blind"  # the same gate blind to t: the arm that isolates mixing by timestep
-VERDICT_RULE = (
-    "The verdict is chosen from the rule's comparisons alone. A row beats another when at least "
-    "one of its differences counts as an improvement and none counts as worse. The question, "
-    "whether DMP's mixing by timestep adds anything over prompt tuning at lr/N, can be answered "
-    "only when a positive control (a row given capacity specific to the timestep by construction) beats the "
-    "control by the rule; without one, the verdict is that the setup cannot tell. With one, a DMP "
-    "row that beats the control is credited; a DMP row that does not is reported as not beating "
-    "it, which is not evidence of no effect unless the study fixes an equivalence margin.")
-
-
-def beats(study, a, b):
-    """Row a beats row b by the rule: a difference counts as an improvement, none as worse."""
-    d = counted(study, a, b)
-    return any(v < 0 for v in d.values()) and not any(v > 0 for v in d.values())
-
-
-def per_seed(study, key, metric):
-    """A main-table row's values of a metric, one per seed in settings' order."""
-    st, row = study["settings"], study["rows"][key]
-    last = str(st["iterations"])
-    if metric in QUALITY:
-        return [row["quality"][str(s)][metric] for s in st["seeds"]]
-    return [row["runs"][str(s)][last][metric] for s in st["seeds"]]
-
-
-def paired_p(study, a, b, metric):
-    """The two-sided p of a paired t-test over the seeds (context only: not part of the rule)."""
-    from scipy import stats
-    return float(stats.ttest_rel(per_seed(study, a, metric), per_seed(study, b, metric)).pvalue)
-
-
-def chance_rate(seeds, spread_b=True, draws=200_000):
-    """
-    How often the rule's test (1) counts a difference between two rows of `seeds` normal values
-    each drawn from one distribution (spread_b False: against a fixed value, a row without seed
-    spread); simulated with a fixed seed, so the report stays a function of study.json.
-    """
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(2, draws, seeds))
-    threshold = a.std(1, ddof=1) + (b.std(1, ddof=1) if spread_b else 0)
-    return float((np.abs(a.mean(1) - (b.mean(1) if spread_b else 0)) > threshold).mean())
-
-
-def headline(study):
-    """The verdict's first sentence, one per branch of VERDICT_RULE (and none from one seed)."""
-    st, rows = study["settings"], study["rows"]
-    n = st["n_prompts"]
-    if len(st["seeds"]) < 2:
-        return ("**No verdict from one seed**: the rule needs the spread over seeds, which one "
-                "seed does not have; `python study.py` (three seeds) gives it.")
-    if CONTROL not in rows:
-        return (f"**No verdict: the study has no control** (prompt tuning at lr/{n}), so nothing "
-                f"separates DMP's gate from its learning rate.")
-    question = f"whether mixing the prompts by timestep adds anything over prompt tuning at lr/{n}"
-    positives = [k for k in study.get("positive_controls", []) if k in rows]
-    if not positives:
-        return (f"**Verdict: this setup cannot tell {question}.** The study has no positive "
-                f"control, no row that shows the setup can detect an effect of the kind the paper "
-                f"claims, so a difference that does not count is no evidence of no effect.")
-    winners = [k for k in positives if beats(study, k, CONTROL)]
-    names = " and ".join(label(study, k, False) for k in positives)
-    if not winners:
-        return (f"**Verdict: this setup cannot tell {question}.** Its positive control ({names}) "
-                f"did not beat the control by the rule: the setup cannot detect even what "
-                f"capacity specific to the timestep does.")
-    dmps = [k for k in rows if k.startswith("dmp") and beats(study, k, CONTROL)]
-    names = " and ".join(label(study, k, False) for k in winners)
-    if dmps:
-        return ("**Verdict: by the rule, " + " and ".join(
-            f"{label(study, k, False)} beats prompt tuning at lr/{n} on "
-            f"{', '.join(METRIC_NAMES[m] for m in counted(study, k, CONTROL))}" for k in dmps)
-            + f", as the positive control ({names}) does.**")
-    return (f"**Verdict: no DMP row beats prompt tuning at lr/{n} by the rule, where the positive "
-            f"control ({names}) does.**" + ("" if "margin" in study else
-                                            " The rule fixes no equivalence margin, so this is "
-                                            "not evidence that the mixing adds nothing."))
-
-
-def row_finding(study, k):
-    """One DMP row against the control: its gate per seed, and what the rule found, with numbers."""
-    st, n = study["settings"], study["settings"]["n_prompts"]
-    seeds = st["seeds"]
-    gates = [study["rows"][k]["gate"][str(s)] for s in seeds]
-    top = ", ".join(f"{(g['gate_dev_max'] + 1) / n:.3f}" for g in gates)
-    tv = ", ".join(f"{g['gate_tv_t']:.4f}" for g in gates)
-    c = comparison(study, k, CONTROL)
-    found = []
-    for m, v in metric_items(c):
-        if v["counts"]:
-            found.append(f"{METRIC_NAMES[m]} counts as {'better' if v['diff'] < 0 else 'worse'} "
-                         f"(difference {v['diff']:+.2e} against a seed spread of "
-                         f"{v['seed_spread']:.2e}, {abs(v['diff']) / v['seed_spread']:.2f} times "
-                         f"it; a paired t-test over the seeds, not part of the rule, gives p = "
-                         f"{paired_p(study, k, CONTROL, m):.2f})")
-    rest = ", ".join(f"{METRIC_NAMES[m]} {v['diff']:+.1e}" for m, v in metric_items(c)
-                     if not v["counts"])
-    return (f"{label(study, k, False)}: the largest weight one prompt gets is {top} (seeds "
-            f"{', '.join(map(str, seeds))}; uniform is 1/{n} = {1 / n:.4f}, and 1 means that one "
-            f"prompt takes the whole mixture), and a block's mixture differs from its mean over timesteps by {tv} "
-            f"in total variation. Against the control, "
-            + ("; ".join(found) + "; " if found else "no difference counts; ")
-            + (f"the differences that do not count: {rest}." if rest else
-               "every difference counts."))
-
-
-def limits(study):
-    """What the committed data cannot support, each read from study.json."""
-    st, rows = study["settings"], study["rows"]
-    k, out = len(st["seeds"]), []
-    if not [c for c in study.get("positive_controls", []) if c in rows]:
-        out.append("No positive control: no row is given capacity specific to the timestep "
-                   "(prompts kept separate per band of timesteps), so nothing shows that the setup could "
-                   "detect an effect of mixing by timestep.")
-    out.append(f"The base's pretraining: {plateau(study)}. Whether further training is limited "
-               f"by the model or by its {st['train_images']:,} training digits is not measured (study.json holds no "
-               f"training-set loss of the base).")
-    if T_BLIND not in rows:
-        out.append("No arm isolates mixing by timestep: the same gate blind to t (its bias and the "
-                   "block index only) is not run, so a gate that moves cannot be told apart from "
-                   "one that only rescales the prompts.")
-    decisions = sum(1 for c in study["comparisons"] for _ in metric_items(c))
-    if k > 1:
-        out.append(f"{k} seeds per row, compared as unpaired means (the seeds' pairing is not "
-                   f"used), and no correction for the number of decisions: with {k} seeds "
-                   f"per row, test (1) of the rule counts a difference between two rows of one "
-                   f"distribution {100 * chance_rate(k):.0f}% of the time, and against a row "
-                   f"without seed spread {100 * chance_rate(k, False):.0f}% (chance_rate); the rule made {decisions} "
-                   f"decisions here.")
-    if "margin" not in study:
-        out.append("No equivalence margin was fixed before the runs: a difference that does not "
-                   "count is absence of evidence, and \"no difference\" cannot be claimed.")
-    return out
-
-
-def verdict(study):
-    """
-    The plain answer, worded by VERDICT_RULE from the comparisons the rule decided (headline): then
-    each DMP row against the control, with its gate per seed; which rows changed sample quality;
-    and the study's limits.
-    """
-    st, rows = study["settings"], study["rows"]
-    text = VERDICT_RULE + "\n\n" + headline(study)
-    if len(st["seeds"]) > 1 and CONTROL in rows:
-        items = [row_finding(study, k) for k in rows if k.startswith("dmp")]
-        text += "\n\n" + "\n".join(f"- {x}" for x in items)
-    changed = {k: counted(study, k, "base") for k in rows}
-    better = [label(study, k, False) for k, d in changed.items()
-              if any(v < 0 for m, v in d.items() if m in QUALITY)]
-    worse = [label(study, k, False) for k, d in changed.items()
-             if any(v > 0 for m, v in d.items() if m in QUALITY)]
-    text += (f"\n\nSample quality against the base, by the rule: better on some FD or KID for "
-             f"{', '.join(better) or 'no row'}; worse for {', '.join(worse) or 'no row'}.")
-    text += ("\n\n**What this study cannot conclude**, from the limits of its data:\n\n"
-             + "\n".join(f"- {x}" for x in limits(study)))
-    return text + "\n\n" + SETTLE
-
-
-SETTLE = """What would settle it at full scale is the same control in the paper's own setting.
-DiT-B/2 on FFHQ 256 has 256 tokens, so N = 256 prompts per block and the control is prompt tuning
-at lr/256, beside DMP, DMP with the authors' gate, and DMP with its gate blind to t (`--gate-cond
-none`: the bias and block index only, one fixed mixture per block, so what DMP gains over it is
-what mixing by timestep adds), each further-trained 30K steps from the same 600K-step base (Table
-2's row: the paper reports prompt tuning at lr, 6.81, and DMP, 5.87, but not the control), three
-seeds each (`--seed`), FID on 50K samples, and train.py's log showing how far each gate moved
-(`gate_dev_max`, `gate_tv_t` on every line). DMP's gate earns credit only where DMP beats the
-control by more than the seed spread and FID's own interval; its mixing by timestep, only where
-it also beats the t-blind gate:
+SETTLE = """What would settle it at full scale is the same design in the paper's own setting.
+DiT-B/2 on FFHQ 256 has 256 tokens, so N = 256 prompts per block: the control (prompt tuning, its
+rate chosen on a validation split; at lr/256 it is what a gate that never moves amounts to), the
+positive control (`--method prompt --time-bands 4`), DMP, DMP with its gate free to move
+(`--importance-coef 0`), the same gate blind to t (`--gate-cond none`: what the free gate gains
+over it is what mixing by timestep adds), each further-trained 30K steps from the same 600K-step
+base (Table 2's row: the paper reports prompt tuning at lr, 6.81, and DMP, 5.87, but not the
+control), five seeds each (`--seed`), FID on 50K samples, and train.py's log showing how far each
+gate moved (`gate_dev_max`, `gate_tv_t` on every line):
 
 ```bash
 python train.py --dataset ffhq --model DiT-B/2 --iterations 600000          # runs/000-ffhq-pretrain
 BASE=runs/000-ffhq-pretrain/checkpoints/0600000.pt
 python train.py --dataset ffhq --init $BASE --iterations 30000 --method prompt --lr-scale 0.00390625
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method prompt --time-bands 4
 python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp
-python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp \\
-    --gate-lr-scale 10 --noisy-gate
-python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp --gate-cond none
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp --importance-coef 0
+python train.py --dataset ffhq --init $BASE --iterations 30000 --method dmp --importance-coef 0 \\
+    --gate-cond none
 python sample.py --ckpt runs/001-ffhq-prompt/checkpoints/0030000.pt --num-samples 50000 \\
     --out samples/control
-python fid.py data/ffhq256-ref.npz samples/control.npz          # the reference: docs/evaluation.md; same for DMP
+python fid.py data/ffhq256-ref.npz samples/control.npz          # the reference: docs/evaluation.md; same for each row
 ```"""
 
 
@@ -708,56 +611,44 @@ python fid.py data/laion512-ref.npz samples/laion-dmp.npz
 
 def render_brief(study, doc="docs/study.md"):
     """
-    The README's results in brief: the main rows' numbers, the verdict's headline and each DMP row's
-    finding against the control (verdict's own sentences), other findings of the rule, and the
-    limits. A function of study.json alone, like render; doc: the study's page, relative to the
-    README.
+    The README's results in brief: stage 1, the verdict's headline, the primary rows' numbers and
+    the limits. A function of study.json alone, like render; doc: the study's page, relative to
+    the README.
     """
     st, rows, base = study["settings"], study["rows"], study["base"]
-    last, seeds, n = st["iterations"], len(st["seeds"]), st["n_prompts"]
+    seeds = len(st["seeds"])
     L = []
     w = L.append
     w(f"**The study** ([{doc}]({doc}); `{study['command']}`"
       + (f", {study['wall_minutes']:.0f} minutes on {study['cpus']} CPU cores"
          if study.get("wall_minutes") is not None else "")
-      + f") runs the paper's experiments in miniature on the digits DiT: every method "
-      f"further-trained from the same base for {last:,} iterations, {seeds} seed"
-      f"{'s' * (seeds > 1)}, with the control that separates the gate from its learning rate, "
-      f"prompt tuning at lr/{n} (N = {n} prompts). The rule for a difference that counts was fixed "
-      f"before the runs: the difference of the means must exceed the sum of the seed spreads and, "
-      f"for FD and KID, its paired-bootstrap 95% interval must exclude zero.")
+      + f") asks the paper's question on the digits: a {study['base']['parameters'] / 1e3:.0f}K-"
+      f"parameter DiT limited by its capacity (its test loss {gap(study):.1f}% above its training "
+      f"loss), further-trained {st['iterations']:,} iterations, every row at the learning rate a "
+      f"validation split chose, {seeds} paired seeds, a rule with a corrected interval and an "
+      f"equivalence margin fixed before the runs.")
     w("")
-    w(f"| after {last:,} iterations (mean ± std over {seeds} seeds) | held-out loss | held-out "
-      f"bits/dim | sample FD vs held-out digits |")
-    w("| --- | --- | --- | --- |")
-    w(f"| base (no further training) | {base['heldout_loss']:.5f} | {base['bpd']:.4f} | "
+    w(stage1_text(study))
+    w("")
+    w(f"{headline(study)} The rule that picks this wording is stated in [{doc}]({doc}).")
+    w("")
+    w(f"| after {st['iterations']:,} iterations (mean ± std over {seeds} seeds) | lr × | held-out "
+      f"loss | held-out bits/dim | sample FD vs held-out digits |")
+    w("| --- | --- | --- | --- | --- |")
+    w(f"| base (no further training) | | {base['heldout_loss']:.5f} | {base['bpd']:.4f} | "
       f"{base['quality']['fd_heldout']:.3f} |")
-    for k in [k for k in BRIEF_ROWS if k in rows]:
-        w(f"| {rows[k]['label']} | {fmt(per_seed(study, k, 'heldout_loss'), 5)} | "
-          f"{fmt(per_seed(study, k, 'bpd'), 4)} | {fmt(per_seed(study, k, 'fd_heldout'), 3)} |")
+    for key in [k for k in rows if k in (CONTROL, POSITIVE) or k.startswith("dmp")]:
+        w(f"| {rows[key]['label']} | {rows[key]['lr_scale']:g} | "
+          f"{fmt(per_seed(study, key, 'heldout_loss'), 5)} | "
+          f"{fmt(per_seed(study, key, 'bpd'), 4)} | {fmt(per_seed(study, key, 'fd_heldout'), 3)} |")
     w("")
-    w(f"{headline(study)} The rule that picks this wording is stated with the verdict in "
-      f"[{doc}]({doc}).")
-    w("")
-    if len(st["seeds"]) > 1 and CONTROL in rows:
-        for k in [k for k in BRIEF_ROWS if k in rows and k.startswith("dmp")]:
-            w(f"- {row_finding(study, k)}")
-    for a, b, name in (("dmp", "prompt", "plain prompt tuning (Eq. 2)"),
-                       ("full", "base", "the base")):
-        d = counted(study, a, b)
-        if a in rows and comparison(study, a, b):
-            better = [METRIC_NAMES[m] for m, v in d.items() if v < 0]
-            worse = [METRIC_NAMES[m] for m, v in d.items() if v > 0]
-            w(f"- {label(study, a, False)} against {name}, by the rule: better on "
-              f"{', '.join(better) or 'no metric'}; worse on {', '.join(worse) or 'no metric'}.")
-    w("")
-    w("What the committed data cannot support:")
+    w("What it cannot conclude:")
     w("")
     for x in limits(study):
         w(f"- {x}")
     w("")
-    w(f"What would settle it at full scale, the same control on DiT-B/2 FFHQ, is spelled out with "
-      f"its commands at the end of the verdict in [{doc}]({doc}).")
+    w(f"The same design at full scale, on DiT-B/2 FFHQ, is spelled out with its commands in "
+      f"[{doc}]({doc}).")
     return "\n".join(L) + "\n"
 
 

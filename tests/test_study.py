@@ -1,7 +1,6 @@
-"""study.py and study_report.py: the miniature study end to end on a tiny budget, its resuming, its
-statistics and its rule, and docs/study.md."""
+"""study.py end to end on a tiny budget (stage 1, then stage 2 when it passes, and the stop when it
+does not), its resuming, its evaluation, and the committed study's acceptance."""
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -20,124 +19,119 @@ def tiny(tmp_path, jobs=1):
     if not doc.exists():
         doc.parent.mkdir()
         doc.write_text(f"# x\n\nbefore\n\n{report.BEGIN}\nold\n{report.END}\n\nafter\n")
-    return ["--iterations", "4", "--eval-at", "2,4", "--seeds", "0,1", "--bpd-images", "2",
-            "--sample-sets", "1", "--sample-steps", "2", "--replicates", "20",
-            "--scratch-iterations", "3", "--rows", "dmp,prompt-lr/N",
-            "--ablations", "4c: uniform (no block index)", "--out", str(tmp_path / "out"),
-            "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc), "--jobs", str(jobs)]
+    return ["--iterations", "4", "--seeds", "0,1", "--lr-scales", "1,0.0625", "--bpd-images", "2",
+            "--sample-sets", "1", "--sample-steps", "2", "--scratch-iterations", "3",
+            "--rows", "control,bands,dmp", "--ablations", "4c: uniform (no block index)",
+            "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "--doc", str(doc),
+            "--jobs", str(jobs)]
 
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
+    """The tiny study with stage 1 made to pass (4 iterations cannot), so stage 2 runs too."""
     tmp = tmp_path_factory.mktemp("study")
-    study.main(tiny(tmp))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study, "margin_of", lambda c: 1e-3)
+        study.main(tiny(tmp))
     return tmp
 
 
-def test_tables_and_the_doc_are_rendered_from_the_json(done):
+def test_the_tiny_study_end_to_end(done):
     data = json.loads((done / "out" / "study.json").read_text())
     markdown = report.render(data)
     assert (done / "out" / "study.md").read_text() == markdown
-    assert "![pretraining curve](pretraining_curve.png)" in markdown  # beside the figures
-    doc = (done / "docs" / "study.md").read_text()
     assert report.section(done / "docs" / "study.md") == report.render(data, "../out")
-    assert "![pretraining curve](../out/pretraining_curve.png)" in doc  # links from docs/ to out/
-    assert doc.startswith("# x\n\nbefore\n\n")
-    assert doc.endswith(f"{report.END}\n\nafter\n")
+    assert list(data["rows"]) == ["control", "bands", "dmp"]
     rows = data["rows"]
-    assert list(rows) == ["dmp", "prompt-lr/N"] and set(rows["dmp"]["runs"]) == {"0", "1"}
-    assert set(rows["dmp"]["runs"]["0"]) == {"2", "4"} and len(data["base"]["mse_bands"]) == 10
-    assert rows["dmp"]["trained"] == 5200 and "--method dmp" in rows["dmp"]["command"]
-    assert "--lr-scale 0.0625" in rows["prompt-lr/N"]["command"]
+    assert set(rows["dmp"]["runs"]) == {"0", "1"} and set(rows["dmp"]["validation"]) == {
+        "1.0", "0.0625"}
+    assert rows["bands"]["trained"] == 4 * rows["control"]["trained"]  # a prompt set per band
+    for r in rows.values():  # the chosen rate is the validation's lowest loss
+        assert r["lr_scale"] == float(min(r["validation"], key=r["validation"].get))
+        assert f"--lr-scale {r['lr_scale']!r}" in r["command"] and "--seed 0" in r["command"]
+    assert "--time-bands 4" in rows["bands"]["command"]
+    # the validation runs are seed 100 and measured on the validation split, the test runs not
+    for folder, seed, split in (("val-bands-lr1", 100, "validation"), ("bands-s1", 1, "test")):
+        log = next((done / "runs" / folder).glob("[0-9]*/log.jsonl"))
+        assert json.loads(log.read_text().splitlines()[0])["args"]["seed"] == seed
+        assert (done / "runs" / folder / f"eval-{split}-0000004.json").exists()
+    assert data["margin"] == 1e-3 and not data["stopped"]
+    stages = [(c["stage"], c["a"], c["b"]) for c in data["comparisons"] if c["stage"]]
+    assert stages == [(1, "bands", "control"), (2, "dmp", "control")]
+    assert set(data["ablations"]) == {"4c: uniform (no block index)"}
     assert set(data["scratch"]) == {"pretraining", "pretraining + DMP"}
-    assert list(data["ablations"]) == ["4c: uniform (no block index)"]
-    for name in ("Tables 2, 3 and 7", "Sample quality", "held-out digits (the floor)",
-                 "How far each DMP gate", "The rule applied", "Verdict", "lr/256", "Stage-specific",
-                 "Table 4", "4e: IB 1, LB 0", "Table 5", "Table 6", "Fig. 5", "FID: not computed",
-                 "DiT-L/2", "Stable Diffusion 1.5", "python train.py --dataset coco", data["rule"]):
-        assert name in markdown, name
-    # the gate's movement for every DMP run, FD/KID for every row, the floor and the base
-    assert set(rows["dmp"]["gate"]) == {"0", "1"} and not rows["prompt-lr/N"]["gate"]
-    assert set(rows["dmp"]["gate"]["0"]) >= {"gate_dev_max", "gate_dev_mean", "gate_entropy_min",
-                                             "gate_entropy_mean", "gate_tv_t"}
-    for row in [*rows.values(), *data["ablations"].values()]:
-        assert set(row["boot_sd"]) == set(report.QUALITY)
-    assert set(data["floor"]["quality"]) == set(report.QUALITY) == set(data["base"]["quality"])
-    pairs = {(c["a"], c["b"]) for c in data["comparisons"]}
-    assert {("dmp", "prompt-lr/N"), ("prompt-lr/N", "base"), ("base", "floor")} <= pairs
-    # the figures: Fig. 5 is 4 blocks x 16 prompts x 100 timesteps at 4 px a cell with 8 px gaps
+    assert np.array(data["fig5"]["dmp"]).shape == (4, 100, 16)
+    assert data["table5"]["samples"] == 297
     assert Image.open(done / "out" / "fig5_gate.png").size == (4 * 16 * 4 + 3 * 8, 100 * 4)
-    assert Image.open(done / "out" / "pretraining_curve.png").size == (2 * 480, 240)
-    assert np.array(data["fig5"]["dmp"]).shape == (4, 100, 16)  # the figure is drawn from the JSON
-    assert "--render" in markdown
-    assert report.headline(data).startswith("**Verdict: this setup cannot tell")  # no positive control
-    assert report.headline(data) in report.render_brief(data)
+    for name in ("Stage 1, the positive control", "Learning rates", "The rule applied",
+                 "How far each DMP gate", "Stage-specific", "Table 4", "Table 5", "Table 6",
+                 "Fig. 5", "What this study cannot conclude", "--time-bands 4", data["rule"]):
+        assert name in markdown, name
+    # stage 1 is the first finding the study reports, before any table
+    assert markdown.index("Stage 1, the positive control") < markdown.index("| ")
 
 
-def test_the_rule_decides_on_the_seed_spread_and_the_paired_interval():
-    """A difference counts only when it beats the seed spread and (FD, KID) the paired interval."""
-    boot = np.linspace(-1, 1, 50)
-    a = dict(values=dict(bpd=[1.0, 1.1, 1.2], fd_train=[2.0, 2.0, 2.0]), seeded=True,
-             boot=dict(fd_train=2.0 + 0.01 * boot))
-    b = dict(values=dict(bpd=[1.05], fd_train=[1.5]), seeded=False,
-             boot=dict(fd_train=1.5 + 0.01 * boot))  # the same draws move both alike
-    c = study.compare(a, b)
-    assert c["bpd"] == dict(diff=pytest.approx(0.05), seed_spread=pytest.approx(0.1), counts=False)
-    assert c["fd_train"]["counts"]
-    assert c["fd_train"]["interval"] == pytest.approx([0.5, 0.5])  # paired: no noise left
-    b["boot"]["fd_train"] = 1.5 + 0.5 * boot[::-1]  # draws that move b against a: a wide interval
-    c = study.compare(a, b)
-    assert c["fd_train"]["interval"][0] < 0 < c["fd_train"]["interval"][1]
-    assert not c["fd_train"]["counts"]
-    half = 1.96 * np.std(0.01 * boot - 0.5 * boot[::-1], ddof=1)
-    assert c["fd_train"]["interval"] == pytest.approx([0.5 - half, 0.5 + half])
-    one = dict(a, values=dict(bpd=[9.0], fd_train=[9.0]))  # one seed: no spread, nothing counts
-    assert not any(v["counts"] for v in study.compare(one, b).values())
-    assert study.compare(one, b)["bpd"]["seed_spread"] is None
+def test_a_stage_1_that_fails_stops_the_study(done, tmp_path):
+    """Without a passing positive control nothing of stage 2 is run or reported."""
+    work = tmp_path / "again"
+    shutil.copytree(done, work)
+    trained = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.pt")}
+    study.main(tiny(work))  # the real rule: 4 iterations cannot beat the control
+    data = json.loads((work / "out" / "study.json").read_text())
+    assert data["stopped"] and data["margin"] is None and list(data["rows"]) == ["control", "bands"]
+    assert not data["ablations"] and not data["scratch"] and "fig5" not in data
+    assert report.headline(data).startswith("**Verdict: this setup cannot tell")
+    assert "the study stops here" in report.render(data)
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # everything reused, nothing retrained
+    assert data["reused_evaluations"] > 0
 
 
-def test_metrics_are_paired_and_a_zero_patch_measures_as_the_base(done):
-    """Fixed draws: DMP at step 0 is the base exactly, so its change at step 2 is DMP's, not noise's."""
-    base = json.loads((done / "runs" / "base" / "eval-0000000.json").read_text())
-    ckpt = next((done / "runs" / "dmp-s0").glob("*/checkpoints/0000002.pt"))
-    again = study.evaluate_checkpoint(str(ckpt), bpd_images=2)
-    first = json.loads((done / "runs" / "dmp-s0" / "eval-0000002.json").read_text())
-    assert again == {k: first[k] for k in again}  # an evaluation is a function of the checkpoint
-    assert first["bpd"] != base["bpd"]
+def test_an_interrupted_run_resumes(done, tmp_path):
+    work = tmp_path / "again"
+    shutil.copytree(done, work)
+    folder = work / "runs" / "control-s1"
+    final = next(folder.glob("[0-9]*")) / "checkpoints" / "0000004.pt"
+    assert (final.parent / "0000002.pt").exists()  # the halfway checkpoint it resumes from
+    expected = json.loads((folder / "eval-test-0000004.json").read_text())
+    final.unlink()
+    (folder / "eval-test-0000004.json").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study, "margin_of", lambda c: 1e-3)
+        study.main(tiny(work))
+    assert final.exists()
+    assert json.loads((folder / "eval-test-0000004.json").read_text()) == expected
+    timing = ("wall_minutes", "reused_evaluations")
+    again, first = (json.loads((d / "out" / "study.json").read_text().replace(str(d), ""))
+                    for d in (work, done))
+    assert {k: v for k, v in again.items() if k not in timing} == {
+        k: v for k, v in first.items() if k not in timing}
+
+
+def test_a_zero_patch_measures_as_the_base(done):
+    """Fixed draws: DMP at step 0 is the base exactly, so a row's change is its own, not noise's."""
     import dmp
     import load
+    base = json.loads((done / "runs" / "base" / "eval-test-0000000.json").read_text())
     model = load.load_model(study.BASE)
     dmp.patch(model, "dmp")
     path = done / "zero.pt"
     load.save_patch(model, path, base=study.BASE)
     zero = study.evaluate_checkpoint(str(path), bpd_images=2, sample_sets=1, sample_steps=2,
-                                     replicates=20, keep_samples=True)
+                                     keep_samples=True)
     assert zero["bpd"] == base["bpd"] and zero["heldout_loss"] == base["heldout_loss"]
-    assert zero["mse_bands"] == base["mse_bands"]
+    assert zero["mse_bands"] == base["mse_bands"] and zero["quality"] == base["quality"]
     assert np.array_equal(zero["samples"], base["samples"])
-    assert zero["quality"] == base["quality"]  # the same samples, the same bootstrap draws
     assert zero["gate"]["gate_dev_max"] == 0.0 == zero["gate"]["gate_tv_t"]  # a zero gate: uniform
-    assert len(zero["quality"]["fd_train_boot"]) == 20 and min(zero["quality"]["fd_train_boot"]) > 0
+    validation = study.evaluate_checkpoint(str(path), split="validation")
+    assert set(validation) == {"heldout_loss"} and validation["heldout_loss"] != base["heldout_loss"]
 
 
-def test_a_second_run_reuses_and_an_interrupted_run_resumes(done, tmp_path):
-    """Finished runs are skipped; a run cut short resumes from its last checkpoint and ends where it would have."""
-    work = tmp_path / "again"
-    shutil.copytree(done, work)
-    run = next((work / "runs" / "prompt-lr-N-s1").glob("[0-9]*"))
-    final = run / "checkpoints" / "0000004.pt"
-    expected = json.loads((work / "runs" / "prompt-lr-N-s1" / "eval-0000004.json").read_text())
-    final.unlink()
-    (work / "runs" / "prompt-lr-N-s1" / "eval-0000004.json").unlink()
-    before = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.pt")}
-    study.main(tiny(work))
-    assert final.exists() and {p: p.stat().st_mtime_ns for p in before} == before  # nothing else retrained
-    evaluation = work / "runs" / "prompt-lr-N-s1" / "eval-0000004.json"
-    assert json.loads(evaluation.read_text()) == expected
-    timing = ("wall_minutes", "reused_evaluations")  # how long this invocation took, and what it found done
-    again, first = (json.loads((d / "out" / "study.json").read_text().replace(str(d), "")) for d in (work, done))
-    assert again["reused_evaluations"] == 1 + 2 * 2 * 2 + 1 + 2 * 3 - 1 and first["reused_evaluations"] == 0
-    assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
+def test_the_splits_are_disjoint_and_fixed():
+    from dataset import PreparedData
+    train, validation, test = study.splits(PreparedData(ROOT / study.DATA))
+    assert (len(validation), len(test)) == (148, 149)
+    assert not set(train) & set(validation) and not set(validation) & set(test)
+    assert not set(train) & set(test)
 
 
 def test_structural_bias_and_gate_statistics_on_known_inputs():
@@ -158,29 +152,23 @@ def test_structural_bias_and_gate_statistics_on_known_inputs():
     assert g["gate_dev_max"] == pytest.approx(4 * 0.97 - 1) and g["gate_tv_t"] > 0.3
 
 
-def test_the_doc_is_the_committed_json_rendered(tmp_path):
+def test_the_committed_study(tmp_path):
     """
-    The acceptance of the study: docs/study.md's tables and figures are study_report's rendering of
-    assets/study/study.json, and every figure it links exists.
+    The acceptance: the committed study is the full one (5 seeds, the positive control first), its
+    figures are study.json's drawn, and every figure docs/study.md links exists.
     """
     data = json.loads((ROOT / "assets" / "study" / "study.json").read_text())
+    assert data["command"] == "python study.py" and data["settings"]["seeds"] == [0, 1, 2, 3, 4]
+    assert list(data["rows"])[:2] == ["control", "bands"]
     report.draw_figures(data, tmp_path)
-    for name in ["pretraining_curve.png"] + [report.figure_name(key) for key in data["fig5"]]:
+    for name in ["pretraining_curve.png"] + [report.figure_name(k) for k in data.get("fig5", {})]:
         drawn, committed = (np.asarray(Image.open(d / name)) for d in (tmp_path, ROOT / "assets" / "study"))
         assert np.array_equal(drawn, committed)
     doc = report.section(ROOT / "docs" / "study.md")
-    assert doc == report.render(data, "../assets/study")
+    import re
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", doc):
         assert (ROOT / "docs" / link).is_file(), link
     assert (ROOT / "assets" / "study" / "study.md").read_text() == report.render(data)
-    assert data["command"] == "python study.py" and data["settings"]["seeds"] == [0, 1, 2]
-    # the acceptance of issue 15: the lr/N control, every DMP gate's movement, FD/KID with spreads
-    rows = data["rows"]
-    assert {"prompt-lr/N", "dmp", "dmp-authors", "dmp-ib0", "lora-dmp"} <= set(rows)
-    assert all(len(rows[k]["gate"]) == 3 for k in rows if k.startswith("dmp"))
-    assert all(len(e["quality"]) == 3 and set(e["boot_sd"]) == set(report.QUALITY)
-               for e in rows.values())
-    assert data["floor"]["quality"] and data["settings"]["sample_sets"] == 5
 
 
 def test_only_the_committed_study_rewrites_the_doc(tmp_path):
@@ -190,3 +178,7 @@ def test_only_the_committed_study_rewrites_the_doc(tmp_path):
     trial = study.parse_args(["--quick", "--out", str(tmp_path)])
     assert trial.doc == "" and trial.readme == ""
     assert study.parse_args(["--out", str(tmp_path), "--doc", "x.md"]).doc == "x.md"
+    with pytest.raises(SystemExit):
+        study.parse_args(["--seeds", "0"])  # one seed has no interval
+    with pytest.raises(SystemExit):
+        study.parse_args(["--seeds", "0,100"])  # the validation seed
