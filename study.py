@@ -4,8 +4,10 @@ timestep (DMP's gate, Eq. 3) add anything over prompt tuning with one shared set
 model is further trained on its own data? On the bundled digits and a DiT whose capacity, not its
 data, limits it (assets/study/base.pt), on CPU.
 
-    python study.py             # everything, the base included if it is missing: under 2 hours on 2 cores
-    python study.py --quick     # the same pipeline from 2 seeds, 100 iterations, 2 learning rates
+    python study.py             # everything: about 100 minutes on 2 cores (30 more to pretrain
+                                # the base when assets/study/base.pt is missing)
+    python study.py --quick     # the same pipeline from 2 seeds, 100 iterations, 2 learning
+                                # rates: 3 minutes (its stage 1 cannot pass, so it stops there)
     python study.py --render    # study.md, docs/study.md, the README's results and the figures again
 
 Stage 1, the positive control, comes first: prompts kept separate per band of timesteps (dmp.py's

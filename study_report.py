@@ -197,6 +197,12 @@ def limits(study):
     out.append("The primary metric is the held-out loss, the objective itself; sample quality is "
                "measured by a digits classifier's features, not Inception (no FID), and is "
                "secondary, as are bits/dim: their intervals are uncorrected and decide nothing.")
+    curve = np.array(study["pretraining"], np.float64)
+    start = curve[curve[:, 0] >= 0.75 * curve[-1, 0]][0]
+    out.append(f"The base is not converged: its held-out loss fell "
+               f"{100 * (1 - curve[-1, 1] / start[1]):.1f}% over the last quarter of its "
+               f"pretraining, so every further-training row also goes on pretraining it; the rows "
+               f"are read against each other, not against the base.")
     out.append(f"Learning rates are chosen from one validation run per candidate (seed "
                f"{st['validation_seed']}, {st['validation_images']} held-out digits); a rate "
                f"that wins there by chance is then tested on the other {st['test_images']} with "
@@ -623,7 +629,7 @@ def render_brief(study, doc="docs/study.md"):
       + (f", {study['wall_minutes']:.0f} minutes on {study['cpus']} CPU cores"
          if study.get("wall_minutes") is not None else "")
       + f") asks the paper's question on the digits: a {study['base']['parameters'] / 1e3:.0f}K-"
-      f"parameter DiT limited by its capacity (its test loss {gap(study):.1f}% above its training "
+      f"parameter DiT that memorises little (its test loss {gap(study):.1f}% above its training "
       f"loss), further-trained {st['iterations']:,} iterations, every row at the learning rate a "
       f"validation split chose, {seeds} paired seeds, a rule with a corrected interval and an "
       f"equivalence margin fixed before the runs.")
