@@ -570,7 +570,7 @@ def row_entry(key, chosen, losses, runs, args):
                  quality={}, gate={})
     for seed, r in runs.items():
         final = r[args.iterations]
-        entry["runs"][str(seed)] = {k: final[k] for k in ("heldout_loss", "bpd", "mse_bands")}
+        entry["runs"][str(seed)] = metrics(final)
         entry["quality"][str(seed)] = final["quality"]
         if "gate" in final:
             entry["gate"][str(seed)] = final["gate"]
@@ -599,13 +599,14 @@ def study_of(args, base_eval, rows, extra, minutes=None, reused=0):
                  floor=dict(quality=base_eval["floor"]), pretraining=pretraining_curve(),
                  rows=rows, ablations={}, scratch={})
     study.update(decisions(study))
+    scratch_flags = {k: j["flags"] for k, j in extra_jobs(args, 1.0).items()}  # lr-free: init=False
     for (group, key), r in extra.items():
         final = r[max(k for k in r if k != "log")]
         if group == "ablation":
             study["ablations"][key] = dict(flags=ABLATIONS[key], **metrics(final),
                                            quality=final["quality"], gate=final.get("gate"))
         elif group == "scratch":
-            cmd = "python train.py " + " ".join(extra_jobs(args, 1.0)[(group, key)]["flags"])
+            cmd = "python train.py " + " ".join(scratch_flags[(group, key)])
             study["scratch"][key] = dict(command=cmd, quality=final["quality"],
                                          evals={str(s): metrics(v) for s, v in r.items()
                                                 if s != "log"})
