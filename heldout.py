@@ -20,9 +20,10 @@ from dataset import DataError
 
 @torch.no_grad()
 def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512, rank=0,
-             world=1):
+             world=1, per_image=False):
     """
-    Held-out metrics, with fixed noise: the training loss (4 draws of t and noise per image) and,
+    Held-out metrics, with fixed noise: the training loss (4 draws of t and noise per image; with
+    per_image also each image's, "losses", in the order of `rows`) and,
     with bpd, on the first --bpd-images of them, the variational bound in bits/dim over all 1000
     steps (calc_bpd_loop, batch_size rows a forward) and the noise MSE averaged over each band of
     100 timesteps. (A respaced
@@ -38,6 +39,7 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
     was_training = model.training
     model.eval()
     out, mse_t, total = dict(heldout_loss=0.0), torch.zeros(diffusion.num_timesteps), 0.0
+    losses = torch.zeros(len(rows) if per_image else 0, dtype=torch.float64)
     bpd_rows = rows[:args.bpd_images]
     for start in range(0, len(rows), batch_size)[rank::world]:
         gen = torch.Generator(device).manual_seed(start)
@@ -50,6 +52,8 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
             noise = torch.randn(x.shape, generator=gen, device=device)
             terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
             out["heldout_loss"] += terms["loss"].sum().item() / (4 * len(rows))
+            if per_image:
+                losses[start: start + len(x)] += terms["loss"].double().cpu() / 4
         n = max(0, min(len(x), len(bpd_rows) - start))
         if bpd and n:
             torch.manual_seed(start)  # the same noise before and after training: paired
@@ -58,7 +62,10 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
             total += r["total_bpd"].sum().item()
             mse_t = mse_t + r["mse"].sum(0).cpu()
     out["heldout_loss"], total, *mse = distributed.host_sum(
-        [out["heldout_loss"], total, *mse_t.tolist()], world)
+        [out["heldout_loss"], total, *mse_t.tolist(), *losses.tolist()], world)
+    mse, out["losses"] = mse[:len(mse_t)], mse[len(mse_t):]  # each process summed only its rows
+    if not per_image:
+        del out["losses"]
     mse_t = torch.tensor(mse, dtype=mse_t.dtype)
     if bpd:
         out["bpd"] = total / len(bpd_rows)

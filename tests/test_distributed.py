@@ -54,10 +54,14 @@ def test_evaluation_shares_add_up_to_the_one_process_sums(monkeypatch):
     monkeypatch.setattr(distributed, "host_sum", functools.partial(record, handed))
     for rank, world in ((0, 1), (0, 2), (1, 2)):
         heldout.evaluate(model, diffusion, data, rows, args, torch.device("cpu"), batch_size=32,
-                         rank=rank, world=world)
+                         rank=rank, world=world, per_image=True)
     one, *shares = (torch.tensor(v, dtype=torch.float64) for v in handed)
     assert one[0] > 0 and shares[0][0] > 0 and shares[1][0] > 0
     assert torch.allclose(shares[0] + shares[1], one, rtol=12 * 2 ** -52, atol=0)
+    # per image (the last 80 values): each process fills its own batches' rows, zeros elsewhere
+    mine = [s[-80:] != 0 for s in shares]
+    assert mine[0][:32].all() and mine[0][64:].all() and not mine[0][32:64].any()
+    assert (mine[0] ^ mine[1]).all() and torch.equal(shares[0][-80:] + shares[1][-80:], one[-80:])
 
 
 def record(handed, values, world):
