@@ -428,11 +428,10 @@ DiT_models = {
 }
 
 # Not official configs: DiTs small enough to pretrain on the bundled 8x8 digits on a CPU (16
-# tokens). 'digits' (0.33M parameters) is the demo's base, assets/dit_digits.pt; 'digits-small'
-# (88K), which memorises the 1,500 training digits far less, is the study's base (study.py,
-# assets/study/base.pt).
+# tokens). 'digits' (0.33M parameters) is the demo's base, assets/dit_digits.pt; 'digits-tiny'
+# (25K) is the study's base (study.py, assets/study/base.pt).
 DIGITS_MODELS = {"digits": dict(patch_size=2, hidden_size=64, depth=4, num_heads=4),
-                 "digits-small": dict(patch_size=2, hidden_size=32, depth=4, num_heads=2)}
+                 "digits-tiny": dict(patch_size=2, hidden_size=16, depth=4, num_heads=2)}
 DIGITS_MODEL = DIGITS_MODELS["digits"]
 
 

@@ -64,7 +64,7 @@ class Data:
     """What trains on what: the data, the model, where it starts."""
     dataset: str = setting("demo", "a preset of the settings below", choices=list(PRESETS))
     data: str = setting(None, "a folder written by prepare_data.py")
-    model: str = setting(None, "a DiT config (DiT-XL/2, ...; 'digits' or 'digits-small' for the "
+    model: str = setting(None, "a DiT config (DiT-XL/2, ...; 'digits' or 'digits-tiny' for the "
                          "tiny ones) when pretraining; sd15 (or sd-tiny) for Stable Diffusion "
                          "with --init")
     init: str = setting(None, "none: pretrain from scratch; an official name, a checkpoint or a "

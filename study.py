@@ -1,13 +1,16 @@
 """
 The paper's question in miniature, asked so that it can be answered: does mixing prompts by
 timestep (DMP's gate, Eq. 3) add anything over prompt tuning with one shared set, when a converged
-model is further trained on its own data? On the bundled digits and a DiT whose capacity, not its
-data, limits it (assets/study/base.pt), on CPU.
+model is further trained on its own data? On the bundled digits and a 25K-parameter DiT pretrained
+on them (assets/study/base.pt; the study reports whether it is converged and how much better it
+fits its training digits than held-out ones), on CPU.
 
-    python study.py             # everything: about 100 minutes on 2 cores (30 more to pretrain
-                                # the base when assets/study/base.pt is missing)
+    python study.py             # everything: 12 minutes on 2 cores with the committed base,
+                                # whose stage 1 does not pass (20 runs); when it passes, 100
+                                # more runs follow, about an hour at that pace; about 40 more
+                                # minutes to pretrain the base when assets/study/base.pt is missing
     python study.py --quick     # the same pipeline from 2 seeds, 100 iterations, 2 learning
-                                # rates: 3 minutes (its stage 1 cannot pass, so it stops there)
+                                # rates: 2 minutes (in runs/study-quick)
     python study.py --render    # study.md, docs/study.md, the README's results and the figures again
 
 Stage 1, the positive control, comes first: prompts kept separate per band of timesteps (dmp.py's
@@ -69,7 +72,7 @@ import dmp
 import heldout
 import load
 import training
-from checkpoints import atomic_save, read_state_dict, write_json
+from checkpoints import atomic_save, file_sha256, read_state_dict, write_json
 from diffusion import create_diffusion
 from dataset import PreparedData
 from study_report import write_outputs
@@ -85,10 +88,11 @@ README = "README.md"  # its results in brief, between study_report.BRIEF's marke
 N_PROMPTS = 16  # the digits DiT's tokens (8x8 pixels, 2x2 patches): DMP mixes 16 prompts a block
 BANDS = 4  # the positive control's bands of timesteps: 0-249, 250-499, 500-749, 750-999
 ALPHA = 0.05
-# The base: the digits preset's recipe (AdamW lr 1e-3, batch 128, EMA 0.999) on the small digits
-# DiT for 30K steps (the study shows its curve and how much it still gains at the end).
-PRETRAIN = ["--dataset", "digits", "--model", "digits-small", "--iterations", "30000",
-            "--eval-every", "1000", "--sample-every", "5000", "--ckpt-every", "2000"]
+# The base: the digits preset (AdamW, batch 128, EMA 0.999) at lr 1e-3 on the 25K-parameter
+# digits DiT for 40K steps (the study shows its curve and its gap).
+BASE_MODEL, BASE_ITERATIONS = "digits-tiny", 40000
+PRETRAIN = ["--dataset", "digits", "--model", BASE_MODEL, "--lr", "1e-3", "--iterations",
+            str(BASE_ITERATIONS), "--eval-every", "1000", "--sample-every", "0", "--ckpt-every", "2000"]
 
 # key: (label, train.py flags). Stage 1: the control and the positive control.
 STAGE1 = {
@@ -150,6 +154,8 @@ FULL = dict(iterations=1000, seeds=[0, 1, 2, 3, 4], lr_scales=[1, 1 / 4, 1 / 16,
 QUICK = dict(iterations=100, seeds=[0, 1], lr_scales=[1, 1 / 16], bpd_images=8, sample_sets=1,
              sample_steps=10, scratch_iterations=150)
 VALIDATION_SEED = 100
+# What a run or an evaluation depends on besides its row, seed and learning rate (bind_runs_dir)
+RUN_SETTINGS = ("iterations", "lr", "bpd_images", "sample_sets", "sample_steps", "scratch_iterations")
 
 
 def parse_args(argv=None):
@@ -162,7 +168,8 @@ def parse_args(argv=None):
                    help="only rewrite study.md, the figures, docs/study.md and the README's results "
                         "from study.json")
     p.add_argument("--out", default=OUT, help="study.json, study.md and the figures")
-    p.add_argument("--runs-dir", default="runs/study", help="the runs and their evaluations")
+    p.add_argument("--runs-dir", help="the runs and their evaluations (default runs/study, "
+                   "with --quick runs/study-quick), bound to one base and one RUN_SETTINGS")
     p.add_argument("--doc", default=None,
                    help="the file whose study section is rewritten ('' for none; default: "
                         f"{DOC} when --out is {OUT}, none otherwise)")
@@ -202,6 +209,7 @@ def parse_args(argv=None):
         p.error("--seeds needs at least two: the rule's interval is over paired seeds")
     if VALIDATION_SEED in args.seeds:
         p.error(f"seed {VALIDATION_SEED} chooses the learning rates: test with others")
+    args.runs_dir = args.runs_dir or ("runs/study-quick" if args.quick else "runs/study")
     committed = Path(args.out).resolve() == (ROOT / OUT).resolve()
     if args.doc is None:  # a --quick or trial run elsewhere leaves the committed pages alone
         args.doc = str(ROOT / DOC) if committed else ""
@@ -249,16 +257,15 @@ def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_
     diffusion = create_diffusion("", "cosine")
     test = split == "test"
     r = heldout.evaluate(model, diffusion, data, rows, settings, torch.device("cpu"),
-                         bpd=test and bpd_images > 0)
+                         bpd=test and bpd_images > 0, per_image=floor)
     out = {k: r[k] for k in ("heldout_loss", "bpd", "mse_bands") if k in r}
     if not test:
         return out
     mop = model.block_input
     if isinstance(mop, dmp.MixtureOfPrompts) and mop.gate_type is not None:
         out["gate"] = gate_statistics(dmp.gate_weights(model, timesteps=GATE_TIMESTEPS))
-    if floor:  # the same draws (seeded by position) on training digits: the base's gap
-        out["train_loss"] = heldout.evaluate(model, diffusion, data, train_rows[:len(rows)],
-                                             settings, torch.device("cpu"))["heldout_loss"]
+    if floor:
+        out.update(gap(model, diffusion, data, train_rows, r["losses"], settings))
     if sample_sets:
         images = [data.batch(rows, False)[0] for rows in (train_rows, np.sort(
             np.concatenate([validation_rows, test_rows])))]
@@ -271,6 +278,24 @@ def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_
         if keep_samples:
             out["samples"] = x.reshape(len(x), -1).double().numpy().round(6).tolist()
     return out
+
+
+def gap(model, diffusion, data, train_rows, test_losses, settings):
+    """
+    The base's loss on the training digits with the test split's draws: every training digit, in
+    groups as large as the test split, each group given the test split's draws (seeded by
+    position), so test digit i and training digit i of each group share t and noise. train_loss:
+    their mean; gap_se: the standard error of the test-minus-training difference over the paired
+    positions, relative to train_loss (what the gap's percentage is uncertain by).
+    """
+    n = len(test_losses)
+    groups = [heldout.evaluate(model, diffusion, data, train_rows[k * n:(k + 1) * n], settings,
+                               torch.device("cpu"), per_image=True)["losses"]
+              for k in range(len(train_rows) // n)]
+    train = np.mean(groups, axis=0)
+    d = np.asarray(test_losses) - train
+    return dict(train_loss=float(train.mean()), train_digits=len(groups) * n,
+                gap_se=float(d.std(ddof=1) / np.sqrt(n) / train.mean()))
 
 
 def point(measured):
@@ -483,6 +508,32 @@ def pretrain_base(args):
     atomic_save({k: last[k] for k in BASE_ENTRIES}, ROOT / BASE)
 
 
+def bind_runs_dir(args):
+    """
+    A runs folder belongs to one base and one RUN_SETTINGS: its runs.json records them (the base's
+    SHA-256), and a study with another base or settings is refused, since it would take runs and
+    evaluations made under those for its own (a run's folder name says which row, seed and
+    learning rate it is, not from what it started or how it was measured). Seeds, rows and
+    learning-rate candidates only add runs.
+    """
+    folder = Path(args.runs_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    want = dict(base_sha256=file_sha256(ROOT / BASE), **{k: getattr(args, k) for k in RUN_SETTINGS})
+    stamp = folder / "runs.json"
+    if stamp.exists():
+        have = json.loads(stamp.read_text())
+        differ = [k for k in want if have.get(k) != want[k]]
+        if differ:
+            sys.exit(f"error: {folder} holds runs made with another {', '.join(differ)} "
+                     f"({', '.join(f'{have.get(k)} here, {want[k]} now' for k in differ)}); "
+                     f"give another --runs-dir, or remove it to start over")
+    elif any(p.name != "pretrain" for p in folder.iterdir()):
+        sys.exit(f"error: {folder} holds runs that do not record their base and settings "
+                 f"(no runs.json); give another --runs-dir, or remove it to start over")
+    else:
+        write_json(stamp, want)
+
+
 def run_jobs(jobs, args, desc):
     """Jobs {key: job}, --jobs at a time: {key: run_job's results}."""
     results = {}
@@ -541,7 +592,7 @@ def extra_jobs(args, dmp_rate):
         # the first evaluation
         n = args.scratch_iterations
         for key, method in (("pretraining", []), ("pretraining + DMP", ["--method", "dmp"])):
-            flags = train_flags(args, first, method + ["--model", "digits-small", "--ema", "0.99"],
+            flags = train_flags(args, first, method + ["--model", BASE_MODEL, "--ema", "0.99"],
                                 init=False, iterations=n, ckpt_every=n // 3)
             jobs[("scratch", key)] = dict(name=f"scratch-{'dmp' if method else 'plain'}",
                                           split="test", eval_at=[n // 3, 2 * n // 3, n],
@@ -595,7 +646,8 @@ def study_of(args, base_eval, rows, extra, minutes=None, reused=0):
                  reused_evaluations=reused, settings=settings_of(args), rule=RULE,
                  primary={str(k): v for k, v in PRIMARY.items()}, table4e=TABLE_4E,
                  base=dict(metrics(base_eval), quality=base_eval["quality"],
-                           train_loss=base_eval["train_loss"], **base_facts()["base"]),
+                           **{k: base_eval[k] for k in ("train_loss", "train_digits", "gap_se")},
+                           **base_facts()["base"]),
                  floor=dict(quality=base_eval["floor"]), pretraining=pretraining_curve(),
                  rows=rows, ablations={}, scratch={})
     study.update(decisions(study))
@@ -642,14 +694,15 @@ def base_facts():
 
 def pretraining_curve():
     """[(step, held-out loss of the EMA model)] from the base's training log."""
-    with open(ROOT / BASE_LOG) as f:
-        return [(e["step"], e["heldout_loss"]) for e in map(json.loads, f)
-                if e.get("event") == "eval"]
+    with open(ROOT / BASE_LOG) as f:  # a resumed run logs the steps after its checkpoint again
+        curve = {e["step"]: e["heldout_loss"] for e in map(json.loads, f) if e.get("event") == "eval"}
+    return sorted(curve.items())
 
 
 def run_study(args):
     """Stage 1, then (if it passes) stage 2, the other rows and the extras: study.json's dict."""
     pretrain_base(args)
+    bind_runs_dir(args)
     base = run_jobs({"base": dict(name="base", flags=None, split="test", eval_at=[0],
                                   keep_samples=True, floor=True)}, args, "base")["base"][0]
     wanted = [k for k in ROWS if k in args.rows.split(",") or k in STAGE1]

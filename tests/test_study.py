@@ -71,16 +71,19 @@ def test_the_tiny_study_end_to_end(done):
     assert markdown.index("Stage 1, the positive control") < markdown.index("| ")
 
 
-def test_a_stage_1_that_fails_stops_the_study(done, tmp_path):
+def test_a_stage_1_that_fails_stops_the_study(done, tmp_path, monkeypatch):
     """Without a passing positive control nothing of stage 2 is run or reported."""
     work = tmp_path / "again"
     shutil.copytree(done, work)
     trained = {p: p.stat().st_mtime_ns for p in (work / "runs").rglob("*.pt")}
-    study.main(tiny(work))  # the real rule: 4 iterations cannot beat the control
+    monkeypatch.setattr(study, "margin_of", lambda c: None)  # stage 1 made to fail, whatever
+    monkeypatch.setattr(study, "decide", lambda interval, margin=None: "cannot tell")  # 4 steps do
+    study.main(tiny(work))
     data = json.loads((work / "out" / "study.json").read_text())
     assert data["stopped"] and data["margin"] is None and list(data["rows"]) == ["control", "bands"]
     assert not data["ablations"] and not data["scratch"] and "fig5" not in data
     assert report.headline(data).startswith("**Verdict: this setup cannot tell")
+    assert list((done / "out").glob("fig5_gate*.png")) and not list((work / "out").glob("fig5*"))
     assert "the study stops here" in report.render(data)
     assert {p: p.stat().st_mtime_ns for p in trained} == trained  # everything reused, nothing retrained
     assert data["reused_evaluations"] > 0
@@ -182,3 +185,49 @@ def test_only_the_committed_study_rewrites_the_doc(tmp_path):
         study.parse_args(["--seeds", "0"])  # one seed has no interval
     with pytest.raises(SystemExit):
         study.parse_args(["--seeds", "0,100"])  # the validation seed
+
+
+def test_the_gap_pairs_each_test_digit_with_training_digits_on_its_draws():
+    import argparse
+
+    import torch
+
+    import heldout
+    import load
+    from dataset import PreparedData
+    from diffusion import create_diffusion
+    model = load.load_model(str(ROOT / study.BASE)).eval()
+    data = PreparedData(ROOT / study.DATA)
+    _, _, test = study.splits(data)
+    settings = argparse.Namespace(unconditional=True, bpd_images=0)
+    diffusion = create_diffusion("", "cosine")
+    r = heldout.evaluate(model, diffusion, data, test, settings, torch.device("cpu"), per_image=True)
+    assert len(r["losses"]) == len(test)
+    # the mean sums in float64, heldout_loss each draw's 149 float32 losses in float32: n u = 9e-6
+    assert np.mean(r["losses"]) == pytest.approx(r["heldout_loss"], rel=1e-5)
+    # the test digits as three groups of "training digits": each position meets its own draws
+    g = study.gap(model, diffusion, data, np.concatenate([test] * 3), r["losses"], settings)
+    assert g["train_digits"] == 3 * len(test)
+    assert g["train_loss"] == pytest.approx(np.mean(r["losses"]), rel=1e-12) and g["gap_se"] == 0
+    # the same digits one position on: the same mean image set, other draws, a non-zero spread
+    moved = study.gap(model, diffusion, data, np.roll(test, 1), r["losses"], settings)
+    assert moved["gap_se"] > 0 and moved["train_loss"] != g["train_loss"]
+
+
+def test_a_runs_dir_belongs_to_one_base_and_its_settings(done, tmp_path):
+    """Runs and evaluations made from another base or with other settings are never reused."""
+    from checkpoints import file_sha256
+    work = tmp_path / "again"
+    shutil.copytree(done, work)
+    path = work / "runs" / "runs.json"
+    stamp = json.loads(path.read_text())
+    assert stamp["base_sha256"] == file_sha256(ROOT / study.BASE) and stamp["iterations"] == 4
+    with pytest.raises(SystemExit, match=r"another iterations \(4 here, 5 now\)"):
+        study.main(tiny(work) + ["--iterations", "5"])
+    path.write_text(json.dumps(dict(stamp, base_sha256="0" * 64)))
+    with pytest.raises(SystemExit, match="another base_sha256"):
+        study.main(tiny(work))
+    path.unlink()
+    with pytest.raises(SystemExit, match="no runs.json"):
+        study.main(tiny(work))
+    assert (work / "out" / "study.json").read_text() == (done / "out" / "study.json").read_text()

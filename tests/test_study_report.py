@@ -148,6 +148,30 @@ def test_the_base_and_its_gap_are_the_datas():
     assert f"a gap of {gap:.1f}%" not in report.render(s)
 
 
+def test_the_base_is_described_by_the_rule():
+    """Converged and capacity-limited are said when the data say so, and only then."""
+    def study(curve, heldout, train):
+        s = copy.deepcopy(STUDY)
+        s["pretraining"], s["base"]["heldout_loss"], s["base"]["train_loss"] = curve, heldout, train
+        return s
+    flat = [(1000, 0.5), (3000, 0.200), (4000, 0.1990)]  # -0.5% over the last quarter
+    falling = [(1000, 0.5), (3000, 0.200), (4000, 0.1970)]  # -1.5%
+    rising = [(1000, 0.5), (3000, 0.200), (4000, 0.2030)]  # +1.5%: past its best
+    assert report.converged(study(flat, 1, 1))
+    assert not report.converged(study(falling, 1, 1)) and not report.converged(study(rising, 1, 1))
+    assert report.capacity_limited(study(flat, 1.029, 1)) and not report.capacity_limited(
+        study(flat, 1.031, 1))
+    good, bad = study(flat, 1.02, 1), study(falling, 1.05, 1)
+    assert "it is converged" in report.render(good) and "it is not converged" in report.render(bad)
+    assert "(converged;" in report.render_brief(good)
+    assert "(not converged;" in report.render_brief(bad)
+    said = " ".join(report.limits(bad))
+    assert "The base is not converged: its held-out loss moved -1.5%" in said
+    assert "test loss 5.0% above" in said
+    assert "not converged" not in " ".join(report.limits(good))
+    assert "better than held-out" not in " ".join(report.limits(good))
+
+
 def test_fig5_is_drawn_on_one_scale_of_deviation_from_uniform(tmp_path):
     model = tiny_dit()
     dmp.patch(model, "dmp", init="random")
