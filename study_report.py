@@ -21,12 +21,12 @@ DIGITS = dict(heldout_loss=5, bpd=4, fd_train=3, kid_train=4, fd_heldout=3, kid_
 GATE = ("gate_dev_max", "gate_dev_mean", "gate_entropy_min", "gate_entropy_mean", "gate_tv_t")
 CONTROL, POSITIVE = "control", "bands"  # stage 1's rows (study.STAGE1)
 T_BLIND, FREE = "dmp-t-blind", "dmp-free"
-# How the verdict says each of the rule's decisions (study.decide) of a row against another.
-# How the base is described, fixed before its numbers were seen: converged when its held-out loss
+# How the base is described, fixed before this base was chosen: converged when its held-out loss
 # moved by less than CONVERGED (relative) over the last quarter of pretraining; limited by its
-# capacity rather than its data when its test loss is at most SMALL_GAP above its loss on as many
+# capacity rather than its data when its test loss is at most SMALL_GAP above its loss on the
 # training digits with the same draws (two sets of 149 digits differ by a few percent by chance).
 CONVERGED, SMALL_GAP = 0.01, 0.03
+# How the verdict says each of the rule's decisions (study.decide) of a row against another.
 SAYS = {"better": "better than", "worse": "worse than",
         "equivalent": "equivalent to (within the margin)",
         "cannot tell": "neither distinguishable from nor shown equivalent to",
@@ -264,8 +264,7 @@ def render(study, figures=""):
     w("")
     w(f"The paper's question in miniature, on the bundled digits ({st['train_images']:,} training "
       f"8×8 images; {st['heldout_images']} held out, cut into {st['validation_images']} for "
-      f"validation and {st['test_images']} for test) and a DiT small enough that its capacity "
-      f"more than its data limits it "
+      f"validation and {st['test_images']} for test) and a small DiT pretrained on them "
       f"(`assets/study/base.pt`, {study['base']['parameters'] / 1e3:.0f}K parameters, "
       f"{st['blocks']} blocks, {st['n_prompts']} tokens). Produced by `{study['command']}` on "
       f"{study['date']} (torch {study['torch']}, CPU); `python study.py --render` rewrites this "
