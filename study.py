@@ -10,7 +10,7 @@ fits its training digits than held-out ones), on CPU.
                                 # more runs follow, about an hour at that pace; about 40 more
                                 # minutes to pretrain the base when assets/study/base.pt is missing
     python study.py --quick     # the same pipeline from 2 seeds, 100 iterations, 2 learning
-                                # rates: 2 minutes (in runs/study-quick)
+                                # rates: 1.5 minutes (all of it in runs/study-quick)
     python study.py --render    # study.md, docs/study.md, the README's results and the figures again
 
 Stage 1, the positive control, comes first: prompts kept separate per band of timesteps (dmp.py's
@@ -79,6 +79,7 @@ from study_report import write_outputs
 
 ROOT = Path(__file__).resolve().parent
 OUT, DOC = "assets/study", "docs/study.md"  # the committed results, and the page that shows them
+QUICK_OUT = "runs/study-quick"  # --quick's results and runs
 BASE = "assets/study/base.pt"  # paths relative to ROOT, where every command runs
 BASE_LOG = "assets/study/base.log.jsonl"
 BASE_ENTRIES = ("ema", "config", "noise_schedule", "vae", "step")  # what the base file keeps
@@ -167,9 +168,10 @@ def parse_args(argv=None):
     p.add_argument("--render", action="store_true",
                    help="only rewrite study.md, the figures, docs/study.md and the README's results "
                         "from study.json")
-    p.add_argument("--out", default=OUT, help="study.json, study.md and the figures")
-    p.add_argument("--runs-dir", help="the runs and their evaluations (default runs/study, "
-                   "with --quick runs/study-quick), bound to one base and one RUN_SETTINGS")
+    p.add_argument("--out", help=f"study.json, study.md and the figures (default {OUT}, the "
+                   f"committed results; with --quick {QUICK_OUT}, so a check never overwrites them)")
+    p.add_argument("--runs-dir", help="the runs and their evaluations (default runs/study, with "
+                   f"--quick {QUICK_OUT}/runs), bound to one base and one RUN_SETTINGS")
     p.add_argument("--doc", default=None,
                    help="the file whose study section is rewritten ('' for none; default: "
                         f"{DOC} when --out is {OUT}, none otherwise)")
@@ -209,7 +211,8 @@ def parse_args(argv=None):
         p.error("--seeds needs at least two: the rule's interval is over paired seeds")
     if VALIDATION_SEED in args.seeds:
         p.error(f"seed {VALIDATION_SEED} chooses the learning rates: test with others")
-    args.runs_dir = args.runs_dir or ("runs/study-quick" if args.quick else "runs/study")
+    args.out = args.out or (QUICK_OUT if args.quick else OUT)
+    args.runs_dir = args.runs_dir or (f"{QUICK_OUT}/runs" if args.quick else "runs/study")
     committed = Path(args.out).resolve() == (ROOT / OUT).resolve()
     if args.doc is None:  # a --quick or trial run elsewhere leaves the committed pages alone
         args.doc = str(ROOT / DOC) if committed else ""

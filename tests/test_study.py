@@ -231,3 +231,10 @@ def test_a_runs_dir_belongs_to_one_base_and_its_settings(done, tmp_path):
     with pytest.raises(SystemExit, match="no runs.json"):
         study.main(tiny(work))
     assert (work / "out" / "study.json").read_text() == (done / "out" / "study.json").read_text()
+
+
+def test_a_quick_check_leaves_the_committed_results_alone():
+    quick, full = study.parse_args(["--quick"]), study.parse_args([])
+    assert Path(quick.out) != Path(study.OUT) and quick.doc == "" and quick.readme == ""
+    assert Path(quick.runs_dir) != Path(full.runs_dir)
+    assert full.out == study.OUT and full.doc.endswith(study.DOC) and full.readme.endswith(study.README)
