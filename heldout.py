@@ -39,7 +39,7 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
     was_training = model.training
     model.eval()
     out, mse_t, total = dict(heldout_loss=0.0), torch.zeros(diffusion.num_timesteps), 0.0
-    losses = torch.zeros(len(rows) if per_image else 0, dtype=torch.float64)
+    losses = torch.zeros(len(rows) if per_image else 0, dtype=torch.float64, device=device)
     bpd_rows = rows[:args.bpd_images]
     for start in range(0, len(rows), batch_size)[rank::world]:
         gen = torch.Generator(device).manual_seed(start)
@@ -53,7 +53,7 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
             terms = diffusion.training_losses(model, x, t, dict(y=y), noise=noise)
             out["heldout_loss"] += terms["loss"].sum().item() / (4 * len(rows))
             if per_image:
-                losses[start: start + len(x)] += terms["loss"].double().cpu() / 4
+                losses[start: start + len(x)] += terms["loss"].double() / 4
         n = max(0, min(len(x), len(bpd_rows) - start))
         if bpd and n:
             torch.manual_seed(start)  # the same noise before and after training: paired
@@ -61,12 +61,11 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
                                         model_kwargs=dict(y=y[:n]), chunk=max(1, batch_size // n))
             total += r["total_bpd"].sum().item()
             mse_t = mse_t + r["mse"].sum(0).cpu()
-    out["heldout_loss"], total, *mse = distributed.host_sum(
+    out["heldout_loss"], total, *sums = distributed.host_sum(
         [out["heldout_loss"], total, *mse_t.tolist(), *losses.tolist()], world)
-    mse, out["losses"] = mse[:len(mse_t)], mse[len(mse_t):]  # each process summed only its rows
-    if not per_image:
-        del out["losses"]
-    mse_t = torch.tensor(mse, dtype=mse_t.dtype)
+    mse_t = torch.tensor(sums[:len(mse_t)], dtype=mse_t.dtype)
+    if per_image:  # each process filled only its own rows: the sum has every image's
+        out["losses"] = sums[len(mse_t):]
     if bpd:
         out["bpd"] = total / len(bpd_rows)
         # t in [0, 100), [100, 200), ...
