@@ -443,15 +443,9 @@ def run_job(job, args):
     folder.mkdir(parents=True, exist_ok=True)
     results = {}
     if job["flags"] is not None:
-        runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))  # the newest is the one to go on with
-        done = load.checkpoints(runs[-1]) if runs else []
-        if not done or int(done[-1].stem) < job["eval_at"][-1]:
-            resume = ["--resume", str(runs[-1])] if done else []
-            command(["train.py", *job["flags"], *resume, "--results-dir", str(folder)], args,
-                    folder / "train.out")
-            runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
-        results["log"] = str(runs[-1] / "log.jsonl")
-        ckpts = {s: runs[-1] / "checkpoints" / f"{s:07d}.pt" for s in job["eval_at"]}
+        run = train(folder, job["flags"], job["eval_at"][-1], args)
+        results["log"] = str(run / "log.jsonl")
+        ckpts = {s: run / "checkpoints" / f"{s:07d}.pt" for s in job["eval_at"]}
     else:
         ckpts = {0: Path(BASE)}
     for step, ckpt in ckpts.items():
@@ -466,6 +460,21 @@ def run_job(job, args):
             command(argv, args, folder / "eval.out")
         results[step] = json.loads(out.read_text())
     return results
+
+
+def train(folder, flags, until, args):
+    """
+    train.py with `flags` in `folder` until step `until`: the newest run there resumed when it
+    stopped short, a new one when there is none. Returns the run's folder.
+    """
+    runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))  # the newest is the one to go on with
+    done = load.checkpoints(runs[-1]) if runs else []
+    if not done or int(done[-1].stem) < until:
+        resume = ["--resume", str(runs[-1])] if done else []
+        command(["train.py", *flags, *resume, "--results-dir", str(folder)], args,
+                folder / "train.out")
+        runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
+    return runs[-1]
 
 
 def command(argv, args, log):
@@ -501,11 +510,7 @@ def pretrain_base(args):
         return
     folder = Path(args.runs_dir) / "pretrain"
     folder.mkdir(parents=True, exist_ok=True)
-    runs = sorted(folder.glob("[0-9][0-9][0-9]-*"))
-    resume = ["--resume", str(runs[-1])] if runs and load.checkpoints(runs[-1]) else []
-    command(["train.py", *PRETRAIN, *resume, "--results-dir", str(folder)], args,
-            folder / "train.out")
-    run = sorted(folder.glob("[0-9][0-9][0-9]-*"))[-1]
+    run = train(folder, PRETRAIN, BASE_ITERATIONS, args)
     shutil.copyfile(run / "log.jsonl", ROOT / BASE_LOG)
     last = read_state_dict(load.checkpoints(run)[-1])
     atomic_save({k: last[k] for k in BASE_ENTRIES}, ROOT / BASE)

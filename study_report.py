@@ -151,12 +151,11 @@ def interval(c, digits):
 def plateau(study):
     """What the pretraining curve says of its end: the last quarter's change, the best step."""
     curve = np.array(study["pretraining"], np.float64)
-    last = curve[-1, 0]
-    start = curve[curve[:, 0] >= 0.75 * last][0]
+    (start, first), (last, loss) = last_quarter(study)
     best = curve[curve[:, 1].argmin()]
-    return (f"over the last quarter of the run (steps {int(start[0]):,} to {int(last):,}) the "
-            f"held-out loss went from {start[1]:.5f} to {curve[-1, 1]:.5f} "
-            f"({100 * (curve[-1, 1] / start[1] - 1):+.2f}%), its lowest {best[1]:.5f} at step "
+    return (f"over the last quarter of the run (steps {int(start):,} to {int(last):,}) the "
+            f"held-out loss went from {first:.5f} to {loss:.5f} "
+            f"({100 * last_quarter_change(study):+.2f}%), its lowest {best[1]:.5f} at step "
             f"{int(best[0]):,}; the base is the {int(last):,}-step model")
 
 
@@ -165,11 +164,16 @@ def gap(study):
     return 100 * (study["base"]["heldout_loss"] / study["base"]["train_loss"] - 1)
 
 
+def last_quarter(study):
+    """The pretraining curve's (step, held-out loss) where its last quarter starts, and its last."""
+    curve = np.array(study["pretraining"], np.float64)
+    return curve[curve[:, 0] >= 0.75 * curve[-1, 0]][0], curve[-1]
+
+
 def last_quarter_change(study):
     """The held-out loss's relative change over the last quarter of pretraining."""
-    curve = np.array(study["pretraining"], np.float64)
-    start = curve[curve[:, 0] >= 0.75 * curve[-1, 0]][0]
-    return curve[-1, 1] / start[1] - 1
+    start, last = last_quarter(study)
+    return last[1] / start[1] - 1
 
 
 def converged(study):

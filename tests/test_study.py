@@ -1,15 +1,22 @@
 """study.py end to end on a tiny budget (stage 1, then stage 2 when it passes, and the stop when it
 does not), its resuming, its evaluation, and the committed study's acceptance."""
+import argparse
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import heldout
+import load
 import study
 import study_report as report
+from checkpoints import file_sha256
+from dataset import PreparedData
+from diffusion import create_diffusion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,14 +195,6 @@ def test_only_the_committed_study_rewrites_the_doc(tmp_path):
 
 
 def test_the_gap_pairs_each_test_digit_with_training_digits_on_its_draws():
-    import argparse
-
-    import torch
-
-    import heldout
-    import load
-    from dataset import PreparedData
-    from diffusion import create_diffusion
     model = load.load_model(str(ROOT / study.BASE)).eval()
     data = PreparedData(ROOT / study.DATA)
     _, _, test = study.splits(data)
@@ -216,7 +215,6 @@ def test_the_gap_pairs_each_test_digit_with_training_digits_on_its_draws():
 
 def test_a_runs_dir_belongs_to_one_base_and_its_settings(done, tmp_path):
     """Runs and evaluations made from another base or with other settings are never reused."""
-    from checkpoints import file_sha256
     work = tmp_path / "again"
     shutil.copytree(done, work)
     path = work / "runs" / "runs.json"
@@ -238,3 +236,22 @@ def test_a_quick_check_leaves_the_committed_results_alone():
     assert Path(quick.out) != Path(study.OUT) and quick.doc == "" and quick.readme == ""
     assert Path(quick.runs_dir) != Path(full.runs_dir)
     assert full.out == study.OUT and full.doc.endswith(study.DOC) and full.readme.endswith(study.README)
+
+
+def test_a_missing_base_is_pretrained_and_a_finished_pretraining_not_run_again(tmp_path, monkeypatch):
+    flags = ["--dataset", "digits", "--model", study.BASE_MODEL, "--lr", "1e-3", "--iterations", "4",
+             "--eval-every", "2", "--sample-every", "0", "--ckpt-every", "2"]
+    monkeypatch.setattr(study, "PRETRAIN", flags)
+    monkeypatch.setattr(study, "BASE_ITERATIONS", 4)
+    monkeypatch.setattr(study, "BASE", str(tmp_path / "base.pt"))
+    monkeypatch.setattr(study, "BASE_LOG", str(tmp_path / "base.log.jsonl"))
+    args = study.parse_args(["--runs-dir", str(tmp_path / "runs"), "--jobs", "1"])
+    study.pretrain_base(args)
+    base = torch.load(tmp_path / "base.pt", weights_only=True)
+    assert set(base) == set(study.BASE_ENTRIES) and base["step"] == 4
+    assert [s for s, _ in study.pretraining_curve()] == [2, 4]  # the base's log, copied
+    (tmp_path / "base.pt").unlink()
+    ran = []
+    monkeypatch.setattr(study, "command", lambda *a: ran.append(a))
+    study.pretrain_base(args)  # its run is finished: the base is taken from it, nothing trains
+    assert not ran and torch.load(tmp_path / "base.pt", weights_only=True)["step"] == 4
