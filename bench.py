@@ -195,7 +195,7 @@ def peak_memory_mb(device, baseline):
 
 # What get_batch reads of train.py's settings, as train.py --dataset imagenet sets them: flips,
 # labels (the step's own settings are train_step's defaults: both balancing losses at 1).
-BATCH_SETTINGS = dict(seed=0, flip=True, unconditional=False, text=False, caption_dropout=0.1)
+BATCH_SETTINGS = dict(seed=0, flip=True, augment=False, unconditional=False, text=False, caption_dropout=0.1)
 
 
 @contextlib.contextmanager

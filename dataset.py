@@ -86,6 +86,33 @@ def to_model_input(x):
     return (x.float() / 255 - 0.5) / 0.5
 
 
+AUGMENT_DRAWS = 4  # uniform numbers per image: angle, scale, horizontal and vertical shift
+AUGMENT = dict(rotate=10.0, scale=(0.85, 1.0), shift=0.5)  # --augment's ranges
+
+
+def augment(x, u, rotate=AUGMENT["rotate"], scale=AUGMENT["scale"], shift=AUGMENT["shift"]):
+    """
+    A random affine transformation of each image of a pixel batch x [B, C, H, W] in [-1, 1]:
+    rotated by up to `rotate` degrees, shrunk by a factor in `scale`, moved by up to `shift`
+    pixels each way; bilinear, with the background (-1) coming in from outside the frame. The
+    digits touch the top and bottom rows, so the transformation shrinks and never enlarges: no
+    stroke leaves the frame. u [B, AUGMENT_DRAWS]: uniform [0, 1) draws, the caller's (a training
+    step's fresh ones, the held-out images' fixed ones); u = (0.5, 1, 0.5, 0.5) is the identity.
+    """
+    B, _, H, W = x.shape
+    u = u.to(x.device, torch.float32)
+    angle = torch.deg2rad((2 * u[:, 0] - 1) * rotate)
+    size = scale[0] + (scale[1] - scale[0]) * u[:, 1]
+    # affine_grid maps each output pixel to where it reads the input (coordinates in [-1, 1]): the
+    # inverse of the transformation, so rotated by -angle and scaled by 1 / size
+    cos, sin = torch.cos(angle) / size, torch.sin(angle) / size
+    dx, dy = (2 * u[:, 2] - 1) * shift * 2 / W, (2 * u[:, 3] - 1) * shift * 2 / H
+    theta = torch.stack([torch.stack([cos, sin, dx], 1), torch.stack([-sin, cos, dy], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x.float() + 1, grid, mode="bilinear",
+                                           padding_mode="zeros", align_corners=False) - 1
+
+
 #################################################################################
 #                      Sources: a folder or a zip, and labels                   #
 #################################################################################

@@ -11,12 +11,24 @@ import torch
 
 import digits_fid
 import distributed
-from dataset import DataError
+from dataset import AUGMENT_DRAWS, DataError, augment
 
 
 #################################################################################
 #                       Held-out metrics and sample quality                     #
 #################################################################################
+
+def fixed_draws(x, args, seed):
+    """
+    Images as a model is measured on them: with --augment, each with a fixed draw of its random
+    transformation (dataset.augment, drawn from a generator seeded by `seed`), the same draw for
+    every model measured; without, x itself.
+    """
+    if not args.augment:
+        return x
+    gen = torch.Generator(x.device).manual_seed(seed)
+    return augment(x, torch.rand(len(x), AUGMENT_DRAWS, generator=gen, device=x.device))
+
 
 @torch.no_grad()
 def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=512, rank=0,
@@ -44,6 +56,7 @@ def evaluate(model, diffusion, data, rows, args, device, bpd=False, batch_size=5
     for start in range(0, len(rows), batch_size)[rank::world]:
         gen = torch.Generator(device).manual_seed(start)
         x, y = data.batch(rows[start: start + batch_size], False, gen, device)
+        x = fixed_draws(x, args, start)
         if args.unconditional:
             y = torch.zeros_like(y)
         for draw in range(4):
@@ -85,7 +98,7 @@ def sample_quality(model, data, train_rows, heldout_rows, args, steps=100):
     if Path(args.data).resolve() != digits_fid.DATA:
         raise DataError(f"--eval-fd measures the bundled digits ({digits_fid.DATA}), "
                         f"not {args.data}")
-    images = [data.batch(rows, False)[0] for rows in (train_rows, heldout_rows)]
+    images = [fixed_draws(data.batch(rows, False)[0], args, 0) for rows in (train_rows, heldout_rows)]
     net = digits_fid.load_classifier()
     quality = digits_fid.SampleQuality(net, *images, replicates=0, chunks=1)
     samples = quality.of_samples(digits_fid.generate(model, quality.n, steps))

@@ -99,6 +99,9 @@ class Optimization:
                          "further-training", range="[0, 1)")
     flip: bool = setting(True, "random horizontal flips (--no-flip: none, the digits presets')",
                          negatable=True)
+    augment: bool = setting(False, "pixel data: a fresh random affine transformation of every "
+                            "training image (dataset.augment; the held-out images get fixed "
+                            "draws of it)", negatable=True)
 
 
 @dataclass

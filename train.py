@@ -60,6 +60,9 @@ def training_data(args, world):
     if args.text and (args.eval_every or args.eval_bpd):
         raise DataError("held-out evaluation (--eval-every, --eval-bpd) reads labels, not "
                         "captions; sample an FID set instead")
+    if args.augment and data.kind != "pixels":
+        raise DataError(f"--augment transforms pixels, and {args.data} holds latents: its images "
+                        f"were encoded before any transformation could be drawn")
     return (data, *training.split(data, args.holdout))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import dmp
+from dataset import AUGMENT_DRAWS, augment
 from distributed import seed_of
 from model_clip import caption_embeddings, encode_text
 
@@ -216,6 +217,8 @@ def device_batch(data, host, args, device, rank=0, world=1):
     # latents: z = mean + std * posterior_noise
     posterior_noise = torch.randn((G, *data.shape), generator=gen, device=device)
     x, y = data.to_device(stored, device, noise=posterior_noise[local])
+    if args.augment:  # fresh draws every step, for the whole global batch like the rest
+        x = augment(x, torch.rand(G, AUGMENT_DRAWS, generator=gen, device=device)[local])
     if args.unconditional:
         y = torch.zeros_like(y)
     if captions is not None:

@@ -24,7 +24,7 @@ import train
 import training
 from checkpoints import read_state_dict
 from conftest import error_line
-from dataset import PreparedData
+from dataset import PreparedData, augment, synthetic_latents
 from runs import claim_run_dir, resumed_args
 from model_dit import DiT
 from diffusion import create_diffusion
@@ -862,6 +862,75 @@ def test_flips_are_a_switch_the_digits_presets_turn_off_and_the_command_line_bac
     assert 0 < len(mirrored) < 16  # each image flipped with probability 1/2
     for i in mirrored:
         assert torch.equal(flipped[i], plain[i].flip(-1))
+
+
+def test_augment_rotates_shifts_and_shrinks_never_enlarges():
+    """
+    dataset.augment's geometry, pinned by transformations whose result is known exactly: the
+    identity draw, a 90-degree turn (pixel centres land on pixel centres), a half-pixel shift (each
+    pixel the mean of two neighbours) and a shrink by 2 about the centre (the outer ring becomes
+    background). Bilinear weights in float32: within 1e-5 of values in [-1, 1].
+    """
+    x = torch.linspace(-1, 1, 128).view(2, 1, 8, 8)
+    def draw(*u):
+        return torch.tensor([u, u])
+    # the identity: x + 1 - 1 (the background's shift) is x to an ulp of 2, 2**-22
+    assert torch.allclose(augment(x, draw(0.5, 1, 0.5, 0.5)), x, atol=2 ** -22, rtol=0)
+    turned = augment(x, draw(1, 1, 0.5, 0.5), rotate=90)
+    assert torch.allclose(turned, torch.rot90(x, -1, (2, 3)), atol=1e-5, rtol=0)
+    shifted = augment(x, draw(0.5, 1, 1, 0.5))  # half a pixel along the width
+    assert torch.allclose(shifted[..., :-1], (x[..., :-1] + x[..., 1:]) / 2, atol=1e-5, rtol=0)
+    assert torch.allclose(shifted[..., -1], (x[..., -1] - 1) / 2, atol=1e-5, rtol=0)  # background
+    shrunk = augment(torch.ones(1, 1, 8, 8), draw(0.5, 0, 0.5, 0.5)[:1], scale=(0.5, 0.5))
+    ring = torch.ones(8, 8, dtype=torch.bool)
+    ring[2:6, 2:6] = False
+    assert (shrunk[0, 0][ring] == -1).all() and (shrunk[0, 0][~ring] == 1).all()
+
+
+def test_augment_draws_fresh_transformations_per_step_the_same_over_processes():
+    """
+    --augment: every training image transformed by a draw of (seed, step), drawn for the whole
+    global batch (two processes' shares are one process's batch) after the step's other draws
+    (timesteps and noise are those of a run without it); the held-out images get fixed draws,
+    the same at every evaluation, and the presets leave it off.
+    """
+    assert settings.parse_args(["--dataset", "digits"]).augment is False
+    args = settings.parse_args(["--dataset", "digits", "--augment", "--batch-size", "16"])
+    data = PreparedData(args.data)
+    rows, heldout_rows = training.split(data, args.holdout)
+    cpu = torch.device("cpu")
+    x, y, t, noise = training.get_batch(data, rows, 0, args, cpu)
+    halves = [training.get_batch(data, rows, 0, args, cpu, rank, 2) for rank in (0, 1)]
+    for whole, *shares in zip((x, y, t, noise), *halves, strict=True):
+        assert torch.equal(whole, torch.cat(shares))
+    args.augment = False
+    plain, _, t_plain, noise_plain = training.get_batch(data, rows, 0, args, cpu)
+    assert torch.equal(t, t_plain) and torch.equal(noise, noise_plain)
+    assert all(not torch.equal(a, b) for a, b in zip(x, plain, strict=True))
+    assert torch.equal(heldout.fixed_draws(plain, args, 0), plain)
+    args.augment = True
+    fixed = heldout.fixed_draws(plain, args, 0)
+    assert torch.equal(fixed, heldout.fixed_draws(plain, args, 0)) and not torch.equal(fixed, x)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                num_classes=1, learn_sigma=True).eval()
+    torch.manual_seed(0)
+    for p in model.final_layer.parameters():  # DiT's is zero: its output would not read x
+        torch.nn.init.normal_(p, std=0.1)
+    diffusion = create_diffusion("", "cosine")
+    measured = [heldout.evaluate(model, diffusion, data, heldout_rows[:8], args, cpu)
+                for _ in range(2)]
+    args.augment = False
+    assert measured[0] == measured[1] != heldout.evaluate(model, diffusion, data,
+                                                          heldout_rows[:8], args, cpu)
+
+
+def test_augment_refuses_latents(tmp_path, capsys, one_sentence):
+    synthetic_latents(tmp_path / "latents", 8, (4, 4, 4), 1)
+    code, text = cli(*FAST, "--data", tmp_path / "latents", "--holdout", "0", "--augment",
+                     "--results-dir", tmp_path / "runs")
+    text = text or one_sentence(capsys.readouterr().err)
+    assert code == 1 and "--augment transforms pixels" in text
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_run_saved_with_the_old_no_flip_setting_resumes_without_flips(tmp_path):
