@@ -3,12 +3,16 @@ The paper's question in miniature, asked so that it can be answered: does mixing
 timestep (DMP's gate, Eq. 3) add anything over prompt tuning with one shared set, when a converged
 model is further trained on its own data? On the bundled digits and a 25K-parameter DiT pretrained
 on them (assets/study/base.pt; the study reports whether it is converged and how much better it
-fits its training digits than held-out ones), on CPU.
+fits its training digits than held-out ones), on CPU. Every image a run trains on, the base's
+pretraining included, gets a fresh random transformation (train.py --augment: dataset.augment),
+and every digit a model is measured on a fixed one (heldout.fixed_draws), the same for every
+model: without it, a DiT of this size trained until its held-out loss is flat fits its 1,500
+training digits several percent better than new ones, and further training on them can only fit
+them harder.
 
-    python study.py             # everything: 12 minutes on 2 cores with the committed base,
-                                # whose stage 1 does not pass (20 runs); when it passes, 100
-                                # more runs follow, about an hour at that pace; about 40 more
-                                # minutes to pretrain the base when assets/study/base.pt is missing
+    python study.py             # everything: 79 minutes on 2 cores with the committed base
+                                # (its stage 1 passes: 120 runs); about 50 more minutes to
+                                # pretrain the base when assets/study/base.pt is missing
     python study.py --quick     # the same pipeline from 2 seeds, 100 iterations, 2 learning
                                 # rates: 1.5 minutes (all of it in runs/study-quick)
     python study.py --render    # study.md, docs/study.md, the README's results and the figures again
@@ -74,7 +78,7 @@ import load
 import training
 from checkpoints import atomic_save, file_sha256, read_state_dict, write_json
 from diffusion import create_diffusion
-from dataset import PreparedData
+from dataset import AUGMENT, PreparedData
 from study_report import write_outputs
 
 ROOT = Path(__file__).resolve().parent
@@ -89,10 +93,10 @@ README = "README.md"  # its results in brief, between study_report.BRIEF's marke
 N_PROMPTS = 16  # the digits DiT's tokens (8x8 pixels, 2x2 patches): DMP mixes 16 prompts a block
 BANDS = 4  # the positive control's bands of timesteps: 0-249, 250-499, 500-749, 750-999
 ALPHA = 0.05
-# The base: the digits preset (AdamW, batch 128, EMA 0.999) at lr 1e-3 on the 25K-parameter
-# digits DiT for 40K steps (the study shows its curve and its gap).
-BASE_MODEL, BASE_ITERATIONS = "digits-tiny", 40000
-PRETRAIN = ["--dataset", "digits", "--model", BASE_MODEL, "--lr", "1e-3", "--iterations",
+# The base: the digits preset (AdamW, batch 128, EMA 0.999) with --augment at lr 1e-3 on the
+# 25K-parameter digits DiT for 60K steps (the study shows its curve and its gap).
+BASE_MODEL, BASE_ITERATIONS = "digits-tiny", 60000
+PRETRAIN = ["--dataset", "digits", "--model", BASE_MODEL, "--augment", "--lr", "1e-3", "--iterations",
             str(BASE_ITERATIONS), "--eval-every", "1000", "--sample-every", "0", "--ckpt-every", "2000"]
 
 # key: (label, train.py flags). Stage 1: the control and the positive control.
@@ -241,6 +245,12 @@ def splits(data):
     return train_rows, heldout_rows[:VALIDATION], heldout_rows[VALIDATION:]
 
 
+def measured_as(bpd_images=0):
+    """What heldout.evaluate reads of a run's settings: the digits presets' (unconditional), and
+    --augment's fixed draws on every digit measured, as the base and every run train with it."""
+    return argparse.Namespace(unconditional=True, bpd_images=bpd_images, augment=True)
+
+
 def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_steps=100,
                         keep_samples=False, floor=False):
     """
@@ -256,7 +266,7 @@ def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_
     data = PreparedData(DATA)
     train_rows, validation_rows, test_rows = splits(data)
     rows = validation_rows if split == "validation" else test_rows
-    settings = argparse.Namespace(unconditional=True, bpd_images=bpd_images)
+    settings = measured_as(bpd_images)
     diffusion = create_diffusion("", "cosine")
     test = split == "test"
     r = heldout.evaluate(model, diffusion, data, rows, settings, torch.device("cpu"),
@@ -270,8 +280,8 @@ def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_
     if floor:
         out.update(gap(model, diffusion, data, train_rows, r["losses"], settings))
     if sample_sets:
-        images = [data.batch(rows, False)[0] for rows in (train_rows, np.sort(
-            np.concatenate([validation_rows, test_rows])))]
+        images = [heldout.fixed_draws(data.batch(rows, False)[0], settings, 0) for rows in (
+            train_rows, np.sort(np.concatenate([validation_rows, test_rows])))]
         quality = digits_fid.SampleQuality(digits_fid.load_classifier(), *images, replicates=0,
                                            chunks=sample_sets)
         x = digits_fid.generate(model, sample_sets * HOLDOUT, sample_steps)
@@ -424,7 +434,7 @@ def decisions(study):
 
 def train_flags(args, seed, extra=(), lr_scale=1.0, init=True, iterations=None, ckpt_every=None):
     """The train.py command line of one run (the digits preset; no EMA when further-training)."""
-    flags = ["--dataset", "digits", "--lr", str(args.lr), "--seed", str(seed),
+    flags = ["--dataset", "digits", "--augment", "--lr", str(args.lr), "--seed", str(seed),
              "--sample-every", "0", "--eval-every", "0", "--keep", "1000", "--log-every", "50"]
     if init:
         flags += ["--init", BASE, "--ema", "0", "--lr-scale", repr(lr_scale)]
@@ -643,7 +653,7 @@ def settings_of(args):
                 test_images=HOLDOUT - VALIDATION, bpd_images=args.bpd_images,
                 sample_sets=args.sample_sets, sample_steps=args.sample_steps, n_prompts=N_PROMPTS,
                 bands=BANDS, alpha=ALPHA, scratch_iterations=args.scratch_iterations,
-                classifier=classifier_info(), **base_facts()["settings"])
+                classifier=classifier_info(), augment=AUGMENT, **base_facts()["settings"])
 
 
 def study_of(args, base_eval, rows, extra, minutes=None, reused=0):

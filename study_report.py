@@ -276,7 +276,7 @@ def render(study, figures=""):
       f"further-trains the same base on its own pretraining data for {st['iterations']:,} "
       f"iterations (batch {st['batch_size']}, AdamW, no EMA) at the learning rate, of "
       f"{st['lr']:g} × {', '.join(f'{s:g}' for s in st['lr_scales'])}, that its validation run "
-      f"chose, with {len(st['seeds'])} paired seeds.")
+      f"chose, with {len(st['seeds'])} paired seeds. " + augmentation(st))
     w("")
     w("**When a difference counts** (fixed in `study.py` before the runs): " + study["rule"])
     w("")
@@ -317,6 +317,17 @@ def render(study, figures=""):
     w("")
     w(FULL_SCALE)
     return "\n".join(L) + "\n"
+
+
+def augmentation(st):
+    """The sentence on --augment, from the ranges study.json records."""
+    a = st["augment"]
+    return (f"Every image a run trains on, the base's pretraining included, gets a fresh random "
+            f"transformation (`train.py --augment`: turned by up to {a['rotate']:g}°, shrunk to "
+            f"{100 * a['scale'][0]:g}–{100 * a['scale'][1]:g}% of its size, moved by up to "
+            f"{a['shift']:g} pixel each way), and every digit a model is measured on gets a fixed "
+            f"one, the same for every model, so that {st['train_images']:,} digits do not limit "
+            f"the base before its size does.")
 
 
 def render_base(study, w, figures):

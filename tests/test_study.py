@@ -1,6 +1,5 @@
 """study.py end to end on a tiny budget (stage 1, then stage 2 when it passes, and the stop when it
 does not), its resuming, its evaluation, and the committed study's acceptance."""
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,9 +11,10 @@ from PIL import Image
 
 import heldout
 import load
+import settings
 import study
 import study_report as report
-from checkpoints import file_sha256
+from checkpoints import file_sha256, read_state_dict
 from dataset import PreparedData
 from diffusion import create_diffusion
 
@@ -194,11 +194,24 @@ def test_only_the_committed_study_rewrites_the_doc(tmp_path):
         study.parse_args(["--seeds", "0,100"])  # the validation seed
 
 
+def test_the_committed_base_was_made_by_its_recipe():
+    """
+    assets/study/base.pt is what study.PRETRAIN makes: its log records every setting the recipe
+    gives (where the run's folder was, and how many checkpoints it kept, aside), and the file is
+    its last step's.
+    """
+    recorded = study.started(ROOT / study.BASE_LOG)["args"]
+    recipe = {k: v for k, v in vars(settings.parse_args(study.PRETRAIN)).items()
+              if k not in ("given", "results_dir", "keep")}
+    assert {k: recorded.get(k) for k in recipe} == recipe
+    assert read_state_dict(ROOT / study.BASE)["step"] == study.BASE_ITERATIONS
+
+
 def test_the_gap_pairs_each_test_digit_with_training_digits_on_its_draws():
     model = load.load_model(str(ROOT / study.BASE)).eval()
     data = PreparedData(ROOT / study.DATA)
     _, _, test = study.splits(data)
-    settings = argparse.Namespace(unconditional=True, bpd_images=0)
+    settings = study.measured_as()
     diffusion = create_diffusion("", "cosine")
     r = heldout.evaluate(model, diffusion, data, test, settings, torch.device("cpu"), per_image=True)
     assert len(r["losses"]) == len(test)
