@@ -199,14 +199,21 @@ def test_sample_py_grid_and_fid_set_on_the_simulated_gpu(tmp_path):
 
 
 def test_heldout_evaluation_on_the_simulated_gpu():
-    """train.py's --eval-every numbers (heldout.evaluate) on the demo's digits."""
+    """
+    train.py's --eval-every numbers (heldout.evaluate) on the demo's digits, and with --augment
+    (the held-out digits' fixed draws, a training batch's fresh ones: generators and grid_sample
+    on the device).
+    """
     args = settings.parse_args(["--dataset", "demo", "--device", "cuda", "--batch-size", "8"])
-    data, _, rows = train.training_data(args, 1)
+    data, train_rows, rows = train.training_data(args, 1)
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
                 num_classes=1, class_dropout_prob=0.0)
-    with simulated_cuda():
-        out = heldout.evaluate(model.to(CUDA), create_diffusion("", "cosine"), data, rows[:8], args, CUDA)
-    assert "heldout_loss" in out
+    for augment in (False, True):
+        args.augment = augment
+        with simulated_cuda():
+            out = heldout.evaluate(model.to(CUDA), create_diffusion("", "cosine"), data, rows[:8], args, CUDA)
+            x, *_ = training.get_batch(data, train_rows, 0, args, CUDA)
+        assert "heldout_loss" in out and x.device.type == "cuda" and x.shape == (8, 1, 8, 8)
 
     def bpd(steps):  # --eval-bpd's bound (1000 steps in evaluate; `steps` here)
         x, y = data.batch(rows[:2], False, device=CUDA)
