@@ -79,6 +79,7 @@ import training
 from checkpoints import atomic_save, file_sha256, read_state_dict, write_json
 from diffusion import create_diffusion
 from dataset import AUGMENT, PreparedData
+from settings import parse_args as train_settings
 from study_report import write_outputs
 
 ROOT = Path(__file__).resolve().parent
@@ -98,6 +99,9 @@ ALPHA = 0.05
 BASE_MODEL, BASE_ITERATIONS = "digits-tiny", 60000
 PRETRAIN = ["--dataset", "digits", "--model", BASE_MODEL, "--augment", "--lr", "1e-3", "--iterations",
             str(BASE_ITERATIONS), "--eval-every", "1000", "--sample-every", "0", "--ckpt-every", "2000"]
+# What every further-training run trains on, as the base did (tested against its log), and how
+# measured_as measures every model: the digits preset, every training image freshly transformed.
+DATA_FLAGS = ["--dataset", "digits", "--augment"]
 
 # key: (label, train.py flags). Stage 1: the control and the positive control.
 STAGE1 = {
@@ -246,9 +250,9 @@ def splits(data):
 
 
 def measured_as(bpd_images=0):
-    """What heldout.evaluate reads of a run's settings: the digits presets' (unconditional), and
-    --augment's fixed draws on every digit measured, as the base and every run train with it."""
-    return argparse.Namespace(unconditional=True, bpd_images=bpd_images, augment=True)
+    """The settings heldout.evaluate reads (unconditional; with --augment, fixed draws on every
+    digit measured): train.py's for DATA_FLAGS, what the base and every run train with."""
+    return argparse.Namespace(**{**vars(train_settings(DATA_FLAGS)), "bpd_images": bpd_images})
 
 
 def evaluate_checkpoint(ckpt, split="test", bpd_images=0, sample_sets=0, sample_steps=100,
@@ -434,7 +438,7 @@ def decisions(study):
 
 def train_flags(args, seed, extra=(), lr_scale=1.0, init=True, iterations=None, ckpt_every=None):
     """The train.py command line of one run (the digits preset; no EMA when further-training)."""
-    flags = ["--dataset", "digits", "--augment", "--lr", str(args.lr), "--seed", str(seed),
+    flags = [*DATA_FLAGS, "--lr", str(args.lr), "--seed", str(seed),
              "--sample-every", "0", "--eval-every", "0", "--keep", "1000", "--log-every", "50"]
     if init:
         flags += ["--init", BASE, "--ema", "0", "--lr-scale", repr(lr_scale)]

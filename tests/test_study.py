@@ -197,13 +197,16 @@ def test_only_the_committed_study_rewrites_the_doc(tmp_path):
 def test_the_committed_base_was_made_by_its_recipe():
     """
     assets/study/base.pt is what study.PRETRAIN makes: its log records every setting the recipe
-    gives (where the run's folder was, and how many checkpoints it kept, aside), and the file is
-    its last step's.
+    gives (where the run's folder was, and how many checkpoints it kept, aside), the study
+    measures models with its data settings (study.DATA_FLAGS), and the file is its last step's.
     """
     recorded = study.started(ROOT / study.BASE_LOG)["args"]
     recipe = {k: v for k, v in vars(settings.parse_args(study.PRETRAIN)).items()
               if k not in ("given", "results_dir", "keep")}
     assert {k: recorded.get(k) for k in recipe} == recipe
+    measured = vars(study.measured_as())  # and every model is measured on the data it trained on
+    assert {k: recorded[k] for k in ("unconditional", "augment")} == {
+        k: measured[k] for k in ("unconditional", "augment")}
     assert read_state_dict(ROOT / study.BASE)["step"] == study.BASE_ITERATIONS
 
 
